@@ -1,0 +1,167 @@
+"""The ``ftlab`` command line: a thin shell over the library (parsing, printing, exit codes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ftlab.errors import FtlabError
+
+app = typer.Typer(
+    help="ftlab: prompt-based evaluation and fine-tuning of causal language models.\n\n"
+         "Start with `ftlab demo`. Every command works offline on the embedded SmolLM2-135M "
+         "model and BIG-bench tasks (run `ftlab data prepare` once to fetch the data).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Fetch and list the built-in tasks' data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+OVERRIDES_HELP = "Config overrides as key=value (YAML values), e.g. lr=1e-4 mode=lora lora.r=16 data.task=nli"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def _config_path(config: Optional[str]) -> Optional[Path]:
+    """A config given by path, or by the name of a file in configs/ (``demo`` -> configs/demo.yaml)."""
+    if config is None:
+        return None
+    path = Path(config)
+    if not path.exists() and (CONFIGS / f"{config}.yaml").exists():
+        return CONFIGS / f"{config}.yaml"
+    return path
+
+
+@data_app.command("prepare")
+def data_prepare(
+    tarball: Optional[Path] = typer.Option(None, help="Use this bigbench-1.0.0.tar.gz instead of downloading it."),
+) -> None:
+    """Download the BIG-bench archive (~360 MB, once) and extract the task files into the cache.
+
+    Resumable: rerunning skips verified files and re-extracts missing or corrupted ones."""
+    from ftlab.tasks import prepare
+
+    root = prepare(tarball=tarball)
+    typer.echo(f"BIG-bench task files ready in {root}")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the built-in tasks with their template, label words and metric."""
+    from ftlab.tasks import list_tasks
+
+    rows = [(s.name, s.kind, s.metric, " / ".join(repr(o) for o in s.options) or "-",
+             s.description) for s in list_tasks()]
+    typer.echo(_table(rows, ("task", "kind", "metric", "options", "description")))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("smollm2-135m", help="Embedded model name, local folder, or hub name."),
+    task: str = typer.Option("sentiment", help="Built-in task (see `ftlab data list`) or a .jsonl/.csv file."),
+    template: Optional[str] = typer.Option(None, help="Prompt template with {field} placeholders (needed for files)."),
+    options: Optional[str] = typer.Option(None, help="Comma-separated label words, e.g. ' terrible, great'."),
+    trained: Optional[Path] = typer.Option(None, help="A run's model/ folder to evaluate (LoRA, prefix or full)."),
+    k_shot: int = typer.Option(0, help="In-context demonstrations per query (drawn from the train split)."),
+    n_test: int = typer.Option(1000, help="Test examples (fixed across seeds)."),
+    n_train: int = typer.Option(1000, help="Train examples (the pool for demonstrations)."),
+    seed: int = typer.Option(0, help="Seed for the train split and demonstration sampling."),
+    batch_size: int = typer.Option(16), max_length: int = typer.Option(512),
+    dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
+    output: Optional[Path] = typer.Option(None, help="Write metrics and predictions to this JSON file."),
+) -> None:
+    """Zero-shot or in-context accuracy (classification) or F1/EM (QA) of a model on a task."""
+    from ftlab.evaluate import evaluate
+    from ftlab.io import atomic_write_json
+    from ftlab.models import load_model, load_trained
+    from ftlab.tasks import load_task, make_splits
+
+    opts = [o if o.startswith(" ") else " " + o for o in options.split(",")] if options else None
+    spec, examples = load_task(task, template=template, options=opts)
+    splits = make_splits(examples, seed=seed, n_train=n_train, n_dev=0, n_test=n_test)
+    if trained is not None:
+        lm, tokenizer = load_trained(model, trained)
+    else:
+        lm, tokenizer = load_model(model, dtype=dtype, device=device)
+    start = time.perf_counter()
+    result = evaluate(lm, tokenizer, spec, splits.test, demos=splits.train, k_shot=k_shot, seed=seed,
+                      batch_size=batch_size, max_length=max_length)
+    seconds = time.perf_counter() - start
+    typer.echo(_table([(model, spec.name, str(k_shot), *(f"{v:.4f}" if k != "n" else str(int(v))
+                                                         for k, v in result.metrics.items()),
+                        f"{seconds:.1f}")],
+                      ("model", "task", "k-shot", *result.metrics.keys(), "seconds")))
+    if output:
+        atomic_write_json(output, {"model": model, "task": spec.name, "k_shot": k_shot, "seed": seed,
+                                   "metrics": result.metrics, "predictions": result.predictions})
+
+
+@app.command("train")
+def train_cmd(
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: Optional[str] = typer.Option(None, "--config", "-c",
+                                         help="YAML config: a path, or a name in configs/ (e.g. sentiment-lora)."),
+    overwrite: bool = typer.Option(False, help="Delete output_dir first instead of resuming from it."),
+    show_config: bool = typer.Option(False, help="Print the resolved config and exit."),
+) -> None:
+    """Fine-tune a model (full, LoRA or prefix; AdamW or SGD) with dev-based checkpoint selection.
+
+    Rerunning the same command resumes a killed run from its last checkpoint."""
+    import yaml
+
+    from ftlab.config import TrainConfig, load_config, to_dict
+    from ftlab.train import train
+
+    cfg = load_config(TrainConfig, _config_path(config), overrides or [])
+    if show_config:
+        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return
+    if overwrite:
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    results = train(cfg)
+    typer.echo(json.dumps(results, indent=2))
+    typer.echo(f"model and metrics in {cfg.output_dir}")
+
+
+@app.command("demo")
+def demo_cmd(
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: str = typer.Option("demo", "--config", "-c", help="Config name or path (default configs/demo.yaml)."),
+) -> None:
+    """The main job end to end: prepare data, zero-shot eval, a short fine-tuning run, eval again."""
+    from ftlab.config import TrainConfig, load_config
+    from ftlab.demo import run_demo
+    from ftlab.tasks import prepare
+
+    cfg = load_config(TrainConfig, _config_path(config), overrides or [])
+    prepare()
+    report = run_demo(cfg)
+    typer.echo("")
+    typer.echo(_table([(r["method"], f"{r['accuracy']:.4f}", str(r["n"]), f"{r['seconds']:.0f}")
+                       for r in report], ("method", "accuracy", "n test", "seconds")))
+
+
+def main() -> None:
+    """Entry point that turns :class:`FtlabError` into a one-line message and exit code 2."""
+    try:
+        app()
+    except FtlabError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

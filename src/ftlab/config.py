@@ -1,0 +1,130 @@
+"""Typed, serialisable run configs, loaded from YAML with ``key.sub=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ftlab.errors import FtlabError
+from ftlab.models import LoraSettings, PrefixSettings
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    """Which task, how it is phrased, and how it is split (the MeZO protocol by default:
+    1000 train / 500 dev / 1000 test; ``k_per_class`` gives balanced k-shot train and dev)."""
+
+    task: str = "sentiment"
+    template: str | None = None
+    options: list[str] | None = None
+    n_train: int = 1000
+    n_dev: int = 500
+    n_test: int = 1000
+    k_per_class: int | None = None
+    data_seed: int = 0
+    max_length: int = 256
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run. ``mode`` picks what is trained; ``optimizer`` how."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    mode: str = "full"  # full | lora | prefix
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    prefix: PrefixSettings = field(default_factory=PrefixSettings)
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    max_grad_norm: float | None = 1.0
+    schedule: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    steps: int = 200
+    batch_size: int = 8
+    eval_every: int = 50
+    eval_batch_size: int = 32
+    checkpoint_every: int = 50
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from a dict, recursing into nested dataclasses; unknown keys
+    are errors (a typo must not silently fall back to a default)."""
+    if not isinstance(data, dict):
+        raise FtlabError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FtlabError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}.{key}")
+        kwargs[key] = _coerce(value, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Accept ints for floats and check scalar types, so a bad override fails loudly."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for typ in allowed:
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ in (int, str, bool) and type(value) is typ:
+            return value
+        origin = typing.get_origin(typ)
+        if origin is list and isinstance(value, list):
+            return value
+        if dataclasses.is_dataclass(typ) and isinstance(value, typ):
+            return value
+    raise FtlabError(f"{where}: {value!r} is not a valid {hint}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise FtlabError(f"override {item!r}: write it as key=value, e.g. lr=1e-4 or lora.r=16")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Defaults <- YAML file <- overrides, validated into ``cls``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FtlabError(f"config file {path} not found (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FtlabError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from e
+    return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or "config"))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/YAML-ready dict of a config dataclass."""
+    return dataclasses.asdict(config)

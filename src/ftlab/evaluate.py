@@ -1,0 +1,80 @@
+"""Zero-shot and in-context evaluation of any causal LM on any prompt-based task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ftlab import objectives
+from ftlab.errors import FtlabError
+from ftlab.objectives import Encoder
+from ftlab.tasks.base import Example, TaskSpec
+
+
+@dataclass
+class EvalResult:
+    """Metrics (``accuracy``, or ``f1`` and ``em``; plus ``n``) and per-example predictions
+    (option index or decoded answer), in the order of the examples given."""
+
+    metrics: dict[str, float]
+    predictions: list = field(default_factory=list)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, spec: TaskSpec, examples: Sequence[Example], *,
+             demos: Sequence[Example] = (), k_shot: int = 0, seed: int = 0, batch_size: int = 16,
+             max_length: int = 512, progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Accuracy (classification) or F1/EM (generation, greedy decoding) of ``model``.
+
+    With ``k_shot > 0`` each query is preceded by ``k_shot`` demonstrations drawn from ``demos``.
+    Examples are batched by prompt length to minimise padding; the model is put in eval mode
+    for the duration and restored afterwards.
+    """
+    if not examples:
+        raise FtlabError(f"task {spec.name!r}: no examples to evaluate")
+    encoder = Encoder(tokenizer, spec, max_length=max_length)
+    prompts = objectives.build_prompts(spec, examples, demos, k_shot, seed)
+    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
+    predictions: list = [None] * len(examples)
+    was_training, device = model.training, _device(model)
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress,
+                          unit="batch"):
+            idx = order[start:start + batch_size]
+            batch_prompts = [prompts[i] for i in idx]
+            for i, pred in zip(idx, _predict(model, tokenizer, encoder, [examples[i] for i in idx],
+                                             batch_prompts, device)):
+                predictions[i] = pred
+    finally:
+        model.train(was_training)
+    return EvalResult(_metrics(spec, examples, predictions), predictions)
+
+
+def _predict(model: nn.Module, tokenizer, encoder: Encoder, examples: list[Example],
+             prompts: list[str], device: torch.device) -> list:
+    spec = encoder.spec
+    if spec.kind == "classification":
+        batch = encoder.classification(examples, prompts).to(device)
+        return objectives.option_scores(model, batch, encoder.option_ids).argmax(-1).tolist()
+    batch = encoder.generation(prompts, max_new_tokens=spec.max_new_tokens).to(device)
+    return objectives.greedy_decode(model, tokenizer, batch, spec.max_new_tokens)
+
+
+def _metrics(spec: TaskSpec, examples: Sequence[Example], predictions: list) -> dict[str, float]:
+    n = len(examples)
+    if spec.kind == "classification":
+        return {"accuracy": sum(p == ex.label for p, ex in zip(predictions, examples)) / n, "n": n}
+    f1 = sum(objectives.best_over_answers(objectives.f1_score, p, ex.answers)
+             for p, ex in zip(predictions, examples))
+    em = sum(objectives.best_over_answers(objectives.exact_match, p, ex.answers)
+             for p, ex in zip(predictions, examples))
+    return {"f1": f1 / n, "em": em / n, "n": n}

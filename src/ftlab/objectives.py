@@ -1,0 +1,238 @@
+"""Prompt-based objectives: turning examples into token batches, scoring options, the training
+loss, greedy decoding, and the metrics (accuracy, SQuAD F1/EM).
+
+Classification is scored by the mean log-probability of each option's tokens after the prompt.
+Batches are *left*-padded so every row ends at the last position: the model then only needs
+logits for the last few positions (``logits_to_keep``), which saves the vocabulary projection
+and a (batch x length x vocab) log-softmax on every other position.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import re
+import string
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ftlab.errors import FtlabError
+from ftlab.tasks.base import Example, TaskSpec
+
+ANSWER_END = "\n"  # generation targets end with a newline, which greedy decoding stops at
+
+
+@dataclass
+class ModelBatch:
+    """A left-padded batch ready for the model.
+
+    ``labels`` (rows x L, right-aligned, -100 = ignore) are the target tokens at the last L
+    positions; it is ``None`` when only the next-token distribution after the prompt is needed
+    (single-token options, or decoding). For multi-token options each example has
+    ``n_options`` consecutive rows, one per option.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    labels: Tensor | None
+    n_options: int
+    gold: Tensor | None  # (B,) gold option index, classification only
+
+    def to(self, device: torch.device | str) -> "ModelBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ModelBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                          move(self.labels), self.n_options, move(self.gold))
+
+
+def encode_options(tokenizer, options: Sequence[str]) -> list[list[int]]:
+    """Token ids of each option; raises if one is empty or two tokenise identically."""
+    ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    seen: dict[tuple[int, ...], str] = {}
+    for option, toks in zip(options, ids):
+        if not toks:
+            raise FtlabError(f"label word {option!r} tokenises to nothing; pick a non-empty word")
+        if tuple(toks) in seen:
+            raise FtlabError(
+                f"label words {seen[tuple(toks)]!r} and {option!r} tokenise identically "
+                f"({toks}); pick words that differ after tokenisation"
+            )
+        seen[tuple(toks)] = option
+    return ids
+
+
+def build_prompts(spec: TaskSpec, examples: Sequence[Example], demos: Sequence[Example] = (),
+                  k: int = 0, seed: int = 0) -> list[str]:
+    """Prompts for ``examples``, each preceded by ``k`` solved demonstrations.
+
+    Demonstrations are drawn per query from ``demos`` (never the query itself) with a
+    generator seeded by ``seed`` and the query id, so the prompt of an example does not depend
+    on which batch it lands in.
+    """
+    if k and len(demos) < k:
+        raise FtlabError(f"{k}-shot prompts need >= {k} demonstration examples, got {len(demos)}")
+    prompts = []
+    for ex in examples:
+        parts = []
+        if k:
+            rng = random.Random(f"{seed}:{ex.id}")
+            pool = [d for d in demos if d.id != ex.id]
+            parts = [spec.demonstration(d) for d in rng.sample(pool, k)]
+        prompts.append(spec.demo_separator.join(parts + [spec.prompt(ex)]))
+    return prompts
+
+
+class Encoder:
+    """Tokenises prompts (and targets) of one task into :class:`ModelBatch` es."""
+
+    def __init__(self, tokenizer, spec: TaskSpec, max_length: int = 512) -> None:
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.option_ids = encode_options(tokenizer, spec.options) if spec.options else []
+        self.single_token = bool(self.option_ids) and all(len(o) == 1 for o in self.option_ids)
+        self.end_ids = tokenizer(ANSWER_END, add_special_tokens=False)["input_ids"]
+
+    def _prompt_ids(self, prompt: str, budget: int) -> list[int]:
+        """Prompt ids cut from the left to ``budget`` tokens (the query sits at the end)."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) <= budget:
+            return ids
+        bos = self.tokenizer.bos_token_id
+        keep_bos = bos is not None and ids[0] == bos
+        return ([bos] if keep_bos else []) + ids[len(ids) - budget + keep_bos:]
+
+    def classification(self, examples: Sequence[Example], prompts: Sequence[str]) -> ModelBatch:
+        """Rows to score every option of every example (one row per example if all options
+        are single tokens, else one row per example and option)."""
+        gold = torch.tensor([-1 if ex.label is None else ex.label for ex in examples])
+        longest = max(len(o) for o in self.option_ids)
+        if self.single_token:
+            rows = [self._prompt_ids(p, self.max_length) for p in prompts]
+            return self._pad(rows, None, n_options=len(self.option_ids), gold=gold)
+        rows, targets = [], []
+        for p in prompts:
+            prompt_ids = self._prompt_ids(p, self.max_length - longest)
+            for opt in self.option_ids:
+                rows.append(prompt_ids + opt)
+                targets.append(opt)
+        return self._pad(rows, targets, n_options=len(self.option_ids), gold=gold)
+
+    def generation(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
+                   max_new_tokens: int = 0) -> ModelBatch:
+        """Rows for the answer loss (``answers`` given) or for decoding (``answers=None``)."""
+        if answers is None:
+            rows = [self._prompt_ids(p, self.max_length - max_new_tokens) for p in prompts]
+            return self._pad(rows, None, n_options=1, gold=None)
+        targets = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + self.end_ids for a in answers]
+        rows = [self._prompt_ids(p, self.max_length - len(t)) + t for p, t in zip(prompts, targets)]
+        return self._pad(rows, targets, n_options=1, gold=None)
+
+    def _pad(self, rows: list[list[int]], targets: list[list[int]] | None, n_options: int,
+             gold: Tensor | None) -> ModelBatch:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        labels = None
+        if targets is not None:
+            span = max(len(t) for t in targets)
+            labels = torch.full((len(rows), span), -100, dtype=torch.long)
+            for i, t in enumerate(targets):
+                labels[i, span - len(t):] = torch.tensor(t)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ModelBatch(ids, mask, positions, labels, n_options, gold)
+
+
+def _last_logits(model: nn.Module, batch: ModelBatch, keep: int) -> Tensor:
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
+    return out.logits[:, -keep:]
+
+
+def target_logprobs(model: nn.Module, batch: ModelBatch) -> Tensor:
+    """Mean log-probability of each row's target tokens, shape (rows,)."""
+    assert batch.labels is not None
+    span = batch.labels.shape[1]
+    # Logits at position t predict token t+1: the last `span` targets need positions -span-1..-2.
+    logits = _last_logits(model, batch, span + 1)[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = batch.labels != -100
+    picked = logp.gather(-1, batch.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * valid).sum(-1) / valid.sum(-1)
+
+
+def option_scores(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Tensor:
+    """Score of every option for every example, shape (B, C): mean log-prob of its tokens."""
+    if batch.labels is None:  # single-token options: one forward, read the last position
+        logp = torch.log_softmax(_last_logits(model, batch, 1)[:, -1].float(), dim=-1)
+        return logp[:, [o[0] for o in option_ids]]
+    return target_logprobs(model, batch).view(-1, batch.n_options)
+
+
+def loss(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Tensor:
+    """The training loss: cross-entropy over option scores (classification; equal to the
+    cross-entropy over label-word logits for single-token options), or the mean per-token
+    negative log-likelihood of the answer (generation)."""
+    if batch.gold is not None:
+        return F.cross_entropy(option_scores(model, batch, option_ids), batch.gold)
+    return -target_logprobs(model, batch).mean()
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, tokenizer, batch: ModelBatch, max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each left-padded prompt, cut at the first newline or EOS."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, use_cache=True, logits_to_keep=1)
+    mask, pos, cache = batch.attention_mask, batch.position_ids[:, -1:], out.past_key_values
+    tokens = [out.logits[:, -1].argmax(-1)]
+    done = tokens[0] == tokenizer.eos_token_id
+    for _ in range(max_new_tokens - 1):
+        if done.all():
+            break
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        pos = pos + 1
+        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        tokens.append(out.logits[:, -1].argmax(-1))
+        done |= tokens[-1] == tokenizer.eos_token_id
+        # A newline is a byte of its own, so decoding the newest token alone is enough to see it.
+        newest = tokenizer.batch_decode(tokens[-1][:, None])
+        done |= torch.tensor([ANSWER_END in t for t in newest], device=done.device)
+    texts = tokenizer.batch_decode(torch.stack(tokens, 1), skip_special_tokens=True)
+    return [t.split(ANSWER_END)[0].strip() for t in texts]
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalisation: lower case, no punctuation, articles or extra whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    """Token-overlap F1 between normalised prediction and gold (official SQuAD v1.1)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = collections.Counter(pred) & collections.Counter(ref)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def best_over_answers(metric, prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD scores a prediction against its best-matching gold answer."""
+    return max(metric(prediction, a) for a in answers)

@@ -1,0 +1,266 @@
+"""The one training loop: first-order (AdamW/SGD) today, and any optimizer whose
+``step(closure)`` takes a closure returning the loss (zeroth-order optimizers set
+``zeroth_order = True`` and get a closure that only runs forwards, without gradients).
+
+Output folder of a run::
+
+    config.json      the full config (a rerun with another config refuses to resume)
+    metrics.jsonl    one JSON line per log/eval event
+    checkpoint/      resumable state (trainable tensors, optimizer, scheduler, counters)
+    best.safetensors trainable tensors at the best dev score
+    model/           save_pretrained output of the best model
+    results.json     dev/test metrics of the best model (its presence marks a finished run)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ftlab import objectives
+from ftlab.checkpoint import load_checkpoint, load_trainable, save_checkpoint, save_trainable
+from ftlab.config import TrainConfig, to_dict
+from ftlab.errors import FtlabError
+from ftlab.evaluate import EvalResult, evaluate
+from ftlab.io import atomic_write_json, atomic_write_text
+from ftlab.models import load_model, prepare_model, save_trained
+from ftlab.objectives import Encoder
+from ftlab.tasks import Example, Splits, TaskSpec, load_task, make_splits
+
+StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class RunData:
+    """A task with its splits, as the loop consumes it."""
+
+    spec: TaskSpec
+    splits: Splits
+
+
+def load_run_data(cfg: TrainConfig) -> RunData:
+    """Load the task of ``cfg.data`` and split it deterministically."""
+    d = cfg.data
+    spec, examples = load_task(d.task, template=d.template, options=d.options)
+    splits = make_splits(examples, seed=cfg.seed, n_train=d.n_train, n_dev=d.n_dev,
+                         n_test=d.n_test, k_per_class=d.k_per_class, data_seed=d.data_seed)
+    return RunData(spec, splits)
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and normalisation weights (all 1-D tensors) get no weight decay."""
+    return param.ndim < 2 or "bias" in name or "norm" in name.lower()
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into a decayed and a non-decayed group."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
+        raise FtlabError("nothing to train: the model has no trainable parameters")
+    return [
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over the trainable parameters."""
+    groups = param_groups(module, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """Multiplier of the base lr at ``step``: linear warm-up, then constant/linear/cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise FtlabError(f"unknown lr schedule {schedule!r}; choose constant, linear or cosine")
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return tuple(order)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the training batch at ``step``: consecutive slices of one seeded permutation
+    per epoch. A pure function of its arguments, so a resumed run sees the same batches."""
+    return [_epoch_order(n, seed, p // n)[p % n]
+            for p in range(step * batch_size, (step + 1) * batch_size)]
+
+
+def make_batch(encoder: Encoder, examples: Sequence[Example]) -> objectives.ModelBatch:
+    """The training batch of ``examples`` (options for classification, answers otherwise)."""
+    prompts = [encoder.spec.prompt(ex) for ex in examples]
+    if encoder.spec.kind == "classification":
+        return encoder.classification(examples, prompts)
+    return encoder.generation(prompts, [encoder.spec.target(ex) for ex in examples])
+
+
+def make_closure(module: nn.Module, optimizer: torch.optim.Optimizer, batch: objectives.ModelBatch,
+                 option_ids: list[list[int]], max_grad_norm: float | None) -> Callable[[], torch.Tensor]:
+    """The closure passed to ``optimizer.step``: backward (first order) or forward only
+    under ``no_grad`` (optimizers flagged ``zeroth_order``)."""
+    if getattr(optimizer, "zeroth_order", False):
+        @torch.no_grad()
+        def forward_only() -> torch.Tensor:
+            return objectives.loss(module, batch, option_ids)
+        return forward_only
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = objectives.loss(module, batch, option_ids)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+        return loss
+    return closure
+
+
+def _metric_name(spec: TaskSpec) -> str:
+    return "accuracy" if spec.kind == "classification" else "f1"
+
+
+def _prepare_output(cfg: TrainConfig, out: Path) -> None:
+    """Create the run folder, or check that an existing one belongs to this same config."""
+    config_path = out / "config.json"
+    if config_path.exists():
+        old = json.loads(config_path.read_text())
+        new = json.loads(json.dumps(to_dict(cfg)))
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            raise FtlabError(f"{out} holds a run with a different config (differs in {diff}); "
+                             "pass another output_dir, or --overwrite to start afresh")
+    else:
+        atomic_write_json(config_path, to_dict(cfg))
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run's tail)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= last_step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | None = None,
+          model_and_tokenizer: tuple[nn.Module, Any] | None = None,
+          data: RunData | None = None) -> dict[str, Any]:
+    """Fine-tune as ``cfg`` says; resumes from ``cfg.output_dir`` if a checkpoint is there.
+
+    ``model_and_tokenizer`` and ``data`` let callers (tests, the demo) pass objects they
+    already hold; by default they are loaded from ``cfg``. ``callback(step, record)`` runs after
+    every step, after any checkpoint of that step is on disk. Returns the run's results
+    (also written to ``results.json``).
+    """
+    out = Path(cfg.output_dir)
+    if (out / "results.json").exists():
+        _prepare_output(cfg, out)
+        return json.loads((out / "results.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    _prepare_output(cfg, out)
+
+    model, tokenizer = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    data = data or load_run_data(cfg)
+    module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed)
+    optimizer = build_optimizer(cfg, module)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg.schedule, s, cfg.steps, cfg.warmup_steps))
+    encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
+    metric = _metric_name(data.spec)
+    train_set = data.splits.train
+    if not train_set:
+        raise FtlabError(f"task {data.spec.name!r}: the training split is empty")
+
+    state = {"step": 0, "best_score": None, "best_step": None}
+    if (out / "checkpoint" / "state.json").exists():
+        state = load_checkpoint(out / "checkpoint", module, optimizer, scheduler)
+    _truncate_metrics(out / "metrics.jsonl", state["step"])
+
+    def dev_eval(step: int) -> None:
+        result = evaluate(module, tokenizer, data.spec, data.splits.dev, batch_size=cfg.eval_batch_size,
+                          max_length=cfg.data.max_length, progress=False)
+        score = result.metrics[metric]
+        _log(out / "metrics.jsonl", {"step": step, "split": "dev", **result.metrics})
+        if state["best_score"] is None or score > state["best_score"]:
+            state.update(best_score=score, best_step=step)
+            save_trainable(module, out / "best.safetensors")
+
+    if state["step"] == 0 and data.splits.dev and cfg.eval_every:
+        dev_eval(0)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {cfg.mode}/{cfg.optimizer}",
+               disable=not progress, unit="step")
+    module.train()
+    for step in range(state["step"], cfg.steps):
+        batch = make_batch(encoder, [train_set[i] for i in
+                                     batch_indices(len(train_set), cfg.batch_size, cfg.seed, step)])
+        batch = batch.to(next(module.parameters()).device)
+        closure = make_closure(module, optimizer, batch, encoder.option_ids, cfg.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        # Dropout draws from the global RNG: seed it per step so a resumed run matches exactly.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            loss = float(optimizer.step(closure))
+        if not math.isfinite(loss):
+            raise FtlabError(f"loss became {loss} at step {step}: lower the lr (now {lr:g}) or "
+                             f"use float32; the last good checkpoint is in {out / 'checkpoint'}")
+        scheduler.step()
+        state["step"] = step + 1
+        record = {"step": step + 1, "split": "train", "loss": loss, "lr": lr}
+        _log(out / "metrics.jsonl", record)
+        if cfg.eval_every and data.splits.dev and ((step + 1) % cfg.eval_every == 0
+                                                   or step + 1 == cfg.steps):
+            dev_eval(step + 1)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
+            save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", best=state["best_score"])
+        if callback:
+            callback(step + 1, record)
+    bar.close()
+    return _finish(cfg, out, module, tokenizer, data, state, progress)
+
+
+def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: RunData,
+            state: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Load the best weights, evaluate them on test, save the model and the results."""
+    if (out / "best.safetensors").exists() and data.splits.dev and cfg.eval_every:
+        load_trainable(module, out / "best.safetensors")
+    else:
+        state.update(best_step=cfg.steps)
+    test: EvalResult | None = None
+    if data.splits.test:
+        test = evaluate(module, tokenizer, data.spec, data.splits.test, batch_size=cfg.eval_batch_size,
+                        max_length=cfg.data.max_length, progress=progress, desc="test")
+    save_trained(module, tokenizer, out / "model")
+    results = {"best_step": state["best_step"], "best_dev": state["best_score"],
+               "test": test.metrics if test else None, "steps": cfg.steps}
+    atomic_write_json(out / "results.json", results)
+    return results

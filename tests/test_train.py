@@ -1,0 +1,132 @@
+"""The training loop: learning, exact resume after a kill, refusing mismatched or NaN runs."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from ftlab.checkpoint import trainable_state
+from ftlab.config import TrainConfig, load_config
+from ftlab.errors import FtlabError
+from ftlab.tasks import Splits
+from ftlab.tasks.base import Example, TaskSpec
+from ftlab.train import RunData, batch_indices, lr_factor, param_groups, train
+
+FILLER = ["the", "movie", "story", "was", "a", "film", "and", "it", "acting", "plot"]
+
+
+def _synthetic(n, seed):
+    """Sentences whose label is given by one cue word: learnable by a tiny model."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 4) + [["terrible", "great"][label]]
+        rng.shuffle(words)
+        out.append(Example(id=f"s:{seed}:{i}", fields={"text": " ".join(words)}, label=label))
+    return out
+
+
+def _data():
+    spec = TaskSpec(name="synthetic", template="{text} It was", options=[" terrible", " great"])
+    return RunData(spec, Splits(train=_synthetic(32, 1), dev=_synthetic(16, 2), test=_synthetic(16, 3)))
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(TrainConfig, None, [f"output_dir={tmp_path}", "steps=6", "batch_size=4",
+                                           "eval_every=3", "checkpoint_every=2", "lr=1e-3",
+                                           "eval_batch_size=8", *overrides])
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode,optimizer", [("full", "adamw"), ("lora", "sgd"), ("prefix", "adamw")])
+def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model_factory, tiny_tokenizer, mode, optimizer):
+    overrides = [f"mode={mode}", f"optimizer={optimizer}", "schedule=linear", "lora.r=2", "prefix.num_tokens=2"]
+    straight_cfg = _cfg(tmp_path / "a", *overrides)
+    model = tiny_model_factory("llama")
+    straight = train(straight_cfg, progress=False, model_and_tokenizer=(model, tiny_tokenizer), data=_data())
+    want = trainable_state(model)
+
+    cfg = _cfg(tmp_path / "b", *overrides)
+
+    def kill(step, record):
+        if step == 5:  # after the step-4 checkpoint: step 5 must be redone on resume
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
+              data=_data(), callback=kill)
+    assert not (tmp_path / "b" / "results.json").exists()
+    resumed_model = tiny_model_factory("llama")
+    resumed = train(cfg, progress=False, model_and_tokenizer=(resumed_model, tiny_tokenizer), data=_data())
+    got = trainable_state(resumed_model)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert resumed == straight
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed step-5 line was replaced, not duplicated
+    assert (tmp_path / "b" / "model").is_dir()
+
+
+def test_training_learns_a_cue_word(tmp_path, tiny_model_factory, tiny_tokenizer):
+    cfg = _cfg(tmp_path, "steps=40", "eval_every=20", "checkpoint_every=0", "lr=3e-3")
+    model = tiny_model_factory("llama")
+    results = train(cfg, progress=False, model_and_tokenizer=(model, tiny_tokenizer), data=_data())
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["split"] == "train"]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert results["test"]["accuracy"] >= 0.9
+    dev = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["split"] == "dev"]
+    assert [d["step"] for d in dev] == [0, 20, 40]
+    assert results["best_dev"] == max(d["accuracy"] for d in dev)
+
+
+def test_other_config_refuses_to_resume(tmp_path, tiny_model_factory, tiny_tokenizer):
+    train(_cfg(tmp_path, "steps=2"), progress=False,
+          model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
+    with pytest.raises(FtlabError, match="different config"):
+        train(_cfg(tmp_path, "steps=2", "lr=0.5"), progress=False,
+              model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model_factory, tiny_tokenizer):
+    model = tiny_model_factory("llama")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(FtlabError, match="loss became nan at step 0"):
+        train(_cfg(tmp_path, "eval_every=0"), progress=False, model_and_tokenizer=(model, tiny_tokenizer),
+              data=_data())
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_batches_cover_each_epoch_once_and_are_pure():
+    n, bs = 10, 4
+    stream = [i for s in range(5) for i in batch_indices(n, bs, seed=7, step=s)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert batch_indices(n, bs, seed=7, step=3) == stream[12:16]
+    assert batch_indices(n, bs, seed=8, step=0) != batch_indices(n, bs, seed=7, step=0)
+
+
+def test_lr_schedules():
+    assert lr_factor("constant", 50, 100) == 1.0
+    assert lr_factor("linear", 25, 100) == pytest.approx(0.75)
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert lr_factor("linear", 0, 100, warmup=10) == pytest.approx(0.1)
+    with pytest.raises(FtlabError):
+        lr_factor("exp", 1, 10)
+
+
+def test_no_weight_decay_on_biases_and_norms(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    decayed, plain = param_groups(model, 0.1)
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 for p in decayed["params"])
+    assert any("norm" in names[id(p)] for p in plain["params"])
