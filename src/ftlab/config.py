@@ -80,13 +80,17 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Accept ints for floats and check scalar types, so a bad override fails loudly."""
+    """Accept ints and numeric strings for floats (YAML reads ``1e-4`` as a string) and check
+    scalar types, so a bad override fails loudly."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
     for typ in allowed:
-        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if typ is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
         if typ in (int, str, bool) and type(value) is typ:
             return value
         origin = typing.get_origin(typ)

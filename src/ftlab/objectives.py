@@ -152,9 +152,12 @@ class Encoder:
 
 
 def _last_logits(model: nn.Module, batch: ModelBatch, keep: int) -> Tensor:
+    """Logits at the last ``keep`` positions, in at least float32 (log-softmax over a large
+    vocabulary in bf16/fp16 loses the small differences between options)."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
-    return out.logits[:, -keep:]
+    logits = out.logits[:, -keep:]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def target_logprobs(model: nn.Module, batch: ModelBatch) -> Tensor:
@@ -162,7 +165,7 @@ def target_logprobs(model: nn.Module, batch: ModelBatch) -> Tensor:
     assert batch.labels is not None
     span = batch.labels.shape[1]
     # Logits at position t predict token t+1: the last `span` targets need positions -span-1..-2.
-    logits = _last_logits(model, batch, span + 1)[:, :-1].float()
+    logits = _last_logits(model, batch, span + 1)[:, :-1]
     logp = torch.log_softmax(logits, dim=-1)
     valid = batch.labels != -100
     picked = logp.gather(-1, batch.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -172,7 +175,7 @@ def target_logprobs(model: nn.Module, batch: ModelBatch) -> Tensor:
 def option_scores(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Tensor:
     """Score of every option for every example, shape (B, C): mean log-prob of its tokens."""
     if batch.labels is None:  # single-token options: one forward, read the last position
-        logp = torch.log_softmax(_last_logits(model, batch, 1)[:, -1].float(), dim=-1)
+        logp = torch.log_softmax(_last_logits(model, batch, 1)[:, -1], dim=-1)
         return logp[:, [o[0] for o in option_ids]]
     return target_logprobs(model, batch).view(-1, batch.n_options)
 

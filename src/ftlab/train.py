@@ -189,7 +189,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
 
     model, tokenizer = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     data = data or load_run_data(cfg)
-    module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed)
+    with torch.random.fork_rng(devices=[]):  # adapter inits (peft) draw from the global RNG
+        torch.manual_seed(cfg.seed)
+        module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed)
     optimizer = build_optimizer(cfg, module)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, cfg.steps, cfg.warmup_steps))
@@ -227,7 +229,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         # Dropout draws from the global RNG: seed it per step so a resumed run matches exactly.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1_000_003 + step)
-            loss = float(optimizer.step(closure))
+            loss = float(optimizer.step(closure).detach())
         if not math.isfinite(loss):
             raise FtlabError(f"loss became {loss} at step {step}: lower the lr (now {lr:g}) or "
                              f"use float32; the last good checkpoint is in {out / 'checkpoint'}")
