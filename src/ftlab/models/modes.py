@@ -1,0 +1,102 @@
+"""Training modes (full, LoRA, prefix): what to train, and saving/restoring the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ftlab.errors import FtlabError
+from ftlab.io import atomic_dir
+from ftlab.models.loading import load_model, quiet_progress, short_reason
+from ftlab.models.lora import LoraSettings, apply_lora
+from ftlab.models.prefix import PREFIX_CONFIG, PrefixModel, PrefixSettings
+
+Mode = Literal["full", "lora", "prefix"]
+MODES: tuple[str, ...] = ("full", "lora", "prefix")
+_ADAPTER_CONFIG = "adapter_config.json"
+
+
+def prepare_model(model: PreTrainedModel, mode: Mode, *, lora: LoraSettings | None = None,
+                  prefix: PrefixSettings | None = None, seed: int = 0) -> nn.Module:
+    """Return the module to train for ``mode``, with everything else frozen.
+
+    ``full``: ``model`` itself, all parameters trainable. ``lora``: a peft model with fresh
+    adapters (``model`` is modified in place). ``prefix``: a :class:`PrefixModel` around the
+    frozen ``model``, its prefix initialised with ``seed``.
+    """
+    if mode == "full":
+        model.requires_grad_(True)
+        return model
+    if mode == "lora":
+        return apply_lora(model, lora)
+    if mode == "prefix":
+        return PrefixModel(model, prefix, seed=seed)
+    raise FtlabError(f"unknown training mode {mode!r}; choose one of {list(MODES)}")
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs of ``module`` that require gradients (tied weights once)."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def mode_of(module: nn.Module) -> Mode:
+    """Which training mode produced ``module`` (see :func:`prepare_model`)."""
+    if isinstance(module, PrefixModel):
+        return "prefix"
+    if isinstance(module, PeftModel):
+        return "lora"
+    if isinstance(module, PreTrainedModel):
+        return "full"
+    raise FtlabError(f"cannot save a {type(module).__name__}: expected a module from prepare_model")
+
+
+def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+    """Save a trained module to folder ``out_dir``, atomically: the whole model and tokenizer
+    (full), the peft adapter (lora) or the prefix (prefix). Restore with :func:`load_trained`."""
+    mode = mode_of(module)
+    with atomic_dir(out_dir) as tmp, quiet_progress():
+        if mode == "prefix":
+            module.write(tmp)
+        else:
+            module.save_pretrained(tmp)
+        if mode == "full":
+            tokenizer.save_pretrained(tmp)
+
+
+def trained_mode(path: str | Path) -> Mode:
+    """The mode of a folder written by :func:`save_trained`, read from the files it holds."""
+    path = Path(path)
+    if (path / PREFIX_CONFIG).is_file():
+        return "prefix"
+    if (path / _ADAPTER_CONFIG).is_file():
+        return "lora"
+    if (path / "config.json").is_file():
+        return "full"
+    raise FtlabError(f"{path} is not a folder written by save_trained (it has no {PREFIX_CONFIG}, "
+                     f"{_ADAPTER_CONFIG} or config.json)")
+
+
+def load_trained(base_name_or_path: str, path: str | Path, *, dtype: str = "float32", device: str = "cpu",
+                 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Restore a module saved by :func:`save_trained` (in eval mode) and its tokenizer.
+
+    ``base_name_or_path`` is the model it was trained from (as for :func:`load_model`); a
+    full fine-tune is self-contained, so it is loaded from ``path`` alone.
+    """
+    mode = trained_mode(path)
+    if mode == "full":
+        return load_model(str(path), dtype=dtype, device=device)
+    base, tokenizer = load_model(base_name_or_path, dtype=dtype, device=device)
+    if mode == "prefix":
+        module: nn.Module = PrefixModel.from_pretrained(base, path)
+    else:
+        try:
+            module = PeftModel.from_pretrained(base, str(path))
+        except (RuntimeError, ValueError, KeyError) as e:  # shape or module-name mismatch
+            raise FtlabError(f"{path}: the LoRA adapter does not fit {base_name_or_path!r}: "
+                             f"{short_reason(e)}") from e
+    return module.eval(), tokenizer
