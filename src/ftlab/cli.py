@@ -25,11 +25,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 OVERRIDES_HELP = "Config overrides as key=value (YAML values), e.g. lr=1e-4 mode=lora lora.r=16 data.task=nli"
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
@@ -160,8 +155,9 @@ def main() -> None:
     try:
         app()
     except FtlabError as e:
-        _fail(str(e))
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

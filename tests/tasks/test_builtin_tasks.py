@@ -20,7 +20,7 @@ def test_sentiment_keeps_positive_and_negative_once(prepared):
         ("sentiment:2", "Rude staff and dirty rooms.", 0),
         ("sentiment:6", "Never again.", 0)]
     assert examples[1].source == "multiemo/all_sentence_en/task.json:2"
-    assert spec.demonstration(examples[0]) == "Great doctor, very kind. The sentiment of this review is positive"
+    assert spec.demonstration(examples[0]) == "Review: Great doctor, very kind.\nSentiment: positive"
 
 
 def test_strategyqa_labels_follow_options(prepared):
