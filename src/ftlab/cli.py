@@ -6,10 +6,14 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+# peft 0.21 calls a transformers method deprecated in 5.x on every LoRA setup; not actionable here.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 from ftlab.errors import FtlabError
 
@@ -39,6 +43,15 @@ def _config_path(config: Optional[str]) -> Optional[Path]:
     if not path.exists() and (CONFIGS / f"{config}.yaml").exists():
         return CONFIGS / f"{config}.yaml"
     return path
+
+
+def _plot(run_dir: str) -> str:
+    """Plot a run's curves if matplotlib is installed (the `plot` extra)."""
+    try:
+        from ftlab.plots import plot_run
+    except ImportError:
+        return "(install ftlab[plot] for a PNG)"
+    return str(plot_run(run_dir))
 
 
 @data_app.command("prepare")
@@ -129,7 +142,7 @@ def train_cmd(
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
     results = train(cfg)
     typer.echo(json.dumps(results, indent=2))
-    typer.echo(f"model and metrics in {cfg.output_dir}")
+    typer.echo(f"model and metrics in {cfg.output_dir}; curves in {_plot(cfg.output_dir)}")
 
 
 @app.command("demo")
@@ -148,6 +161,7 @@ def demo_cmd(
     typer.echo("")
     typer.echo(_table([(r["method"], f"{r['accuracy']:.4f}", str(r["n"]), f"{r['seconds']:.0f}")
                        for r in report], ("method", "accuracy", "n test", "seconds")))
+    typer.echo(f"\ntraining curves: {_plot(cfg.output_dir)}")
 
 
 def main() -> None:

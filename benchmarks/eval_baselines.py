@@ -1,0 +1,61 @@
+"""Zero-shot and in-context (k demonstrations) quality of an embedded model on the built-in tasks.
+
+    python benchmarks/eval_baselines.py --model smollm2-135m --tasks sentiment strategyqa nli \
+        --n-test 1000 --k 0 4
+
+Prints a table and writes benchmarks/results/eval_baselines_<model>.json. The test split is the
+MeZO-protocol one (data_seed 0), identical to `ftlab eval --n-test N`; demonstrations come from
+the seed-0 train split of 1000 examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ftlab.evaluate import evaluate
+from ftlab.models import load_model
+from ftlab.tasks import load_task, make_splits, prepare
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", nargs="+", default=["sentiment", "strategyqa", "nli"])
+    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--k", type=int, nargs="+", default=[0, 4])
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    prepare(progress=False)
+    model, tokenizer = load_model(args.model)
+    rows = []
+    for task in args.tasks:
+        spec, examples = load_task(task)
+        splits = make_splits(examples, seed=0, n_train=1000, n_dev=0, n_test=args.n_test)
+        for k in args.k:
+            start = time.perf_counter()
+            result = evaluate(model, tokenizer, spec, splits.test, demos=splits.train, k_shot=k, seed=0,
+                              batch_size=args.batch_size, desc=f"{task} k={k}")
+            rows.append({"task": task, "k_shot": k, **result.metrics,
+                         "seconds": round(time.perf_counter() - start, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+
+    keys = ["task", "k_shot", "accuracy", "f1", "em", "n", "seconds"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) and k != "seconds"
+                                else str(r.get(k, "")) for k in keys) + " |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"eval_baselines_{args.model}.json"
+    out.write_text(json.dumps({"model": args.model, "n_test": args.n_test, "rows": rows}, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
