@@ -3,7 +3,7 @@
     python benchmarks/eval_baselines.py --model smollm2-135m --tasks sentiment strategyqa nli \
         --n-test 1000 --k 0 4
 
-Prints a table and writes benchmarks/results/eval_baselines_<model>.json. The test split is the
+Prints a table and writes benchmarks/results/eval_baselines_<model>_<tasks>.json. The test split is the
 MeZO-protocol one (data_seed 0), identical to `ftlab eval --n-test N`; demonstrations come from
 the seed-0 train split of 1000 examples.
 """
@@ -52,7 +52,7 @@ def main() -> None:
         print("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) and k != "seconds"
                                 else str(r.get(k, "")) for k in keys) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"eval_baselines_{args.model}.json"
+    out = RESULTS / f"eval_baselines_{args.model}_{'-'.join(args.tasks)}.json"
     out.write_text(json.dumps({"model": args.model, "n_test": args.n_test, "rows": rows}, indent=2) + "\n")
     print(f"\nwritten to {out}")
 
