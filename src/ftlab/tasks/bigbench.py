@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zlib
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
@@ -28,7 +27,7 @@ from typing import IO, Iterable
 from tqdm.auto import tqdm
 
 from ftlab.errors import FtlabError
-from ftlab.io import atomic_write_json, cache_dir
+from ftlab.io import atomic_file, atomic_write_json, cache_dir
 
 REQUIREMENT = "bigbench==1.0.0"
 TARBALL_NAME = "bigbench-1.0.0.tar.gz"
@@ -257,21 +256,11 @@ def _relative(member: tarfile.TarInfo) -> str | None:
 
 
 def _write_member(source: IO[bytes], dest: Path) -> dict:
-    """Copy one member to ``dest`` via a temp file and a rename; return its manifest entry."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Copy one member to ``dest`` atomically; return its manifest entry."""
     digest, size = hashlib.sha256(), 0
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while block := source.read(_CHUNK):
-                digest.update(block)
-                size += len(block)
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(dest, "wb") as out:
+        while block := source.read(_CHUNK):
+            digest.update(block)
+            size += len(block)
+            out.write(block)
     return {"sha256": digest.hexdigest(), "size": size}
-
