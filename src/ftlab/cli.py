@@ -101,6 +101,8 @@ def eval_cmd(
     opts = [o if o.startswith(" ") else " " + o for o in options.split(",")] if options else None
     spec, examples = load_task(task, template=template, options=opts)
     splits = make_splits(examples, seed=seed, n_train=n_train, n_dev=0, n_test=n_test)
+    if splits.note:
+        typer.echo(f"note: {splits.note}", err=True)
     if trained is not None:
         lm, tokenizer = load_trained(model, trained)
     else:

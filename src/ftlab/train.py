@@ -262,7 +262,9 @@ def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: Run
         test = evaluate(module, tokenizer, data.spec, data.splits.test, batch_size=cfg.eval_batch_size,
                         max_length=cfg.data.max_length, progress=progress, desc="test")
     save_trained(module, tokenizer, out / "model")
+    sp = data.splits
     results = {"best_step": state["best_step"], "best_dev": state["best_score"],
-               "test": test.metrics if test else None, "steps": cfg.steps}
+               "test": test.metrics if test else None, "steps": cfg.steps,
+               "splits": {"train": len(sp.train), "dev": len(sp.dev), "test": len(sp.test), "note": sp.note}}
     atomic_write_json(out / "results.json", results)
     return results
