@@ -13,12 +13,12 @@ from torch import nn
 
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_dir
+from ftlab.models import trainable_parameters
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors of ``module`` by name (a copy on CPU)."""
-    return {n: p.detach().to("cpu", copy=True).contiguous()
-            for n, p in module.named_parameters() if p.requires_grad}
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable_parameters(module)}
 
 
 def save_trainable(module: nn.Module, path: str | Path) -> None:
@@ -33,8 +33,8 @@ def save_trainable(module: nn.Module, path: str | Path) -> None:
 def load_trainable(module: nn.Module, path: str | Path) -> None:
     """Copy tensors saved by :func:`save_trainable` back into ``module`` (names must match)."""
     state = load_file(str(path))
-    params = dict(module.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    params = dict(trainable_parameters(module))
+    missing = [n for n in params if n not in state]
     if missing or any(n not in params for n in state):
         raise FtlabError(f"{path}: trainable tensors do not match the model (e.g. {missing[:3]}); "
                          "was it written by a run with another mode or model?")

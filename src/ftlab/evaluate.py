@@ -24,7 +24,8 @@ class EvalResult:
     predictions: list = field(default_factory=list)
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model's (first) parameters live on; batches are moved there."""
     return next(model.parameters()).device
 
 
@@ -44,7 +45,7 @@ def evaluate(model: nn.Module, tokenizer, spec: TaskSpec, examples: Sequence[Exa
     prompts = objectives.build_prompts(spec, examples, demos, k_shot, seed)
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     predictions: list = [None] * len(examples)
-    was_training, device = model.training, _device(model)
+    was_training, device = model.training, model_device(model)
     model.eval()
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress,

@@ -30,9 +30,9 @@ from ftlab import objectives
 from ftlab.checkpoint import load_checkpoint, load_trainable, save_checkpoint, save_trainable
 from ftlab.config import TrainConfig, to_dict
 from ftlab.errors import FtlabError
-from ftlab.evaluate import EvalResult, evaluate
+from ftlab.evaluate import EvalResult, evaluate, model_device
 from ftlab.io import atomic_write_json, atomic_write_text
-from ftlab.models import load_model, prepare_model, save_trained
+from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
 from ftlab.tasks import Example, Splits, TaskSpec, load_task, make_splits
 
@@ -63,7 +63,7 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters split into a decayed and a non-decayed group."""
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    named = trainable_parameters(module)
     if not named:
         raise FtlabError("nothing to train: the model has no trainable parameters")
     return [
@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     for step in range(state["step"], cfg.steps):
         batch = make_batch(encoder, [train_set[i] for i in
                                      batch_indices(len(train_set), cfg.batch_size, cfg.seed, step)])
-        batch = batch.to(next(module.parameters()).device)
+        batch = batch.to(model_device(module))
         closure = make_closure(module, optimizer, batch, encoder.option_ids, cfg.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
         # Dropout draws from the global RNG: seed it per step so a resumed run matches exactly.
