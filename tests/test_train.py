@@ -63,6 +63,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model_factory, t
         train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
               data=_data(), callback=kill)
     assert not (tmp_path / "b" / "results.json").exists()
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "spl')  # a line the kill cut in half
     resumed = train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
                     data=_data())
     got = load_file(str(tmp_path / "b" / "checkpoint" / "trainable.safetensors"))

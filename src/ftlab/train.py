@@ -158,11 +158,18 @@ def _prepare_output(cfg: TrainConfig, out: Path) -> None:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a killed run's tail)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= last_step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    """Drop log lines written after the checkpoint we resume from (a killed run's tail),
+    including a line the kill cut in half."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _log(path: Path, record: dict[str, Any]) -> None:
