@@ -43,7 +43,8 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("mode,optimizer", [("full", "adamw"), ("lora", "sgd"), ("prefix", "adamw")])
+@pytest.mark.parametrize("mode,optimizer", [("full", "adamw"), ("lora", "sgd"), ("prefix", "adamw"),
+                                            ("full", "mezo"), ("lora", "mezo")])
 def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model_factory, tiny_tokenizer, mode, optimizer):
     overrides = [f"mode={mode}", f"optimizer={optimizer}", "schedule=linear", "lora.r=2", "prefix.num_tokens=2"]
     straight_cfg = _cfg(tmp_path / "a", *overrides)

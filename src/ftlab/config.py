@@ -13,6 +13,7 @@ import yaml
 
 from ftlab.errors import FtlabError
 from ftlab.models import LoraSettings, PrefixSettings
+from ftlab.zo.settings import ZOSettings
 
 T = TypeVar("T")
 
@@ -44,7 +45,8 @@ class TrainConfig:
     mode: str = "full"  # full | lora | prefix
     lora: LoraSettings = field(default_factory=LoraSettings)
     prefix: PrefixSettings = field(default_factory=PrefixSettings)
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | sgd | mezo
+    zo: ZOSettings = field(default_factory=ZOSettings)
     lr: float = 1e-5
     weight_decay: float = 0.0
     momentum: float = 0.0

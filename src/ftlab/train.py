@@ -79,7 +79,13 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimize
         return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
+    if cfg.optimizer == "mezo":
+        from ftlab.zo import MeZO
+
+        z = cfg.zo
+        return MeZO(groups, lr=cfg.lr, eps=z.eps, n_perturbations=z.n_perturbations,
+                    one_sided=z.one_sided, distribution=z.distribution, seed=cfg.seed)
+    raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose adamw, sgd or mezo")
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
@@ -226,7 +232,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         dev_eval(0)
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {cfg.mode}/{cfg.optimizer}",
                disable=not progress, unit="step")
-    module.train()
+    # Zeroth-order forwards run in eval mode (no dropout noise in the loss difference).
+    module.train(not getattr(optimizer, "zeroth_order", False))
     for step in range(state["step"], cfg.steps):
         batch = make_batch(encoder, [train_set[i] for i in
                                      batch_indices(len(train_set), cfg.batch_size, cfg.seed, step)])

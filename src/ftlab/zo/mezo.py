@@ -1,0 +1,185 @@
+"""MeZO: memory-efficient zeroth-order SGD (Malladi et al., 2023), done in place.
+
+One step, for a seed s drawn from the optimizer's own generator and z ~ N(0, I) (or Rademacher)
+regenerated from s whenever it is needed (never stored):
+
+    theta += eps * z                 # perturb              (z generated: 1)
+    L+ = loss(theta)
+    theta -= 2 * eps * z             # perturb the other way (z generated: 2)
+    L- = loss(theta)
+    g = (L+ - L-) / (2 * eps)        # projected gradient: a scalar
+    theta += eps * z - lr * (g * z + wd * theta)   # restore and update, fused (z generated: 3)
+
+The straightforward design restores and then updates in two passes (z generated 4 times, each
+with a parameter-sized temporary). Here z is generated in bounded chunks from a per-parameter
+generator, so no temporary is larger than ``chunk_size`` elements, and the restore is fused with
+the update. Memory therefore equals inference: no gradients, no optimizer state.
+
+``one_sided=True`` uses the forward difference ``g = (L+ - L0) / eps`` with L0 the unperturbed
+loss; ``n_perturbations > 1`` averages the estimates of n seeds, all taken at the same theta
+(n-SPSA), and applies their updates at the end.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ftlab.errors import FtlabError
+
+CHUNK = 1 << 20  # elements of z generated at once: 4 MiB in fp32
+
+
+@dataclass
+class ZOStep:
+    """What one MeZO step did: enough to replay it exactly (see :mod:`ftlab.zo.trajectory`)."""
+
+    seeds: list[int]
+    grads: list[float]  # projected gradient per seed
+    lr: float
+    loss: float
+
+
+def _param_seed(step_seed: int, index: int) -> int:
+    # Distinct, well-mixed seeds per (step, parameter), stable across processes and devices.
+    return (step_seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
+
+
+class MeZO(torch.optim.Optimizer):
+    """ZO-SGD with the random-seed trick. ``step(closure)`` calls ``closure()`` (a forward pass
+    returning the loss, run under ``no_grad``) twice per perturbation.
+
+    Args:
+        params: parameters or parameter groups (``weight_decay`` per group, as in torch.optim).
+        lr, eps: step size and perturbation scale.
+        weight_decay: decoupled from the ZO estimate (``theta -= lr * wd * theta``).
+        n_perturbations: seeds averaged per step (n-SPSA).
+        one_sided: forward difference (n + 1 forwards a step) instead of central (2n).
+        distribution: ``"gaussian"`` or ``"rademacher"`` (+-1 entries).
+        seed: seeds the optimizer's own generator of step seeds (no global RNG is used).
+        chunk_size: elements of z generated at a time (bounds the temporaries).
+    """
+
+    zeroth_order = True  # the training loop gives such optimizers a forward-only closure
+
+    def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 n_perturbations: int = 1, one_sided: bool = False, distribution: str = "gaussian",
+                 seed: int = 0, chunk_size: int = CHUNK) -> None:
+        if eps <= 0 or lr < 0 or n_perturbations < 1:
+            raise FtlabError(f"MeZO needs eps > 0, lr >= 0 and n_perturbations >= 1 "
+                             f"(got eps={eps}, lr={lr}, n={n_perturbations})")
+        if distribution not in ("gaussian", "rademacher"):
+            raise FtlabError(f"unknown perturbation distribution {distribution!r}; "
+                             "choose gaussian or rademacher")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.eps, self.n, self.one_sided = eps, n_perturbations, one_sided
+        self.distribution, self.chunk_size = distribution, chunk_size
+        self._seeds = random.Random(seed)
+        self.history: list[ZOStep] = []  # filled by step(); a trajectory log drains it
+
+    # -- z, regenerated on demand -------------------------------------------------------------
+    def _params(self) -> list[tuple[int, Tensor, float]]:
+        """(global index, parameter, weight decay) of every parameter, in a fixed order."""
+        out, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                out.append((index, p, group["weight_decay"]))
+                index += 1
+        return out
+
+    def _z_chunks(self, step_seed: int, index: int, p: Tensor) -> Iterable[tuple[slice, Tensor]]:
+        gen = torch.Generator(device=p.device).manual_seed(_param_seed(step_seed, index))
+        n = p.numel()
+        for start in range(0, n, self.chunk_size):
+            size = min(self.chunk_size, n - start)
+            if self.distribution == "gaussian":
+                z = torch.randn(size, generator=gen, device=p.device, dtype=torch.float32)
+            else:
+                z = torch.randint(0, 2, (size,), generator=gen, device=p.device).float().mul_(2).sub_(1)
+            yield slice(start, start + size), z.to(p.dtype)
+
+    @torch.no_grad()
+    def _apply(self, step_seed: int, z_scale: float, update: float = 0.0, decay_lr: float = 0.0) -> None:
+        """theta <- (theta + z_scale * z) * (1 - decay_lr * wd) + update * z, in place, in one
+        pass over chunks of z (no parameter-sized temporaries)."""
+        for index, p, wd in self._params():
+            flat = p.data.view(-1)
+            keep = 1.0 - decay_lr * wd
+            for where, z in self._z_chunks(step_seed, index, p):
+                chunk = flat[where]
+                if keep != 1.0:
+                    chunk.add_(z, alpha=z_scale).mul_(keep).add_(z, alpha=update)
+                else:
+                    chunk.add_(z, alpha=z_scale + update)
+
+    # -- checkpoints: the seed generator is part of the state ---------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["seed_generator"] = self._seeds.getstate()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        version, internal, gauss = state_dict.pop("seed_generator")
+        self._seeds.setstate((version, tuple(internal), gauss))
+        super().load_state_dict(state_dict)
+
+    # -- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        """One MeZO step; returns the loss at the first perturbed point (L+)."""
+        if closure is None:
+            raise FtlabError("MeZO.step needs a closure that returns the loss")
+        lr = self.param_groups[0]["lr"]
+        seeds = [self._seeds.getrandbits(62) for _ in range(self.n)]
+        grads, loss = self._estimate(seeds, closure)
+        self._update(seeds, grads, lr)
+        record = ZOStep(seeds, grads, lr, loss)
+        self.history.append(record)
+        return torch.tensor(loss)
+
+    def _estimate(self, seeds: list[int], closure: Callable[[], Tensor] | None,
+                  grads: list[float] | None = None) -> tuple[list[float], float]:
+        """Perturb, evaluate and estimate each seed's projected gradient, leaving theta
+        perturbed by the last seed. With ``closure=None`` the same parameter moves are made
+        with the recorded ``grads`` (replay), so the arithmetic is bit for bit the same."""
+        evaluate = (lambda: float(closure())) if closure is not None else (lambda: 0.0)
+        base = evaluate() if self.one_sided else 0.0
+        out, first = [], None
+        for k, seed in enumerate(seeds):
+            self._apply(seed, self.eps)
+            plus = evaluate()
+            first = plus if first is None else first
+            if self.one_sided:
+                out.append((plus - base) / self.eps)
+            else:
+                self._apply(seed, -2 * self.eps)
+                out.append((plus - evaluate()) / (2 * self.eps))
+            if k < len(seeds) - 1:
+                self._apply(seed, self._restore)  # every seed's estimate is taken at the same theta
+        return (grads if grads is not None else out), first
+
+    @property
+    def _restore(self) -> float:
+        """The z coefficient that undoes the last perturbation of a seed."""
+        return -self.eps if self.one_sided else self.eps
+
+    def _update(self, seeds: list[int], grads: list[float], lr: float) -> None:
+        """Restore the last seed's perturbation fused with its update and the weight decay
+        (one pass), then add the other seeds' updates."""
+        n = len(seeds)
+        self._apply(seeds[-1], self._restore, update=-lr * grads[-1] / n, decay_lr=lr)
+        for seed, g in zip(seeds[:-1], grads[:-1]):
+            self._apply(seed, -lr * g / n)
+
+    # -- replay ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def replay(self, record: ZOStep) -> None:
+        """Redo a recorded step without forwards: the same parameter moves with the recorded
+        projected gradients, so theta ends bit for bit where the original step left it."""
+        self._estimate(record.seeds, None, record.grads)
+        self._update(record.seeds, record.grads, record.lr)

@@ -1,0 +1,14 @@
+"""Settings of the zeroth-order optimizers (a config section, no torch needed)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ZOSettings:
+    """MeZO's knobs beyond lr and weight decay (see :class:`ftlab.zo.MeZO`). Typical eps:
+    1e-3 (full), 1e-2 (LoRA), 1e-1 (prefix)."""
+
+    eps: float = 1e-3
+    n_perturbations: int = 1
+    one_sided: bool = False
+    distribution: str = "gaussian"  # gaussian | rademacher

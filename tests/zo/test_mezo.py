@@ -1,0 +1,143 @@
+"""MeZO against a straightforward reference (z materialised, drawn 4 times a step, restore then
+update), in float64 so only the fused arithmetic's rounding separates them."""
+
+import copy
+
+import pytest
+import torch
+
+from ftlab.errors import FtlabError
+from ftlab.zo import MeZO
+from ftlab.zo.mezo import _param_seed
+
+
+def _z(p, step_seed, index, chunk, distribution="gaussian"):
+    """The documented definition of z, written independently: sequential chunks of one
+    generator seeded per (step seed, parameter index)."""
+    gen = torch.Generator().manual_seed(_param_seed(step_seed, index))
+    parts, n = [], p.numel()
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        if distribution == "gaussian":
+            parts.append(torch.randn(size, generator=gen))
+        else:
+            parts.append(torch.randint(0, 2, (size,), generator=gen).float() * 2 - 1)
+    return torch.cat(parts).to(p.dtype).view_as(p)
+
+
+def _reference_step(params, loss_fn, seeds, lr, eps, wd_of, chunk, one_sided=False, distribution="gaussian"):
+    """The straightforward design: perturb/evaluate/restore per seed, then update."""
+    zs = [[_z(p, s, i, chunk, distribution) for i, p in enumerate(params)] for s in seeds]
+    base = loss_fn() if one_sided else None
+    grads = []
+    with torch.no_grad():
+        for z in zs:
+            for p, zi in zip(params, z):
+                p.add_(eps * zi)
+            plus = loss_fn()
+            if one_sided:
+                grads.append((plus - base) / eps)
+                for p, zi in zip(params, z):
+                    p.sub_(eps * zi)
+            else:
+                for p, zi in zip(params, z):
+                    p.sub_(2 * eps * zi)
+                grads.append((plus - loss_fn()) / (2 * eps))
+                for p, zi in zip(params, z):
+                    p.add_(eps * zi)
+        for p in params:
+            p.mul_(1 - lr * wd_of(p))
+        for g, z in zip(grads, zs):
+            for p, zi in zip(params, z):
+                p.sub_(lr * g / len(seeds) * zi)
+    return grads
+
+
+def _setup(tiny_model_factory, tiny_tokenizer):
+    model = tiny_model_factory("llama").double()
+    ids = torch.tensor([tiny_tokenizer("the movie was great and the story was good")["input_ids"]])
+
+    def loss_fn():
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=ids).loss)
+    return model, loss_fn
+
+
+@pytest.mark.parametrize("n,one_sided,distribution,wd", [
+    (1, False, "gaussian", 0.0), (1, False, "rademacher", 0.1), (3, False, "gaussian", 0.1),
+    (2, True, "gaussian", 0.0)])
+def test_matches_the_straightforward_design(tiny_model_factory, tiny_tokenizer, n, one_sided, distribution, wd):
+    model, loss_fn = _setup(tiny_model_factory, tiny_tokenizer)
+    ref_model = copy.deepcopy(model)
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    groups = [{"params": decay, "weight_decay": wd},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    chunk = 1000  # several chunks per matrix
+    opt = MeZO(groups, lr=1e-2, eps=1e-3, n_perturbations=n, one_sided=one_sided,
+               distribution=distribution, seed=7, chunk_size=chunk)
+
+    ref_params = [q for q in ref_model.parameters() if q.ndim >= 2] + \
+                 [q for q in ref_model.parameters() if q.ndim < 2]
+    ref_decay = {id(q) for q in ref_params if q.ndim >= 2}
+
+    def ref_loss():
+        with torch.no_grad():
+            return float(ref_model(input_ids=ids, labels=ids).loss)
+    ids = torch.tensor([tiny_tokenizer("the movie was great and the story was good")["input_ids"]])
+
+    for _ in range(3):
+        opt.step(loss_fn)
+        record = opt.history[-1]
+        want_grads = _reference_step(ref_params, ref_loss, record.seeds, 1e-2, 1e-3,
+                                     lambda p: wd if id(p) in ref_decay else 0.0, chunk, one_sided, distribution)
+        assert record.grads == pytest.approx(want_grads, rel=1e-6, abs=1e-9)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
+    assert all(p.grad is None for p in model.parameters())  # no gradients, no optimizer state
+    assert not opt.state
+
+
+def test_replay_from_the_log_is_bitwise(tiny_model_factory):
+    model = tiny_model_factory("llama")  # float32: in-place moves round, replay must round alike
+    base = copy.deepcopy(model)
+    ids = torch.arange(2, 30)[None]
+    opt = MeZO(model.parameters(), lr=1e-3, eps=1e-3, weight_decay=0.01, seed=3, n_perturbations=2)
+    for _ in range(4):
+        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    replayer = MeZO(base.parameters(), lr=1e-3, eps=1e-3, weight_decay=0.01, seed=999, n_perturbations=2)
+    for record in opt.history:
+        replayer.replay(record)
+    for p, q in zip(model.parameters(), base.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_resumes_the_seed_stream(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    ids = torch.arange(2, 20)[None]
+    closure = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    opt = MeZO(model.parameters(), lr=1e-3, eps=1e-3, seed=1)
+    opt.step(closure)
+    saved = opt.state_dict()
+    opt.step(closure)
+    fresh = MeZO(model.parameters(), lr=1e-3, eps=1e-3, seed=12345)
+    fresh.load_state_dict(saved)
+    fresh.step(closure)
+    assert fresh.history[-1].seeds == opt.history[-1].seeds
+
+
+def test_mezo_lowers_a_loss(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    ids = torch.arange(2, 40)[None]
+    closure = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    start = float(closure().detach())
+    opt = MeZO(model.parameters(), lr=2e-3, eps=1e-3, seed=0)
+    for _ in range(150):
+        opt.step(closure)
+    assert float(closure()) < start - 0.05
+
+
+@pytest.mark.parametrize("kwargs", [{"eps": 0.0}, {"n_perturbations": 0}, {"distribution": "uniform"}])
+def test_bad_settings(tiny_model, kwargs):
+    with pytest.raises(FtlabError):
+        MeZO(tiny_model.parameters(), **kwargs)
