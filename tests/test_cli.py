@@ -12,7 +12,7 @@ def ftlab(*args, cwd=None):
                           cwd=cwd, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["demo"], ["data", "prepare"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["demo"], ["replay"], ["data", "prepare"]])
 def test_help(command):
     result = ftlab(*command, "--help")
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,8 @@ from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.tasks import Splits
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.train import RunData, batch_indices, lr_factor, param_groups, train
+from ftlab.models import load_model
+from ftlab.train import RunData, batch_indices, lr_factor, param_groups, replay_run, train
 
 FILLER = ["the", "movie", "story", "was", "a", "film", "and", "it", "acting", "plot"]
 
@@ -43,17 +44,19 @@ class _Killed(Exception):
     pass
 
 
+def _saved_tensors(run_dir):
+    """Every tensor a run saved: its best trainable tensors and its final model/ output."""
+    files = [run_dir / "best.safetensors", *sorted((run_dir / "model").glob("*.safetensors"))]
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
 @pytest.mark.parametrize("mode,optimizer", [("full", "adamw"), ("lora", "sgd"), ("prefix", "adamw"),
                                             ("full", "mezo"), ("lora", "mezo")])
 def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model_factory, tiny_tokenizer, mode, optimizer):
     overrides = [f"mode={mode}", f"optimizer={optimizer}", "schedule=linear", "lora.r=2", "prefix.num_tokens=2"]
-    straight_cfg = _cfg(tmp_path / "a", *overrides)
-    straight = train(straight_cfg, progress=False,
+    straight = train(_cfg(tmp_path / "a", *overrides), progress=False,
                      model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
-    # The final checkpoint holds the trained module's own tensors (the prefix lives on a wrapper).
-    want = load_file(str(tmp_path / "a" / "checkpoint" / "trainable.safetensors"))
-    assert want and all(("lora_" in n) == (mode == "lora") for n in want)
-
+    want = _saved_tensors(tmp_path / "a")
     cfg = _cfg(tmp_path / "b", *overrides)
 
     def kill(step, record):
@@ -68,15 +71,34 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model_factory, t
         f.write('{"step": 6, "spl')  # a line the kill cut in half
     resumed = train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
                     data=_data())
-    got = load_file(str(tmp_path / "b" / "checkpoint" / "trainable.safetensors"))
-    assert got.keys() == want.keys()
+    got = _saved_tensors(tmp_path / "b")
+    assert got.keys() == want.keys() and len(want) > 1
     for name in want:
         assert torch.equal(got[name], want[name]), name
     assert resumed == straight
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed step-5 line was replaced, not duplicated
-    assert (tmp_path / "b" / "model").is_dir()
+    if optimizer == "mezo":  # the checkpoint is the trajectory log: 16 bytes a step, no weights
+        log = (tmp_path / "b" / "trajectory.bin").read_bytes()
+        assert log == (tmp_path / "a" / "trajectory.bin").read_bytes() and len(log) == 6 * 16
+        assert not (tmp_path / "b" / "checkpoint" / "trainable.safetensors").exists()
+
+
+def test_replay_rebuilds_a_mezo_run_bitwise(tmp_path, tiny_model_factory, tiny_tokenizer):
+    base = tmp_path / "base"
+    tiny_model_factory("llama").save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    cfg = _cfg(tmp_path / "run", f"model={base}", "optimizer=mezo", "eval_every=0", "steps=8",
+               "zo.n_perturbations=2", "weight_decay=0.01", "schedule=cosine")
+    model, tokenizer = load_model(str(base))
+    train(cfg, progress=False, model_and_tokenizer=(model, tokenizer), data=_data())
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    replayed, _ = replay_run(tmp_path / "run")
+    for name, p in replayed.named_parameters():
+        assert torch.equal(p, trained[name]), name
+    halfway, _ = replay_run(tmp_path / "run", steps=4)
+    assert any(not torch.equal(p, trained[n]) for n, p in halfway.named_parameters())
 
 
 def test_training_learns_a_cue_word(tmp_path, tiny_model_factory, tiny_tokenizer):

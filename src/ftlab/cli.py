@@ -147,6 +147,22 @@ def train_cmd(
     typer.echo(f"model and metrics in {cfg.output_dir}; curves in {_plot(cfg.output_dir)}")
 
 
+@app.command("replay")
+def replay_cmd(
+    run_dir: Path = typer.Argument(..., help="A MeZO run folder (config.json + trajectory.bin)."),
+    output: Path = typer.Option(..., help="Where to save the rebuilt model (save_pretrained)."),
+    steps: Optional[int] = typer.Option(None, help="Replay only the first N steps (default: all)."),
+) -> None:
+    """Rebuild a MeZO run's weights from its base model and trajectory log (bitwise identical
+    to the weights the run had), without running any forward pass."""
+    from ftlab.models import save_trained
+    from ftlab.train import replay_run
+
+    module, tokenizer = replay_run(run_dir, steps=steps)
+    save_trained(module, tokenizer, output)
+    typer.echo(f"rebuilt {run_dir} ({'all' if steps is None else steps} steps) into {output}")
+
+
 @app.command("demo")
 def demo_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),

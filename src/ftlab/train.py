@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from ftlab import objectives
 from ftlab.checkpoint import load_checkpoint, load_trainable, save_checkpoint, save_trainable
-from ftlab.config import TrainConfig, to_dict
+from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.errors import FtlabError
 from ftlab.evaluate import EvalResult, evaluate, model_device
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
 from ftlab.tasks import Example, Splits, TaskSpec, load_task, make_splits
+from ftlab.zo.trajectory import TrajectoryLog, replay
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -202,21 +203,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
 
     model, tokenizer = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     data = data or load_run_data(cfg)
-    with torch.random.fork_rng(devices=[]):  # adapter inits (peft) draw from the global RNG
-        torch.manual_seed(cfg.seed)
-        module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed)
-    optimizer = build_optimizer(cfg, module)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg.schedule, s, cfg.steps, cfg.warmup_steps))
+    module, optimizer, scheduler = build_trainer(cfg, model)
+    log = TrajectoryLog(out) if getattr(optimizer, "zeroth_order", False) else None
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
     metric = _metric_name(data.spec)
     train_set = data.splits.train
     if not train_set:
         raise FtlabError(f"task {data.spec.name!r}: the training split is empty")
 
-    state = {"step": 0, "best_score": None, "best_step": None}
-    if (out / "checkpoint" / "state.json").exists():
-        state = load_checkpoint(out / "checkpoint", module, optimizer, scheduler)
+    state = _resume(out, module, optimizer, scheduler, log)
     _truncate_metrics(out / "metrics.jsonl", state["step"])
 
     def dev_eval(step: int) -> None:
@@ -254,14 +249,69 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         if cfg.eval_every and data.splits.dev and ((step + 1) % cfg.eval_every == 0
                                                    or step + 1 == cfg.steps):
             dev_eval(step + 1)
+        if log is not None:
+            log.append(step, optimizer.history.pop())
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
-            save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state)
+            _checkpoint(out, module, optimizer, scheduler, state, log)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", best=state["best_score"])
         if callback:
             callback(step + 1, record)
     bar.close()
     return _finish(cfg, out, module, tokenizer, data, state, progress)
+
+
+def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """The module to train (``cfg.mode``), its optimizer and lr scheduler, deterministically
+    from ``cfg.seed`` (so a replay or a resume rebuilds exactly the same starting point)."""
+    with torch.random.fork_rng(devices=[]):  # adapter inits (peft) draw from the global RNG
+        torch.manual_seed(cfg.seed)
+        module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed)
+    optimizer = build_optimizer(cfg, module)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg.schedule, s, cfg.steps, cfg.warmup_steps))
+    return module, optimizer, scheduler
+
+
+def _checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                state: dict[str, Any], log: TrajectoryLog | None) -> None:
+    """Save resumable state. A zeroth-order run's checkpoint is its trajectory log (KBs) and
+    the loop counters; other runs save trainable tensors and optimizer state."""
+    if log is None:
+        save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state)
+    else:
+        log.sync()
+        atomic_write_json(out / "checkpoint" / "state.json", state)
+
+
+def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+            log: TrajectoryLog | None) -> dict[str, Any]:
+    """Restore the last checkpoint, if any; returns the loop counters."""
+    state_path = out / "checkpoint" / "state.json"
+    if log is None:
+        if state_path.exists():
+            return load_checkpoint(out / "checkpoint", module, optimizer, scheduler)
+        return {"step": 0, "best_score": None, "best_step": None}
+    state = json.loads(state_path.read_text()) if state_path.exists() else \
+        {"step": 0, "best_score": None, "best_step": None}
+    log.truncate(state["step"])  # steps after the checkpoint are redone, identically
+    replay(log, optimizer, scheduler)
+    return state
+
+
+def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module, Any]:
+    """Rebuild a MeZO run's weights from its base model and trajectory log (first ``steps``
+    steps, default all): bitwise the weights the run had after those steps."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FtlabError(f"{run_dir / 'config.json'} not found: not a training run folder")
+    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()), str(run_dir))
+    if cfg.optimizer != "mezo":
+        raise FtlabError(f"{run_dir} is a {cfg.optimizer} run; only zeroth-order runs can be replayed")
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    module, optimizer, scheduler = build_trainer(cfg, model)
+    replay(TrajectoryLog(run_dir), optimizer, scheduler, steps=steps)
+    return module, tokenizer
 
 
 def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: RunData,

@@ -23,11 +23,12 @@ loss; ``n_perturbations > 1`` averages the estimates of n seeds, all taken at th
 from __future__ import annotations
 
 import random
+import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ftlab.errors import FtlabError
 
@@ -42,6 +43,11 @@ class ZOStep:
     grads: list[float]  # projected gradient per seed
     lr: float
     loss: float
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to float32: the lr and projected gradients MeZO uses (and logs) exactly."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
 def _param_seed(step_seed: int, index: int) -> int:
@@ -129,14 +135,19 @@ class MeZO(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
     # -- the step ----------------------------------------------------------------------------
+    def draw_seeds(self) -> list[int]:
+        """The next step's seeds from the optimizer's own generator (32-bit: they are logged)."""
+        return [self._seeds.getrandbits(32) for _ in range(self.n)]
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
         """One MeZO step; returns the loss at the first perturbed point (L+)."""
         if closure is None:
             raise FtlabError("MeZO.step needs a closure that returns the loss")
-        lr = self.param_groups[0]["lr"]
-        seeds = [self._seeds.getrandbits(62) for _ in range(self.n)]
+        lr = f32(self.param_groups[0]["lr"])
+        seeds = self.draw_seeds()
         grads, loss = self._estimate(seeds, closure)
+        grads = [f32(g) for g in grads]
         self._update(seeds, grads, lr)
         record = ZOStep(seeds, grads, lr, loss)
         self.history.append(record)
