@@ -139,3 +139,20 @@ def test_demonstrations_are_deterministic_and_exclude_the_query():
 def test_squad_metrics(pred, gold, f1, em):
     assert objectives.f1_score(pred, gold) == pytest.approx(f1)
     assert objectives.exact_match(pred, gold) == em
+
+
+def test_non_differentiable_objectives_are_minus_the_eval_metrics(tiny_model, tiny_tokenizer):
+    from ftlab.evaluate import evaluate
+
+    spec = TaskSpec(name="t", template="{text} It was", options=[" terrible", " great"])
+    exs = _examples()
+    acc = objectives.objective_fn("accuracy", tiny_model, tiny_tokenizer, Encoder(tiny_tokenizer, spec), exs, "cpu")
+    assert acc().item() == pytest.approx(-evaluate(tiny_model, tiny_tokenizer, spec, exs, progress=False)
+                                         .metrics["accuracy"])
+    qa = TaskSpec(name="qa", template="{q}", metric="f1", max_new_tokens=4)
+    qs = [Example(id=f"q:{i}", fields={"q": q}, answers=(a,)) for i, (q, a) in
+          enumerate([("the movie was", "great"), ("it was a", "story"), ("the film and the", "the acting")])]
+    f1 = objectives.objective_fn("f1", tiny_model, tiny_tokenizer, Encoder(tiny_tokenizer, qa), qs, "cpu")
+    assert f1().item() == pytest.approx(-evaluate(tiny_model, tiny_tokenizer, qa, qs, progress=False).metrics["f1"])
+    with pytest.raises(FtlabError, match="does not fit"):
+        objectives.objective_fn("f1", tiny_model, tiny_tokenizer, Encoder(tiny_tokenizer, spec), exs, "cpu")

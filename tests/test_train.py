@@ -157,3 +157,14 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model_factory):
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim == 2 for p in decayed["params"])
     assert any("norm" in names[id(p)] for p in plain["params"])
+
+
+def test_accuracy_objective_needs_and_drives_mezo(tmp_path, tiny_model_factory, tiny_tokenizer):
+    with pytest.raises(FtlabError, match="has no gradient"):
+        train(_cfg(tmp_path / "fo", "objective=accuracy"), progress=False,
+              model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
+    train(_cfg(tmp_path / "zo", "objective=accuracy", "optimizer=mezo", "zo.eps=0.01"), progress=False,
+          model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "zo" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["split"] == "train"]
+    assert len(losses) == 6 and all(-1.0 <= x <= 0.0 for x in losses)  # minus a batch accuracy

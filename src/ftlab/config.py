@@ -47,6 +47,9 @@ class TrainConfig:
     prefix: PrefixSettings = field(default_factory=PrefixSettings)
     optimizer: str = "adamw"  # adamw | sgd | mezo
     zo: ZOSettings = field(default_factory=ZOSettings)
+    # What the optimizer minimises: "loss" (differentiable), or minus the batch's "accuracy"
+    # (classification) or "f1" (generation, greedy decoding): zeroth-order optimizers only.
+    objective: str = "loss"
     lr: float = 1e-5
     weight_decay: float = 0.0
     momentum: float = 0.0

@@ -14,7 +14,7 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +212,39 @@ def greedy_decode(model: nn.Module, tokenizer, batch: ModelBatch, max_new_tokens
         done |= torch.tensor([ANSWER_END in t for t in newest], device=done.device)
     texts = tokenizer.batch_decode(torch.stack(tokens, 1), skip_special_tokens=True)
     return [t.split(ANSWER_END)[0].strip() for t in texts]
+
+
+def training_batch(encoder: Encoder, examples: Sequence[Example]) -> ModelBatch:
+    """The batch the loss needs: every option (classification) or the gold answers."""
+    prompts = [encoder.spec.prompt(ex) for ex in examples]
+    if encoder.spec.kind == "classification":
+        return encoder.classification(examples, prompts)
+    return encoder.generation(prompts, [encoder.spec.target(ex) for ex in examples])
+
+
+def objective_fn(name: str, model: nn.Module, tokenizer, encoder: Encoder, examples: Sequence[Example],
+                 device: torch.device) -> Callable[[], Tensor]:
+    """A function of no arguments returning what training minimises on ``examples``:
+    ``"loss"`` (see :func:`loss`), or minus the batch ``"accuracy"`` (classification) or
+    ``"f1"`` (generation, greedy decoding) -- non-differentiable, for zeroth-order optimizers."""
+    spec = encoder.spec
+    if name == "loss":
+        batch = training_batch(encoder, examples).to(device)
+        return lambda: loss(model, batch, encoder.option_ids)
+    if name == "accuracy" and spec.kind == "classification":
+        batch = encoder.classification(examples, [spec.prompt(ex) for ex in examples]).to(device)
+        return lambda: -(option_scores(model, batch, encoder.option_ids).argmax(-1) == batch.gold).double().mean()
+    if name == "f1" and spec.kind == "generation":
+        batch = encoder.generation([spec.prompt(ex) for ex in examples],
+                                   max_new_tokens=spec.max_new_tokens).to(device)
+
+        def minus_f1() -> Tensor:
+            predictions = greedy_decode(model, tokenizer, batch, spec.max_new_tokens)
+            return -torch.tensor([best_over_answers(f1_score, p, ex.answers)
+                                  for p, ex in zip(predictions, examples)], dtype=torch.float64).mean()
+        return minus_f1
+    raise FtlabError(f"objective {name!r} does not fit {spec.kind} task {spec.name!r}; choose loss, "
+                     f"or {'accuracy' if spec.kind == 'classification' else 'f1'}")
 
 
 def normalize_answer(text: str) -> str:

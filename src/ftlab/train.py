@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from ftlab.evaluate import EvalResult, evaluate, model_device
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
-from ftlab.tasks import Example, Splits, TaskSpec, load_task, make_splits
+from ftlab.tasks import Splits, TaskSpec, load_task, make_splits
 from ftlab.zo.trajectory import TrajectoryLog, replay
 
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -117,27 +117,16 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
             for p in range(step * batch_size, (step + 1) * batch_size)]
 
 
-def make_batch(encoder: Encoder, examples: Sequence[Example]) -> objectives.ModelBatch:
-    """The training batch of ``examples`` (options for classification, answers otherwise)."""
-    prompts = [encoder.spec.prompt(ex) for ex in examples]
-    if encoder.spec.kind == "classification":
-        return encoder.classification(examples, prompts)
-    return encoder.generation(prompts, [encoder.spec.target(ex) for ex in examples])
-
-
-def make_closure(module: nn.Module, optimizer: torch.optim.Optimizer, batch: objectives.ModelBatch,
-                 option_ids: list[list[int]], max_grad_norm: float | None) -> Callable[[], torch.Tensor]:
+def make_closure(optimizer: torch.optim.Optimizer, objective: Callable[[], torch.Tensor],
+                 max_grad_norm: float | None) -> Callable[[], torch.Tensor]:
     """The closure passed to ``optimizer.step``: backward (first order) or forward only
     under ``no_grad`` (optimizers flagged ``zeroth_order``)."""
     if getattr(optimizer, "zeroth_order", False):
-        @torch.no_grad()
-        def forward_only() -> torch.Tensor:
-            return objectives.loss(module, batch, option_ids)
-        return forward_only
+        return torch.no_grad()(objective)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = objectives.loss(module, batch, option_ids)
+        loss = objective()
         loss.backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(
@@ -230,10 +219,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     # Zeroth-order forwards run in eval mode (no dropout noise in the loss difference).
     module.train(not getattr(optimizer, "zeroth_order", False))
     for step in range(state["step"], cfg.steps):
-        batch = make_batch(encoder, [train_set[i] for i in
-                                     batch_indices(len(train_set), cfg.batch_size, cfg.seed, step)])
-        batch = batch.to(model_device(module))
-        closure = make_closure(module, optimizer, batch, encoder.option_ids, cfg.max_grad_norm)
+        examples = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_size, cfg.seed, step)]
+        objective = objectives.objective_fn(cfg.objective, module, tokenizer, encoder, examples,
+                                            model_device(module))
+        closure = make_closure(optimizer, objective, cfg.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
         # Dropout draws from the global RNG: seed it per step so a resumed run matches exactly.
         with torch.random.fork_rng(devices=[]):
@@ -268,6 +257,9 @@ def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.
         torch.manual_seed(cfg.seed)
         module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed)
     optimizer = build_optimizer(cfg, module)
+    if cfg.objective != "loss" and not getattr(optimizer, "zeroth_order", False):
+        raise FtlabError(f"objective {cfg.objective!r} has no gradient; use optimizer=mezo "
+                         "(or objective=loss)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, cfg.steps, cfg.warmup_steps))
     return module, optimizer, scheduler

@@ -2,6 +2,7 @@
 update), in float64 so only the fused arithmetic's rounding separates them."""
 
 import copy
+import struct
 
 import pytest
 import torch
@@ -25,8 +26,14 @@ def _z(p, step_seed, index, chunk, distribution="gaussian"):
     return torch.cat(parts).to(p.dtype).view_as(p)
 
 
+def _f32(x):
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
 def _reference_step(params, loss_fn, seeds, lr, eps, wd_of, chunk, one_sided=False, distribution="gaussian"):
-    """The straightforward design: perturb/evaluate/restore per seed, then update."""
+    """The straightforward design: perturb/evaluate/restore per seed, then update. As
+    documented, MeZO uses (and logs) the lr and projected gradients rounded to float32."""
+    lr = _f32(lr)
     zs = [[_z(p, s, i, chunk, distribution) for i, p in enumerate(params)] for s in seeds]
     base = loss_fn() if one_sided else None
     grads = []
@@ -45,6 +52,7 @@ def _reference_step(params, loss_fn, seeds, lr, eps, wd_of, chunk, one_sided=Fal
                 grads.append((plus - loss_fn()) / (2 * eps))
                 for p, zi in zip(params, z):
                     p.add_(eps * zi)
+        grads = [_f32(g) for g in grads]
         for p in params:
             p.mul_(1 - lr * wd_of(p))
         for g, z in zip(grads, zs):
