@@ -85,7 +85,8 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimize
 
         z = cfg.zo
         return MeZO(groups, lr=cfg.lr, eps=z.eps, n_perturbations=z.n_perturbations,
-                    one_sided=z.one_sided, distribution=z.distribution, seed=cfg.seed)
+                    one_sided=z.one_sided, distribution=z.distribution, generator=z.generator,
+                    seed=cfg.seed)
     raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose adamw, sgd or mezo")
 
 

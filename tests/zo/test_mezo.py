@@ -2,6 +2,7 @@
 update), in float64 so only the fused arithmetic's rounding separates them."""
 
 import copy
+import random
 import struct
 
 import pytest
@@ -9,14 +10,24 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.zo import MeZO
-from ftlab.zo.mezo import _param_seed
+from ftlab.zo.mezo import TABLE_SEED, TABLE_SIZE, _param_seed
 
 
-def _z(p, step_seed, index, chunk, distribution="gaussian"):
+def _z(p, step_seed, index, chunk, distribution="gaussian", generator="torch"):
     """The documented definition of z, written independently: sequential chunks of one
-    generator seeded per (step seed, parameter index)."""
-    gen = torch.Generator().manual_seed(_param_seed(step_seed, index))
+    generator seeded per (step seed, parameter index), or signed slices of the noise table."""
     parts, n = [], p.numel()
+    if generator == "table":
+        table = torch.randn(TABLE_SIZE, generator=torch.Generator().manual_seed(TABLE_SEED)).double()
+        if distribution == "rademacher":
+            table = table.sign()
+        rng = random.Random(_param_seed(step_seed, index))
+        for start in range(0, n, chunk):
+            size = min(chunk, n - start)
+            offset = rng.randrange(TABLE_SIZE - size + 1)
+            parts.append(table[offset:offset + size] * (1 if rng.getrandbits(1) else -1))
+        return torch.cat(parts).to(p.dtype).view_as(p)
+    gen = torch.Generator().manual_seed(_param_seed(step_seed, index))
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         if distribution == "gaussian":
@@ -30,11 +41,12 @@ def _f32(x):
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-def _reference_step(params, loss_fn, seeds, lr, eps, wd_of, chunk, one_sided=False, distribution="gaussian"):
+def _reference_step(params, loss_fn, seeds, lr, eps, wd_of, chunk, one_sided=False, distribution="gaussian",
+                    generator="torch"):
     """The straightforward design: perturb/evaluate/restore per seed, then update. As
     documented, MeZO uses (and logs) the lr and projected gradients rounded to float32."""
     lr = _f32(lr)
-    zs = [[_z(p, s, i, chunk, distribution) for i, p in enumerate(params)] for s in seeds]
+    zs = [[_z(p, s, i, chunk, distribution, generator) for i, p in enumerate(params)] for s in seeds]
     base = loss_fn() if one_sided else None
     grads = []
     with torch.no_grad():
@@ -71,10 +83,12 @@ def _setup(tiny_model_factory, tiny_tokenizer):
     return model, loss_fn
 
 
+@pytest.mark.parametrize("generator", ["table", "torch"])
 @pytest.mark.parametrize("n,one_sided,distribution,wd", [
     (1, False, "gaussian", 0.0), (1, False, "rademacher", 0.1), (3, False, "gaussian", 0.1),
     (2, True, "gaussian", 0.0)])
-def test_matches_the_straightforward_design(tiny_model_factory, tiny_tokenizer, n, one_sided, distribution, wd):
+def test_matches_the_straightforward_design(tiny_model_factory, tiny_tokenizer, n, one_sided, distribution, wd,
+                                            generator):
     model, loss_fn = _setup(tiny_model_factory, tiny_tokenizer)
     ref_model = copy.deepcopy(model)
     params = list(model.parameters())
@@ -83,7 +97,7 @@ def test_matches_the_straightforward_design(tiny_model_factory, tiny_tokenizer, 
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     chunk = 1000  # several chunks per matrix
     opt = MeZO(groups, lr=1e-2, eps=1e-3, n_perturbations=n, one_sided=one_sided,
-               distribution=distribution, seed=7, chunk_size=chunk)
+               distribution=distribution, generator=generator, seed=7, chunk_size=chunk)
 
     ref_params = [q for q in ref_model.parameters() if q.ndim >= 2] + \
                  [q for q in ref_model.parameters() if q.ndim < 2]
@@ -98,7 +112,8 @@ def test_matches_the_straightforward_design(tiny_model_factory, tiny_tokenizer, 
         opt.step(loss_fn)
         record = opt.history[-1]
         want_grads = _reference_step(ref_params, ref_loss, record.seeds, 1e-2, 1e-3,
-                                     lambda p: wd if id(p) in ref_decay else 0.0, chunk, one_sided, distribution)
+                                     lambda p: wd if id(p) in ref_decay else 0.0, chunk, one_sided, distribution,
+                                     generator)
         assert record.grads == pytest.approx(want_grads, rel=1e-6, abs=1e-9)
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
@@ -145,7 +160,19 @@ def test_mezo_lowers_a_loss(tiny_model_factory):
     assert float(closure()) < start - 0.05
 
 
-@pytest.mark.parametrize("kwargs", [{"eps": 0.0}, {"n_perturbations": 0}, {"distribution": "uniform"}])
+def test_table_directions_are_isotropic():
+    """E[z z^T] = I for table-made z: unit second moment, no correlation between entries."""
+    opt = MeZO([torch.nn.Parameter(torch.zeros(4, 300))], chunk_size=256)
+    p = opt.param_groups[0]["params"][0]
+    zs = torch.stack([torch.cat([z * s for _, z, s in opt._z_chunks(seed, 0, p)]) for seed in range(2000)]).double()
+    second = zs.T @ zs / len(zs)
+    assert (second.diagonal() - 1).abs().mean() < 0.05
+    off = second - torch.diag(second.diagonal())
+    assert off.abs().max() < 0.15 and off.abs().mean() < 0.03  # ~N(0, 1/sqrt(2000)) noise
+
+
+@pytest.mark.parametrize("kwargs", [{"eps": 0.0}, {"n_perturbations": 0}, {"distribution": "uniform"},
+                                    {"generator": "philox"}])
 def test_bad_settings(tiny_model, kwargs):
     with pytest.raises(FtlabError):
         MeZO(tiny_model.parameters(), **kwargs)

@@ -22,6 +22,7 @@ loss; ``n_perturbations > 1`` averages the estimates of n seeds, all taken at th
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 from dataclasses import dataclass
@@ -32,7 +33,18 @@ from torch import Tensor
 
 from ftlab.errors import FtlabError
 
-CHUNK = 1 << 20  # elements of z generated at once: 4 MiB in fp32
+CHUNK = 1 << 16  # elements of z handled at once (256 KiB in fp32): bounds every temporary
+TABLE_SIZE, TABLE_SEED = 1 << 22, 20230527  # the shared noise table: 16 MiB in fp32
+
+
+@functools.lru_cache(maxsize=8)
+def noise_table(distribution: str, device: str, dtype: torch.dtype) -> Tensor:
+    """The fixed table z is read from with ``generator="table"``: TABLE_SIZE draws made on the
+    CPU from TABLE_SEED (so every device sees the same numbers), then moved to ``device``."""
+    table = torch.randn(TABLE_SIZE, generator=torch.Generator().manual_seed(TABLE_SEED))
+    if distribution == "rademacher":
+        table = torch.where(table >= 0, 1.0, -1.0)
+    return table.to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -66,24 +78,35 @@ class MeZO(torch.optim.Optimizer):
         n_perturbations: seeds averaged per step (n-SPSA).
         one_sided: forward difference (n + 1 forwards a step) instead of central (2n).
         distribution: ``"gaussian"`` or ``"rademacher"`` (+-1 entries).
+        generator: how z is made, chunk by chunk. ``"table"`` (default, fast): each chunk of
+            ``chunk_size`` entries is a slice of a fixed shared noise table (Salimans et al.,
+            2017) at an offset and with a sign drawn from the seed -- reading memory instead of
+            generating numbers, so a step costs little beyond its two forwards; entries within
+            a chunk are i.i.d. draws and chunks have independent random signs, so E[z z^T] = I.
+            ``"torch"``: fresh i.i.d. draws from a ``torch.Generator`` per parameter.
         seed: seeds the optimizer's own generator of step seeds (no global RNG is used).
-        chunk_size: elements of z generated at a time (bounds the temporaries).
+        chunk_size: entries of z handled at a time (bounds the temporaries). Part of z's
+            definition: a replay must use the same value.
     """
 
     zeroth_order = True  # the training loop gives such optimizers a forward-only closure
 
     def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_perturbations: int = 1, one_sided: bool = False, distribution: str = "gaussian",
-                 seed: int = 0, chunk_size: int = CHUNK) -> None:
+                 generator: str = "table", seed: int = 0, chunk_size: int = CHUNK) -> None:
         if eps <= 0 or lr < 0 or n_perturbations < 1:
             raise FtlabError(f"MeZO needs eps > 0, lr >= 0 and n_perturbations >= 1 "
                              f"(got eps={eps}, lr={lr}, n={n_perturbations})")
         if distribution not in ("gaussian", "rademacher"):
             raise FtlabError(f"unknown perturbation distribution {distribution!r}; "
                              "choose gaussian or rademacher")
+        if generator not in ("table", "torch"):
+            raise FtlabError(f"unknown z generator {generator!r}; choose table or torch")
+        if generator == "table" and not 0 < chunk_size <= TABLE_SIZE:
+            raise FtlabError(f"chunk_size must be in 1..{TABLE_SIZE} with the table generator")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.n, self.one_sided = eps, n_perturbations, one_sided
-        self.distribution, self.chunk_size = distribution, chunk_size
+        self.distribution, self.generator, self.chunk_size = distribution, generator, chunk_size
         self._seeds = random.Random(seed)
         self.history: list[ZOStep] = []  # filled by step(); a trajectory log drains it
 
@@ -97,16 +120,29 @@ class MeZO(torch.optim.Optimizer):
                 index += 1
         return out
 
-    def _z_chunks(self, step_seed: int, index: int, p: Tensor) -> Iterable[tuple[slice, Tensor]]:
-        gen = torch.Generator(device=p.device).manual_seed(_param_seed(step_seed, index))
-        n = p.numel()
-        for start in range(0, n, self.chunk_size):
-            size = min(self.chunk_size, n - start)
+    def _z_chunks(self, step_seed: int, index: int, p: Tensor) -> Iterable[tuple[slice, Tensor, float]]:
+        """(where, z, sign) for consecutive chunks of parameter ``index``: z * sign is the
+        perturbation direction there (the sign is folded into the caller's scalar, so a table
+        slice is used as it is, without a copy)."""
+        n, size = p.numel(), self.chunk_size
+        seed = _param_seed(step_seed, index)
+        if self.generator == "table":
+            table = noise_table(self.distribution, str(p.device), p.dtype)
+            rng = random.Random(seed)
+            for start in range(0, n, size):
+                length = min(size, n - start)
+                offset = rng.randrange(TABLE_SIZE - length + 1)
+                sign = 1.0 if rng.getrandbits(1) else -1.0
+                yield slice(start, start + length), table[offset:offset + length], sign
+            return
+        gen = torch.Generator(device=p.device).manual_seed(seed)
+        for start in range(0, n, size):
+            length = min(size, n - start)
             if self.distribution == "gaussian":
-                z = torch.randn(size, generator=gen, device=p.device, dtype=torch.float32)
+                z = torch.randn(length, generator=gen, device=p.device, dtype=torch.float32)
             else:
-                z = torch.randint(0, 2, (size,), generator=gen, device=p.device).float().mul_(2).sub_(1)
-            yield slice(start, start + size), z.to(p.dtype)
+                z = torch.randint(0, 2, (length,), generator=gen, device=p.device).float().mul_(2).sub_(1)
+            yield slice(start, start + length), z.to(p.dtype), 1.0
 
     @torch.no_grad()
     def _apply(self, step_seed: int, z_scale: float, update: float = 0.0, decay_lr: float = 0.0) -> None:
@@ -115,12 +151,12 @@ class MeZO(torch.optim.Optimizer):
         for index, p, wd in self._params():
             flat = p.data.view(-1)
             keep = 1.0 - decay_lr * wd
-            for where, z in self._z_chunks(step_seed, index, p):
+            for where, z, sign in self._z_chunks(step_seed, index, p):
                 chunk = flat[where]
                 if keep != 1.0:
-                    chunk.add_(z, alpha=z_scale).mul_(keep).add_(z, alpha=update)
+                    chunk.add_(z, alpha=sign * z_scale).mul_(keep).add_(z, alpha=sign * update)
                 else:
-                    chunk.add_(z, alpha=z_scale + update)
+                    chunk.add_(z, alpha=sign * (z_scale + update))
 
     # -- checkpoints: the seed generator is part of the state ---------------------------------
     def state_dict(self) -> dict:

@@ -12,3 +12,4 @@ class ZOSettings:
     n_perturbations: int = 1
     one_sided: bool = False
     distribution: str = "gaussian"  # gaussian | rademacher
+    generator: str = "table"  # table (shared noise table, fast) | torch (fresh draws)

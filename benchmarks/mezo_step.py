@@ -1,0 +1,174 @@
+"""Memory and speed of a MeZO step against inference and first-order fine-tuning.
+
+    python benchmarks/mezo_step.py --batch 16 --length 128 --repeats 3
+
+Setting: the embedded SmolLM2-135M in fp32, a classification batch of `batch` x `length` tokens
+(random token ids, two single-token label words), the loss ftlab trains on.
+
+Memory: each mode runs in a fresh child process: load the model and batch, reset the peak-RSS
+counter (`5 > /proc/self/clear_refs`), run one step, report VmHWM minus the RSS before the step.
+Modes: an inference forward with the loss; a ftlab MeZO step; the straightforward MeZO step
+(z drawn 4 times with `torch.normal`, `p.data = p.data + ...`, as in the reference code); one
+AdamW step with backprop on all parameters; and on LoRA r=8 (q, v).
+
+Speed: one process, interleaved repeats, median seconds of a forward, a ftlab MeZO step and the
+straightforward step; the step's overhead is its time minus two forwards.
+Writes benchmarks/results/mezo_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+MODES = ["forward", "mezo", "mezo_straightforward", "adamw_full", "adamw_lora"]
+
+
+def setup(batch: int, length: int):
+    from ftlab import objectives
+    from ftlab.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, len(tokenizer), (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    option_ids = objectives.encode_options(tokenizer, [" negative", " positive"])
+    gold = torch.randint(0, 2, (batch,), generator=gen)
+    mb = objectives.ModelBatch(ids, mask, (mask.cumsum(-1) - 1), None, 2, gold)
+    return model, (lambda m: objectives.loss(m, mb, option_ids))
+
+
+def straightforward_mezo_step(params, loss, lr=1e-6, eps=1e-3, seed=0):
+    """The reference design: z regenerated 4 times with torch.normal, out-of-place updates."""
+    def perturb(scale):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * z * eps
+
+    with torch.no_grad():
+        perturb(1)
+        plus = loss()
+        perturb(-2)
+        minus = loss()
+        perturb(1)
+        g = float(plus - minus) / (2 * eps)
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data - lr * g * z
+    return plus
+
+
+def make_step(mode: str, model, loss):
+    from ftlab.zo import MeZO
+
+    if mode == "forward":
+        return lambda: torch.no_grad()(loss)(model)
+    if mode == "mezo":
+        opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3)
+        return lambda: opt.step(lambda: loss(model))
+    if mode == "mezo_straightforward":
+        params = list(model.parameters())
+        return lambda: straightforward_mezo_step(params, lambda: loss(model))
+    if mode in ("adamw_full", "adamw_lora"):
+        module = model
+        if mode == "adamw_lora":
+            from ftlab.models import LoraSettings, apply_lora
+            module = apply_lora(model, LoraSettings(r=8))
+        module.train()
+        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = loss(module)
+            out.backward()
+            opt.step()
+        return step
+    raise ValueError(mode)
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def child(mode: str, batch: int, length: int) -> None:
+    model, loss = setup(batch, length)
+    step = make_step(mode, model, loss)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    step()
+    print(json.dumps({"mode": mode, "extra_peak_mib": (_status("VmHWM") - before) / 2**20}))
+
+
+def memory(batch: int, length: int) -> dict[str, float]:
+    out = {}
+    for mode in MODES:
+        res = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(batch),
+                              "--length", str(length)], capture_output=True, text=True, check=True)
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+        print(f"  memory {mode}: {out[mode]:.0f} MiB", flush=True)
+    return out
+
+
+def speed(batch: int, length: int, repeats: int) -> dict[str, float]:
+    model, loss = setup(batch, length)
+    steps = {m: make_step(m, model, loss) for m in ("forward", "mezo", "mezo_straightforward")}
+    times = {m: [] for m in steps}
+    for m, s in steps.items():  # warm-up
+        s()
+    for _ in range(repeats):
+        for m, s in steps.items():
+            start = time.perf_counter()
+            s()
+            times[m].append(time.perf_counter() - start)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    print(f"  speed: {med}", flush=True)
+    return med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=MODES)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.batch, args.length)
+
+    mem = memory(args.batch, args.length)
+    sec = speed(args.batch, args.length, args.repeats)
+    fwd = sec["forward"]
+    ours_over, naive_over = sec["mezo"] - 2 * fwd, sec["mezo_straightforward"] - 2 * fwd
+    summary = {
+        "mezo_memory_vs_forward": mem["mezo"] / mem["forward"],
+        "adamw_full_vs_mezo_memory": mem["adamw_full"] / mem["mezo"],
+        "adamw_lora_vs_mezo_memory": mem["adamw_lora"] / mem["mezo"],
+        "mezo_step_vs_forward_time": sec["mezo"] / fwd,
+        "overhead_ours_s": ours_over, "overhead_straightforward_s": naive_over,
+        "overhead_ratio": ours_over / naive_over,
+    }
+    print("\n| mode | extra peak memory (MiB) | seconds |\n|---|---|---|")
+    for m in MODES:
+        print(f"| {m} | {mem[m]:.0f} | {sec[m]:.2f} |" if m in sec else f"| {m} | {mem[m]:.0f} | |")
+    print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in summary.items()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "mezo_step.json").write_text(json.dumps(
+        {"batch": args.batch, "length": args.length, "threads": torch.get_num_threads(),
+         "memory_mib": mem, "seconds": sec, "summary": summary}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
