@@ -1,18 +1,19 @@
 """Memory and speed of a MeZO step against inference and first-order fine-tuning.
 
-    python benchmarks/mezo_step.py --batch 16 --length 128 --repeats 3
+    python benchmarks/mezo_step.py --batch 16 --length 128 --repeats 5 --memory-runs 3
 
 Setting: the embedded SmolLM2-135M in fp32, a classification batch of `batch` x `length` tokens
 (random token ids, two single-token label words), the loss ftlab trains on.
 
-Memory: each mode runs in a fresh child process: load the model and batch, reset the peak-RSS
-counter (`5 > /proc/self/clear_refs`), run one step, report VmHWM minus the RSS before the step.
-Modes: an inference forward with the loss; a ftlab MeZO step; the straightforward MeZO step
+Memory: each mode runs in fresh child processes (median of `memory-runs`): load the model and
+batch, reset the peak-RSS counter (`5 > /proc/self/clear_refs`), run one step, report VmHWM
+minus the RSS before the step.
+Modes: an inference forward with the loss; two of them back to back; a ftlab MeZO step; the straightforward MeZO step
 (z drawn 4 times with `torch.normal`, `p.data = p.data + ...`, as in the reference code); one
 AdamW step with backprop on all parameters; and on LoRA r=8 (q, v).
 
-Speed: one process, interleaved repeats, median seconds of a forward, a ftlab MeZO step and the
-straightforward step; the step's overhead is its time minus two forwards.
+Speed: one process, repeats in a shuffled order, median seconds of two consecutive forwards, a
+ftlab MeZO step and the straightforward step; a step's overhead is its time minus two forwards.
 Writes benchmarks/results/mezo_step.json.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ["forward", "mezo", "mezo_straightforward", "adamw_full", "adamw_lora"]
+MODES = ["forward", "two_forwards", "mezo", "mezo_straightforward", "adamw_full", "adamw_lora"]
 
 
 def setup(batch: int, length: int):
@@ -73,6 +75,8 @@ def make_step(mode: str, model, loss):
 
     if mode == "forward":
         return lambda: torch.no_grad()(loss)(model)
+    if mode == "two_forwards":  # what a MeZO step runs, without the perturbations
+        return lambda: (torch.no_grad()(loss)(model), torch.no_grad()(loss)(model))
     if mode == "mezo":
         opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3)
         return lambda: opt.step(lambda: loss(model))
@@ -112,28 +116,35 @@ def child(mode: str, batch: int, length: int) -> None:
     print(json.dumps({"mode": mode, "extra_peak_mib": (_status("VmHWM") - before) / 2**20}))
 
 
-def memory(batch: int, length: int) -> dict[str, float]:
+def memory(batch: int, length: int, runs: int) -> dict[str, float]:
+    """Median over ``runs`` fresh processes per mode (the allocator's peak varies by ~30 MiB)."""
     out = {}
     for mode in MODES:
-        res = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(batch),
-                              "--length", str(length)], capture_output=True, text=True, check=True)
-        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])["extra_peak_mib"]
-        print(f"  memory {mode}: {out[mode]:.0f} MiB", flush=True)
+        peaks = []
+        for _ in range(runs):
+            res = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(batch),
+                                  "--length", str(length)], capture_output=True, text=True, check=True)
+            peaks.append(json.loads(res.stdout.strip().splitlines()[-1])["extra_peak_mib"])
+        out[mode] = statistics.median(peaks)
+        print(f"  memory {mode}: {out[mode]:.0f} MiB (runs: {[round(p) for p in peaks]})", flush=True)
     return out
 
 
 def speed(batch: int, length: int, repeats: int) -> dict[str, float]:
     model, loss = setup(batch, length)
-    steps = {m: make_step(m, model, loss) for m in ("forward", "mezo", "mezo_straightforward")}
+    steps = {m: make_step(m, model, loss) for m in ("two_forwards", "mezo", "mezo_straightforward")}
     times = {m: [] for m in steps}
-    for m, s in steps.items():  # warm-up
+    for s in steps.values():  # warm-up
         s()
-    for _ in range(repeats):
-        for m, s in steps.items():
+    order = list(steps)
+    for r in range(repeats):  # a fresh order each round, so drift does not favour one mode
+        random.Random(r).shuffle(order)
+        for m in order:
             start = time.perf_counter()
-            s()
+            steps[m]()
             times[m].append(time.perf_counter() - start)
     med = {m: statistics.median(t) for m, t in times.items()}
+    med["forward"] = med.pop("two_forwards") / 2
     print(f"  speed: {med}", flush=True)
     return med
 
@@ -143,17 +154,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-runs", type=int, default=3)
     parser.add_argument("--child", choices=MODES)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.batch, args.length)
 
-    mem = memory(args.batch, args.length)
+    mem = memory(args.batch, args.length, args.memory_runs)
     sec = speed(args.batch, args.length, args.repeats)
     fwd = sec["forward"]
     ours_over, naive_over = sec["mezo"] - 2 * fwd, sec["mezo_straightforward"] - 2 * fwd
     summary = {
         "mezo_memory_vs_forward": mem["mezo"] / mem["forward"],
+        "mezo_memory_vs_two_forwards": mem["mezo"] / mem["two_forwards"],
         "adamw_full_vs_mezo_memory": mem["adamw_full"] / mem["mezo"],
         "adamw_lora_vs_mezo_memory": mem["adamw_lora"] / mem["mezo"],
         "mezo_step_vs_forward_time": sec["mezo"] / fwd,
