@@ -281,12 +281,10 @@ def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, sche
             log: TrajectoryLog | None) -> dict[str, Any]:
     """Restore the last checkpoint, if any; returns the loop counters."""
     state_path = out / "checkpoint" / "state.json"
+    fresh = {"step": 0, "best_score": None, "best_step": None}
     if log is None:
-        if state_path.exists():
-            return load_checkpoint(out / "checkpoint", module, optimizer, scheduler)
-        return {"step": 0, "best_score": None, "best_step": None}
-    state = json.loads(state_path.read_text()) if state_path.exists() else \
-        {"step": 0, "best_score": None, "best_step": None}
+        return load_checkpoint(out / "checkpoint", module, optimizer, scheduler) if state_path.exists() else fresh
+    state = json.loads(state_path.read_text()) if state_path.exists() else fresh
     log.truncate(state["step"])  # steps after the checkpoint are redone, identically
     replay(log, optimizer, scheduler)
     return state
