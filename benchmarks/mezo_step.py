@@ -6,7 +6,7 @@ Setting: the embedded SmolLM2-135M in fp32, a classification batch of `batch` x 
 (random token ids, two single-token label words), the loss ftlab trains on.
 
 Memory: each mode runs in fresh child processes (median of `memory-runs`): load the model and
-batch, reset the peak-RSS counter (`5 > /proc/self/clear_refs`), run one step, report VmHWM
+batch, run one warm-up forward (so the lazily paged-in weights are resident), reset the peak-RSS counter (`5 > /proc/self/clear_refs`), run one step, report VmHWM
 minus the RSS before the step.
 Modes: an inference forward with the loss; two of them back to back; a ftlab MeZO step; the straightforward MeZO step
 (z drawn 4 times with `torch.normal`, `p.data = p.data + ...`, as in the reference code); one
@@ -109,6 +109,9 @@ def _status(field: str) -> int:
 
 def child(mode: str, batch: int, length: int) -> None:
     model, loss = setup(batch, length)
+    # A warm-up forward first: the loaded weights are paged in lazily, and that page-in (about
+    # the model's size) would otherwise dominate every mode's "extra" memory.
+    torch.no_grad()(loss)(model)
     step = make_step(mode, model, loss)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
