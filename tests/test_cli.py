@@ -23,6 +23,8 @@ def test_show_config_applies_overrides():
     result = ftlab("train", "-c", "sentiment-lora", "lr=3e-4", "lora.r=4", "--show-config")
     assert result.returncode == 0, result.stderr
     assert "lr: 0.0003" in result.stdout and "r: 4" in result.stdout and "mode: lora" in result.stdout
+    result = ftlab("train", "--optimizer", "mezo", "--mode", "prefix", "zo.eps=0.1", "--show-config")
+    assert "optimizer: mezo" in result.stdout and "mode: prefix" in result.stdout and "eps: 0.1" in result.stdout
 
 
 @pytest.mark.parametrize("args,message", [

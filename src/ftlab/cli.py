@@ -125,10 +125,12 @@ def train_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c",
                                          help="YAML config: a path, or a name in configs/ (e.g. sentiment-lora)."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw, sgd or mezo (same as optimizer=...)."),
+    mode: Optional[str] = typer.Option(None, help="full, lora or prefix (same as mode=...)."),
     overwrite: bool = typer.Option(False, help="Delete output_dir first instead of resuming from it."),
     show_config: bool = typer.Option(False, help="Print the resolved config and exit."),
 ) -> None:
-    """Fine-tune a model (full, LoRA or prefix; AdamW or SGD) with dev-based checkpoint selection.
+    """Fine-tune a model (full, LoRA or prefix; AdamW, SGD or MeZO) with dev-based checkpoint selection.
 
     Rerunning the same command resumes a killed run from its last checkpoint."""
     import yaml
@@ -136,7 +138,8 @@ def train_cmd(
     from ftlab.config import TrainConfig, load_config, to_dict
     from ftlab.train import train
 
-    cfg = load_config(TrainConfig, _config_path(config), overrides or [])
+    shortcuts = [f"{k}={v}" for k, v in (("optimizer", optimizer), ("mode", mode)) if v is not None]
+    cfg = load_config(TrainConfig, _config_path(config), [*(overrides or []), *shortcuts])
     if show_config:
         typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
