@@ -133,6 +133,18 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model_factory, tiny_to
     assert not (tmp_path / "checkpoint").exists()
 
 
+def test_mezo_skips_non_finite_steps_then_stops(tmp_path, tiny_model_factory, tiny_tokenizer):
+    model = tiny_model_factory("llama")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    cfg = _cfg(tmp_path, "eval_every=0", "optimizer=mezo", "max_skipped_steps=3", "checkpoint_every=1")
+    with pytest.raises(FtlabError, match="loss became nan at step 3 \\(4 non-finite"):
+        train(cfg, progress=False, model_and_tokenizer=(model, tiny_tokenizer), data=_data())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in records] == ["non-finite loss"] * 3
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["skipped"] == 3
+
+
 def test_batches_cover_each_epoch_once_and_are_pure():
     n, bs = 10, 4
     stream = [i for s in range(5) for i in batch_indices(n, bs, seed=7, step=s)]

@@ -54,6 +54,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0
     max_grad_norm: float | None = 1.0
+    # Zeroth-order steps with a NaN/inf loss are skipped (and logged); the run stops after this many.
+    max_skipped_steps: int = 10
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
     steps: int = 200

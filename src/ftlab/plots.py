@@ -23,7 +23,7 @@ def plot_run(run_dir: str | Path, png: str | Path | None = None) -> Path:
     if not path.exists():
         raise FtlabError(f"{path} not found: is {run_dir} a training run folder?")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [r for r in records if r["split"] == "train"]
+    train = [r for r in records if r["split"] == "train" and r.get("loss") is not None]  # not skipped steps
     dev = [r for r in records if r["split"] == "dev"]
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps, losses = [r["step"] for r in train], [r["loss"] for r in train]

@@ -86,7 +86,7 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimize
         z = cfg.zo
         return MeZO(groups, lr=cfg.lr, eps=z.eps, n_perturbations=z.n_perturbations,
                     one_sided=z.one_sided, distribution=z.distribution, generator=z.generator,
-                    seed=cfg.seed)
+                    seed=cfg.seed, exact=z.exact)
     raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose adamw, sgd or mezo")
 
 
@@ -229,12 +229,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1_000_003 + step)
             loss = float(optimizer.step(closure).detach())
-        if not math.isfinite(loss):
-            raise FtlabError(f"loss became {loss} at step {step}: lower the lr (now {lr:g}) or "
-                             f"use float32; the last good checkpoint is in {out / 'checkpoint'}")
+        skipped = _check_finite(loss, step, lr, optimizer, cfg, state, out)
         scheduler.step()
         state["step"] = step + 1
-        record = {"step": step + 1, "split": "train", "loss": loss, "lr": lr}
+        record = {"step": step + 1, "split": "train", "loss": None if skipped else loss, "lr": lr,
+                  **({"skipped": "non-finite loss"} if skipped else {})}
         _log(out / "metrics.jsonl", record)
         if cfg.eval_every and data.splits.dev and ((step + 1) % cfg.eval_every == 0
                                                    or step + 1 == cfg.steps):
@@ -251,6 +250,20 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     return _finish(cfg, out, module, tokenizer, data, state, progress)
 
 
+def _check_finite(loss: float, step: int, lr: float, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                  state: dict[str, Any], out: Path) -> bool:
+    """True if the step's loss was non-finite and a zeroth-order optimizer skipped its update
+    (theta untouched); raises once more than ``cfg.max_skipped_steps`` were skipped, or at
+    once for first-order optimizers (their update has already used the bad gradient)."""
+    if math.isfinite(loss):
+        return False
+    state["skipped"] = state.get("skipped", 0) + 1
+    if getattr(optimizer, "zeroth_order", False) and state["skipped"] <= cfg.max_skipped_steps:
+        return True
+    raise FtlabError(f"loss became {loss} at step {step} ({state['skipped']} non-finite step(s)): lower "
+                     f"the lr (now {lr:g}) or use float32; the last good checkpoint is in {out / 'checkpoint'}")
+
+
 def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     """The module to train (``cfg.mode``), its optimizer and lr scheduler, deterministically
     from ``cfg.seed`` (so a replay or a resume rebuilds exactly the same starting point)."""
@@ -258,6 +271,8 @@ def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.
         torch.manual_seed(cfg.seed)
         module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed)
     optimizer = build_optimizer(cfg, module)
+    if hasattr(optimizer, "attach"):
+        optimizer.attach(module)  # exact-mode MeZO perturbs inside the module's forwards
     if cfg.objective != "loss" and not getattr(optimizer, "zeroth_order", False):
         raise FtlabError(f"objective {cfg.objective!r} has no gradient; use optimizer=mezo "
                          "(or objective=loss)")

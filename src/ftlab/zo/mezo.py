@@ -18,18 +18,33 @@ the update. Memory therefore equals inference: no gradients, no optimizer state.
 ``one_sided=True`` uses the forward difference ``g = (L+ - L0) / eps`` with L0 the unperturbed
 loss; ``n_perturbations > 1`` averages the estimates of n seeds, all taken at the same theta
 (n-SPSA), and applies their updates at the end.
+
+**Exact mode** (``exact=True``; the default for bf16/fp16 parameters). In low precision
+``theta + eps*z - 2*eps*z + eps*z`` does not round back to theta, so in-place MeZO drifts
+(silently: the drift is not in the update). In exact mode theta is never moved by a
+perturbation: forward hooks on the modules that hold trainable parameters perturb a module's
+parameters just before its forward and copy the saved values back right after it (one
+module's parameters are saved at a time -- at most the largest module, e.g. the embedding).
+The parameters after a step are therefore exactly what the update alone gives, and a replay
+only redoes updates. Call :meth:`MeZO.attach` with the model once.
+
+**Data parallel** (``torch.distributed`` initialised, world size > 1): every rank draws the
+same seeds (same ``seed``), evaluates the closure on its own shard of the batch, and one
+all-reduce of the n loss differences (plus the loss, for logging) per step replaces gradient
+communication; all ranks then apply the same update.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import random
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ftlab.errors import FtlabError
 
@@ -87,13 +102,16 @@ class MeZO(torch.optim.Optimizer):
         seed: seeds the optimizer's own generator of step seeds (no global RNG is used).
         chunk_size: entries of z handled at a time (bounds the temporaries). Part of z's
             definition: a replay must use the same value.
+        exact: perturb on the fly in module forwards instead of in place (see the module
+            docstring); ``None`` turns it on when a trainable parameter is bf16 or fp16.
     """
 
     zeroth_order = True  # the training loop gives such optimizers a forward-only closure
 
     def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_perturbations: int = 1, one_sided: bool = False, distribution: str = "gaussian",
-                 generator: str = "table", seed: int = 0, chunk_size: int = CHUNK) -> None:
+                 generator: str = "table", seed: int = 0, chunk_size: int = CHUNK,
+                 exact: bool | None = None) -> None:
         if eps <= 0 or lr < 0 or n_perturbations < 1:
             raise FtlabError(f"MeZO needs eps > 0, lr >= 0 and n_perturbations >= 1 "
                              f"(got eps={eps}, lr={lr}, n={n_perturbations})")
@@ -109,6 +127,12 @@ class MeZO(torch.optim.Optimizer):
         self.distribution, self.generator, self.chunk_size = distribution, generator, chunk_size
         self._seeds = random.Random(seed)
         self.history: list[ZOStep] = []  # filled by step(); a trajectory log drains it
+        low = {torch.bfloat16, torch.float16}
+        self.exact = any(p.dtype in low for _, p, _ in self._params()) if exact is None else exact
+        self._attached = False
+        self._active: tuple[int, float] | None = None  # (seed, coefficient) of the exact-mode forward
+        self._saved: dict[int, Tensor] = {}  # id(param) -> its value before the exact-mode perturbation
+        self._stack: list[list[Tensor]] = []  # parameters each running hooked forward perturbed
 
     # -- z, regenerated on demand -------------------------------------------------------------
     def _params(self) -> list[tuple[int, Tensor, float]]:
@@ -177,13 +201,18 @@ class MeZO(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One MeZO step; returns the loss at the first perturbed point (L+)."""
+        """One MeZO step; returns the loss at the first perturbed point (L+). A non-finite loss
+        skips the update (theta is restored; the step is logged with lr 0) and the step returns
+        NaN, for the caller to count."""
         if closure is None:
             raise FtlabError("MeZO.step needs a closure that returns the loss")
         lr = f32(self.param_groups[0]["lr"])
         seeds = self.draw_seeds()
         grads, loss = self._estimate(seeds, closure)
         grads = [f32(g) for g in grads]
+        if not all(math.isfinite(x) for x in grads + [loss]):
+            # The update below then only restores theta; NaN tells the caller the step was skipped.
+            grads, lr, loss = [0.0] * len(seeds), 0.0, math.nan
         self._update(seeds, grads, lr)
         record = ZOStep(seeds, grads, lr, loss)
         self.history.append(record)
@@ -191,28 +220,60 @@ class MeZO(torch.optim.Optimizer):
 
     def _estimate(self, seeds: list[int], closure: Callable[[], Tensor] | None,
                   grads: list[float] | None = None) -> tuple[list[float], float]:
-        """Perturb, evaluate and estimate each seed's projected gradient, leaving theta
-        perturbed by the last seed. With ``closure=None`` the same parameter moves are made
-        with the recorded ``grads`` (replay), so the arithmetic is bit for bit the same."""
-        evaluate = (lambda: float(closure())) if closure is not None else (lambda: 0.0)
-        base = evaluate() if self.one_sided else 0.0
-        out, first = [], None
+        """Perturb, evaluate and estimate each seed's projected gradient. In place, theta is
+        left perturbed by the last seed; in exact mode theta is never moved. With
+        ``closure=None`` the same parameter moves are made and the recorded ``grads`` returned
+        (replay), so the arithmetic is bit for bit the same."""
+        evaluate = self._evaluator(closure)
+        base = evaluate(None) if self.one_sided else 0.0
+        diffs, first = [], None
         for k, seed in enumerate(seeds):
-            self._apply(seed, self.eps)
-            plus = evaluate()
+            plus = evaluate((seed, self.eps))
             first = plus if first is None else first
             if self.one_sided:
-                out.append((plus - base) / self.eps)
+                diffs.append(plus - base)
             else:
-                self._apply(seed, -2 * self.eps)
-                out.append((plus - evaluate()) / (2 * self.eps))
-            if k < len(seeds) - 1:
+                diffs.append(plus - evaluate((seed, -self.eps)))
+            if k < len(seeds) - 1 and not self.exact:
                 self._apply(seed, self._restore)  # every seed's estimate is taken at the same theta
-        return (grads if grads is not None else out), first
+        if grads is not None:
+            return grads, first
+        *diffs, first = all_reduce_mean(diffs + [first], self._device())
+        scale = self.eps if self.one_sided else 2 * self.eps
+        return [d / scale for d in diffs], first
+
+    def _evaluator(self, closure: Callable[[], Tensor] | None) -> Callable[[tuple[int, float] | None], float]:
+        """``evaluate(move)``: the loss at theta + coefficient * z(seed) for ``move = (seed,
+        coefficient)`` (theta itself for None). In place the move is made relative to the
+        previous one of the same seed (perturb, then the other way); in exact mode the hooks apply it."""
+        last: dict[int, float] = {}  # seed -> coefficient theta is now perturbed by (in place)
+
+        def evaluate(move: tuple[int, float] | None) -> float:
+            if self.exact:
+                if closure is None:
+                    return 0.0
+                if not self._attached:
+                    raise FtlabError("MeZO in exact mode perturbs inside module forwards: "
+                                     "call optimizer.attach(model) before step()")
+                self._active = move
+                try:
+                    return float(closure())
+                finally:
+                    self._active = None
+                    self._restore_all()
+            if move is not None:
+                seed, coef = move
+                self._apply(seed, coef - last.get(seed, 0.0))
+                last[seed] = coef
+            return float(closure()) if closure is not None else 0.0
+        return evaluate
 
     @property
     def _restore(self) -> float:
-        """The z coefficient that undoes the last perturbation of a seed."""
+        """The z coefficient that undoes the last in-place perturbation of a seed (0 in exact
+        mode: theta was never moved)."""
+        if self.exact:
+            return 0.0
         return -self.eps if self.one_sided else self.eps
 
     def _update(self, seeds: list[int], grads: list[float], lr: float) -> None:
@@ -223,6 +284,58 @@ class MeZO(torch.optim.Optimizer):
         for seed, g in zip(seeds[:-1], grads[:-1]):
             self._apply(seed, -lr * g / n)
 
+    def _device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
+    # -- exact mode: perturbation inside module forwards -------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Hook the modules of ``model`` that hold trainable parameters (exact mode; a no-op
+        otherwise). A parameter kept in a ParameterList/Dict is perturbed around the forward of
+        the module that holds the list; a tied parameter around each module that uses it."""
+        if not self.exact or self._attached:
+            return
+        index = {id(p): i for i, p, _ in self._params()}
+        holders = (nn.ParameterList, nn.ParameterDict)
+        for module in model.modules():
+            if isinstance(module, holders):
+                continue
+            lists = [c for c in module.children() if isinstance(c, holders)]
+            own = [p for p in module.parameters(recurse=False) if id(p) in index]
+            own += [p for c in lists for p in c.parameters() if id(p) in index]
+            if own:
+                module.register_forward_pre_hook(functools.partial(self._perturb_hook, own, index))
+                module.register_forward_hook(self._restore_hook)
+        self._attached = True
+
+    @torch.no_grad()
+    def _perturb_hook(self, params: list[Tensor], index: dict[int, int], module: nn.Module, args: tuple) -> None:
+        done = []
+        if self._active is not None:
+            seed, coef = self._active
+            for p in params:
+                if id(p) in self._saved:  # already perturbed by an enclosing forward
+                    continue
+                self._saved[id(p)] = p.detach().clone()
+                flat = p.data.view(-1)
+                for where, z, sign in self._z_chunks(seed, index[id(p)], p):
+                    flat[where].add_(z, alpha=sign * coef)
+                done.append(p)
+        self._stack.append(done)
+
+    @torch.no_grad()
+    def _restore_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        for p in self._stack.pop() if self._stack else []:
+            p.data.copy_(self._saved.pop(id(p)))
+
+    @torch.no_grad()
+    def _restore_all(self) -> None:
+        """Copy back what a forward left perturbed (it raised before its hooks could)."""
+        by_id = {id(p): p for _, p, _ in self._params()}
+        for key, value in self._saved.items():
+            by_id[key].data.copy_(value)
+        self._saved.clear()
+        self._stack.clear()
+
     # -- replay ------------------------------------------------------------------------------
     @torch.no_grad()
     def replay(self, record: ZOStep) -> None:
@@ -230,3 +343,14 @@ class MeZO(torch.optim.Optimizer):
         projected gradients, so theta ends bit for bit where the original step left it."""
         self._estimate(record.seeds, None, record.grads)
         self._update(record.seeds, record.grads, record.lr)
+
+
+def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    """``values`` averaged over the ranks of the default process group, in one all-reduce
+    (returned unchanged without torch.distributed or with one rank)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()

@@ -1,5 +1,7 @@
 """Settings of the zeroth-order optimizers (a config section, no torch needed)."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 
@@ -13,3 +15,5 @@ class ZOSettings:
     one_sided: bool = False
     distribution: str = "gaussian"  # gaussian | rademacher
     generator: str = "table"  # table (shared noise table, fast) | torch (fresh draws)
+    # Perturb inside module forwards so theta is restored exactly (None: on for bf16/fp16).
+    exact: bool | None = None
