@@ -136,6 +136,7 @@ def train_cmd(
     import yaml
 
     from ftlab.config import TrainConfig, load_config, to_dict
+    from ftlab.distributed import is_main, shutdown
     from ftlab.train import train
 
     shortcuts = [f"{k}={v}" for k, v in (("optimizer", optimizer), ("mode", mode)) if v is not None]
@@ -143,11 +144,14 @@ def train_cmd(
     if show_config:
         typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
-    if overwrite:
+    # Under torchrun only rank 0 touches the run folder (train() makes the others wait for it).
+    if overwrite and is_main():
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
     results = train(cfg)
-    typer.echo(json.dumps(results, indent=2))
-    typer.echo(f"model and metrics in {cfg.output_dir}; curves in {_plot(cfg.output_dir)}")
+    shutdown()
+    if is_main():
+        typer.echo(json.dumps(results, indent=2))
+        typer.echo(f"model and metrics in {cfg.output_dir}; curves in {_plot(cfg.output_dir)}")
 
 
 @app.command("replay")

@@ -45,7 +45,7 @@ class TrainConfig:
     mode: str = "full"  # full | lora | prefix
     lora: LoraSettings = field(default_factory=LoraSettings)
     prefix: PrefixSettings = field(default_factory=PrefixSettings)
-    optimizer: str = "adamw"  # adamw | sgd | mezo
+    optimizer: str = "adamw"  # adamw | sgd | mezo | zo-momentum | zo-adam | zo-sign | sparse-mezo
     zo: ZOSettings = field(default_factory=ZOSettings)
     # What the optimizer minimises: "loss" (differentiable), or minus the batch's "accuracy"
     # (classification) or "f1" (generation, greedy decoding): zeroth-order optimizers only.

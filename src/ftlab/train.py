@@ -10,6 +10,12 @@ Output folder of a run::
     best.safetensors trainable tensors at the best dev score
     model/           save_pretrained output of the best model
     results.json     dev/test metrics of the best model (its presence marks a finished run)
+
+Data parallel (zeroth-order optimizers, launched with ``torchrun``; see :mod:`ftlab.distributed`):
+``batch_size`` is the global batch, each rank trains on its equal slice of it, and only rank 0
+writes the folder. Every rank runs the dev and test evaluations on the whole splits: the ranks
+hold identical weights, so they get identical results and keep the same best step without
+communicating (simple; the evaluations are not sped up).
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from tqdm.auto import tqdm
 from ftlab import objectives
 from ftlab.checkpoint import load_checkpoint, load_trainable, save_checkpoint, save_trainable
 from ftlab.config import TrainConfig, from_dict, to_dict
+from ftlab.distributed import barrier, init_from_env, rank_device, shard
 from ftlab.errors import FtlabError
 from ftlab.evaluate import EvalResult, evaluate, model_device
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
 from ftlab.tasks import Splits, TaskSpec, load_task, make_splits
+from ftlab.zo.mezo import MeZO
 from ftlab.zo.trajectory import TrajectoryLog, replay
 
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -80,14 +88,11 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimize
         return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.optimizer == "mezo":
-        from ftlab.zo import MeZO
+    from ftlab.zo import ZO_OPTIMIZERS, build_zo_optimizer
 
-        z = cfg.zo
-        return MeZO(groups, lr=cfg.lr, eps=z.eps, n_perturbations=z.n_perturbations,
-                    one_sided=z.one_sided, distribution=z.distribution, generator=z.generator,
-                    seed=cfg.seed, exact=z.exact)
-    raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose adamw, sgd or mezo")
+    if cfg.optimizer in ZO_OPTIMIZERS:
+        return build_zo_optimizer(cfg.optimizer, groups, cfg.lr, cfg.zo, cfg.seed)
+    raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, sgd, {', '.join(ZO_OPTIMIZERS)}")
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
@@ -184,16 +189,25 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     every step, after any checkpoint of that step is on disk. Returns the run's results
     (also written to ``results.json``).
     """
+    rank, world = init_from_env(cfg.device)
+    main = rank == 0  # the only process that writes to the run folder
+    shard(list(range(cfg.batch_size)), rank, world)  # fail fast on a batch the ranks cannot split
     out = Path(cfg.output_dir)
-    if (out / "results.json").exists():
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
         _prepare_output(cfg, out)
+    barrier()  # the other ranks read the folder (results, checkpoint) only once rank 0 checked it
+    if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    _prepare_output(cfg, out)
 
-    model, tokenizer = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype,
+                                                         device=rank_device(cfg.device))
     data = data or load_run_data(cfg)
     module, optimizer, scheduler = build_trainer(cfg, model)
+    # The ranks' loss differences are averaged in MeZO._estimate (its variants inherit it).
+    if world > 1 and not isinstance(optimizer, MeZO):
+        raise FtlabError(f"data-parallel training is implemented for zeroth-order optimizers (MeZO) "
+                         f"only; run optimizer={cfg.optimizer} in a single process")
     log = TrajectoryLog(out) if getattr(optimizer, "zeroth_order", False) else None
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
     metric = _metric_name(data.spec)
@@ -201,26 +215,30 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     if not train_set:
         raise FtlabError(f"task {data.spec.name!r}: the training split is empty")
 
-    state = _resume(out, module, optimizer, scheduler, log)
-    _truncate_metrics(out / "metrics.jsonl", state["step"])
+    state = _resume(out, module, optimizer, scheduler, log, main)
+    if main:
+        _truncate_metrics(out / "metrics.jsonl", state["step"])
 
     def dev_eval(step: int) -> None:
         result = evaluate(module, tokenizer, data.spec, data.splits.dev, batch_size=cfg.eval_batch_size,
                           max_length=cfg.data.max_length, progress=False)
         score = result.metrics[metric]
-        _log(out / "metrics.jsonl", {"step": step, "split": "dev", **result.metrics})
+        if main:
+            _log(out / "metrics.jsonl", {"step": step, "split": "dev", **result.metrics})
         if state["best_score"] is None or score > state["best_score"]:
             state.update(best_score=score, best_step=step)
-            save_trainable(module, out / "best.safetensors")
+            if main:
+                save_trainable(module, out / "best.safetensors")
 
     if state["step"] == 0 and data.splits.dev and cfg.eval_every:
         dev_eval(0)
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {cfg.mode}/{cfg.optimizer}",
-               disable=not progress, unit="step")
+               disable=not (progress and main), unit="step")
     # Zeroth-order forwards run in eval mode (no dropout noise in the loss difference).
     module.train(not getattr(optimizer, "zeroth_order", False))
     for step in range(state["step"], cfg.steps):
-        examples = [train_set[i] for i in batch_indices(len(train_set), cfg.batch_size, cfg.seed, step)]
+        batch = shard(batch_indices(len(train_set), cfg.batch_size, cfg.seed, step), rank, world)
+        examples = [train_set[i] for i in batch]
         objective = objectives.objective_fn(cfg.objective, module, tokenizer, encoder, examples,
                                             model_device(module))
         closure = make_closure(optimizer, objective, cfg.max_grad_norm)
@@ -234,20 +252,24 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         state["step"] = step + 1
         record = {"step": step + 1, "split": "train", "loss": None if skipped else loss, "lr": lr,
                   **({"skipped": "non-finite loss"} if skipped else {})}
-        _log(out / "metrics.jsonl", record)
+        if main:
+            _log(out / "metrics.jsonl", record)
         if cfg.eval_every and data.splits.dev and ((step + 1) % cfg.eval_every == 0
                                                    or step + 1 == cfg.steps):
             dev_eval(step + 1)
         if log is not None:
-            log.append(step, optimizer.history.pop())
-        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
+            done = optimizer.history.pop()
+            if main:
+                log.append(step, done)
+        if main and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+                     or step + 1 == cfg.steps):
             _checkpoint(out, module, optimizer, scheduler, state, log)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", best=state["best_score"])
         if callback:
             callback(step + 1, record)
     bar.close()
-    return _finish(cfg, out, module, tokenizer, data, state, progress)
+    return _finish(cfg, out, module, tokenizer, data, state, progress, main)
 
 
 def _check_finite(loss: float, step: int, lr: float, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -293,15 +315,18 @@ def _checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            log: TrajectoryLog | None) -> dict[str, Any]:
-    """Restore the last checkpoint, if any; returns the loop counters."""
+            log: TrajectoryLog | None, main: bool = True) -> dict[str, Any]:
+    """Restore the last checkpoint, if any; returns the loop counters. Every rank restores
+    from rank 0's files; only rank 0 (``main``) rewrites them."""
     state_path = out / "checkpoint" / "state.json"
     fresh = {"step": 0, "best_score": None, "best_step": None}
     if log is None:
         return load_checkpoint(out / "checkpoint", module, optimizer, scheduler) if state_path.exists() else fresh
     state = json.loads(state_path.read_text()) if state_path.exists() else fresh
-    log.truncate(state["step"])  # steps after the checkpoint are redone, identically
-    replay(log, optimizer, scheduler)
+    if main:
+        log.truncate(state["step"])  # steps after the checkpoint are redone, identically
+    # Up to the checkpoint only: another rank may read the log before or after the truncation.
+    replay(log, optimizer, scheduler, steps=state["step"])
     return state
 
 
@@ -312,7 +337,9 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     if not (run_dir / "config.json").exists():
         raise FtlabError(f"{run_dir / 'config.json'} not found: not a training run folder")
     cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()), str(run_dir))
-    if cfg.optimizer != "mezo":
+    from ftlab.zo import ZO_OPTIMIZERS
+
+    if cfg.optimizer not in ZO_OPTIMIZERS:
         raise FtlabError(f"{run_dir} is a {cfg.optimizer} run; only zeroth-order runs can be replayed")
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     module, optimizer, scheduler = build_trainer(cfg, model)
@@ -321,8 +348,10 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
 
 
 def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: RunData,
-            state: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """Load the best weights, evaluate them on test, save the model and the results."""
+            state: dict[str, Any], progress: bool, main: bool = True) -> dict[str, Any]:
+    """Load the best weights, evaluate them on test, save the model and the results (the
+    saving on rank 0 only; every rank returns the same results)."""
+    barrier()  # every rank then loads the last best.safetensors rank 0 wrote, not an older one
     if (out / "best.safetensors").exists() and data.splits.dev and cfg.eval_every:
         load_trainable(module, out / "best.safetensors")
     else:
@@ -330,11 +359,12 @@ def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: Run
     test: EvalResult | None = None
     if data.splits.test:
         test = evaluate(module, tokenizer, data.spec, data.splits.test, batch_size=cfg.eval_batch_size,
-                        max_length=cfg.data.max_length, progress=progress, desc="test")
-    save_trained(module, tokenizer, out / "model")
+                        max_length=cfg.data.max_length, progress=progress and main, desc="test")
     sp = data.splits
     results = {"best_step": state["best_step"], "best_dev": state["best_score"],
                "test": test.metrics if test else None, "steps": cfg.steps,
                "splits": {"train": len(sp.train), "dev": len(sp.dev), "test": len(sp.test), "note": sp.note}}
-    atomic_write_json(out / "results.json", results)
+    if main:
+        save_trained(module, tokenizer, out / "model")
+        atomic_write_json(out / "results.json", results)
     return results

@@ -1,76 +1,14 @@
 """MeZO against a straightforward reference (z materialised, drawn 4 times a step, restore then
-update), in float64 so only the fused arithmetic's rounding separates them."""
+update; see reference.py), in float64 so only the fused arithmetic's rounding separates them."""
 
 import copy
-import random
-import struct
 
 import pytest
 import torch
+from reference import reference_step
 
 from ftlab.errors import FtlabError
 from ftlab.zo import MeZO
-from ftlab.zo.mezo import TABLE_SEED, TABLE_SIZE, _param_seed
-
-
-def _z(p, step_seed, index, chunk, distribution="gaussian", generator="torch"):
-    """The documented definition of z, written independently: sequential chunks of one
-    generator seeded per (step seed, parameter index), or signed slices of the noise table."""
-    parts, n = [], p.numel()
-    if generator == "table":
-        table = torch.randn(TABLE_SIZE, generator=torch.Generator().manual_seed(TABLE_SEED)).double()
-        if distribution == "rademacher":
-            table = table.sign()
-        rng = random.Random(_param_seed(step_seed, index))
-        for start in range(0, n, chunk):
-            size = min(chunk, n - start)
-            offset = rng.randrange(TABLE_SIZE - size + 1)
-            parts.append(table[offset:offset + size] * (1 if rng.getrandbits(1) else -1))
-        return torch.cat(parts).to(p.dtype).view_as(p)
-    gen = torch.Generator().manual_seed(_param_seed(step_seed, index))
-    for start in range(0, n, chunk):
-        size = min(chunk, n - start)
-        if distribution == "gaussian":
-            parts.append(torch.randn(size, generator=gen))
-        else:
-            parts.append(torch.randint(0, 2, (size,), generator=gen).float() * 2 - 1)
-    return torch.cat(parts).to(p.dtype).view_as(p)
-
-
-def _f32(x):
-    return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def _reference_step(params, loss_fn, seeds, lr, eps, wd_of, chunk, one_sided=False, distribution="gaussian",
-                    generator="torch"):
-    """The straightforward design: perturb/evaluate/restore per seed, then update. As
-    documented, MeZO uses (and logs) the lr and projected gradients rounded to float32."""
-    lr = _f32(lr)
-    zs = [[_z(p, s, i, chunk, distribution, generator) for i, p in enumerate(params)] for s in seeds]
-    base = loss_fn() if one_sided else None
-    grads = []
-    with torch.no_grad():
-        for z in zs:
-            for p, zi in zip(params, z):
-                p.add_(eps * zi)
-            plus = loss_fn()
-            if one_sided:
-                grads.append((plus - base) / eps)
-                for p, zi in zip(params, z):
-                    p.sub_(eps * zi)
-            else:
-                for p, zi in zip(params, z):
-                    p.sub_(2 * eps * zi)
-                grads.append((plus - loss_fn()) / (2 * eps))
-                for p, zi in zip(params, z):
-                    p.add_(eps * zi)
-        grads = [_f32(g) for g in grads]
-        for p in params:
-            p.mul_(1 - lr * wd_of(p))
-        for g, z in zip(grads, zs):
-            for p, zi in zip(params, z):
-                p.sub_(lr * g / len(seeds) * zi)
-    return grads
 
 
 def _setup(tiny_model_factory, tiny_tokenizer):
@@ -111,9 +49,9 @@ def test_matches_the_straightforward_design(tiny_model_factory, tiny_tokenizer, 
     for _ in range(3):
         opt.step(loss_fn)
         record = opt.history[-1]
-        want_grads = _reference_step(ref_params, ref_loss, record.seeds, 1e-2, 1e-3,
-                                     lambda p: wd if id(p) in ref_decay else 0.0, chunk, one_sided, distribution,
-                                     generator)
+        want_grads = reference_step(ref_params, ref_loss, record.seeds, 1e-2, 1e-3,
+                                    lambda p: wd if id(p) in ref_decay else 0.0, chunk, one_sided, distribution,
+                                    generator)
         assert record.grads == pytest.approx(want_grads, rel=1e-6, abs=1e-9)
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ftlab.errors import FtlabError
 
 CHUNK = 1 << 16  # elements of z handled at once (256 KiB in fp32): bounds every temporary
-TABLE_SIZE, TABLE_SEED = 1 << 22, 20230527  # the shared noise table: 16 MiB in fp32
+TABLE_SIZE, TABLE_SEED = 1 << 20, 20230527  # the shared noise table: 4 MiB in fp32
 
 
 @functools.lru_cache(maxsize=8)
