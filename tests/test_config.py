@@ -22,7 +22,7 @@ def test_round_trip():
 
 @pytest.mark.parametrize("override,match", [
     ("lrr=1", "unknown key"), ("data.tsk=x", "unknown key"), ("steps=ten", "not a valid"),
-    ("lr", "key=value"), ("lora.r=1.5", "not a valid")])
+    ("lr", "key=value"), ("lora.r=1.5", "not a valid"), ("data.template={text} It was", "not valid YAML")])
 def test_bad_overrides_are_named(override, match):
     with pytest.raises(FtlabError, match=match):
         load_config(TrainConfig, None, [override])

@@ -118,7 +118,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise FtlabError(f"override {item!r}: the value is not valid YAML; quote it, e.g. "
+                             f"{key}='{raw}'") from None
     return data
 
 
