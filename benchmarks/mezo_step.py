@@ -6,8 +6,10 @@ Setting: the embedded SmolLM2-135M in fp32, a classification batch of `batch` x 
 (random token ids, two single-token label words), the loss ftlab trains on.
 
 Memory: each mode runs in fresh child processes (median of `memory-runs`): load the model and
-batch, run one warm-up forward (so the lazily paged-in weights are resident), reset the peak-RSS counter (`5 > /proc/self/clear_refs`), run one step, report VmHWM
-minus the RSS before the step.
+batch, run one warm-up forward (so the lazily paged-in weights are resident), return freed memory to
+the OS (`malloc_trim`), reset the peak-RSS counter (`5 > /proc/self/clear_refs`), run one step,
+report VmHWM minus the RSS before the step. Children run with `MALLOC_MMAP_THRESHOLD_=65536`
+(see MALLOC_ENV) so that RSS follows live tensors: peaks repeat to within 1 MiB.
 Modes: an inference forward with the loss; two of them back to back; a ftlab MeZO step; the straightforward MeZO step
 (z drawn 4 times with `torch.normal`, `p.data = p.data + ...`, as in the reference code); one
 AdamW step with backprop on all parameters; and on LoRA r=8 (q, v).
@@ -20,7 +22,9 @@ Writes benchmarks/results/mezo_step.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -31,6 +35,11 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+# glibc's default mmap threshold adapts upwards, so freed activations stay in the heap and
+# whether a later allocation reuses them depends on fragmentation (+-30 MiB between identical
+# runs). A fixed threshold maps every allocation over 64 KiB on its own and unmaps it when freed,
+# so RSS follows the live tensors; applied to every mode alike.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MODES = ["forward", "two_forwards", "mezo", "mezo_straightforward", "adamw_full", "adamw_lora"]
 
 
@@ -113,6 +122,9 @@ def child(mode: str, batch: int, length: int) -> None:
     # the model's size) would otherwise dominate every mode's "extra" memory.
     torch.no_grad()(loss)(model)
     step = make_step(mode, model, loss)
+    # Hand the memory the warm-up freed back to the OS: otherwise a step may or may not reuse
+    # it (unseen by RSS) depending on heap fragmentation, which made "extra" swing by +-30 MiB.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
     step()
@@ -126,7 +138,8 @@ def memory(batch: int, length: int, runs: int) -> dict[str, float]:
         peaks = []
         for _ in range(runs):
             res = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(batch),
-                                  "--length", str(length)], capture_output=True, text=True, check=True)
+                                  "--length", str(length)], capture_output=True, text=True, check=True,
+                                 env={**os.environ, **MALLOC_ENV})
             peaks.append(json.loads(res.stdout.strip().splitlines()[-1])["extra_peak_mib"])
         out[mode] = statistics.median(peaks)
         print(f"  memory {mode}: {out[mode]:.0f} MiB (runs: {[round(p) for p in peaks]})", flush=True)
