@@ -85,13 +85,14 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model_factory, t
         assert not (tmp_path / "b" / "checkpoint" / "trainable.safetensors").exists()
 
 
-def test_replay_rebuilds_a_mezo_run_bitwise(tmp_path, tiny_model_factory, tiny_tokenizer):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # in place / exact mode
+def test_replay_rebuilds_a_mezo_run_bitwise(tmp_path, tiny_model_factory, tiny_tokenizer, dtype):
     base = tmp_path / "base"
     tiny_model_factory("llama").save_pretrained(base)
     tiny_tokenizer.save_pretrained(base)
-    cfg = _cfg(tmp_path / "run", f"model={base}", "optimizer=mezo", "eval_every=0", "steps=8",
-               "zo.n_perturbations=2", "weight_decay=0.01", "schedule=cosine")
-    model, tokenizer = load_model(str(base))
+    cfg = _cfg(tmp_path / "run", f"model={base}", "optimizer=mezo", "eval_every=0", "steps=8", f"dtype={dtype}",
+               "zo.n_perturbations=2", "weight_decay=0.01", "schedule=cosine", "zo.eps=1e-2")
+    model, tokenizer = load_model(str(base), dtype=dtype)
     train(cfg, progress=False, model_and_tokenizer=(model, tokenizer), data=_data())
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     replayed, _ = replay_run(tmp_path / "run")

@@ -125,7 +125,8 @@ def train_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c",
                                          help="YAML config: a path, or a name in configs/ (e.g. sentiment-lora)."),
-    optimizer: Optional[str] = typer.Option(None, help="adamw, sgd or mezo (same as optimizer=...)."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw, sgd, or zeroth-order: mezo, zo-momentum, zo-adam, zo-sign, "
+                                                   "sparse-mezo (same as optimizer=...)."),
     mode: Optional[str] = typer.Option(None, help="full, lora or prefix (same as mode=...)."),
     overwrite: bool = typer.Option(False, help="Delete output_dir first instead of resuming from it."),
     show_config: bool = typer.Option(False, help="Print the resolved config and exit."),
