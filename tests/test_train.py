@@ -102,6 +102,29 @@ def test_replay_rebuilds_a_mezo_run_bitwise(tmp_path, tiny_model_factory, tiny_t
     assert any(not torch.equal(p, trained[n]) for n, p in halfway.named_parameters())
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "cut"])
+def test_a_damaged_trajectory_log_is_reported_and_left_alone(tmp_path, tiny_model_factory, tiny_tokenizer, damage):
+    cfg = _cfg(tmp_path, "optimizer=mezo", "eval_every=0")
+
+    def kill(step, record):
+        if step == 5:
+            raise _Killed
+    with pytest.raises(_Killed):
+        train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
+              data=_data(), callback=kill)
+    log = tmp_path / "trajectory.bin"
+    data = bytearray(log.read_bytes())
+    if damage == "corrupt":
+        data[20:24] = b"\xff\xff\xff\xff"  # the second record's seed
+    else:
+        data = data[:16]  # one step left; the checkpoint is at step 4
+    log.write_bytes(bytes(data))
+    with pytest.raises(FtlabError, match="another run" if damage == "corrupt" else "holds 1 steps"):
+        train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
+              data=_data())
+    assert log.read_bytes() == bytes(data)
+
+
 def test_training_learns_a_cue_word(tmp_path, tiny_model_factory, tiny_tokenizer):
     cfg = _cfg(tmp_path, "steps=40", "eval_every=20", "checkpoint_every=0", "lr=3e-3")
     model = tiny_model_factory("llama")

@@ -323,10 +323,15 @@ def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, sche
     if log is None:
         return load_checkpoint(out / "checkpoint", module, optimizer, scheduler) if state_path.exists() else fresh
     state = json.loads(state_path.read_text()) if state_path.exists() else fresh
+    # Replay (which checks the log against this run's seeds) before touching the file, so a
+    # corrupted or foreign log is reported and left as it is. Up to the checkpoint only: another
+    # rank may read the log before or after rank 0 truncates it.
+    done = replay(log, optimizer, scheduler, steps=state["step"])
+    if done != state["step"]:
+        raise FtlabError(f"{log.path} holds {done} steps but the checkpoint is at step {state['step']}: "
+                         "the log was cut or replaced; restore it, or start afresh with --overwrite")
     if main:
         log.truncate(state["step"])  # steps after the checkpoint are redone, identically
-    # Up to the checkpoint only: another rank may read the log before or after the truncation.
-    replay(log, optimizer, scheduler, steps=state["step"])
     return state
 
 
