@@ -15,6 +15,7 @@ import typer
 # peft 0.21 calls a transformers method deprecated in 5.x on every LoRA setup; not actionable here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
+from ftlab.cli.common import config_path, table
 from ftlab.errors import FtlabError
 
 app = typer.Typer(
@@ -25,24 +26,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Fetch and list the built-in tasks' data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 OVERRIDES_HELP = "Config overrides as key=value (YAML values), e.g. lr=1e-4 mode=lora lora.r=16 data.task=nli"
-
-
-def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
-
-
-def _config_path(config: Optional[str]) -> Optional[Path]:
-    """A config given by path, or by the name of a file in configs/ (``demo`` -> configs/demo.yaml)."""
-    if config is None:
-        return None
-    path = Path(config)
-    if not path.exists() and (CONFIGS / f"{config}.yaml").exists():
-        return CONFIGS / f"{config}.yaml"
-    return path
 
 
 def _plot(run_dir: str) -> str:
@@ -74,7 +58,7 @@ def data_list() -> None:
 
     rows = [(s.name, s.kind, s.metric, " / ".join(repr(o) for o in s.options) or "-",
              s.description) for s in list_tasks()]
-    typer.echo(_table(rows, ("task", "kind", "metric", "options", "description")))
+    typer.echo(table(rows, ("task", "kind", "metric", "options", "description")))
 
 
 @app.command("eval")
@@ -111,7 +95,7 @@ def eval_cmd(
     result = evaluate(lm, tokenizer, spec, splits.test, demos=splits.train, k_shot=k_shot, seed=seed,
                       batch_size=batch_size, max_length=max_length)
     seconds = time.perf_counter() - start
-    typer.echo(_table([(model, spec.name, str(k_shot), *(f"{v:.4f}" if k != "n" else str(int(v))
+    typer.echo(table([(model, spec.name, str(k_shot), *(f"{v:.4f}" if k != "n" else str(int(v))
                                                          for k, v in result.metrics.items()),
                         f"{seconds:.1f}")],
                       ("model", "task", "k-shot", *result.metrics.keys(), "seconds")))
@@ -141,7 +125,7 @@ def train_cmd(
     from ftlab.train import train
 
     shortcuts = [f"{k}={v}" for k, v in (("optimizer", optimizer), ("mode", mode)) if v is not None]
-    cfg = load_config(TrainConfig, _config_path(config), [*(overrides or []), *shortcuts])
+    cfg = load_config(TrainConfig, config_path(config), [*(overrides or []), *shortcuts])
     if show_config:
         typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
@@ -181,11 +165,11 @@ def demo_cmd(
     from ftlab.demo import run_demo
     from ftlab.tasks import prepare
 
-    cfg = load_config(TrainConfig, _config_path(config), overrides or [])
+    cfg = load_config(TrainConfig, config_path(config), overrides or [])
     prepare()
     report = run_demo(cfg)
     typer.echo("")
-    typer.echo(_table([(r["method"], f"{r['accuracy']:.4f}", str(r["n"]), f"{r['seconds']:.0f}")
+    typer.echo(table([(r["method"], f"{r['accuracy']:.4f}", str(r["n"]), f"{r['seconds']:.0f}")
                        for r in report], ("method", "accuracy", "n test", "seconds")))
     typer.echo(f"\ntraining curves: {_plot(cfg.output_dir)}")
 
@@ -199,5 +183,5 @@ def main() -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
+# Sub-commands of the other parts of ftlab live in their own modules of this package, each
+# exposing a Typer ``app``; they are registered here, one line each.
