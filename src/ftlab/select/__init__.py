@@ -7,3 +7,6 @@ device), :mod:`~ftlab.select.datastore` (sharded, memory-mapped, resumable featu
 """
 
 from ftlab.select.projection import ProjectionSpec, Projector, jl_tolerance
+from ftlab.select.datastore import (Datastore, DatastoreManifest, DatastoreWriter, merge_datastores,
+                                    write_distributed)
+from ftlab.select.scoring import less_scores, make_id, select_top, split_id, write_selection

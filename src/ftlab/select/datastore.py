@@ -1,0 +1,462 @@
+"""Feature datastores: memory-mapped float16/float32 shards described by a JSON manifest.
+
+Layout of a datastore folder::
+
+    manifest.json            model, checkpoint, grad_type, dim, dtype, projection, shard list, complete
+    shard-00000.bin          rows x dim raw little-endian values (no header: the manifest has the shape)
+    shard-00000.ids.json     the ids of those rows, in order
+    ...
+
+Kill safety: a shard's ids file and data file are each written to a temp name and renamed, and
+only then is the manifest (rewritten atomically) extended to list them. After a kill the
+manifest lists exactly the durable shards; anything else is an orphan that the resumed writer
+overwrites. Reopening a :class:`DatastoreWriter` on the same folder resumes: ``done_ids()`` says
+which examples to skip and rows for them are never written twice. Readers check every shard's
+size against the manifest, so a truncated or replaced file is reported, never silently read.
+
+Row ``i`` of a store is ``ids[i]``: ids are kept per shard in shard order, and merges keep (or
+re-establish, with ``order``) that mapping exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ftlab.distributed import barrier, init_from_env
+from ftlab.errors import FtlabError
+from ftlab.io import atomic_file, atomic_write_json
+from ftlab.select.projection import ProjectionSpec
+
+MANIFEST = "manifest.json"
+DTYPES = ("float16", "float32")
+FORMAT_VERSION = 1
+# Manifest fields that say what the features are; stores are comparable only when they agree.
+IDENTITY = ("model", "checkpoint", "grad_type", "dim", "dtype", "projection")
+
+
+@dataclass
+class DatastoreManifest:
+    """What a datastore holds (serialised to ``manifest.json``).
+
+    Attributes:
+        model: the model the features come from (name or path).
+        checkpoint: the checkpoint they were taken at (e.g. ``"epoch-1"``).
+        grad_type: ``"adam"`` (Adam-preconditioned) or ``"sgd"`` (plain gradients), or another label.
+        dim: feature dimension (the projection's ``dim_out``).
+        dtype: storage dtype, ``"float16"`` or ``"float32"``.
+        projection: the :class:`ProjectionSpec` as a dict (``None`` for unprojected features).
+        extra: free-form metadata (e.g. the checkpoint's mean learning rate).
+        shards: ``{"file", "ids", "rows", "bytes", "sha256"}`` per shard, in row order.
+        complete: ``True`` once the writer was closed; readers refuse an incomplete store.
+    """
+
+    model: str
+    checkpoint: str
+    grad_type: str
+    dim: int
+    dtype: str = "float16"
+    projection: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = False
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise FtlabError(f"datastore dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dim < 1:
+            raise FtlabError(f"datastore dim must be positive, got {self.dim}")
+        if isinstance(self.projection, ProjectionSpec):
+            self.projection = self.projection.to_dict()
+        if self.projection is not None and self.projection.get("dim_out", self.dim) != self.dim:
+            raise FtlabError(f"datastore dim={self.dim} differs from the projection's dim_out="
+                             f"{self.projection['dim_out']}")
+
+    @property
+    def rows(self) -> int:
+        """Number of rows in the listed shards."""
+        return sum(s["rows"] for s in self.shards)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define what the features are (see ``IDENTITY``)."""
+        return {k: getattr(self, k) for k in IDENTITY}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatastoreManifest":
+        """Inverse of :meth:`to_dict`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if d.get("version", FORMAT_VERSION) > FORMAT_VERSION or set(d) - names:
+            raise FtlabError(f"datastore manifest version {d.get('version')} with fields {sorted(set(d) - names)} "
+                             f"is newer than this ftlab (version {FORMAT_VERSION}); upgrade ftlab")
+        return cls(**d)
+
+
+def _read_manifest(path: Path) -> DatastoreManifest | None:
+    file = path / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        return DatastoreManifest.from_dict(json.loads(file.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise FtlabError(f"{file} is not a datastore manifest ({e}); delete the folder and rewrite it") from e
+
+
+def _itemsize(dtype: str) -> int:
+    return np.dtype(dtype).itemsize
+
+
+def _check_shard(path: Path, shard: dict[str, Any], dim: int, dtype: str) -> None:
+    """Raise if the shard's data file is missing or its size disagrees with the manifest."""
+    file = path / shard["file"]
+    want = shard["rows"] * dim * _itemsize(dtype)
+    if not file.exists():
+        raise FtlabError(f"datastore shard {file} is missing; delete {path} and rewrite the datastore")
+    got = file.stat().st_size
+    if got != want or shard["bytes"] != want:
+        raise FtlabError(f"datastore shard {file} has {got} bytes but the manifest says {shard['rows']} rows "
+                         f"x {dim} x {dtype} = {want} (truncated or replaced); delete {path} and rewrite it")
+
+
+def _read_ids(path: Path, shard: dict[str, Any]) -> list[str]:
+    file = path / shard["ids"]
+    try:
+        ids = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FtlabError(f"datastore ids file {file} is unreadable ({e}); delete {path} and rewrite it") from e
+    if len(ids) != shard["rows"]:
+        raise FtlabError(f"datastore ids file {file} lists {len(ids)} ids for {shard['rows']} rows; "
+                         f"delete {path} and rewrite it")
+    return ids
+
+
+class Datastore:
+    """A complete, validated datastore opened for reading (see :meth:`open`)."""
+
+    def __init__(self, path: Path, manifest: DatastoreManifest, ids: list[str]):
+        self.path = path
+        self.manifest = manifest
+        self.ids = ids
+        counts = [s["rows"] for s in manifest.shards]
+        # starts[k] is shard k's first global row; the last entry is the total.
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Datastore":
+        """Open the datastore in ``path``, checking the manifest, every shard's size and ids.
+
+        Raises:
+            FtlabError: no manifest, an incomplete store (writer not closed), a missing or
+                truncated shard, or ids that do not match the rows.
+        """
+        path = Path(path)
+        manifest = _read_manifest(path)
+        if manifest is None:
+            raise FtlabError(f"no datastore at {path} ({MANIFEST} missing); write it with the features command first")
+        if not manifest.complete:
+            raise FtlabError(f"datastore {path} is incomplete ({manifest.rows} rows written); rerun the command "
+                             f"that writes it to resume")
+        ids: list[str] = []
+        for shard in manifest.shards:
+            _check_shard(path, shard, manifest.dim, manifest.dtype)
+            ids.extend(_read_ids(path, shard))
+        if len(set(ids)) != len(ids):
+            raise FtlabError(f"datastore {path} holds duplicate ids; delete it and rewrite it")
+        return cls(path, manifest, ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension."""
+        return self.manifest.dim
+
+    def _map(self, shard: int, lo: int, hi: int) -> np.memmap:
+        """Rows ``[lo, hi)`` of shard ``shard`` (local indices) as a read-only memmap.
+
+        A memmap per read (dropped by the caller) keeps the resident set at one chunk: pages of a
+        long-lived map of a 16 GB store would stay counted in RSS after being read.
+        """
+        info = self.manifest.shards[shard]
+        row_bytes = self.dim * _itemsize(self.manifest.dtype)
+        dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
+        return np.memmap(self.path / info["file"], dtype=dtype, mode="r",
+                         offset=lo * row_bytes, shape=(hi - lo, self.dim))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as a float32 array (may span shards)."""
+        start, stop = max(0, start), min(stop, len(self))
+        out = np.empty((max(0, stop - start), self.dim), dtype=np.float32)
+        k = int(np.searchsorted(self._starts, start, side="right")) - 1
+        row = start
+        while row < stop:
+            lo, hi = row - self._starts[k], min(stop, self._starts[k + 1]) - self._starts[k]
+            out[row - start:row - start + hi - lo] = self._map(k, int(lo), int(hi))
+            row += int(hi - lo)
+            k += 1
+        return out
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The given global rows, in the given order, as float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(shard_of):
+            sel = np.nonzero(shard_of == k)[0]
+            local = rows[sel] - self._starts[k]
+            lo, hi = int(local.min()), int(local.max()) + 1
+            out[sel] = self._map(int(k), lo, hi)[local - lo]
+        return out
+
+    def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, chunk)`` over the whole store: float32 chunks of exactly ``rows`` rows
+        (the last may be shorter), read through short-lived memmaps so memory stays O(rows x dim)."""
+        if rows < 1:
+            raise FtlabError(f"chunk rows must be positive, got {rows}")
+        for start in range(0, len(self), rows):
+            yield start, self.read(start, start + rows)
+
+    def verify(self) -> None:
+        """Check every shard's SHA-256 against the manifest (reads the whole store).
+
+        Raises:
+            FtlabError: naming the first shard whose content changed.
+        """
+        for shard in self.manifest.shards:
+            digest = hashlib.sha256()
+            with open(self.path / shard["file"], "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            if digest.hexdigest() != shard["sha256"]:
+                raise FtlabError(f"datastore shard {self.path / shard['file']} does not match its checksum "
+                                 f"(corrupted); delete {self.path} and rewrite it")
+
+
+class DatastoreWriter:
+    """Writes features into a datastore folder shard by shard; reopening resumes.
+
+    Args:
+        path: the datastore folder.
+        model, checkpoint, grad_type, dim, dtype, projection, extra: see :class:`DatastoreManifest`.
+        shard_rows: rows per shard: the most work a kill can lose, and the unit of writes.
+
+    Raises:
+        FtlabError: ``path`` already holds a store of different features (model, checkpoint,
+            grad type, dim, dtype or projection), or one of its shards is truncated.
+    """
+
+    def __init__(self, path: str | Path, *, model: str, checkpoint: str, grad_type: str, dim: int,
+                 dtype: str = "float16", projection: ProjectionSpec | dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None, shard_rows: int = 2048):
+        if shard_rows < 1:
+            raise FtlabError(f"shard_rows must be positive, got {shard_rows}")
+        self.path = Path(path)
+        self.shard_rows = shard_rows
+        wanted = DatastoreManifest(model=model, checkpoint=checkpoint, grad_type=grad_type, dim=dim, dtype=dtype,
+                                   projection=projection, extra=dict(extra or {}))
+        existing = _read_manifest(self.path)
+        if existing is not None and existing.identity() != wanted.identity():
+            diff = {k: (v, wanted.identity()[k]) for k, v in existing.identity().items() if v != wanted.identity()[k]}
+            raise FtlabError(f"{self.path} already holds a datastore of other features (stored vs new: {diff}); "
+                             f"use another path or delete it")
+        self.manifest = existing or wanted
+        self._done: set[str] = set()
+        for shard in self.manifest.shards:
+            _check_shard(self.path, shard, self.manifest.dim, self.manifest.dtype)
+            self._done.update(_read_ids(self.path, shard))
+        self._pending_ids: list[str] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_set: set[str] = set()
+
+    def done_ids(self) -> set[str]:
+        """Ids whose rows are durable on disk (skip them when resuming)."""
+        return set(self._done)
+
+    def append(self, ids: Sequence[str], features: torch.Tensor | np.ndarray) -> None:
+        """Buffer ``features`` (``(len(ids), dim)``) for ``ids``; every full shard is written at once.
+
+        Ids already durable on disk are skipped (that is what resuming means), so replaying the
+        same examples after a kill never duplicates a row.
+
+        Raises:
+            FtlabError: wrong shape, an id repeated among the rows not yet written, or a
+                non-finite value (also after the cast to float16, which overflows past 65504).
+        """
+        if isinstance(features, torch.Tensor):
+            features = features.detach().to("cpu", torch.float32).numpy()
+        features = np.asarray(features)
+        if features.shape != (len(ids), self.manifest.dim):
+            raise FtlabError(f"append expects features of shape ({len(ids)}, {self.manifest.dim}) for "
+                             f"{len(ids)} ids, got {features.shape}")
+        keep = [i for i, id_ in enumerate(ids) if id_ not in self._done]
+        new_ids = [ids[i] for i in keep]
+        if len(set(new_ids)) != len(new_ids) or self._pending_set.intersection(new_ids):
+            dup = next(i for n, i in enumerate(new_ids) if i in self._pending_set or i in new_ids[:n])
+            raise FtlabError(f"id {dup!r} appended twice to datastore {self.path}; ids must be unique")
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below
+            rows = features[keep].astype(self.manifest.dtype)
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            raise FtlabError(f"non-finite feature for id {new_ids[int(np.argmax(bad))]!r} (NaN/inf, or beyond "
+                             f"{self.manifest.dtype}'s range); normalise features or skip that example")
+        self._pending_ids.extend(new_ids)
+        self._pending_set.update(new_ids)
+        self._pending.append(rows)
+        while len(self._pending_ids) >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, n: int) -> None:
+        """Write the first ``n`` pending rows as a new shard, then list it in the manifest."""
+        data = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        ids, rest_ids = self._pending_ids[:n], self._pending_ids[n:]
+        shard, rest = np.ascontiguousarray(data[:n]), data[n:]
+        name = f"shard-{len(self.manifest.shards):05d}"
+        atomic_write_json(self.path / f"{name}.ids.json", ids)
+        raw = shard.astype(shard.dtype.newbyteorder("<"), copy=False).tobytes()  # little-endian on any host
+        with atomic_file(self.path / f"{name}.bin", "wb") as f:
+            f.write(raw)
+        self.manifest.shards.append({"file": f"{name}.bin", "ids": f"{name}.ids.json", "rows": n,
+                                     "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()})
+        self.manifest.complete = False
+        atomic_write_json(self.path / MANIFEST, self.manifest.to_dict())
+        self._done.update(ids)
+        self._pending_ids, self._pending = rest_ids, [rest] if len(rest) else []
+        self._pending_set = set(rest_ids)
+
+    def close(self) -> Datastore:
+        """Write the buffered tail shard, mark the store complete and open it for reading."""
+        if self._pending_ids:
+            self._flush(len(self._pending_ids))
+        self.manifest.complete = True
+        atomic_write_json(self.path / MANIFEST, self.manifest.to_dict())
+        return Datastore.open(self.path)
+
+
+def _check_same_features(stores: Sequence[Datastore], what: str) -> None:
+    first = stores[0].manifest.identity()
+    for store in stores[1:]:
+        other = store.manifest.identity()
+        if other != first:
+            diff = {k: (first[k], other[k]) for k in first if first[k] != other[k]}
+            raise FtlabError(f"{what}: {stores[0].path} and {store.path} hold different features {diff}")
+
+
+def merge_datastores(parts: Sequence[str | Path], out: str | Path, order: Sequence[str] | None = None,
+                     shard_rows: int = 2048, progress: bool = False) -> Datastore:
+    """Merge several stores of the same features into ``out``, streaming ``shard_rows`` at a time.
+
+    Args:
+        parts: the stores to merge (e.g. one per rank).
+        out: the merged store's folder; a killed merge resumes when rerun.
+        order: the merged row order as ids (a permutation of all the parts' ids); default: the
+            parts' rows one after the other.
+        shard_rows: rows per output shard (and per read).
+        progress: show a progress bar.
+
+    Raises:
+        FtlabError: the parts hold different features or share ids, or ``order`` is not a
+            permutation of their ids.
+    """
+    stores = [Datastore.open(p) for p in parts]
+    if not stores:
+        raise FtlabError("merge_datastores needs at least one part")
+    _check_same_features(stores, "cannot merge datastores")
+    where = {}  # id -> (part, row)
+    for p, store in enumerate(stores):
+        for row, id_ in enumerate(store.ids):
+            if where.setdefault(id_, (p, row)) != (p, row):
+                raise FtlabError(f"id {id_!r} is in both {stores[where[id_][0]].path} and {store.path}; "
+                                 f"parts must hold disjoint ids")
+    order = list(where) if order is None else list(order)
+    if len(order) != len(where) or set(order) != where.keys():
+        raise FtlabError(f"merge order lists {len(order)} ids ({len(set(order))} distinct) but the parts hold "
+                         f"{len(where)}; pass every id exactly once")
+    m = stores[0].manifest
+    writer = DatastoreWriter(out, model=m.model, checkpoint=m.checkpoint, grad_type=m.grad_type, dim=m.dim,
+                             dtype=m.dtype, projection=m.projection, extra=m.extra, shard_rows=shard_rows)
+    done = writer.done_ids()
+    for start in tqdm(range(0, len(order), shard_rows), desc="merge", unit="chunk", disable=not progress):
+        ids = [i for i in order[start:start + shard_rows] if i not in done]
+        if ids:
+            writer.append(ids, _gather(stores, [where[i] for i in ids]))
+    return writer.close()
+
+
+def _gather(stores: Sequence[Datastore], locations: list[tuple[int, int]]) -> np.ndarray:
+    """Rows at ``(part, row)`` locations, in that order."""
+    out = np.empty((len(locations), stores[0].dim), dtype=np.float32)
+    parts = np.array([p for p, _ in locations])
+    rows = np.array([r for _, r in locations])
+    for p in np.unique(parts):
+        sel = np.nonzero(parts == p)[0]
+        out[sel] = stores[int(p)].take(rows[sel])
+    return out
+
+
+def part_path(path: str | Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes its part of the datastore ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.parts") / f"rank{rank}-of-{world}"
+
+
+def write_distributed(path: str | Path, ids: Sequence[str], compute: Callable[[list[int]], torch.Tensor | np.ndarray],
+                      *, batch_size: int = 16, device: str = "cpu", progress: bool = False,
+                      shard_rows: int = 2048, **fields: Any) -> Datastore:
+    """Compute and store features for ``ids``, split over the ``torchrun`` processes (or in one).
+
+    Rank ``r`` of ``world`` takes the examples ``r::world``, calls ``compute(indices)`` on
+    batches of their indices into ``ids`` and writes its own part store (resumable); once all
+    parts are complete rank 0 merges them into ``path`` in the order of ``ids`` and removes the
+    parts. Without a launcher it writes ``path`` directly. Rerunning after a kill resumes.
+
+    Args:
+        path: the final datastore folder.
+        ids: example ids, in the order the final store keeps them.
+        compute: features ``(len(indices), dim)`` for the examples at those indices of ``ids``.
+        batch_size: examples per ``compute`` call.
+        device: ``"cuda"`` to join an NCCL group under torchrun, else gloo.
+        progress: show a progress bar on rank 0.
+        shard_rows: rows per shard.
+        **fields: the :class:`DatastoreWriter` manifest fields (model, checkpoint, grad_type, dim, ...).
+
+    Returns:
+        The final store, opened on every rank.
+    """
+    if len(set(ids)) != len(ids):
+        raise FtlabError("write_distributed: ids must be unique")
+    if (Path(path) / MANIFEST).exists():
+        store = Datastore.open(path) if _read_manifest(Path(path)).complete else None
+        if store is not None and store.ids == list(ids):
+            return store
+    rank, world = init_from_env(device)
+    target = Path(path) if world == 1 else part_path(path, rank, world)
+    writer = DatastoreWriter(target, shard_rows=shard_rows, **fields)
+    done = writer.done_ids()
+    todo = [i for i in range(rank, len(ids), world) if ids[i] not in done]
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"features (rank {rank})", unit="batch",
+                      disable=not progress or rank != 0):
+        batch = todo[start:start + batch_size]
+        writer.append([ids[i] for i in batch], compute(batch))
+    writer.close()
+    if world > 1:
+        barrier()
+        if rank == 0:
+            merge_datastores([part_path(path, r, world) for r in range(world)], path, order=ids,
+                             shard_rows=shard_rows, progress=progress)
+            shutil.rmtree(part_path(path, 0, world).parent)
+        barrier()
+    return Datastore.open(path)
