@@ -1,0 +1,246 @@
+"""The LESS recipe end to end, and its baselines, driven by one typed config.
+
+``run_pipeline(cfg)`` with ``cfg.method == "less"``: LoRA warm-up on a random p% of the pool
+(one checkpoint per epoch) -> Adam features of the pool and SGD features of the targets at
+every checkpoint -> streaming scores (lr-weighted cosine, subtask mean, max) -> top-k.
+``"random"`` and ``"representation"`` replace the first three steps by their baseline. Output
+folder::
+
+    warmup/epoch-<e>/                 LoRA tensors + AdamW moments by name (less)
+    features/{train,target}/epoch-<e>/ datastores (less); representations/{train,target}/ (representation)
+    selected.jsonl, scores.csv        the selection (id, source, line, score, rank) and all scores
+    selected_data.jsonl               the selected examples themselves (prompt/messages, response), best first
+    selection.png                     score distribution and the source tasks of the selection
+    summary.json                      counts, skipped ids, the selection's task families
+
+Every stage resumes: rerunning a killed command redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ftlab.errors import FtlabError
+from ftlab.io import atomic_file, atomic_write_json
+from ftlab.models import LoraSettings, load_model, prepare_model, trainable_parameters
+from ftlab.select.baselines import random_scores, representation_scores, representation_store
+from ftlab.select.data import InstructionExample, load_instructions
+from ftlab.select.datastore import Datastore
+from ftlab.select.features import AdamState, collect_features
+from ftlab.select.projection import ProjectionSpec, Projector
+from ftlab.select.scoring import less_scores, select_top, write_selection
+from ftlab.select.warmup import (WarmupCheckpoint, WarmupSettings, list_checkpoints, load_adam_state,
+                                 load_checkpoint_into, run_warmup)
+
+METHODS = ("less", "random", "representation")
+
+
+@dataclass
+class SelectConfig:
+    """One data-selection run.
+
+    Attributes:
+        pool, targets: JSONL instruction files (see :mod:`ftlab.select.data`); targets are
+            grouped by their ``task`` field (their file name when absent).
+        method: ``less``, ``random`` or ``representation``.
+        attn_implementation: ``eager`` batches per-example gradients under ``vmap`` (SDPA falls
+            back to a loop there); ``None`` keeps the model's default.
+        projection_dim, projection_kind, projection_seed: the random projection (LESS: 8192).
+        percentage / top_k: how much to select (exactly one of them set).
+    """
+
+    pool: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    output_dir: str = "runs/less"
+    method: str = "less"
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn_implementation: str | None = "eager"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    warmup: WarmupSettings = field(default_factory=WarmupSettings)
+    projection_dim: int = 8192
+    projection_kind: str = "sparse"
+    projection_seed: int = 0
+    feature_dtype: str = "float16"
+    batch_size: int = 8
+    max_length: int = 256
+    percentage: float | None = 0.05
+    top_k: int | None = None
+    seed: int = 0
+
+
+def check_config(cfg: SelectConfig) -> None:
+    """Raise a one-line :class:`FtlabError` for an unusable config."""
+    if cfg.method not in METHODS:
+        raise FtlabError(f"unknown selection method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if not cfg.pool:
+        raise FtlabError("no pool files; set pool=[pool.jsonl, ...]")
+    if not cfg.targets and cfg.method != "random":
+        raise FtlabError("the target set is empty; set targets=[target.jsonl, ...]")
+    if (cfg.percentage is None) == (cfg.top_k is None):
+        raise FtlabError("set exactly one of percentage (e.g. 0.05) and top_k (and the other to null)")
+
+
+def load_lora_model(cfg: SelectConfig, model: nn.Module | None = None, tokenizer: Any = None,
+                    ) -> tuple[nn.Module, Any]:
+    """The model of ``cfg`` (or the given one) with fresh LoRA adapters seeded by ``cfg.seed``."""
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                      attn_implementation=cfg.attn_implementation)
+    with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator
+        torch.manual_seed(cfg.seed)
+        return prepare_model(model, "lora", lora=cfg.lora), tokenizer
+
+
+def projector_for(cfg: SelectConfig, module: nn.Module) -> Projector:
+    """The projection of ``cfg`` for the trainable entries of ``module``."""
+    dim_in = sum(p.numel() for _, p in trainable_parameters(module))
+    spec = ProjectionSpec(dim_in=dim_in, dim_out=cfg.projection_dim, seed=cfg.projection_seed, kind=cfg.projection_kind)
+    return Projector(spec, cfg.device)
+
+
+@dataclass
+class FeatureStores:
+    """Per checkpoint: the pool's and the targets' feature stores and the checkpoint's lr weight."""
+
+    train: list[Datastore]
+    target: list[Datastore]
+    lr_weights: list[float]
+    skipped: list[str]
+
+
+def gradient_features(cfg: SelectConfig, module: nn.Module, tokenizer: Any, pool: Sequence[InstructionExample],
+                      targets: Sequence[InstructionExample], checkpoints: Sequence[WarmupCheckpoint],
+                      progress: bool = True) -> FeatureStores:
+    """Adam features of the pool and SGD features of the targets at every checkpoint."""
+    projector = projector_for(cfg, module)
+    out = Path(cfg.output_dir) / "features"
+    stores = FeatureStores([], [], [], [])
+    common = dict(projector=projector, model_name=cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                  dtype=cfg.feature_dtype, progress=progress)
+    for ckpt in checkpoints:
+        load_checkpoint_into(module, ckpt)
+        state = json.loads((ckpt.path / "state.json").read_text())
+        adam = AdamState(load_adam_state(ckpt.path), tuple(state["betas"]), state["eps"])
+        name, extra = ckpt.path.name, {"mean_lr": ckpt.mean_lr}
+        train = collect_features(module, tokenizer, pool, out / "train" / name, grad_type="adam", adam=adam,
+                                 checkpoint=name, extra=extra, **common)
+        target = collect_features(module, tokenizer, targets, out / "target" / name, grad_type="sgd",
+                                  checkpoint=name, extra=extra, **common)
+        stores.train.append(train.store)
+        stores.target.append(target.store)
+        stores.lr_weights.append(ckpt.mean_lr)
+        stores.skipped = sorted(set(train.skipped + target.skipped))
+    return stores
+
+
+def groups_of(store: Datastore, examples: Sequence[InstructionExample]) -> list[str]:
+    """The subtask of each row of a target store."""
+    task = {ex.id: ex.task for ex in examples}
+    return [task[i] for i in store.ids]
+
+
+def score_pool(cfg: SelectConfig, pool: Sequence[InstructionExample], targets: Sequence[InstructionExample],
+               model: nn.Module | None = None, tokenizer: Any = None,
+               progress: bool = True) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(ids, scores, skipped ids)`` of the pool under ``cfg.method``."""
+    check_config(cfg)
+    out = Path(cfg.output_dir)
+    if cfg.method == "random":
+        return [ex.id for ex in pool], random_scores(len(pool), cfg.seed), []
+    if cfg.method == "representation":
+        if model is None:
+            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        kw = dict(model_name=cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length, progress=progress)
+        train = representation_store(model, tokenizer, pool, out / "representations" / "train", **kw)
+        target = representation_store(model, tokenizer, targets, out / "representations" / "target", **kw)
+        return train.ids, representation_scores(train, target, groups_of(target, targets)), []
+    module, tokenizer = load_lora_model(cfg, model, tokenizer)
+    checkpoints = run_warmup(module, tokenizer, pool, cfg.warmup, out / "warmup", max_length=cfg.max_length,
+                             progress=progress)
+    stores = gradient_features(cfg, module, tokenizer, pool, targets, checkpoints, progress)
+    scores = less_scores(stores.train, stores.target, stores.lr_weights, groups_of(stores.target[0], targets),
+                         progress=progress)
+    return stores.train[0].ids, scores, stores.skipped
+
+
+def write_outputs(cfg: SelectConfig, pool: Sequence[InstructionExample], ids: list[str], scores: np.ndarray,
+                  skipped: list[str]) -> dict[str, Any]:
+    """Select the top examples and write every output file; returns the summary."""
+    out = Path(cfg.output_dir)
+    rows = select_top(scores, ids, k=cfg.top_k, fraction=cfg.percentage)
+    write_selection(out / "selected.jsonl", out / "scores.csv", ids, scores, rows)
+    by_id = {ex.id: ex for ex in pool}
+    chosen = [by_id[ids[r]] for r in rows]
+    with atomic_file(out / "selected_data.jsonl") as f:
+        for ex, r in zip(chosen, rows):
+            f.write(json.dumps({"messages": [*ex.messages, {"role": "assistant", "content": ex.response}],
+                                "task": ex.task, "family": ex.family, "id": ex.id,
+                                "score": float(scores[r])}, ensure_ascii=False) + "\n")
+    summary = {"method": cfg.method, "n_pool": len(pool), "n_scored": len(ids), "n_selected": len(rows),
+               "skipped_no_target_tokens": skipped,
+               "families": dict(collections.Counter(ex.family for ex in chosen).most_common()),
+               "tasks": dict(collections.Counter(ex.task for ex in chosen).most_common())}
+    plot_selection(scores, rows, [ex.family for ex in chosen], out / "selection.png", cfg.method)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def plot_selection(scores: np.ndarray, selected: Sequence[int], families: Sequence[str], png: str | Path,
+                   method: str) -> Path:
+    """PNG with the score histogram (selection threshold marked) and the selection's task families."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_hist, ax_bar) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_hist.hist(scores, bins=min(50, max(5, len(scores) // 10)), color="tab:blue", alpha=0.8)
+    if len(selected):
+        ax_hist.axvline(float(np.min(scores[list(selected)])), color="tab:red", ls="--", label="selection threshold")
+        ax_hist.legend()
+    ax_hist.set(xlabel="score", ylabel="examples", title=f"{method} scores (n={len(scores)})")
+    counts = collections.Counter(families).most_common()
+    ax_bar.barh([c[0] for c in counts][::-1], [c[1] for c in counts][::-1], color="tab:green")
+    ax_bar.set(xlabel="selected examples", title=f"Source task families of the {len(selected)} selected")
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(png, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return png
+
+
+def run_pipeline(cfg: SelectConfig, model: nn.Module | None = None, tokenizer: Any = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Run the selection of ``cfg`` end to end (resumable) and write its outputs.
+
+    ``model``/``tokenizer`` (optional) replace loading ``cfg.model``; the LESS method adds LoRA
+    adapters to ``model`` in place.
+    """
+    check_config(cfg)
+    pool = load_instructions(cfg.pool)
+    targets = load_instructions(cfg.targets) if cfg.targets else []
+    overlap = {ex.id for ex in pool} & {ex.id for ex in targets}
+    if overlap:
+        raise FtlabError(f"pool and targets share files (e.g. {sorted(overlap)[0]}); keep targets out of the pool")
+    ids, scores, skipped = score_pool(cfg, pool, targets, model, tokenizer, progress)
+    return write_outputs(cfg, pool, ids, scores, skipped)
+
+
+def checkpoints_of(cfg: SelectConfig) -> list[WarmupCheckpoint]:
+    """The warm-up checkpoints already written under ``cfg.output_dir``."""
+    found = list_checkpoints(Path(cfg.output_dir) / "warmup")
+    if not found:
+        raise FtlabError(f"no warm-up checkpoints in {Path(cfg.output_dir) / 'warmup'}; run the warm-up first")
+    return found
