@@ -153,14 +153,17 @@ class Projector:
             shapes = [tuple(b.shape) for b in blocks]
             raise FtlabError(f"projection expects blocks (B, n_i) with one B and sum n_i = dim_in = "
                              f"{self.spec.dim_in}, got shapes {shapes}")
-        out_t = torch.zeros(self.spec.dim_out, blocks[0].shape[0], dtype=torch.float32, device=self.device)
+        # The dense product accumulates in float64: BLAS blocks a product differently for each
+        # batch size, and float32 sums of ~1e6 terms would then differ by ~1e-5 relative.
+        acc = torch.float32 if self.spec.kind == "sparse" else torch.float64
+        out_t = torch.zeros(self.spec.dim_out, blocks[0].shape[0], dtype=acc, device=self.device)
         for start, chunk in _aligned_chunks(blocks, _CHUNK):
-            x_t = chunk.to(self.device, torch.float32).t()
+            x_t = chunk.to(self.device, acc).t()
             if self.spec.kind == "sparse":
                 out_t += self._sparse_matrix(start, chunk.shape[1]) @ x_t
             else:
                 out_t += self._dense_rows(start, chunk.shape[1]).t() @ x_t
-        return out_t.t().contiguous()
+        return out_t.t().to(torch.float32).contiguous()
 
     def _sparse_matrix(self, start: int, n: int) -> Tensor:
         """Columns ``[start, start + n)`` of the sparse sketch as a ``(dim_out, n)`` CSR matrix.
@@ -211,7 +214,7 @@ class Projector:
             signs = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(_DENSE_BLOCK, -1)[:, :d]
             parts.append(signs)
         rows = torch.cat(parts)[start - first * _DENSE_BLOCK:][:n]
-        return (rows.to(self.device, torch.float32) * 2 - 1) / math.sqrt(d)
+        return (rows.to(self.device, torch.float64) * 2 - 1) / math.sqrt(d)
 
 
 def _aligned_chunks(blocks: Sequence[Tensor], size: int) -> Iterator[tuple[int, Tensor]]:
