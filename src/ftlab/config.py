@@ -53,6 +53,10 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     momentum: float = 0.0
+    # AdamW's betas and eps (None: torch's defaults (0.9, 0.999) and 1e-8); the batch-size
+    # scaling rules of ftlab.scaling change them.
+    adam_betas: list[float] | None = None
+    adam_eps: float | None = None
     max_grad_norm: float | None = 1.0
     # Zeroth-order steps with a NaN/inf loss are skipped (and logged); the run stops after this many.
     max_skipped_steps: int = 10
@@ -64,7 +68,18 @@ class TrainConfig:
     eval_batch_size: int = 32
     checkpoint_every: int = 50
     seed: int = 0
+    # Separate seeds per source of randomness, for seed studies (None: ``seed``); ``seed`` alone
+    # draws the train/dev split. order: batch order and dropout; init: new parameters (LoRA,
+    # prefix); zo: the zeroth-order optimizer's perturbations.
+    order_seed: int | None = None
+    init_seed: int | None = None
+    zo_seed: int | None = None
     output_dir: str = "runs/default"
+
+    def seed_of(self, kind: str) -> int:
+        """The seed of one source of randomness (``"order"``, ``"init"`` or ``"zo"``)."""
+        value = getattr(self, f"{kind}_seed")
+        return self.seed if value is None else value
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:

@@ -85,13 +85,15 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimize
     """The optimizer named by ``cfg.optimizer`` over the trainable parameters."""
     groups = param_groups(module, cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        betas = tuple(cfg.adam_betas) if cfg.adam_betas is not None else (0.9, 0.999)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas,
+                                 eps=1e-8 if cfg.adam_eps is None else cfg.adam_eps)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     from ftlab.zo import ZO_OPTIMIZERS, build_zo_optimizer
 
     if cfg.optimizer in ZO_OPTIMIZERS:
-        return build_zo_optimizer(cfg.optimizer, groups, cfg.lr, cfg.zo, cfg.seed)
+        return build_zo_optimizer(cfg.optimizer, groups, cfg.lr, cfg.zo, cfg.seed_of("zo"))
     raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, sgd, {', '.join(ZO_OPTIMIZERS)}")
 
 
@@ -237,7 +239,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     # Zeroth-order forwards run in eval mode (no dropout noise in the loss difference).
     module.train(not getattr(optimizer, "zeroth_order", False))
     for step in range(state["step"], cfg.steps):
-        batch = shard(batch_indices(len(train_set), cfg.batch_size, cfg.seed, step), rank, world)
+        batch = shard(batch_indices(len(train_set), cfg.batch_size, cfg.seed_of("order"), step), rank, world)
         examples = [train_set[i] for i in batch]
         objective = objectives.objective_fn(cfg.objective, module, tokenizer, encoder, examples,
                                             model_device(module))
@@ -245,7 +247,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         lr = optimizer.param_groups[0]["lr"]
         # Dropout draws from the global RNG: seed it per step so a resumed run matches exactly.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            torch.manual_seed(cfg.seed_of("order") * 1_000_003 + step)
             loss = float(optimizer.step(closure).detach())
         skipped = _check_finite(loss, step, lr, optimizer, cfg, state, out)
         scheduler.step()
@@ -288,10 +290,10 @@ def _check_finite(loss: float, step: int, lr: float, optimizer: torch.optim.Opti
 
 def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     """The module to train (``cfg.mode``), its optimizer and lr scheduler, deterministically
-    from ``cfg.seed`` (so a replay or a resume rebuilds exactly the same starting point)."""
+    from ``cfg``'s init and zo seeds (so a replay or a resume rebuilds exactly the same starting point)."""
     with torch.random.fork_rng(devices=[]):  # adapter inits (peft) draw from the global RNG
-        torch.manual_seed(cfg.seed)
-        module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed)
+        torch.manual_seed(cfg.seed_of("init"))
+        module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed_of("init"))
     optimizer = build_optimizer(cfg, module)
     if hasattr(optimizer, "attach"):
         optimizer.attach(module)  # exact-mode MeZO perturbs inside the module's forwards

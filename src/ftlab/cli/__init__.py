@@ -185,3 +185,5 @@ def main() -> None:
 
 # Sub-commands of the other parts of ftlab live in their own modules of this package, each
 # exposing a Typer ``app``; they are registered here, one line each.
+from ftlab.cli.study import scale_app; app.add_typer(scale_app, name="scale")  # noqa: E402
+from ftlab.cli.study import seeds_app; app.add_typer(seeds_app, name="seeds")  # noqa: E402

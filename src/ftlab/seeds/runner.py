@@ -1,0 +1,219 @@
+"""Seed studies: a grid of otherwise identical fine-tuning runs that differ in their seeds.
+
+The grid varies one seed kind at a time (``order``: batch order and dropout; ``init``: new
+parameters such as LoRA or prefix; ``zo``: MeZO's perturbations), every other kind staying at the
+base value 0, and, in the ``all`` group, every kind at once. Runs are named by their seeds
+(``order3-init0-zo0``), so the base run is shared by every group and trained once. The train/dev
+split (``seed``) and the test set (``data.data_seed``) are the same for every run.
+
+Folder of a study::
+
+    study.json             the study config (a rerun with another config refuses to continue)
+    runs/<name>/           one ftlab training run (see :mod:`ftlab.train`) plus
+    runs/<name>/seed_run.json  its seeds, dev score and per-example test scores (marks it done)
+    results.json           all runs' records, written once every run is done
+
+Resumable: a run with ``seed_run.json`` is never redone; a killed run resumes from its checkpoint.
+Under ``torchrun`` rank ``r`` of ``w`` takes runs ``r::w``, each trained by that process alone,
+then the ranks meet at a barrier and rank 0 writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from ftlab import objectives
+from ftlab.config import TrainConfig, from_dict, to_dict
+from ftlab.errors import FtlabError
+from ftlab.evaluate import evaluate
+from ftlab.io import atomic_write_json
+from ftlab.models import load_trained
+from ftlab.tasks import Example, Splits, TaskSpec
+from ftlab.train import RunData, load_run_data, train
+
+SEED_KINDS: tuple[str, ...] = ("order", "init", "zo")
+RUN_RECORD = "seed_run.json"
+
+
+@dataclass
+class SeedStudyConfig:
+    """A seed study: the base training run and which seeds vary, how many runs per group."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kinds: list[str] = field(default_factory=lambda: ["order", "init"])
+    runs_per_kind: int = 5  # seed values 0..n-1 of each kind (0 is the shared base run)
+    runs_all: int = 5  # runs varying every kind at once (seeds s, s, s for s = 0..n-1)
+    output_dir: str = "runs/seeds"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid: its seeds and the groups it belongs to."""
+
+    seeds: tuple[tuple[str, int], ...]
+    groups: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "-".join(f"{k}{v}" for k, v in self.seeds)
+
+
+def plan_runs(study: SeedStudyConfig) -> list[RunSpec]:
+    """The grid's distinct runs in a fixed order (deduplicated, with every group they serve)."""
+    _validate(study)
+    kinds = study.kinds
+    wanted: dict[tuple[tuple[str, int], ...], list[str]] = {}
+    for kind in kinds:
+        for value in range(study.runs_per_kind):
+            wanted.setdefault(tuple((k, value if k == kind else 0) for k in kinds), []).append(kind)
+    for value in range(study.runs_all):
+        wanted.setdefault(tuple((k, value) for k in kinds), []).append("all")
+    return [RunSpec(seeds, tuple(groups)) for seeds, groups in wanted.items()]
+
+
+def _validate(study: SeedStudyConfig) -> None:
+    unknown = [k for k in study.kinds if k not in SEED_KINDS]
+    if unknown or not study.kinds or len(set(study.kinds)) != len(study.kinds):
+        raise FtlabError(f"kinds {study.kinds!r}: list distinct seed kinds among {list(SEED_KINDS)}")
+    from ftlab.zo import ZO_OPTIMIZERS
+
+    if "zo" in study.kinds and study.train.optimizer not in ZO_OPTIMIZERS:
+        raise FtlabError(f"seed kind 'zo' needs a zeroth-order optimizer; {study.train.optimizer} has no "
+                         "perturbations (drop 'zo' from kinds, or use optimizer=mezo)")
+    if study.runs_per_kind < 2 and study.runs_all < 2:
+        raise FtlabError("a seed study needs runs_per_kind >= 2 or runs_all >= 2 to measure any variance")
+
+
+def run_config(study: SeedStudyConfig, run: RunSpec) -> TrainConfig:
+    """The training config of one run: the base config with the run's seeds and folder."""
+    seeds = {f"{k}_seed": v for k, v in run.seeds}
+    return dataclasses.replace(study.train, **seeds,
+                               output_dir=str(Path(study.output_dir) / "runs" / run.name))
+
+
+def comparable_key(cfg: TrainConfig) -> dict[str, Any]:
+    """What runs must share to be compared: the model and the task with its test set."""
+    d = cfg.data
+    return {"model": cfg.model, "task": d.task, "template": d.template, "options": d.options,
+            "data_seed": d.data_seed, "n_test": d.n_test}
+
+
+def check_comparable(configs: dict[str, TrainConfig]) -> None:
+    """Raise :class:`FtlabError` unless every config (by name) has the same model and test set."""
+    items = list(configs.items())
+    first_name, first = items[0]
+    for name, cfg in items[1:]:
+        a, b = comparable_key(first), comparable_key(cfg)
+        diff = [k for k in a if a[k] != b[k]]
+        if diff:
+            raise FtlabError(f"runs disagree on {', '.join(diff)}: {first_name} has "
+                             f"{', '.join(f'{k}={a[k]!r}' for k in diff)} but {name} has "
+                             f"{', '.join(f'{k}={b[k]!r}' for k in diff)}; compare runs of one model and task")
+
+
+def _prepare_study(study: SeedStudyConfig, main: bool) -> Path:
+    """Create the study folder, or check that it holds a study of the same runs (only the
+    number of runs may change: the grid grows or shrinks, finished runs are kept)."""
+    out = Path(study.output_dir)
+    path = out / "study.json"
+    if path.exists():
+        old = from_dict(SeedStudyConfig, json.loads(path.read_text()), str(path))
+        check_comparable({str(path): old.train, "this study": study.train})
+        new = json.loads(json.dumps(to_dict(study)))
+        diff = [k for k in ("train", "kinds") if to_dict(old)[k] != new[k]]
+        if diff:
+            raise FtlabError(f"{out} holds a seed study whose {' and '.join(diff)} differ; pass another "
+                             "output_dir (or delete the folder to start afresh)")
+    if main:
+        atomic_write_json(path, to_dict(study))
+    return out
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """Hide torchrun's variables while a rank trains its own runs: ftlab.train must see a
+    single process (it would otherwise join the group and split each batch over the ranks)."""
+    keys = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def run_study(study: SeedStudyConfig, *, progress: bool = True,
+              on_run: Callable[[RunSpec, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train and evaluate every run of the grid not done yet; returns all runs' records (on
+    every rank). ``on_run(run, record)`` is called after each run this process finishes."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and study.train.device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    runs = plan_runs(study)
+    out = _prepare_study(study, rank == 0)
+    data = None
+    with _single_process():
+        for run in runs[rank::world]:
+            if (out / "runs" / run.name / RUN_RECORD).exists():
+                continue
+            data = data or load_run_data(study.train)
+            record = _run_one(study, run, data, progress)
+            if on_run:
+                on_run(run, record)
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        dist.barrier()  # every rank's records are on disk
+    records = load_records(out)
+    if rank == 0:
+        atomic_write_json(out / "results.json", {"study": to_dict(study), "runs": records})
+    return records
+
+
+def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, progress: bool) -> dict[str, Any]:
+    """Train one run (resuming if it was cut), score its best model on every test example and
+    write ``seed_run.json``."""
+    cfg = run_config(study, run)
+    # The loop's own test evaluation keeps only the aggregate; the multi-bootstrap needs the
+    # per-example scores, so the test set is scored here instead.
+    results = train(cfg, progress=progress, data=RunData(data.spec, Splits(data.splits.train,
+                                                                           data.splits.dev, [])))
+    module, tokenizer = load_trained(cfg.model, Path(cfg.output_dir) / "model", dtype=cfg.dtype,
+                                     device=cfg.device)
+    test = evaluate(module, tokenizer, data.spec, data.splits.test, batch_size=cfg.eval_batch_size,
+                    max_length=cfg.data.max_length, progress=False)
+    record = {"name": run.name, "seeds": dict(run.seeds), "groups": list(run.groups),
+              "mode": cfg.mode, "optimizer": cfg.optimizer, "best_dev": results["best_dev"],
+              "best_step": results["best_step"], "test": test.metrics,
+              "test_scores": example_scores(data.spec, data.splits.test, test.predictions)}
+    atomic_write_json(Path(cfg.output_dir) / RUN_RECORD, record)
+    return record
+
+
+def example_scores(spec: TaskSpec, examples: list[Example], predictions: list) -> list[float]:
+    """Per-example test scores: 1/0 correctness (classification) or SQuAD F1 (generation)."""
+    if spec.kind == "classification":
+        return [float(p == ex.label) for p, ex in zip(predictions, examples)]
+    return [objectives.best_over_answers(objectives.f1_score, p, ex.answers)
+            for p, ex in zip(predictions, examples)]
+
+
+def load_records(study_dir: str | Path) -> list[dict[str, Any]]:
+    """The finished runs' records of a study folder, in name order."""
+    return [json.loads(p.read_text()) for p in sorted(Path(study_dir).glob(f"runs/*/{RUN_RECORD}"))]
+
+
+def load_study(study_dir: str | Path) -> SeedStudyConfig:
+    """The config of the study in ``study_dir``."""
+    path = Path(study_dir) / "study.json"
+    if not path.exists():
+        raise FtlabError(f"{path} not found: is {study_dir} a seed-study folder (ftlab seeds run)?")
+    return from_dict(SeedStudyConfig, json.loads(path.read_text()), str(path))

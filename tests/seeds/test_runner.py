@@ -1,0 +1,110 @@
+"""The seed grid: separate seed kinds, the plan, resumable runs, and refusing mixed studies."""
+
+import json
+
+import pytest
+import torch
+
+from ftlab.config import TrainConfig, load_config
+from ftlab.errors import FtlabError
+from ftlab.models import trainable_parameters
+from ftlab.seeds import SeedStudyConfig, check_comparable, plan_runs, run_config, run_study
+from ftlab.train import batch_indices, build_trainer
+from study_fixtures import task_overrides
+
+
+def _trainable(cfg, tiny_model_factory):
+    module, optimizer, _ = build_trainer(cfg, tiny_model_factory("llama"))
+    return {n: p.detach().clone() for n, p in trainable_parameters(module)}, optimizer
+
+
+def test_seed_kinds_drive_separate_sources_of_randomness(tiny_model_factory):
+    base = TrainConfig(mode="lora", optimizer="mezo", seed=0)
+    ref, ref_opt = _trainable(base, tiny_model_factory)
+    for kind in ("order", "init", "zo"):
+        cfg = TrainConfig(mode="lora", optimizer="mezo", seed=0, **{f"{kind}_seed": 7})
+        params, opt = _trainable(cfg, tiny_model_factory)
+        same_init = all(torch.equal(params[n], ref[n]) for n in ref)
+        assert same_init == (kind != "init"), kind
+        assert (opt.draw_seeds() == _trainable(base, tiny_model_factory)[1].draw_seeds()) == (kind != "zo"), kind
+        same_order = batch_indices(64, 8, cfg.seed_of("order"), 0) == batch_indices(64, 8, base.seed_of("order"), 0)
+        assert same_order == (kind != "order"), kind
+    assert TrainConfig(seed=3).seed_of("init") == 3  # None falls back to the one seed
+
+
+def test_plan_varies_one_kind_at_a_time_and_all_at_once():
+    runs = plan_runs(SeedStudyConfig(kinds=["order", "init", "zo"], runs_per_kind=3, runs_all=3,
+                                     train=TrainConfig(optimizer="mezo")))
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names)) == 1 + 3 * 2 + 2  # the base run is shared
+    by_name = {r.name: r for r in runs}
+    assert set(by_name["order0-init0-zo0"].groups) == {"order", "init", "zo", "all"}
+    assert by_name["order2-init0-zo0"].groups == ("order",)
+    assert by_name["order2-init2-zo2"].groups == ("all",)
+    for run in runs:
+        if run.groups == ("init",):
+            assert dict(run.seeds)["order"] == dict(run.seeds)["zo"] == 0 != dict(run.seeds)["init"]
+
+
+@pytest.mark.parametrize("kw,match", [(dict(kinds=["order", "weather"]), "distinct seed kinds"),
+                                      (dict(kinds=["zo"]), "needs a zeroth-order optimizer"),
+                                      (dict(runs_per_kind=1, runs_all=1), "at least|>= 2")])
+def test_bad_grids(kw, match):
+    with pytest.raises(FtlabError, match=match):
+        plan_runs(SeedStudyConfig(**kw))
+
+
+def test_runs_that_disagree_on_task_or_model_are_refused():
+    a, b = TrainConfig(), TrainConfig()
+    b.data.task = "nli"
+    with pytest.raises(FtlabError, match="disagree on task"):
+        check_comparable({"a": a, "b": b})
+    with pytest.raises(FtlabError, match="disagree on model"):
+        check_comparable({"a": a, "b": TrainConfig(model="gemma3-270m")})
+
+
+def _study(tmp_path, model, task, *extra):
+    return load_config(SeedStudyConfig, None, [
+        f"output_dir={tmp_path / 'study'}", "runs_per_kind=2", "runs_all=2", *task_overrides("train.", model, task),
+        "train.optimizer=adamw", "train.lr=1e-2", "train.steps=4", "train.batch_size=4", "train.eval_every=2",
+        "train.checkpoint_every=2", *extra])
+
+
+def test_study_runs_are_resumable_and_never_redone(tmp_path, tiny_model_dir, cue_task):
+    study = _study(tmp_path, tiny_model_dir, cue_task)
+    done = []
+    records = run_study(study, progress=False, on_run=lambda run, record: done.append(run.name))
+    assert sorted(done) == sorted(r.name for r in plan_runs(study)) and len(done) == 4
+    for r in records:
+        assert len(r["test_scores"]) == 24 and set(r["test_scores"]) <= {0.0, 1.0}
+        assert r["test"]["accuracy"] == pytest.approx(sum(r["test_scores"]) / 24)
+        cfg = json.loads((tmp_path / "study" / "runs" / r["name"] / "config.json").read_text())
+        assert (cfg["order_seed"], cfg["init_seed"]) == (r["seeds"]["order"], r["seeds"]["init"])
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "runs").glob("*/seed_run.json")}
+    # Growing the grid trains only the new runs; finished runs' files are not touched.
+    bigger = _study(tmp_path, tiny_model_dir, cue_task, "runs_all=3")
+    again = []
+    records = run_study(bigger, progress=False, on_run=lambda run, record: again.append(run.name))
+    assert again == ["order2-init2"] and len(records) == 5
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    summary = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert len(summary["runs"]) == 5
+
+
+def test_a_study_folder_refuses_another_study(tmp_path, tiny_model_dir, cue_task):
+    run_study(_study(tmp_path, tiny_model_dir, cue_task, "runs_per_kind=2", "runs_all=0", "kinds=[order]"),
+              progress=False)
+    with pytest.raises(FtlabError, match="whose train differ"):
+        run_study(_study(tmp_path, tiny_model_dir, cue_task, "runs_all=0", "kinds=[order]", "train.lr=0.5"),
+                  progress=False)
+    with pytest.raises(FtlabError, match="disagree on task"):
+        run_study(_study(tmp_path, tiny_model_dir, cue_task, "runs_all=0", "kinds=[order]",
+                         "train.data.task=sentiment"), progress=False)
+
+
+def test_run_config_sets_seeds_and_folder(tmp_path):
+    study = SeedStudyConfig(output_dir=str(tmp_path))
+    run = plan_runs(study)[-1]
+    cfg = run_config(study, run)
+    assert cfg.output_dir == str(tmp_path / "runs" / run.name)
+    assert (cfg.order_seed, cfg.init_seed, cfg.zo_seed, cfg.seed) == (4, 4, None, 0)
