@@ -110,37 +110,33 @@ def projector_for(cfg: SelectConfig, module: nn.Module) -> Projector:
 
 @dataclass
 class FeatureStores:
-    """Per checkpoint: the pool's and the targets' feature stores and the checkpoint's lr weight."""
+    """One feature datastore per checkpoint, each checkpoint's lr weight, and the ids skipped
+    because they have no response tokens."""
 
-    train: list[Datastore]
-    target: list[Datastore]
+    stores: list[Datastore]
     lr_weights: list[float]
     skipped: list[str]
 
 
-def gradient_features(cfg: SelectConfig, module: nn.Module, tokenizer: Any, pool: Sequence[InstructionExample],
-                      targets: Sequence[InstructionExample], checkpoints: Sequence[WarmupCheckpoint],
+def gradient_features(cfg: SelectConfig, module: nn.Module, tokenizer: Any, examples: Sequence[InstructionExample],
+                      checkpoints: Sequence[WarmupCheckpoint], grad_type: str, name: str,
                       progress: bool = True) -> FeatureStores:
-    """Adam features of the pool and SGD features of the targets at every checkpoint."""
+    """Features of ``examples`` at every checkpoint (``adam`` for the pool, ``sgd`` for targets),
+    in ``<output_dir>/features/<name>/<checkpoint>``."""
     projector = projector_for(cfg, module)
-    out = Path(cfg.output_dir) / "features"
-    stores = FeatureStores([], [], [], [])
-    common = dict(projector=projector, model_name=cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                  dtype=cfg.feature_dtype, progress=progress)
+    out = FeatureStores([], [], [])
     for ckpt in checkpoints:
         load_checkpoint_into(module, ckpt)
         state = json.loads((ckpt.path / "state.json").read_text())
         adam = AdamState(load_adam_state(ckpt.path), tuple(state["betas"]), state["eps"])
-        name, extra = ckpt.path.name, {"mean_lr": ckpt.mean_lr}
-        train = collect_features(module, tokenizer, pool, out / "train" / name, grad_type="adam", adam=adam,
-                                 checkpoint=name, extra=extra, **common)
-        target = collect_features(module, tokenizer, targets, out / "target" / name, grad_type="sgd",
-                                  checkpoint=name, extra=extra, **common)
-        stores.train.append(train.store)
-        stores.target.append(target.store)
-        stores.lr_weights.append(ckpt.mean_lr)
-        stores.skipped = sorted(set(train.skipped + target.skipped))
-    return stores
+        result = collect_features(module, tokenizer, examples, Path(cfg.output_dir) / "features" / name / ckpt.path.name,
+                                  grad_type=grad_type, adam=adam, projector=projector, model_name=cfg.model,
+                                  checkpoint=ckpt.path.name, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                  dtype=cfg.feature_dtype, extra={"mean_lr": ckpt.mean_lr}, progress=progress)
+        out.stores.append(result.store)
+        out.lr_weights.append(ckpt.mean_lr)
+        out.skipped = result.skipped
+    return out
 
 
 def groups_of(store: Datastore, examples: Sequence[InstructionExample]) -> list[str]:
@@ -167,10 +163,11 @@ def score_pool(cfg: SelectConfig, pool: Sequence[InstructionExample], targets: S
     module, tokenizer = load_lora_model(cfg, model, tokenizer)
     checkpoints = run_warmup(module, tokenizer, pool, cfg.warmup, out / "warmup", max_length=cfg.max_length,
                              progress=progress)
-    stores = gradient_features(cfg, module, tokenizer, pool, targets, checkpoints, progress)
-    scores = less_scores(stores.train, stores.target, stores.lr_weights, groups_of(stores.target[0], targets),
+    train = gradient_features(cfg, module, tokenizer, pool, checkpoints, "adam", "train", progress)
+    target = gradient_features(cfg, module, tokenizer, targets, checkpoints, "sgd", "target", progress)
+    scores = less_scores(train.stores, target.stores, train.lr_weights, groups_of(target.stores[0], targets),
                          progress=progress)
-    return stores.train[0].ids, scores, stores.skipped
+    return train.stores[0].ids, scores, sorted(train.skipped + target.skipped)
 
 
 def write_outputs(cfg: SelectConfig, pool: Sequence[InstructionExample], ids: list[str], scores: np.ndarray,

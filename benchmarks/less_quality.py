@@ -1,0 +1,228 @@
+"""LESS quality on the real BIG-bench pool: does the selection come from the target's own family?
+
+    python benchmarks/less_quality.py                        # CPU-sized defaults (see --help)
+    python benchmarks/less_quality.py --device cuda --per-task 40 --lora-layers 0 --max-length 256 --train-epochs 2
+
+Builds the pool (``natural_instructions`` subtasks + strategyqa/nli/sentiment) with
+``ftlab.select.data.build_bigbench_pool``; per subtask, the first ``--n-select`` held-out target
+examples define the target set and the next ``--n-eval`` are the held-out evaluation examples.
+One warm-up and one pool-feature pass serve every target (they do not depend on it); then for
+each target family: (a) the share of the selected ``--fraction`` drawn from that family, for
+LESS, random and representation similarity (and the family's share of the pool: random's
+expectation); (b) with ``--train-epochs N``: LoRA trained on the LESS / random selection (and
+``--full`` the whole pool), scored by the mean response NLL on the family's held-out examples;
+``--transfer-model gemma3-270m`` repeats (b) on that model with SmolLM2's selection.
+
+Resumable: warm-up, datastores and finished stages are reused (``--work``). Writes
+``benchmarks/results/less_quality.json`` and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--families", default="winogrande,qasc,multirc", help="target task families")
+    p.add_argument("--per-task", type=int, default=2, help="pool examples per subtask")
+    p.add_argument("--n-select", type=int, default=2, help="target examples per subtask (selection)")
+    p.add_argument("--n-eval", type=int, default=2, help="held-out examples per subtask (evaluation)")
+    p.add_argument("--max-chars", type=int, default=400)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lora-layers", type=int, default=4, help="LoRA on q,v of the last N layers (0: all)")
+    p.add_argument("--warmup-fraction", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=2, help="warm-up epochs = checkpoints")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--dim", type=int, default=8192)
+    p.add_argument("--fraction", type=float, default=0.05, help="share of the pool selected")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-epochs", type=int, default=0, help="(b): LoRA epochs on each selection (0: skip)")
+    p.add_argument("--full", action="store_true", help="(b): also train on the whole pool")
+    p.add_argument("--transfer-model", default=None, help="(b) on this model with the selection made by --model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="runs/less_quality")
+    p.add_argument("--output", default=str(RESULTS / "less_quality.json"))
+    return p.parse_args()
+
+
+def lora_settings(args: argparse.Namespace, n_layers: int):
+    from ftlab.models import LoraSettings
+
+    if args.lora_layers == 0:
+        return LoraSettings(r=8, alpha=16)
+    layers = range(n_layers - args.lora_layers, n_layers)
+    return LoraSettings(r=8, alpha=16, target_modules=[f"layers.{i}.self_attn.{m}" for i in layers
+                                                       for m in ("q_proj", "v_proj")])
+
+
+def split_targets(work: Path, paths: dict, args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
+    """Per family: a selection target file and an evaluation file, split per subtask."""
+    from ftlab.select.data import load_instructions
+
+    out = {}
+    for family in args.families.split(","):
+        rows = collections.defaultdict(list)
+        for ex in load_instructions([paths[family]]):
+            rows[ex.task].append({"messages": [*ex.messages, {"role": "assistant", "content": ex.response}],
+                                  "task": ex.task, "family": ex.family})
+        sel, ev = work / "targets" / f"{family}.select.jsonl", work / "targets" / f"{family}.eval.jsonl"
+        sel.parent.mkdir(parents=True, exist_ok=True)
+        sel.write_text("".join(json.dumps(r) + "\n" for t in sorted(rows) for r in rows[t][:args.n_select]))
+        ev.write_text("".join(json.dumps(r) + "\n" for t in sorted(rows) for r in rows[t][args.n_select:]))
+        out[family] = (sel, ev)
+    return out
+
+
+def share(ids: list[str], rows: list[int], family_of: dict[str, str], family: str) -> float:
+    return sum(family_of[ids[r]] == family for r in rows) / len(rows)
+
+
+def eval_loss(module, tokenizer, examples, max_length: int) -> float:
+    """Mean over examples of the mean response-token NLL (no gradients)."""
+    import torch
+
+    from ftlab.select.data import collate, encode, pad_id
+    from ftlab.select.warmup import response_loss
+
+    device = next(module.parameters()).device
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), 8):
+            rows = [encode(tokenizer, ex, max_length) for ex in examples[i:i + 8]]
+            batch = collate(rows, pad_id(tokenizer)).to(device)
+            total += response_loss(module, batch).item() * len(rows)
+    return total / len(examples)
+
+
+def train_and_eval(model_name: str, train_examples, eval_sets: dict, out: Path, args) -> dict[str, float]:
+    """LoRA (via the warm-up trainer, on 100% of ``train_examples``) then held-out losses."""
+    from ftlab.select.pipeline import SelectConfig, load_lora_model
+    from ftlab.select.warmup import WarmupSettings, run_warmup
+
+    from ftlab.models import load_model
+
+    base, tok = load_model(model_name, device=args.device)
+    cfg = SelectConfig(model=model_name, device=args.device, seed=args.seed,
+                       lora=lora_settings(args, base.config.num_hidden_layers))
+    module, tok = load_lora_model(cfg, base, tok)
+    settings = WarmupSettings(percentage=1.0, epochs=args.train_epochs, lr=args.lr, batch_size=args.batch_size,
+                              seed=args.seed)
+    run_warmup(module, tok, train_examples, settings, out, max_length=args.max_length, progress=True)
+    return {fam: eval_loss(module, tok, exs, args.max_length) for fam, exs in eval_sets.items()}
+
+
+def main() -> None:
+    args = parse()
+    import numpy as np
+
+    from ftlab.select.baselines import random_scores, representation_scores, representation_store
+    from ftlab.select.data import PoolSpec, build_bigbench_pool, load_instructions
+    from ftlab.select.pipeline import SelectConfig, gradient_features, groups_of, load_lora_model
+    from ftlab.select.scoring import less_scores, select_top
+    from ftlab.select.warmup import WarmupSettings, run_warmup
+    from ftlab.models import load_model
+
+    work = Path(args.work)
+    out = Path(args.output)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["args"] = vars(args)
+    paths = build_bigbench_pool(work / "data", PoolSpec(per_task=args.per_task, n_target=args.n_select + args.n_eval,
+                                                        max_chars=args.max_chars, seed=args.seed))
+    pool = load_instructions([paths["pool"]])
+    targets = split_targets(work, paths, args)
+    family_of = {ex.id: ex.family for ex in pool}
+    print(f"pool: {len(pool)} examples, {len(set(family_of.values()))} families; targets: "
+          + ", ".join(f"{f} {sum(1 for _ in open(s))}" for f, (s, _) in targets.items()))
+
+    base, tok = load_model(args.model, device=args.device, attn_implementation="eager")
+    cfg = SelectConfig(pool=[str(paths["pool"])], output_dir=str(work / "less"), model=args.model,
+                       device=args.device, projection_dim=args.dim, batch_size=args.batch_size,
+                       max_length=args.max_length, seed=args.seed,
+                       lora=lora_settings(args, base.config.num_hidden_layers),
+                       warmup=WarmupSettings(percentage=args.warmup_fraction, epochs=args.epochs, lr=args.lr,
+                                             batch_size=max(1, min(args.batch_size, 4)), seed=args.seed))
+    # Representations first (forward only), on the model before LoRA is added.
+    t0 = time.perf_counter()
+    kw = dict(model_name=args.model, batch_size=args.batch_size, max_length=args.max_length)
+    rep_pool = representation_store(base, tok, pool, work / "rep" / "pool", **kw)
+    rep_seconds = time.perf_counter() - t0
+
+    module, tok = load_lora_model(cfg, base, tok)
+    t0 = time.perf_counter()
+    checkpoints = run_warmup(module, tok, pool, cfg.warmup, work / "less" / "warmup", max_length=args.max_length)
+    warm_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train = gradient_features(cfg, module, tok, pool, checkpoints, "adam", "train")
+    feat_seconds = time.perf_counter() - t0
+    results["timing_s"] = {"representations": rep_seconds, "warmup": warm_seconds, "pool_features": feat_seconds,
+                           "pool_features_per_example_per_checkpoint": feat_seconds / len(pool) / len(checkpoints)}
+    ids = train.stores[0].ids
+    rand_rows = select_top(random_scores(len(ids), args.seed), ids, fraction=args.fraction)
+    rows_by = {}
+    for family, (sel, _) in targets.items():
+        target_ex = load_instructions([sel])
+        tgt = gradient_features(cfg, module, tok, target_ex, checkpoints, "sgd", f"target-{family}")
+        less = less_scores(train.stores, tgt.stores, train.lr_weights, groups_of(tgt.stores[0], target_ex))
+        with module.disable_adapter():  # the base model's representations
+            rep_t = representation_store(module, tok, target_ex, work / "rep" / f"target-{family}", **kw)
+        rep = representation_scores(rep_pool, rep_t, groups_of(rep_t, target_ex))
+        rep_ids = rep_pool.ids
+        less_rows = select_top(less, ids, fraction=args.fraction)
+        rep_rows = select_top(rep, rep_ids, fraction=args.fraction)
+        rows_by[family] = {"less": [ids[r] for r in less_rows], "random": [ids[r] for r in rand_rows]}
+        results.setdefault("share", {})[family] = {
+            "pool_share": float(np.mean([family_of[i] == family for i in ids])),
+            "less": share(ids, less_rows, family_of, family),
+            "random": share(ids, rand_rows, family_of, family),
+            "representation": share(rep_ids, rep_rows, family_of, family),
+            "n_selected": len(less_rows), "n_targets": len(target_ex),
+            "less_selected_families": dict(collections.Counter(family_of[ids[r]] for r in less_rows).most_common()),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    print("\n| target family | pool share (random's expectation) | LESS | random | representation | n selected |")
+    print("|---|---|---|---|---|---|")
+    for fam, r in results["share"].items():
+        print(f"| {fam} | {r['pool_share']:.3f} | {r['less']:.3f} | {r['random']:.3f} | {r['representation']:.3f} "
+              f"| {r['n_selected']} |")
+    print(f"\ntiming (s): {json.dumps(results['timing_s'])}")
+
+    if args.train_epochs:
+        by_id = {ex.id: ex for ex in pool}
+        eval_sets = {f: load_instructions([e]) for f, (_, e) in targets.items()}
+        models = [args.model] + ([args.transfer_model] if args.transfer_model else [])
+        for model_name in models:
+            res = results.setdefault("train", {}).setdefault(model_name, {})
+            for family in targets:
+                for method in ("less", "random"):
+                    key = f"{family}/{method}"
+                    if key not in res:
+                        exs = [by_id[i] for i in rows_by[family][method]]
+                        res[key] = train_and_eval(model_name, exs, {family: eval_sets[family]},
+                                                  work / "train" / model_name / family / method, args)[family]
+                        out.write_text(json.dumps(results, indent=2) + "\n")
+            if args.full and "full" not in res:
+                res["full"] = train_and_eval(model_name, pool, eval_sets, work / "train" / model_name / "full", args)
+                out.write_text(json.dumps(results, indent=2) + "\n")
+        print("\n| model | target family | LESS held-out loss | random held-out loss | full pool |")
+        print("|---|---|---|---|---|")
+        for model_name, res in results["train"].items():
+            for family in targets:
+                full = res.get("full", {}).get(family)
+                print(f"| {model_name} | {family} | {res[f'{family}/less']:.4f} | {res[f'{family}/random']:.4f} | "
+                      f"{'-' if full is None else f'{full:.4f}'} |")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
