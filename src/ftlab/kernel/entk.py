@@ -1,0 +1,361 @@
+"""Empirical NTK of prompt-based classification (Malladi et al., 2023).
+
+The network output of an example is ``f(x) = R^T z(x)``, where ``z(x)`` are the logits of the
+``C`` label words at the prompt's last position and ``R`` (``C x O``) the *readout*:
+
+- ``output="logits"``: ``R = I``, ``f`` is the ``C`` label-word logits (the paper's multi-class
+  setting);
+- ``output="contrast"``: ``R`` is an orthonormal basis of the sum-zero vectors, so ``f`` holds
+  the ``C - 1`` logit contrasts a softmax over the label words depends on (for two classes the
+  logit difference / sqrt(2), the paper's binary setting).
+
+For a parameter subset ``theta`` (all, LoRA, or a name pattern) two kernels are computed as
+``O x O`` blocks per pair of examples:
+
+- SGD: ``K(x, x') = J(x) J(x')^T``, ``J(x) = df(x)/dtheta`` (``O x P``);
+- sign (Adam): ``K(x, x') = J(x) sign(J(x'))^T`` with ``x'`` a training example (asymmetric).
+
+Rows are the training examples followed by the test examples, columns the training examples.
+Per-example Jacobians come from ``vmap(jacrev(functional_call))`` over chunks of examples.
+*Exact* kernels walk the parameters in blocks (the training Jacobian of one block is held in
+memory) and save the partial sums after each block; *projected* kernels map each example's
+Jacobian rows with a seeded :class:`ftlab.select.projection.Projector` and save the features
+after each chunk of examples. Either way a killed computation resumes where it stopped, and the
+finished kernel is one safetensors file beside a JSON manifest (see :mod:`ftlab.kernel.store`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+from tqdm.auto import tqdm
+
+from ftlab.errors import FtlabError
+from ftlab.kernel.store import KernelData, KernelStore
+from ftlab.objectives import Encoder, ModelBatch
+from ftlab.select.features import row_attention_mask
+from ftlab.tasks.base import Example, TaskSpec
+
+OUTPUTS = ("logits", "contrast")
+KINDS = ("sgd", "sign")
+
+
+@dataclass
+class KernelSpec:
+    """What kernel to compute and how.
+
+    Attributes:
+        params: ``"all"``, ``"trainable"`` (parameters with ``requires_grad``), ``"lora"`` (the
+            LoRA matrices of a peft model) or ``"re:<regex>"`` (names matching it, e.g.
+            ``"re:layers\\.29\\."``).
+        output: ``"logits"`` or ``"contrast"`` (see the module docstring).
+        projection_dim: ``None`` for the exact kernel, else the dimension of the random projection.
+        projection_seed, projection_kind: the projection (:class:`ProjectionSpec`).
+        chunk_size: examples per ``vmap`` call (memory: ``chunk_size x O`` Jacobians).
+        max_block_mb: exact kernels: memory for one parameter block's training Jacobian.
+        max_length: prompts are cut from the left to this many tokens.
+    """
+
+    params: str = "lora"
+    output: str = "logits"
+    projection_dim: int | None = None
+    projection_seed: int = 0
+    projection_kind: str = "sparse"
+    chunk_size: int = 8
+    max_block_mb: float = 1024.0
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise FtlabError(f"kernel output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.chunk_size < 1:
+            raise FtlabError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise FtlabError(f"projection_dim must be >= 1 (or unset for the exact kernel), got {self.projection_dim}")
+
+
+def select_parameters(module: nn.Module, which: str) -> dict[str, Tensor]:
+    """The parameters the kernel differentiates, by name (detached), in module order."""
+    named = list(module.named_parameters())
+    if which == "all":
+        picked = named
+    elif which == "trainable":
+        picked = [(n, p) for n, p in named if p.requires_grad]
+    elif which == "lora":
+        picked = [(n, p) for n, p in named if ".lora_A." in n or ".lora_B." in n]
+        if not picked:
+            raise FtlabError("params='lora' but the model has no LoRA matrices; wrap it with "
+                             "ftlab.models.apply_lora first (or choose params='all' or 're:<regex>')")
+    elif which.startswith("re:"):
+        pattern = re.compile(which[3:])
+        picked = [(n, p) for n, p in named if pattern.search(n)]
+    else:
+        raise FtlabError(f"kernel params must be 'all', 'trainable', 'lora' or 're:<regex>', got {which!r}")
+    if not picked:
+        raise FtlabError(f"kernel params {which!r} match no parameter of the model "
+                         f"(names look like {named[0][0]!r})")
+    return {n: p.detach() for n, p in picked}
+
+
+def readout_matrix(n_classes: int, output: str, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``R`` (``C x O``): identity (``"logits"``) or an orthonormal sum-zero (Helmert) basis."""
+    if output == "logits":
+        return torch.eye(n_classes, dtype=dtype)
+    if output != "contrast":
+        raise FtlabError(f"kernel output must be one of {OUTPUTS}, got {output!r}")
+    cols = []
+    for k in range(1, n_classes):  # k-th Helmert contrast: mean of the first k minus class k
+        v = torch.zeros(n_classes, dtype=dtype)
+        v[:k], v[k] = 1.0, -float(k)
+        cols.append(-v / v.norm())  # sign: class k's logit counts positively
+    return torch.stack(cols, 1)
+
+
+def label_word_ids(encoder: Encoder) -> list[int]:
+    """The single-token ids of the label words; the kernel needs one logit per class."""
+    if not encoder.option_ids:
+        raise FtlabError(f"task {encoder.spec.name!r} has no label words; the kernel view needs a "
+                         "classification task")
+    if not encoder.single_token:
+        multi = [o for o, ids in zip(encoder.spec.options, encoder.option_ids) if len(ids) > 1]
+        raise FtlabError(f"label words {multi} are several tokens long; the eNTK needs single-token label "
+                         "words (override the task's options, e.g. ' great,terrible')")
+    return [ids[0] for ids in encoder.option_ids]
+
+
+class OutputFunction:
+    """``f(params, ids, mask, pos) -> (O,)`` for one unpadded-or-left-padded row, with
+    ``params`` replacing the matching tensors of ``module`` (the rest stay fixed)."""
+
+    def __init__(self, module: nn.Module, label_ids: Sequence[int], readout: Tensor) -> None:
+        self.module = module
+        self.label_ids = torch.tensor(list(label_ids))
+        self.readout = readout
+        self.fixed = {n: p.detach() for n, p in module.named_parameters()}
+        self.config = getattr(module, "config", None)
+
+    def logits(self, params: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        """Label-word logits ``z`` of a batch ``(B, L)`` (2-D padding mask: no vmap)."""
+        out = functional_call(self.module, {**self.fixed, **params}, (),
+                              dict(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                   logits_to_keep=1, use_cache=False))
+        return out.logits[:, -1, self.label_ids.to(ids.device)]
+
+    def batch(self, params: dict[str, Tensor], batch: ModelBatch) -> Tensor:
+        """``f`` of every row of a left-padded batch, ``(B, O)``."""
+        z = self.logits(params, batch.input_ids, batch.attention_mask, batch.position_ids)
+        return z @ self.readout.to(z.device, z.dtype)
+
+    def row(self, params: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        """``f`` of one row (vmap-able: the 4-D mask avoids transformers' data-dependent shortcuts)."""
+        dtype = next(iter(self.fixed.values())).dtype
+        # A left-pad position sees no key at all; under eager attention its scores plus the
+        # mask overflow to -inf and its softmax (and so every gradient, via 0 * NaN) becomes NaN.
+        # Letting each position see itself keeps pad rows finite; real rows are unchanged.
+        keep_diagonal = 1 - torch.eye(mask.shape[-1], dtype=dtype, device=mask.device)
+        masks = row_attention_mask(self.config, mask, dtype)
+        masks = ({k: m * keep_diagonal for k, m in masks.items()} if isinstance(masks, dict)
+                 else masks * keep_diagonal)
+        z = self.logits(params, ids[None], masks, pos[None])[0]
+        return z @ self.readout.to(z.device, z.dtype)
+
+
+@contextmanager
+def eager_attention(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` with eager attention inside the block: SDPA has no vmap batching rule
+    (functorch falls back to a slow per-example loop) and no forward-mode AD on CPU."""
+    config = getattr(module, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    if config is None or old == "eager":
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def encode_rows(encoder: Encoder, examples: Sequence[Example]) -> ModelBatch:
+    """The left-padded batch of ``examples``' prompts."""
+    return encoder.classification(examples, [encoder.spec.prompt(ex) for ex in examples])
+
+
+def jacobians(fn: OutputFunction, params: dict[str, Tensor], batch: ModelBatch) -> dict[str, Tensor]:
+    """Per-example Jacobians ``{name: (B, O, *shape)}`` of ``f`` w.r.t. ``params``."""
+    return vmap(jacrev(fn.row), in_dims=(None, 0, 0, 0))(
+        params, batch.input_ids, batch.attention_mask, batch.position_ids)
+
+
+def flat(jac: dict[str, Tensor], names: Sequence[str]) -> list[Tensor]:
+    """Jacobian blocks as ``(B * O, n_i)`` matrices, one per name (the projection's order)."""
+    return [jac[n].reshape(jac[n].shape[0] * jac[n].shape[1], -1) for n in names]
+
+
+def parameter_blocks(params: dict[str, Tensor], rows: int, max_mb: float) -> list[list[str]]:
+    """Consecutive groups of parameter names whose ``rows x numel`` float32 Jacobian fits ``max_mb``."""
+    budget = max_mb * 2**20 / (4 * rows)
+    blocks: list[list[str]] = [[]]
+    size = 0
+    for name, p in params.items():
+        if p.numel() > budget:
+            raise FtlabError(f"the exact kernel needs {rows * p.numel() * 4 / 2**20:.3g} MB for {name!r} "
+                             f"(more than max_block_mb={max_mb:g}); raise max_block_mb or use a projection "
+                             "(projection_dim=8192)")
+        if size + p.numel() > budget and blocks[-1]:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(name)
+        size += p.numel()
+    return blocks
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+@torch.no_grad()
+def outputs(fn: OutputFunction, encoder: Encoder, examples: Sequence[Example], device: torch.device,
+            chunk_size: int) -> Tensor:
+    """``f`` at the current weights for every example, ``(N, O)`` float64."""
+    rows = []
+    for s, e in _chunks(len(examples), chunk_size):
+        rows.append(fn.batch({}, encode_rows(encoder, examples[s:e]).to(device)).double().cpu())
+    return torch.cat(rows)
+
+
+def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Sequence[Example],
+                   test: Sequence[Example], kspec: KernelSpec, out_dir: str | Path, *,
+                   identity: dict[str, Any] | None = None, progress: bool = True) -> KernelData:
+    """Compute (or resume, or load) the SGD and sign kernels of ``module`` on ``train``/``test``.
+
+    Args:
+        module: the model (a peft model for ``params="lora"``), in eval mode.
+        tokenizer, spec: how examples become prompts; label words must be single tokens.
+        train, test: the examples; rows of the kernel are ``train + test``, columns ``train``.
+        kspec: parameters, output, exact or projected, chunking.
+        out_dir: the kernel folder (manifest, partial state, finished ``kernel.safetensors``).
+        identity: what the kernel belongs to (model name, task, split seeds...), stored in the
+            manifest; a folder written for another identity is refused.
+
+    Raises:
+        FtlabError: multi-token label words, empty splits, a folder holding another kernel,
+            parameter blocks that cannot fit the memory budget.
+    """
+    if not train:
+        raise FtlabError("the kernel needs at least one training example")
+    encoder = Encoder(tokenizer, spec, max_length=kspec.max_length)
+    label_ids = label_word_ids(encoder)
+    device = next(module.parameters()).device
+    params = select_parameters(module, kspec.params)
+    readout = readout_matrix(len(label_ids), kspec.output)
+    fn = OutputFunction(module, label_ids, readout)
+    manifest = {
+        "identity": dict(identity or {}), "task": spec.name, "template": spec.template,
+        "options": list(spec.options), "train_ids": [ex.id for ex in train], "test_ids": [ex.id for ex in test],
+        "train_labels": [ex.label for ex in train], "test_labels": [ex.label for ex in test],
+        "spec": dataclasses.asdict(kspec), "param_names": list(params),
+        "n_params": sum(p.numel() for p in params.values()), "readout": readout.tolist(),
+    }
+    store = KernelStore(out_dir, manifest)
+    if store.complete():
+        return store.load()
+    module.eval()
+    rows = list(train) + list(test)
+    run = _projected if kspec.projection_dim is not None else _exact
+    # torch.func transforms still differentiate under no_grad; nothing else builds a graph.
+    with torch.no_grad(), eager_attention(module):
+        sgd, sign = run(fn, encoder, params, rows, len(train), kspec, store, device, progress)
+        f0 = outputs(fn, encoder, rows, device, kspec.chunk_size)
+    return store.finish({"sgd": sgd, "sign": sign, "f0": f0, "readout": readout})
+
+
+def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example], n_train: int,
+           kspec: KernelSpec, store: KernelStore, device: torch.device, progress: bool) -> tuple[Tensor, Tensor]:
+    """Exact kernels, summed over parameter blocks; the partial sums are saved after each block.
+
+    Per block: the training Jacobian ``(N, O, n_block)`` is built chunk by chunk and kept, then
+    every test chunk's Jacobian is multiplied against it and dropped.
+    """
+    n_out = fn.readout.shape[1]
+    blocks = parameter_blocks(params, n_train * n_out, kspec.max_block_mb)
+    shape = (len(rows), n_train, n_out, n_out)
+    state = store.partial({"sgd": torch.zeros(shape, dtype=torch.float64),
+                           "sign": torch.zeros(shape, dtype=torch.float64)}, unit="block")
+    train_chunks = _chunks(n_train, kspec.chunk_size)
+    test_chunks = [(s + n_train, e + n_train) for s, e in _chunks(len(rows) - n_train, kspec.chunk_size)]
+    per_block = len(train_chunks) + len(test_chunks)
+    bar = tqdm(total=len(blocks) * per_block, initial=state.done * per_block, disable=not progress,
+               desc="eNTK (exact)", unit="chunk")
+
+    def block_jacobian(names: list[str], s: int, e: int) -> Tensor:
+        block = {n: params[n] for n in names}
+        j = torch.cat(flat(jacobians(fn, block, encode_rows(encoder, rows[s:e]).to(device)), names), 1)
+        bar.update(1)
+        return j.view(e - s, n_out, -1)
+
+    for b in range(state.done, len(blocks)):
+        train_j = torch.cat([block_jacobian(blocks[b], s, e) for s, e in train_chunks])
+        train_sign = torch.sign(train_j)
+        _accumulate(state.tensors, 0, train_j, train_j, train_sign)
+        for s, e in test_chunks:
+            _accumulate(state.tensors, s, block_jacobian(blocks[b], s, e), train_j, train_sign)
+        state.save(b + 1)
+    bar.close()
+    return state.tensors["sgd"], state.tensors["sign"]
+
+
+def _accumulate(acc: dict[str, Tensor], start: int, j: Tensor, train_j: Tensor, train_sign: Tensor) -> None:
+    """Add one parameter block's contribution of rows ``start .. start + len(j)`` to both kernels."""
+    acc["sgd"][start:start + len(j)] += torch.einsum("aop,bqp->aboq", j, train_j).double().cpu()
+    acc["sign"][start:start + len(j)] += torch.einsum("aop,bqp->aboq", j, train_sign).double().cpu()
+
+
+def _projected(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example],
+               n_train: int, kspec: KernelSpec, store: KernelStore, device: torch.device,
+               progress: bool) -> tuple[Tensor, Tensor]:
+    """Kernels of projected Jacobians ``P J`` and ``P sign(J)``; features saved per chunk."""
+    from ftlab.select.projection import ProjectionSpec, Projector
+
+    n_out, names = fn.readout.shape[1], list(params)
+    pspec = ProjectionSpec(dim_in=sum(p.numel() for p in params.values()), dim_out=kspec.projection_dim,
+                           seed=kspec.projection_seed, kind=kspec.projection_kind)
+    projector = Projector(pspec, device)
+    d = pspec.dim_out
+    state = store.partial({"phi": torch.zeros(len(rows), n_out, d),
+                           "phi_sign": torch.zeros(n_train, n_out, d)}, unit="chunk")
+    chunks = _chunks(len(rows), kspec.chunk_size)
+    for c in tqdm(range(state.done, len(chunks)), initial=state.done, total=len(chunks),
+                  disable=not progress, desc="eNTK (projected)", unit="chunk"):
+        s, e = chunks[c]
+        blocks = flat(jacobians(fn, params, encode_rows(encoder, rows[s:e]).to(device)), names)
+        state.tensors["phi"][s:e] = projector.project_blocks(blocks).view(e - s, n_out, d).cpu()
+        t = max(0, min(e, n_train) - s)  # rows of this chunk that are training examples
+        if t:
+            signs = [torch.sign(b.view(e - s, n_out, -1)[:t].reshape(t * n_out, -1)) for b in blocks]
+            state.tensors["phi_sign"][s:s + t] = projector.project_blocks(signs).view(t, n_out, d).cpu()
+        state.save(c + 1)
+    phi = state.tensors["phi"].double()
+    sgd = torch.einsum("aop,bqp->aboq", phi, phi[:n_train])
+    sign = torch.einsum("aop,bqp->aboq", phi, state.tensors["phi_sign"].double())
+    return sgd, sign
+
+
+def projection_error(exact: KernelData, projected: KernelData) -> dict[str, float]:
+    """Relative Frobenius error ``||K_proj - K_exact|| / ||K_exact||`` of both kernels."""
+    return {kind: float((projected.tensors[kind] - exact.tensors[kind]).norm() / exact.tensors[kind].norm())
+            for kind in KINDS}
+
+
+def kernel_size_mb(n_rows: int, n_train: int, n_out: int) -> float:
+    """Memory of one kernel in float64, in MB (for planning chunk sizes)."""
+    return n_rows * n_train * n_out * n_out * 8 / 2**20
+
