@@ -158,11 +158,13 @@ class Projector:
         acc = torch.float32 if self.spec.kind == "sparse" else torch.float64
         out_t = torch.zeros(self.spec.dim_out, blocks[0].shape[0], dtype=acc, device=self.device)
         for start, chunk in _aligned_chunks(blocks, _CHUNK):
-            x_t = chunk.to(self.device, acc).t()
+            x_t = chunk.to(self.device, acc).t().contiguous()  # row gathers of B contiguous values
             if self.spec.kind == "sparse":
                 out_t += self._sparse_matrix(start, chunk.shape[1]) @ x_t
-            else:
-                out_t += self._dense_rows(start, chunk.shape[1]).t() @ x_t
+            else:  # one seeded block of the dense matrix at a time (chunks start block-aligned)
+                for a in range(0, chunk.shape[1], _DENSE_BLOCK):
+                    rows = self._dense_rows(start + a, min(_DENSE_BLOCK, chunk.shape[1] - a))
+                    out_t += rows.t() @ x_t[a:a + _DENSE_BLOCK]
         return out_t.t().to(torch.float32).contiguous()
 
     def _sparse_matrix(self, start: int, n: int) -> Tensor:

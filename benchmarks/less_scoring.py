@@ -1,0 +1,121 @@
+"""Streaming LESS scoring of a large synthetic float16 datastore against 64 target vectors.
+
+    python benchmarks/less_scoring.py --rows 1000000 --dim 8192 --path /tmp/less-bench
+
+Writes ``rows x dim`` float16 features (standard normal, seeded per shard) with
+``DatastoreWriter`` (resumable: rerun after a kill to finish), 64 float32 target vectors, then
+scores the store in a fresh process -- so its peak RSS (``ru_maxrss``) counts only scoring --
+twice: all targets in one group (mean over 64 cosines) and each target its own group (max over
+64). Checks 1000 random rows against a float64 computation, prints a table and writes
+benchmarks/results/less_scoring.json. ``--cleanup`` deletes the store afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ftlab.select import Datastore, DatastoreWriter, ProjectionSpec, less_scores
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 8192  # rows generated at a time
+
+
+def fields(dim: int, grad_type: str) -> dict:
+    """Manifest fields of the synthetic stores (train and targets must agree on all but grad_type)."""
+    return dict(model="synthetic", checkpoint="epoch-1", grad_type=grad_type, dim=dim,
+                projection=ProjectionSpec(dim_in=460_800, dim_out=dim, seed=0))
+
+
+def write_store(path: Path, rows: int, dim: int, shard_rows: int) -> float:
+    """Write (or finish writing) the synthetic train store; seconds spent."""
+    start = time.perf_counter()
+    writer = DatastoreWriter(path, **fields(dim, "adam"), dtype="float16", shard_rows=shard_rows)
+    done = len(writer.done_ids())
+    for lo in range(done - done % BATCH, rows, BATCH):
+        hi = min(rows, lo + BATCH)
+        x = np.random.default_rng([0, lo]).standard_normal((hi - lo, dim), dtype=np.float32)
+        writer.append([f"synthetic.jsonl:{i + 1}" for i in range(lo, hi)], x)
+        print(f"\rwritten {hi:,d} / {rows:,d} rows", end="", file=sys.stderr, flush=True)
+    writer.close()
+    print(file=sys.stderr)
+    return time.perf_counter() - start
+
+
+def write_targets(path: Path, n: int, dim: int) -> None:
+    writer = DatastoreWriter(path, **fields(dim, "sgd"), dtype="float32")
+    writer.append([f"target.jsonl:{j + 1}" for j in range(n)],
+                  np.random.default_rng(1).standard_normal((n, dim), dtype=np.float32))
+    writer.close()
+
+
+def score(path: Path, targets: Path, groups: str, chunk_rows: int) -> dict:
+    """Score in this process; time, peak RSS and a float64 check of 1000 random rows."""
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    start = time.perf_counter()
+    train, target = Datastore.open(path), Datastore.open(targets)
+    open_s = time.perf_counter() - start
+    labels = [str(j) for j in range(len(target))] if groups == "each" else None
+    start = time.perf_counter()
+    scores = less_scores([train], [target], [1.0], labels, chunk_rows=chunk_rows)
+    score_s = time.perf_counter() - start
+    rows = np.random.default_rng(2).choice(len(train), 1000, replace=False)
+    x = train.take(rows).astype(np.float64)
+    t = target.read(0, len(target)).astype(np.float64)
+    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    want = cos.max(1) if groups == "each" else cos.mean(1)
+    return {"groups": groups, "open_s": round(open_s, 2), "score_s": round(score_s, 2),
+            "rows_per_s": round(len(train) / score_s), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10),
+            "rss_after_imports_mb": round(rss_before), "max_abs_err_vs_float64": float(np.abs(scores[rows] - want).max())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=8192)
+    parser.add_argument("--targets", type=int, default=64)
+    parser.add_argument("--shard-rows", type=int, default=16384)
+    parser.add_argument("--chunk-rows", type=int, default=8192)
+    parser.add_argument("--path", type=Path, default=Path("/tmp/less-bench"))
+    parser.add_argument("--cleanup", action="store_true", help="delete the datastore at the end")
+    parser.add_argument("--score-only", choices=["one", "each"], help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    train_path, target_path = args.path / "train", args.path / "targets"
+    if args.score_only:
+        print(json.dumps(score(train_path, target_path, args.score_only, args.chunk_rows)))
+        return
+
+    write_s = write_store(train_path, args.rows, args.dim, args.shard_rows)
+    write_targets(target_path, args.targets, args.dim)
+    size = sum(f.stat().st_size for f in train_path.glob("*.bin"))
+    runs = []
+    for groups in ["one", "each"]:
+        child = subprocess.run([sys.executable, __file__, "--score-only", groups, "--path", str(args.path),
+                                "--chunk-rows", str(args.chunk_rows)], capture_output=True, text=True, check=True)
+        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    out = {"rows": args.rows, "dim": args.dim, "dtype": "float16", "targets": args.targets,
+           "shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows, "datastore_gb": round(size / 1e9, 2),
+           "write_s": round(write_s, 1), "runs": runs}
+    print(f"datastore: {args.rows:,d} x {args.dim} float16 = {size / 1e9:.2f} GB, written in {write_s:.0f} s")
+    print(f"{'target groups':28s} {'score s':>8s} {'rows/s':>9s} {'peak RSS MB':>12s} {'RSS after imports':>18s} "
+          f"{'max err vs f64':>15s}")
+    for r in runs:
+        name = "1 group (mean of 64)" if r["groups"] == "one" else "64 groups (max of 64)"
+        print(f"{name:28s} {r['score_s']:8.1f} {r['rows_per_s']:9,d} {r['peak_rss_mb']:12,d} "
+              f"{r['rss_after_imports_mb']:18,d} {r['max_abs_err_vs_float64']:15.2e}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "less_scoring.json").write_text(json.dumps(out, indent=2) + "\n")
+    if args.cleanup:
+        shutil.rmtree(args.path)
+
+
+if __name__ == "__main__":
+    main()
