@@ -12,9 +12,11 @@ from ftlab.models import LoraSettings, apply_lora
 
 
 def tiny_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``model`` (a tiny Llama) in ``dtype`` with LoRA (r=4) on q,v and random non-zero B, so
-    every LoRA tensor has a non-zero gradient."""
-    lora = apply_lora(model.to(dtype), LoraSettings(r=4, alpha=8))
+    """``model`` (a tiny Llama) in ``dtype`` with LoRA (r=4) on q,v, seeded, and random non-zero B
+    so every LoRA tensor has a non-zero gradient."""
+    with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator
+        torch.manual_seed(0)
+        lora = apply_lora(model.to(dtype), LoraSettings(r=4, alpha=8))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in lora.named_parameters():

@@ -187,3 +187,4 @@ def main() -> None:
 # exposing a Typer ``app``; they are registered here, one line each.
 from ftlab.cli.study import scale_app; app.add_typer(scale_app, name="scale")  # noqa: E402
 from ftlab.cli.study import seeds_app; app.add_typer(seeds_app, name="seeds")  # noqa: E402
+from ftlab.cli.select import app as select_app; app.add_typer(select_app, name="select")  # noqa: E402

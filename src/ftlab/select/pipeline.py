@@ -165,9 +165,23 @@ def score_pool(cfg: SelectConfig, pool: Sequence[InstructionExample], targets: S
                              progress=progress)
     train = gradient_features(cfg, module, tokenizer, pool, checkpoints, "adam", "train", progress)
     target = gradient_features(cfg, module, tokenizer, targets, checkpoints, "sgd", "target", progress)
+    return *less_from_stores(cfg, train, target, targets, progress), sorted(train.skipped + target.skipped)
+
+
+def less_from_stores(cfg: SelectConfig, train: FeatureStores, target: FeatureStores,
+                     targets: Sequence[InstructionExample], progress: bool = True) -> tuple[list[str], np.ndarray]:
+    """``(ids, scores)``: LESS scores of the pool rows of ``train`` against ``target``."""
     scores = less_scores(train.stores, target.stores, train.lr_weights, groups_of(target.stores[0], targets),
                          progress=progress)
-    return train.stores[0].ids, scores, sorted(train.skipped + target.skipped)
+    return train.stores[0].ids, scores
+
+
+def stored_features(cfg: SelectConfig, name: str) -> FeatureStores:
+    """The complete feature stores ``<output_dir>/features/<name>/<checkpoint>`` of every
+    warm-up checkpoint (written by an earlier features pass)."""
+    ckpts = checkpoints_of(cfg)
+    stores = [Datastore.open(Path(cfg.output_dir) / "features" / name / c.path.name) for c in ckpts]
+    return FeatureStores(stores, [c.mean_lr for c in ckpts], [])
 
 
 def write_outputs(cfg: SelectConfig, pool: Sequence[InstructionExample], ids: list[str], scores: np.ndarray,

@@ -159,8 +159,7 @@ def run_warmup(module: nn.Module, tokenizer: Any, pool: Sequence[InstructionExam
     encoded = [e for e in (encode(tokenizer, ex, max_length) for ex in subset) if e[1] > 0]
     if not encoded:
         raise FtlabError("no warm-up example has response tokens; check the pool's responses")
-    _check_run(out_dir, {"settings": asdict(settings), "max_length": max_length,
-                         "subset": [ex.id for ex in subset]})
+    _check_run(out_dir, {**asdict(settings), "max_length": max_length, "subset": [ex.id for ex in subset]})
     per_epoch = math.ceil(len(encoded) / settings.batch_size)
     total = per_epoch * settings.epochs
     warm = round(settings.warmup_ratio * total)

@@ -1,0 +1,131 @@
+"""``ftlab select``: LESS targeted data selection and its baselines (a thin shell over
+:mod:`ftlab.select.pipeline`). Every command resumes what a killed run left."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ftlab.cli.common import config_path, table
+
+app = typer.Typer(help="Targeted data selection (LESS) from low-rank gradient features, and baselines.",
+                  no_args_is_help=True)
+
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config: a path or a name in configs/ (e.g. less-smollm2).")
+OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. percentage=0.1 warmup.epochs=2 "
+                                      "'pool=[a.jsonl,b.jsonl]'")
+
+
+def _config(config: Optional[str], overrides: Optional[list[str]], extra: list[str] = ()) -> Any:
+    from ftlab.config import load_config
+    from ftlab.select.pipeline import SelectConfig, check_config
+
+    cfg = load_config(SelectConfig, config_path(config), [*(overrides or []), *extra])
+    check_config(cfg)
+    return cfg
+
+
+def _data(cfg: Any) -> tuple[list, list]:
+    from ftlab.select.data import load_instructions
+
+    return load_instructions(cfg.pool), load_instructions(cfg.targets) if cfg.targets else []
+
+
+def _report(cfg: Any, summary: dict) -> None:
+    rows = [(family, str(n)) for family, n in summary["families"].items()]
+    typer.echo(table(rows, ("source family", "selected")))
+    if summary["skipped_no_target_tokens"]:
+        typer.echo(f"skipped {len(summary['skipped_no_target_tokens'])} examples without response tokens "
+                   f"(listed in summary.json)", err=True)
+    out = Path(cfg.output_dir)
+    typer.echo(f"selected {summary['n_selected']} of {summary['n_scored']} scored examples ({cfg.method}): "
+               f"{out / 'selected.jsonl'}, {out / 'scores.csv'}, {out / 'selection.png'}")
+
+
+@app.command("prepare-pool")
+def prepare_pool(
+    out: Path = typer.Option(Path("data/less"), help="Folder for pool.jsonl and targets/<family>.jsonl."),
+    per_task: int = typer.Option(40, help="Pool examples per BIG-bench subtask."),
+    n_target: int = typer.Option(4, help="Held-out target examples per subtask."),
+    max_chars: int = typer.Option(1000, help="Skip examples longer than this (prompt + response)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Build the instruction pool and per-family target sets from the extracted BIG-bench files
+    (natural_instructions subtasks + strategyqa, nli, sentiment; run `ftlab data prepare` first)."""
+    from ftlab.select.data import PoolSpec, build_bigbench_pool
+
+    paths = build_bigbench_pool(out, PoolSpec(per_task=per_task, n_target=n_target, max_chars=max_chars, seed=seed))
+    rows = [(name, str(path), str(sum(1 for _ in path.open()))) for name, path in paths.items()]
+    typer.echo(table(rows, ("set", "file", "examples")))
+
+
+@app.command("warmup")
+def warmup_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[str] = CONFIG) -> None:
+    """LESS step 1: LoRA warm-up on a random p% of the pool, a checkpoint (with AdamW state by
+    parameter name) per epoch in <output_dir>/warmup."""
+    from ftlab.select.pipeline import load_lora_model
+    from ftlab.select.warmup import run_warmup
+
+    cfg = _config(config, overrides)
+    pool, _ = _data(cfg)
+    module, tokenizer = load_lora_model(cfg)
+    ckpts = run_warmup(module, tokenizer, pool, cfg.warmup, Path(cfg.output_dir) / "warmup", max_length=cfg.max_length)
+    typer.echo(table([(str(c.epoch), f"{c.mean_lr:.3g}", str(c.path)) for c in ckpts], ("epoch", "mean lr", "checkpoint")))
+
+
+@app.command("features")
+def features_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[str] = CONFIG) -> None:
+    """LESS steps 2-3: projected Adam features of the pool and SGD features of the targets at
+    every warm-up checkpoint, into datastores under <output_dir>/features (under torchrun the
+    examples are split over the processes)."""
+    from ftlab.select.pipeline import checkpoints_of, gradient_features, load_lora_model
+
+    cfg = _config(config, overrides)
+    pool, targets = _data(cfg)
+    ckpts = checkpoints_of(cfg)
+    module, tokenizer = load_lora_model(cfg)
+    train = gradient_features(cfg, module, tokenizer, pool, ckpts, "adam", "train")
+    target = gradient_features(cfg, module, tokenizer, targets, ckpts, "sgd", "target")
+    rows = [(s.manifest.checkpoint, s.manifest.grad_type, str(len(s)), str(s.path)) for s in train.stores + target.stores]
+    typer.echo(table(rows, ("checkpoint", "type", "rows", "datastore")))
+    skipped = train.skipped + target.skipped
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} examples without response tokens, e.g. {skipped[0]}", err=True)
+
+
+@app.command("score")
+def score_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[str] = CONFIG) -> None:
+    """LESS steps 4-5: stream the stored features into scores, select the top examples, write
+    selected.jsonl, scores.csv, selected_data.jsonl and selection.png."""
+    from ftlab.select.pipeline import less_from_stores, stored_features, write_outputs
+
+    cfg = _config(config, overrides)
+    pool, targets = _data(cfg)
+    ids, scores = less_from_stores(cfg, stored_features(cfg, "train"), stored_features(cfg, "target"), targets)
+    _report(cfg, write_outputs(cfg, pool, ids, scores, []))
+
+
+@app.command("pipeline")
+def pipeline_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[str] = CONFIG) -> None:
+    """The whole recipe of the config's method (less: warm-up -> features -> scores -> top-k)."""
+    from ftlab.select.pipeline import run_pipeline
+
+    cfg = _config(config, overrides)
+    _report(cfg, run_pipeline(cfg))
+
+
+@app.command("baseline")
+def baseline_cmd(
+    method: str = typer.Argument(..., help="random or representation (mean-pooled last hidden states, cosine)."),
+    overrides: Optional[list[str]] = OVERRIDES, config: Optional[str] = CONFIG,
+) -> None:
+    """A baseline selection with the same inputs and outputs as LESS."""
+    from ftlab.errors import FtlabError
+    from ftlab.select.pipeline import run_pipeline
+
+    if method not in ("random", "representation"):
+        raise FtlabError(f"unknown baseline {method!r}; choose random or representation")
+    cfg = _config(config, overrides, [f"method={method}"])
+    _report(cfg, run_pipeline(cfg))
