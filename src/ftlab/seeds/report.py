@@ -20,14 +20,16 @@ import numpy as np
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_file, atomic_write_json, atomic_write_text
 from ftlab.seeds import stats
+from ftlab.seeds.interpolation import ALPHAS, interpolation_curve
 from ftlab.seeds.runner import RunSpec, check_comparable, load_records, load_study
 from ftlab.train import load_run_data
 
 
 def build_report(study_dirs: Sequence[str | Path], out_dir: str | Path, *, n_boot: int = 2000, seed: int = 0,
-                 barrier_pairs: int = 2, progress: bool = False) -> dict[str, Any]:
+                 barrier_pairs: int = 2, alphas: Sequence[float] = ALPHAS, progress: bool = False) -> dict[str, Any]:
     """Compute the report of the given study folders and write ``report.json``, ``report.md``
-    and ``report.png`` into ``out_dir``; returns the report as a dict."""
+    and ``report.png`` into ``out_dir``; returns the report as a dict. ``alphas``: the points of
+    each interpolation path (with 0 and 1)."""
     if not study_dirs:
         raise FtlabError("give at least one seed-study folder")
     studies = {str(d): load_study(d) for d in study_dirs}
@@ -39,7 +41,7 @@ def build_report(study_dirs: Sequence[str | Path], out_dir: str | Path, *, n_boo
             raise FtlabError(f"{d} has {len(records)} finished run(s); run `ftlab seeds run` first (>= 2 needed)")
         scores = np.array([r["test_scores"] for r in records])
         matrices.append(scores)
-        sections.append(_study_section(d, study, records, scores, n_boot, seed, barrier_pairs, progress))
+        sections.append(_study_section(d, study, records, scores, n_boot, seed, barrier_pairs, alphas, progress))
     for section, scores in zip(sections[1:], matrices[1:]):
         diff = stats.multi_bootstrap(scores, n_boot, seed, baseline=matrices[0])
         section["difference_vs_first"] = vars(diff)
@@ -52,7 +54,7 @@ def build_report(study_dirs: Sequence[str | Path], out_dir: str | Path, *, n_boo
 
 
 def _study_section(study_dir: str, study, records: list[dict[str, Any]], scores: np.ndarray, n_boot: int,
-                   seed: int, barrier_pairs: int, progress: bool) -> dict[str, Any]:
+                   seed: int, barrier_pairs: int, alphas: Sequence[float], progress: bool) -> dict[str, Any]:
     test = [r["test"]["accuracy" if "accuracy" in r["test"] else "f1"] for r in records]
     dev = [r["best_dev"] for r in records]
     selection = dev if all(v is not None for v in dev) else test  # Dodge et al. use validation scores
@@ -68,7 +70,7 @@ def _study_section(study_dir: str, study, records: list[dict[str, Any]], scores:
             "expected_max": {"on": "dev" if selection is dev else "test", "mean": curve.tolist(),
                              "std": curve_std.tolist()},
             "variance": stats.variance_shares(groups) if groups else {},
-            "barriers": _barriers(study_dir, study, records, barrier_pairs, progress)}
+            "barriers": _barriers(study_dir, study, records, barrier_pairs, alphas, progress)}
 
 
 def _barrier_pairs(study, records: list[dict[str, Any]], n_pairs: int) -> list[tuple[str, str, str]]:
@@ -83,10 +85,8 @@ def _barrier_pairs(study, records: list[dict[str, Any]], n_pairs: int) -> list[t
     return pairs[:n_pairs]
 
 
-def _barriers(study_dir: str, study, records: list[dict[str, Any]], n_pairs: int,
+def _barriers(study_dir: str, study, records: list[dict[str, Any]], n_pairs: int, alphas: Sequence[float],
               progress: bool) -> list[dict[str, Any]]:
-    from ftlab.seeds.interpolation import interpolation_curve
-
     pairs = _barrier_pairs(study, records, n_pairs)
     if not pairs:
         return []
@@ -94,15 +94,19 @@ def _barriers(study_dir: str, study, records: list[dict[str, Any]], n_pairs: int
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     data = None
     for kind, a, b in pairs:
-        key = f"{a}|{b}"
+        key = _pair_key(a, b, alphas)
         if key in cache:
             continue
         data = data or load_run_data(study.train)
         run_dirs = [Path(study_dir) / "runs" / name for name in (a, b)]
         cache[key] = {"kind": kind, "a": a, "b": b,
-                      **interpolation_curve(*run_dirs, data.spec, data.splits.test, progress=progress)}
+                      **interpolation_curve(*run_dirs, data.spec, data.splits.test, alphas, progress)}
         atomic_write_json(cache_path, cache)  # one pair at a time: a killed report keeps the others
-    return [cache[f"{a}|{b}"] for _, a, b in pairs]
+    return [cache[_pair_key(a, b, alphas)] for _, a, b in pairs]
+
+
+def _pair_key(a: str, b: str, alphas: Sequence[float]) -> str:
+    return f"{a}|{b}|" + ",".join(f"{x:g}" for x in alphas)
 
 
 def markdown(report: dict[str, Any]) -> str:
