@@ -8,40 +8,12 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.kernel import KernelSpec, compute_kernel, load_kernel, readout_matrix, select_parameters
-from ftlab.kernel.entk import OutputFunction, eager_attention, encode_rows, label_word_ids
+from ftlab.kernel.entk import encode_rows, label_word_ids
 from ftlab.kernel.store import PARTIAL
 from ftlab.objectives import Encoder
-from ftlab.tasks.base import Example, TaskSpec
 
-SPEC = TaskSpec(name="toy", template="Review: {text} It was", options=[" good", " bad", " great"])
-TEXTS = ["the movie was great", "terrible plot", "a good story and the acting", "bad", "the film",
-         "It was the story of the plot", "and the acting was good", "great"]
-
-
-def examples(n: int = len(TEXTS)) -> list[Example]:
-    return [Example(id=f"toy:{i}", fields={"text": t}, label=i % 3) for i, t in enumerate(TEXTS[:n])]
-
-
-def explicit_jacobians(model, tokenizer, spec, exs, names, readout) -> torch.Tensor:
-    """(R, O, P) Jacobians by one autograd backward per example and output (no vmap, no padding)."""
-    encoder = Encoder(tokenizer, spec)
-    fn = OutputFunction(model, label_word_ids(encoder), readout)
-    rows = []
-    with eager_attention(model):
-        for ex in exs:
-            params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters() if n in names}
-            f = fn.batch(params, encode_rows(encoder, [ex]))[0]
-            rows.append(torch.stack([
-                torch.cat([g.flatten() for g in torch.autograd.grad(f[o], list(params.values()), retain_graph=True)])
-                for o in range(f.shape[0])]))
-    return torch.stack(rows)
-
-
-@pytest.fixture
-def gpt2_64(tiny_model_factory):
-    """Tiny GPT-2 in float64 (its eager attention has no float32 softmax, so float64 is exact)."""
-    return tiny_model_factory("gpt2").double()
-
+from kernel_helpers import SPEC, examples, explicit_jacobians
+from ftlab.tasks.base import TaskSpec
 
 @pytest.mark.parametrize("output", ["logits", "contrast"])
 def test_exact_kernel_equals_gram_of_explicit_gradients(gpt2_64, tiny_tokenizer, tmp_path, output):

@@ -1,7 +1,7 @@
 """Is fine-tuning in the kernel regime? Fine-tune for real with :func:`ftlab.train.train` on the
 same k-shot split as the kernel, then compare (Malladi et al., 2023, Sec. 6):
 
-(a) accuracy of the kernel solution vs the fine-tuned model on the test examples;
+(a) accuracy of the kernel solution vs the fine-tuned model (its weights at the last step) on the test examples;
 (b) agreement of their per-example predictions;
 (c) linearisation error ``||f_ft - f_lin|| / ||f_ft - f0||`` over the test outputs, where
     ``f_lin = f0 + J (theta_ft - theta_0)`` is computed exactly with forward-mode AD
@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import jvp
 
 from ftlab.config import TrainConfig
@@ -120,9 +120,12 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 def trained_weights(run_dir: str | Path) -> dict[str, Tensor]:
-    """The trainable tensors a finished run selected (``best.safetensors``, else its last checkpoint)."""
+    """The trainable tensors at the end of a finished first-order run (its last checkpoint,
+    written at the final step), else its dev-selected ``best.safetensors``. The end, not the
+    best: dev selection may pick an early step (even step 0), which says nothing about where
+    fine-tuning went."""
     run_dir = Path(run_dir)
-    for path in (run_dir / "best.safetensors", run_dir / "checkpoint" / "trainable.safetensors"):
+    for path in (run_dir / "checkpoint" / "trainable.safetensors", run_dir / "best.safetensors"):
         if path.exists():
             return load_file(str(path))
     raise FtlabError(f"{run_dir} holds no trained weights (best.safetensors or checkpoint/); is it a finished run?")
@@ -135,21 +138,25 @@ def kernel_kind_for(optimizer: str) -> str:
 
 def diagnose(cfg: TrainConfig, spec: TaskSpec, splits: Splits, kernel_dir: str | Path, *,
              kspec: KernelSpec | None = None, method: str = "regression", ridge: float = 0.0,
-             identity: dict[str, Any] | None = None, progress: bool = False) -> tuple[RegimeReport, dict[str, Any]]:
+             identity: dict[str, Any] | None = None, progress: bool = False,
+             load: Callable[[], tuple[nn.Module, Any]] | None = None) -> tuple[RegimeReport, dict[str, Any]]:
     """Fine-tune as ``cfg`` says on ``splits`` and measure (a)-(d) against the kernel of the
     start weights. Kernels go to ``kernel_dir/start`` and ``kernel_dir/end`` (resumable, as is
-    the run in ``cfg.output_dir``). Returns the report and the details (solutions, run results)."""
+    the run in ``cfg.output_dir``). ``load()`` returns a fresh (model, tokenizer) (default: load
+    ``cfg.model``); it is called twice, for the kernel and for training.
+    Returns the report and the details (kernel solution note and ridge, run results, zero-shot accuracy)."""
     from ftlab.train import RunData, build_trainer, train
 
     kspec = kspec or KernelSpec(params="trainable")
     kind = kernel_kind_for(cfg.optimizer)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    load = load or (lambda: load_model(cfg.model, dtype=cfg.dtype, device=cfg.device))
+    model, tokenizer = load()
     module = build_trainer(cfg, model)[0]  # the exact start weights of the run (seeded adapters)
     module.eval()
     ident = {"model": cfg.model, "mode": cfg.mode, "seed": cfg.seed, **(identity or {})}
     start_kernel = compute_kernel(module, tokenizer, spec, splits.train, splits.test, kspec,
                                   Path(kernel_dir) / "start", identity=ident, progress=progress)
-    ft_model, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    ft_model, _ = load()
     results = train(cfg, progress=progress, model_and_tokenizer=(ft_model, tokenizer), data=RunData(spec, splits))
     del ft_model
     start = {n: p.detach().clone() for n, p in trainable_parameters(module)}

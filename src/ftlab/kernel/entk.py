@@ -142,29 +142,40 @@ class OutputFunction:
         self.fixed = {n: p.detach() for n, p in module.named_parameters()}
         self.config = getattr(module, "config", None)
 
-    def logits(self, params: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
-        """Label-word logits ``z`` of a batch ``(B, L)`` (2-D padding mask: no vmap)."""
+    def logits(self, params: dict[str, Tensor], ids: Tensor, masks: Any, pos: Tensor) -> Tensor:
+        """Label-word logits ``z`` ``(B, C)`` of a batch ``(B, L)`` given ready 4-D masks."""
         out = functional_call(self.module, {**self.fixed, **params}, (),
-                              dict(input_ids=ids, attention_mask=mask, position_ids=pos,
+                              dict(input_ids=ids, attention_mask=masks, position_ids=pos,
                                    logits_to_keep=1, use_cache=False))
         return out.logits[:, -1, self.label_ids.to(ids.device)]
 
+    def row_masks(self, mask: Tensor) -> Tensor | dict[str, Tensor]:
+        """The additive ``(1, 1, L, L)`` mask(s) of one row with padding mask ``mask`` ``(L,)``.
+
+        Ready 4-D masks avoid transformers' data-dependent shortcuts (``if mask.all()``) that
+        vmap cannot trace. A left-pad position sees no key at all; under eager attention its
+        scores plus the mask overflow to -inf and its softmax (and every gradient, via 0 * NaN)
+        becomes NaN, so each position may also see itself: pad rows stay finite, real rows are
+        unchanged.
+        """
+        dtype = next(iter(self.fixed.values())).dtype
+        keep_diagonal = 1 - torch.eye(mask.shape[-1], dtype=dtype, device=mask.device)
+        masks = row_attention_mask(self.config, mask, dtype)
+        if isinstance(masks, dict):
+            return {k: m * keep_diagonal for k, m in masks.items()}
+        return masks * keep_diagonal
+
     def batch(self, params: dict[str, Tensor], batch: ModelBatch) -> Tensor:
         """``f`` of every row of a left-padded batch, ``(B, O)``."""
-        z = self.logits(params, batch.input_ids, batch.attention_mask, batch.position_ids)
+        rows = [self.row_masks(m) for m in batch.attention_mask]
+        masks = ({k: torch.cat([r[k] for r in rows]) for k in rows[0]} if isinstance(rows[0], dict)
+                 else torch.cat(rows))
+        z = self.logits(params, batch.input_ids, masks, batch.position_ids)
         return z @ self.readout.to(z.device, z.dtype)
 
     def row(self, params: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
-        """``f`` of one row (vmap-able: the 4-D mask avoids transformers' data-dependent shortcuts)."""
-        dtype = next(iter(self.fixed.values())).dtype
-        # A left-pad position sees no key at all; under eager attention its scores plus the
-        # mask overflow to -inf and its softmax (and so every gradient, via 0 * NaN) becomes NaN.
-        # Letting each position see itself keeps pad rows finite; real rows are unchanged.
-        keep_diagonal = 1 - torch.eye(mask.shape[-1], dtype=dtype, device=mask.device)
-        masks = row_attention_mask(self.config, mask, dtype)
-        masks = ({k: m * keep_diagonal for k, m in masks.items()} if isinstance(masks, dict)
-                 else masks * keep_diagonal)
-        z = self.logits(params, ids[None], masks, pos[None])[0]
+        """``f`` of one row ``(L,)``, ``(O,)`` (vmap-able)."""
+        z = self.logits(params, ids[None], self.row_masks(mask), pos[None])[0]
         return z @ self.readout.to(z.device, z.dtype)
 
 
@@ -269,13 +280,24 @@ def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Seq
     if store.complete():
         return store.load()
     module.eval()
-    rows = list(train) + list(test)
+    # Chunks of similar prompt length waste little compute on padding; the kernel is put back in
+    # the caller's order at the end.
+    train_order, test_order = by_length(spec, train), by_length(spec, test)
+    rows = [train[i] for i in train_order] + [test[i] for i in test_order]
     run = _projected if kspec.projection_dim is not None else _exact
     # torch.func transforms still differentiate under no_grad; nothing else builds a graph.
     with torch.no_grad(), eager_attention(module):
         sgd, sign = run(fn, encoder, params, rows, len(train), kspec, store, device, progress)
         f0 = outputs(fn, encoder, rows, device, kspec.chunk_size)
-    return store.finish({"sgd": sgd, "sign": sign, "f0": f0, "readout": readout})
+    back_rows = torch.argsort(torch.tensor(train_order + [len(train) + i for i in test_order], dtype=torch.long))
+    back_cols = torch.argsort(torch.tensor(train_order, dtype=torch.long))
+    unsort = lambda k: k[back_rows][:, back_cols]  # noqa: E731
+    return store.finish({"sgd": unsort(sgd), "sign": unsort(sign), "f0": f0[back_rows], "readout": readout})
+
+
+def by_length(spec: TaskSpec, examples: Sequence[Example]) -> list[int]:
+    """Indices of ``examples`` by prompt length (characters; ties keep their order)."""
+    return sorted(range(len(examples)), key=lambda i: len(spec.prompt(examples[i])))
 
 
 def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example], n_train: int,
