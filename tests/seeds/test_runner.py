@@ -1,6 +1,7 @@
 """The seed grid: separate seed kinds, the plan, resumable runs, and refusing mixed studies."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,39 @@ def test_run_config_sets_seeds_and_folder(tmp_path):
     cfg = run_config(study, run)
     assert cfg.output_dir == str(tmp_path / "runs" / run.name)
     assert (cfg.order_seed, cfg.init_seed, cfg.zo_seed, cfg.seed) == (4, 4, None, 0)
+
+
+def _rank_worker(rank: int, study: dict, port: int, folder: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from ftlab.config import from_dict
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    done = []
+    run_study(from_dict(SeedStudyConfig, study), progress=False, on_run=lambda run, record: done.append(run.name))
+    assert os.environ["WORLD_SIZE"] == "2"  # hidden from ftlab.train during the runs only
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(done))
+    dist.destroy_process_group()
+
+
+def test_ranks_split_the_runs(tmp_path, tiny_model_dir, cue_task):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from ftlab.config import to_dict
+
+    study = _study(tmp_path, tiny_model_dir, cue_task, "kinds=[order]", "runs_all=0", "train.steps=2",
+                   "train.eval_every=2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(to_dict(study), port, str(tmp_path)), nprocs=2, join=True)
+    names = [r.name for r in plan_runs(study)]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == names[rank::2]
+    assert [r["name"] for r in json.loads((tmp_path / "study" / "results.json").read_text())["runs"]] == sorted(names)
