@@ -2,12 +2,14 @@
 first-order fine-tuning (full/LoRA), per task, with steps, wall time and peak memory per row.
 
     python benchmarks/quality.py --tasks sentiment --mezo-steps 200 --ft-steps 100
+    python benchmarks/quality.py --device cuda --jobs 8 --mezo-steps 4000 --ft-steps 400 --results DIR
 
 Every row runs in a fresh process (so its peak RSS, or peak CUDA memory, is its own) and is
-saved to ``benchmarks/results/quality/<task>_<method>.json`` as soon as it finishes; a rerun
+saved to ``<results>/quality/<task>_<method>.json`` as soon as it finishes; a rerun
 skips rows already there, and a killed training row resumes from its run folder
 (``runs/quality/...``). Prints a markdown table, writes ``benchmarks/results/quality.json`` and
-a bar chart ``benchmarks/results/quality.png``. Every row uses the same splits: 1000 training
+a bar chart ``<results>/quality.png`` (``<results>`` is ``benchmarks/results`` unless ``--results``
+says otherwise). ``--jobs N`` runs N rows at once (on a GPU, where one small model leaves it idle). Every row uses the same splits: 1000 training
 examples (data seed 0), ``--n-dev`` dev examples for checkpoint selection, ``--n-test`` test.
 """
 
@@ -19,10 +21,10 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-ROWS = RESULTS / "quality"
 # method -> (mode, optimizer, settings). MeZO: the paper's lr/eps per mode, except LoRA, whose lr
 # is raised 10x for runs this short; first order: AdamW as in configs/sentiment-{full,lora}.yaml.
 METHODS = {
@@ -66,9 +68,9 @@ def run_row(task: str, method: str, args: argparse.Namespace) -> dict:
     else:
         mode, optimizer, settings = METHODS[method]
         steps = args.mezo_steps if optimizer == "mezo" else args.ft_steps
-        cfg = load_config(TrainConfig, None, common + settings + [
+        cfg = load_config(TrainConfig, None, common + settings + args.set + [
             f"mode={mode}", f"optimizer={optimizer}", f"steps={steps}", f"eval_every={max(1, steps // 4)}",
-            f"checkpoint_every={max(1, steps // 4)}", f"output_dir=runs/quality/{task}-{method}"])
+            f"checkpoint_every={max(1, steps // 4)}", f"output_dir={args.runs}/{task}-{method}"])
         metrics = train(cfg, progress=True)["test"]
     return {"task": task, "method": method, "steps": steps, **metrics,
             "seconds": round(time.perf_counter() - start, 1), "peak_mib": round(_peak_mib(args.device))}
@@ -110,6 +112,18 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _row_in_child(task: str, method: str, folder: Path) -> dict:
+    """Run one row in a fresh process (its own peak memory), unless its result is already saved."""
+    path = folder / f"{task}_{method}.json"
+    if not path.exists():
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--row", f"{task}:{method}"]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        path.write_text(out.strip().splitlines()[-1] + "\n")
+    row = json.loads(path.read_text())
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -123,6 +137,11 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for the training rows, e.g. zo.chunk_size=262144")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
+    parser.add_argument("--results", default=str(RESULTS), help="folder for the JSON rows, table and plot")
+    parser.add_argument("--runs", default="runs/quality", help="folder for the training runs (resumable)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: TASK:METHOD, run in this process
     args = parser.parse_args()
 
@@ -130,21 +149,15 @@ def main() -> None:
         task, method = args.row.split(":")
         print(json.dumps(run_row(task, method, args)))
         return
-    ROWS.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for task in args.tasks:
-        for method in args.methods:
-            path = ROWS / f"{task}_{method}.json"
-            if not path.exists():
-                cmd = [sys.executable, __file__, *sys.argv[1:], "--row", f"{task}:{method}"]
-                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-                path.write_text(out.strip().splitlines()[-1] + "\n")
-            rows.append(json.loads(path.read_text()))
-            print(json.dumps(rows[-1]), flush=True)
+    results = Path(args.results)
+    (results / "quality").mkdir(parents=True, exist_ok=True)
+    todo = [(task, method) for task in args.tasks for method in args.methods]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(lambda row: _row_in_child(*row, results / "quality"), todo))
     print("\n" + _table(rows))
-    (RESULTS / "quality.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
-    _plot(rows, RESULTS / "quality.png")
-    print(f"\nwritten to {RESULTS / 'quality.json'} and {RESULTS / 'quality.png'}")
+    (results / "quality.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    _plot(rows, results / "quality.png")
+    print(f"\nwritten to {results / 'quality.json'} and {results / 'quality.png'}")
 
 
 if __name__ == "__main__":

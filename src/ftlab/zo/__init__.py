@@ -27,7 +27,8 @@ def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: Z
     cls, own = ZO_OPTIMIZERS[name]
     s = settings
     return cls(param_groups, lr=lr, eps=s.eps, n_perturbations=s.n_perturbations, one_sided=s.one_sided,
-               distribution=s.distribution, generator=s.generator, seed=seed, exact=s.exact, **own(s))
+               distribution=s.distribution, generator=s.generator, seed=seed, exact=s.exact,
+               chunk_size=s.chunk_size, **own(s))
 
 
 __all__ = ["MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO",

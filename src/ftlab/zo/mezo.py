@@ -47,8 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from ftlab.errors import FtlabError
+from ftlab.zo.settings import CHUNK
 
-CHUNK = 1 << 16  # elements of z handled at once (256 KiB in fp32): bounds every temporary
 TABLE_SIZE, TABLE_SEED = 1 << 20, 20230527  # the shared noise table: 4 MiB in fp32
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+CHUNK = 1 << 16  # default entries of z handled at once (256 KiB in fp32): bounds every temporary
+
 
 @dataclass
 class ZOSettings:
@@ -15,6 +17,10 @@ class ZOSettings:
     one_sided: bool = False
     distribution: str = "gaussian"  # gaussian | rademacher
     generator: str = "table"  # table (shared noise table, fast) | torch (fresh draws)
+    # Entries of z handled at a time. Part of z's definition (a run replays only with its own
+    # value). Small bounds the temporaries on CPU; on a GPU each chunk costs a kernel launch, so
+    # raise it there (table generator: chunks are views of the table, no temporaries at all).
+    chunk_size: int = CHUNK
     # Perturb inside module forwards so theta is restored exactly (None: on for bf16/fp16).
     exact: bool | None = None
     momentum: float = 0.9  # zo-momentum: heavy-ball coefficient
