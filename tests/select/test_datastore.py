@@ -286,3 +286,5 @@ def test_write_distributed_in_one_process_matches_the_writer(tmp_path, monkeypat
     # Rerunning a finished write computes nothing.
     again = write_distributed(tmp_path / "s", ids, compute, batch_size=4, shard_rows=5, **FIELDS)
     assert len(seen) == 5 and again.ids == ids
+    with pytest.raises(FtlabError, match="already holds a complete datastore of other examples"):
+        write_distributed(tmp_path / "s", ids[:-1], compute, batch_size=4, shard_rows=5, **FIELDS)

@@ -98,8 +98,8 @@ def less_scores(train: Sequence[Datastore], targets: Sequence[Datastore], lr_wei
         targets: per checkpoint, the target examples' features (same ids, same order).
         lr_weights: per checkpoint, its weight (the epoch's mean learning rate).
         target_groups: subtask label per target example (default: one group).
-        chunk_rows: training rows read at a time; memory is about ``chunk_rows x dim x 12`` bytes
-            per checkpoint (float32 chunk plus float64 products) plus the targets.
+        chunk_rows: training rows read at a time; memory is about ``chunk_rows x dim x 4`` bytes
+            (one float32 chunk at a time) plus the targets, whatever the number of rows.
         progress: show a progress bar.
 
     Returns:
