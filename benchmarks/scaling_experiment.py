@@ -52,7 +52,8 @@ def main() -> None:
     rows = []
     for name, h in result["hyperparameters"].items():
         c, d = result["curves"][name], result["distance"].get(name)
-        rows.append((name, str(h["batch_size"]), f"{h['lr']:.3g}", str([round(b, 4) for b in h["betas"] or [0.9, 0.999]]),
+        betas = [round(b, 4) for b in h["betas"] or [0.9, 0.999]]
+        rows.append((name, str(h["batch_size"]), f"{h['lr']:.3g}", str(betas),
                      f"{h['eps'] if h['eps'] is not None else 1e-8:.3g}", f"{c['dev'][-1]:.4f}",
                      f"{d['dev_mean_abs']:.4f}" if d else "-", f"{d['loss_mean_abs']:.4f}" if d else "-"))
     print(table(rows, ("run", "batch", "lr", "betas", "eps", "final dev acc", "dev-curve distance",

@@ -80,7 +80,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"{seconds:.0f} s")
     args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results / "study_seeds.json", {**report, "seconds": timings, "args": vars(args) | {"results": str(args.results)}})
+    atomic_write_json(args.results / "study_seeds.json",
+                      {**report, "seconds": timings, "args": {**vars(args), "results": str(args.results)}})
     shutil.copyfile(out / "report.md", args.results / "study_seeds.md")
     shutil.copyfile(out / "report.png", args.results / "study_seeds.png")
 

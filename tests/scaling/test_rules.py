@@ -84,7 +84,8 @@ def test_beta_pushed_out_of_range_says_why():
 
 
 @pytest.mark.parametrize("kw,match", [(dict(betas=[1.0, 0.999]), r"beta1 = 1 \(given\)"),
-                                      (dict(betas=[0.9, -0.1]), "beta2"), (dict(optimizer="sgd", momentum=1.0), "momentum")])
+                                      (dict(betas=[0.9, -0.1]), "beta2"),
+                                      (dict(optimizer="sgd", momentum=1.0), "momentum")])
 def test_beta_out_of_range_before_scaling(kw, match):
     with pytest.raises(FtlabError, match=match):
         scale(_h(**{"optimizer": "adam", **kw}), 2)
@@ -104,5 +105,6 @@ def test_round_trip_through_a_training_config():
     assert (new.batch_size, new.lr, new.weight_decay) == (16, pytest.approx(2e-3), pytest.approx(0.2))
     assert new.adam_betas == pytest.approx([0.6, 0.996]) and new.adam_eps == pytest.approx(5e-9)
     assert new.steps == cfg.steps and new.optimizer == "adamw"
-    mezo = to_train_config(TrainConfig(optimizer="mezo"), scale(from_train_config(TrainConfig(optimizer="mezo", batch_size=8)), 2).hparams)
+    mezo_cfg = TrainConfig(optimizer="mezo", batch_size=8)
+    mezo = to_train_config(mezo_cfg, scale(from_train_config(mezo_cfg), 2).hparams)
     assert mezo.zo.n_perturbations == 2

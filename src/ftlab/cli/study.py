@@ -109,8 +109,8 @@ def seeds_run_cmd(
     records = run_study(study)
     shutdown()
     if is_main():
-        rows = [(r["name"], ",".join(r["groups"]), str(r["best_dev"]), f"{r['test'].get('accuracy', r['test'].get('f1')):.4f}")
-                for r in records]
+        rows = [(r["name"], ",".join(r["groups"]), str(r["best_dev"]),
+                 f"{r['test'].get('accuracy', r['test'].get('f1')):.4f}") for r in records]
         typer.echo(table(rows, ("run", "groups", "best dev", "test")))
         typer.echo(f"{len(records)} runs in {study.output_dir}; next: ftlab seeds report {study.output_dir}")
 

@@ -112,7 +112,8 @@ def _pair_key(a: str, b: str, alphas: Sequence[float]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The Markdown summary of a report."""
     lines = ["# Seed study", ""]
-    lines += ["| method | runs | test mean | std | min | max | multi-bootstrap 95% CI |", "|---|---|---|---|---|---|---|"]
+    lines += ["| method | runs | test mean | std | min | max | multi-bootstrap 95% CI |",
+              "|---|---|---|---|---|---|---|"]
     for s in report["studies"]:
         t, mb = s["test"], s["multi_bootstrap"]
         lines.append(f"| {s['label']} | {t['n']} | {t['mean']:.4f} | {t['std']:.4f} | {t['min']:.4f} | "
