@@ -53,8 +53,10 @@ def test_report_metrics_and_verdict():
     with pytest.raises(FtlabError, match="did not change"):
         linearisation_error(f0, f0, f0)
     assert kernel_kind_for("adamw") == "sign" and kernel_kind_for("sgd") == "sgd"
-    inside = RegimeReport("sgd", "lora", "sgd", 0.8, 0.82, 0.9, linearisation_error=0.1, kernel_change=0.05)
-    outside = RegimeReport("adamw", "full", "sign", 0.6, 0.9, 0.6, linearisation_error=0.8, kernel_change=0.05)
+    inside = RegimeReport("sgd", "lora", "sgd", 0.82, 0.1, kernel_accuracy=0.8, agreement=0.9, kernel_change=0.05)
+    outside = RegimeReport("adamw", "full", "sign", 0.9, 0.8, kernel_accuracy=0.6, agreement=0.6, kernel_change=0.05)
+    unknown = RegimeReport("adamw", "full", "sign", 0.9, linearisation_error=0.2)
+    assert unknown.in_kernel_regime is None and "no verdict (kernel not computed)" in unknown.verdict()
     assert inside.in_kernel_regime and "in the kernel regime (linearisation error 0.100 <= 0.3" in inside.verdict()
     assert not outside.in_kernel_regime and "NOT in the kernel regime" in outside.verdict()
     assert "0.800 > 0.3" in outside.verdict() and outside.to_dict()["in_kernel_regime"] is False
@@ -88,4 +90,5 @@ def test_diagnose_end_to_end_with_training_loop(tmp_path, tiny_model_factory, ti
     assert 0 < report.kernel_change < 0.3
     assert report.in_kernel_regime and report.verdict().startswith("lora/sgd: in the kernel regime")
     assert (tmp_path / "kernels" / "start" / "kernel.safetensors").exists()
-    assert (tmp_path / "kernels" / "end" / "kernel.safetensors").exists()
+    assert (tmp_path / "kernels" / "end-sgd" / "kernel.safetensors").exists()
+    assert details["kernel_predictions"] != [] and len(details["finetuned_predictions"]) == 8

@@ -50,25 +50,31 @@ class RegimeReport:
     optimizer: str
     mode: str
     kernel_kind: str
-    kernel_accuracy: float
     finetuned_accuracy: float
-    agreement: float
     linearisation_error: float
-    kernel_change: float
+    kernel_accuracy: float | None = None  # None: no kernel computed
+    agreement: float | None = None
+    kernel_change: float | None = None
     max_linearisation: float = MAX_LINEARISATION
     max_kernel_change: float = MAX_KERNEL_CHANGE
 
     @property
-    def in_kernel_regime(self) -> bool:
+    def in_kernel_regime(self) -> bool | None:
+        """Both thresholds met; ``None`` when the kernel change was not measured."""
+        if self.kernel_change is None:
+            return None
         return (self.linearisation_error <= self.max_linearisation
                 and self.kernel_change <= self.max_kernel_change)
 
     def verdict(self) -> str:
         """One line: the verdict and the numbers that decide it."""
+        lin = (f"linearisation error {self.linearisation_error:.3f} "
+               f"{'<=' if self.linearisation_error <= self.max_linearisation else '>'} {self.max_linearisation}")
+        if self.kernel_change is None:
+            return (f"{self.mode}/{self.optimizer}: no verdict (kernel not computed); {lin}; "
+                    f"fine-tuned acc {self.finetuned_accuracy:.3f}")
         regime = "in the kernel regime" if self.in_kernel_regime else "NOT in the kernel regime"
-        return (f"{self.mode}/{self.optimizer}: {regime} (linearisation error {self.linearisation_error:.3f} "
-                f"{'<=' if self.linearisation_error <= self.max_linearisation else '>'} {self.max_linearisation}, "
-                f"kernel change {self.kernel_change:.3f} "
+        return (f"{self.mode}/{self.optimizer}: {regime} ({lin}, kernel change {self.kernel_change:.3f} "
                 f"{'<=' if self.kernel_change <= self.max_kernel_change else '>'} {self.max_kernel_change}; "
                 f"kernel acc {self.kernel_accuracy:.3f} vs fine-tuned {self.finetuned_accuracy:.3f}, "
                 f"agreement {self.agreement:.3f})")
@@ -136,26 +142,31 @@ def kernel_kind_for(optimizer: str) -> str:
     return "sign" if optimizer.startswith("adam") else "sgd"
 
 
-def diagnose(cfg: TrainConfig, spec: TaskSpec, splits: Splits, kernel_dir: str | Path, *,
+def diagnose(cfg: TrainConfig, spec: TaskSpec, splits: Splits, kernel_dir: str | Path | None, *,
              kspec: KernelSpec | None = None, method: str = "regression", ridge: float = 0.0,
              identity: dict[str, Any] | None = None, progress: bool = False,
              load: Callable[[], tuple[nn.Module, Any]] | None = None) -> tuple[RegimeReport, dict[str, Any]]:
     """Fine-tune as ``cfg`` says on ``splits`` and measure (a)-(d) against the kernel of the
-    start weights. Kernels go to ``kernel_dir/start`` and ``kernel_dir/end`` (resumable, as is
-    the run in ``cfg.output_dir``). ``load()`` returns a fresh (model, tokenizer) (default: load
-    ``cfg.model``); it is called twice, for the kernel and for training.
-    Returns the report and the details (kernel solution note and ridge, run results, zero-shot accuracy)."""
+    start weights.
+
+    Kernels go to ``kernel_dir/start`` (shared by runs of the same mode and seed) and
+    ``kernel_dir/end-<optimizer>``; both are resumable, as is the run in ``cfg.output_dir``.
+    ``kernel_dir=None`` skips the kernels (for parameter sets too large to afford): only (c) and
+    the fine-tuned accuracy are measured and the report has no verdict. ``load()`` returns a
+    fresh (model, tokenizer) (default: load ``cfg.model``); it is called twice, for the start
+    weights and for training. Returns the report and the details (solver note and ridge, run
+    results, zero-shot accuracy, per-example predictions)."""
     from ftlab.train import RunData, build_trainer, train
 
     kspec = kspec or KernelSpec(params="trainable")
     kind = kernel_kind_for(cfg.optimizer)
     load = load or (lambda: load_model(cfg.model, dtype=cfg.dtype, device=cfg.device))
     model, tokenizer = load()
-    module = build_trainer(cfg, model)[0]  # the exact start weights of the run (seeded adapters)
-    module.eval()
+    module = build_trainer(cfg, model)[0].eval()  # the exact start weights of the run (seeded adapters)
     ident = {"model": cfg.model, "mode": cfg.mode, "seed": cfg.seed, **(identity or {})}
-    start_kernel = compute_kernel(module, tokenizer, spec, splits.train, splits.test, kspec,
-                                  Path(kernel_dir) / "start", identity=ident, progress=progress)
+    start_kernel = None if kernel_dir is None else compute_kernel(
+        module, tokenizer, spec, splits.train, splits.test, kspec, Path(kernel_dir) / "start", identity=ident,
+        progress=progress)
     ft_model, _ = load()
     results = train(cfg, progress=progress, model_and_tokenizer=(ft_model, tokenizer), data=RunData(spec, splits))
     del ft_model
@@ -164,21 +175,24 @@ def diagnose(cfg: TrainConfig, spec: TaskSpec, splits: Splits, kernel_dir: str |
     encoder = Encoder(tokenizer, spec, max_length=kspec.max_length)
     fn = OutputFunction(module, label_word_ids(encoder), readout_matrix(len(spec.options), kspec.output))
     f0, f_lin, f_end = linearised_outputs(fn, start, end, splits.test, encoder)
-    solution: Solution = solve(start_kernel, method, kind, ridge=ridge)
     with torch.no_grad():
         for n, p in trainable_parameters(module):
             p.copy_(end[n])
     ft_pred = evaluate(module, tokenizer, spec, splits.test, progress=False).predictions
-    end_kernel = compute_kernel(module, tokenizer, spec, splits.train, [], kspec, Path(kernel_dir) / "end",
-                                identity={**ident, "weights": "end"}, progress=progress)
-    ft_acc = sum(p == ex.label for p, ex in zip(ft_pred, splits.test)) / len(splits.test)
-    report = RegimeReport(
-        optimizer=cfg.optimizer, mode=cfg.mode, kernel_kind=kind, kernel_accuracy=float(solution.accuracy),
-        finetuned_accuracy=ft_acc, agreement=agreement(solution.predictions, ft_pred),
-        linearisation_error=linearisation_error(f0, f_lin, f_end),
-        kernel_change=kernel_change(start_kernel.train(kind), end_kernel.train(kind)))
-    details = {"solution_note": solution.note, "ridge": solution.ridge, "run": results,
-               "zero_shot_accuracy": float(((f0 @ fn.readout.double().T).argmax(1)
-                                            == torch.tensor([ex.label for ex in splits.test])).double().mean())}
+    labels = torch.tensor([ex.label for ex in splits.test])
+    details: dict[str, Any] = {
+        "run": results, "finetuned_predictions": ft_pred,
+        "zero_shot_accuracy": float(((f0 @ fn.readout.double().T).argmax(1) == labels).double().mean())}
+    report = RegimeReport(optimizer=cfg.optimizer, mode=cfg.mode, kernel_kind=kind,
+                          finetuned_accuracy=float((torch.tensor(ft_pred) == labels).double().mean()),
+                          linearisation_error=linearisation_error(f0, f_lin, f_end))
+    if start_kernel is not None:
+        solution: Solution = solve(start_kernel, method, kind, ridge=ridge)
+        end_kernel = compute_kernel(module, tokenizer, spec, splits.train, [], kspec,
+                                    Path(kernel_dir) / f"end-{cfg.optimizer}",
+                                    identity={**ident, "weights": f"end of {cfg.output_dir}"}, progress=progress)
+        report.kernel_accuracy = float(solution.accuracy)
+        report.agreement = agreement(solution.predictions, ft_pred)
+        report.kernel_change = kernel_change(start_kernel.train(kind), end_kernel.train(kind))
+        details.update(solution_note=solution.note, ridge=solution.ridge, kernel_predictions=solution.predictions)
     return report, details
-

@@ -1,0 +1,122 @@
+"""eNTK computation speed on SmolLM2-135M: the batched ``vmap(jacrev)`` Jacobians that
+:func:`ftlab.kernel.compute_kernel` computes per chunk against a straightforward loop (one forward per example, one
+backward per label word, gradients flattened). The two alternate chunk by chunk on the same rows
+(timing the per-example Jacobians, which is where all the time goes), so the load of other
+processes on a shared machine hits both alike; the kernels built from both are compared.
+
+Both compute the SGD and sign kernels of the label-word logits w.r.t. the LoRA parameters
+(q_proj, v_proj, r=8: 460,800 entries; seeded peft init) for ``--n-train`` training rows and
+``--n-test`` test rows of the sentiment task. The cost of both is linear in the number of rows
+(one Jacobian per row; the kernel products are negligible), so the time for 64 + 500 rows is
+reported as the measured per-row time times 564. Prints a table, writes
+``benchmarks/results/kernel_speed.json``.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/kernel_speed.py --n-train 64 --n-test 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ftlab.cli.common import table
+from ftlab.io import atomic_write_json
+from ftlab.kernel import select_parameters
+from ftlab.kernel.entk import OutputFunction, by_length, eager_attention, encode_rows, flat, jacobians, label_word_ids
+from ftlab.models import LoraSettings, load_model, prepare_model
+from ftlab.objectives import Encoder
+from ftlab.tasks import load_task, make_splits
+
+RESULTS = Path(__file__).parent / "results" / "kernel_speed.json"
+
+
+def loop_jacobians(model, encoder, rows, params) -> torch.Tensor:
+    """The straightforward way, ``(R, C, P)``: per example, a forward (batch of 1, no padding,
+    the model's own attention), then one ``autograd.grad`` per label word."""
+    label_ids = label_word_ids(encoder)
+    out = []
+    for ex in rows:
+        batch = encode_rows(encoder, [ex])
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits[0, -1, label_ids]
+        out.append(torch.stack([
+            torch.cat([g.flatten() for g in torch.autograd.grad(logits[c], params, retain_graph=c + 1 < len(label_ids))])
+            for c in range(len(label_ids))]))
+    return torch.stack(out)
+
+
+def batched_jacobians(fn, encoder, rows, params, names) -> torch.Tensor:
+    """What :func:`ftlab.kernel.compute_kernel` runs per chunk: ``vmap(jacrev)`` on a padded batch."""
+    with torch.no_grad(), eager_attention(fn.module):
+        jac = jacobians(fn, params, encode_rows(encoder, rows))
+    return torch.cat(flat(jac, names), 1).view(len(rows), fn.readout.shape[1], -1)
+
+
+def kernels(jac: torch.Tensor, n_train: int) -> dict[str, torch.Tensor]:
+    jac = jac.double()
+    return {"sgd": torch.einsum("aop,bqp->aboq", jac, jac[:n_train]),
+            "sign": torch.einsum("aop,bqp->aboq", jac, torch.sign(jac[:n_train]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-train", type=int, default=64)
+    ap.add_argument("--n-test", type=int, default=16)
+    ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model("smollm2-135m")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = prepare_model(model, "lora", lora=LoraSettings(r=8, alpha=16)).eval()
+    spec, examples = load_task("sentiment")
+    splits = make_splits(examples, seed=0, n_train=0, n_dev=0, n_test=args.n_test,
+                         k_per_class=args.n_train // 2)
+    train, test = splits.train, splits.test
+    names = select_parameters(module, "lora")
+    n_params = sum(p.numel() for p in names.values())
+
+    # The two methods alternate chunk by chunk (same rows), so load from other processes on this
+    # shared machine hits both alike. Rows are sorted by length as compute_kernel sorts them.
+    encoder = Encoder(tokenizer, spec)
+    fn = OutputFunction(module, label_word_ids(encoder), torch.eye(len(spec.options), dtype=torch.float64))
+    rows = [train[i] for i in by_length(spec, train)] + [test[i] for i in by_length(spec, test)]
+    trainable = [p for n, p in module.named_parameters() if n in names]
+    batched_s = loop_s = 0.0
+    batched, looped = [], []
+    for s in tqdm(range(0, len(rows), args.chunk_size), desc="chunks"):
+        chunk = rows[s:s + args.chunk_size]
+        t = time.perf_counter()
+        batched.append(batched_jacobians(fn, encoder, chunk, names, list(names)))
+        batched_s += time.perf_counter() - t
+        t = time.perf_counter()
+        looped.append(loop_jacobians(module, encoder, chunk, trainable))
+        loop_s += time.perf_counter() - t
+    fast, slow = kernels(torch.cat(batched), len(train)), kernels(torch.cat(looped), len(train))
+    diffs = {k: float((fast[k] - slow[k]).abs().max()) for k in fast}
+    scale = {k: float(slow[k].abs().max()) for k in slow}
+    rows = len(train) + len(test)
+    result = {
+        "model": "smollm2-135m", "task": "sentiment", "params": "LoRA q_proj,v_proj r=8", "n_params": n_params,
+        "n_train": len(train), "n_test": len(test), "chunk_size": args.chunk_size, "threads": args.threads,
+        "batched_seconds": batched_s, "loop_seconds": loop_s, "speedup": loop_s / batched_s,
+        "max_abs_diff": diffs, "max_abs_value": scale,
+        "extrapolated_64_500_seconds": {"batched": batched_s / rows * 564, "loop": loop_s / rows * 564},
+    }
+    atomic_write_json(RESULTS, result)
+    print(table([("batched vmap(jacrev)", f"{batched_s:.1f}", f"{batched_s / rows:.2f}", f"{batched_s / rows * 564 / 60:.1f}"),
+                 ("per-example loop", f"{loop_s:.1f}", f"{loop_s / rows:.2f}", f"{loop_s / rows * 564 / 60:.1f}")],
+                ("method", f"seconds ({len(train)}+{len(test)} rows)", "s/row", "min for 64+500 (extrapolated)")))
+    print(f"speedup {loop_s / batched_s:.2f}x; max |diff| sgd {diffs['sgd']:.2e} (max |K| {scale['sgd']:.2e}), "
+          f"sign {diffs['sign']:.2e} (max |K| {scale['sign']:.2e})")
+    print(json.dumps({"written": str(RESULTS)}))
+
+
+if __name__ == "__main__":
+    main()
