@@ -188,3 +188,4 @@ def main() -> None:
 from ftlab.cli.study import scale_app; app.add_typer(scale_app, name="scale")  # noqa: E402
 from ftlab.cli.study import seeds_app; app.add_typer(seeds_app, name="seeds")  # noqa: E402
 from ftlab.cli.select import app as select_app; app.add_typer(select_app, name="select")  # noqa: E402
+from ftlab.cli.kernel import app as kernel_app; app.add_typer(kernel_app, name="kernel")  # noqa: E402
