@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=4, help="seed values per kind (and in the 'all' group)")
     p.add_argument("--pairs", type=int, default=1, help="interpolation pairs per study")
     p.add_argument("--output-dir", default="runs/bench-seeds")
+    p.add_argument("--only", choices=["lora-adamw", "lora-mezo"],
+                   help="train this study's runs only, without the report (to run the two studies in parallel)")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
 
@@ -63,10 +65,14 @@ def main() -> None:
     start = time.perf_counter()
     timings = {}
     for study in studies:
+        if args.only and Path(study.output_dir).name != args.only:
+            continue
         t = time.perf_counter()
         records = run_study(study)
         timings[study.output_dir] = time.perf_counter() - t
         print(f"{study.output_dir}: {len(records)} runs")
+    if args.only:
+        return
     t = time.perf_counter()
     out = Path(args.output_dir) / "report"
     report = build_report([s.output_dir for s in studies], out, n_boot=2000, barrier_pairs=args.pairs,
