@@ -7,7 +7,8 @@ signed/scaled per batch and row, see ``write_store``) with
 ``DatastoreWriter`` (resumable: rerun after a kill to finish), 64 float32 target vectors, then
 scores the store in a fresh process -- so its peak RSS (``ru_maxrss``) counts only scoring --
 twice: all targets in one group (mean over 64 cosines) and each target its own group (max over
-64). Checks 1000 random rows against a float64 computation, prints a table and writes
+64). A complete store at ``--path`` is reused (an incomplete one is finished: the writer resumes).
+Checks 1000 random rows against a float64 computation, prints a table and writes
 benchmarks/results/less_scoring.json. ``--cleanup`` deletes the store afterwards.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ftlab.errors import FtlabError
 from ftlab.select import Datastore, DatastoreWriter, ProjectionSpec, less_scores
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,9 +64,22 @@ def write_targets(path: Path, n: int, dim: int) -> None:
     writer.close()
 
 
+def proc_mb(file: str, key: str) -> int:
+    """A ``kB`` field of a /proc file (``VmHWM``: peak RSS, ``Cached``: page cache), in MB."""
+    for line in Path(file).read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return round(int(line.split()[1]) / 2**10)
+    raise KeyError(key)
+
+
 def score(path: Path, targets: Path, groups: str, chunk_rows: int) -> dict:
-    """Score in this process; time, peak RSS and a float64 check of 1000 random rows."""
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    """Score in this process; time, peak RSS and a float64 check of 1000 random rows.
+
+    Peak RSS is ``VmHWM``, which starts afresh at exec (``ru_maxrss`` would inherit the parent's
+    high-water mark through fork).
+    """
+    rss_before = proc_mb("/proc/self/status", "VmHWM")
+    cached = proc_mb("/proc/meminfo", "Cached")
     start = time.perf_counter()
     train, target = Datastore.open(path), Datastore.open(targets)
     open_s = time.perf_counter() - start
@@ -79,8 +93,9 @@ def score(path: Path, targets: Path, groups: str, chunk_rows: int) -> dict:
     cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
     want = cos.max(1) if groups == "each" else cos.mean(1)
     return {"groups": groups, "open_s": round(open_s, 2), "score_s": round(score_s, 2),
-            "rows_per_s": round(len(train) / score_s), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10),
-            "rss_after_imports_mb": round(rss_before), "max_abs_err_vs_float64": float(np.abs(scores[rows] - want).max())}
+            "rows_per_s": round(len(train) / score_s), "peak_rss_mb": proc_mb("/proc/self/status", "VmHWM"),
+            "rss_after_imports_mb": rss_before, "page_cache_at_start_mb": cached,
+            "max_abs_err_vs_float64": float(np.abs(scores[rows] - want).max())}
 
 
 def main() -> None:
@@ -99,7 +114,11 @@ def main() -> None:
         print(json.dumps(score(train_path, target_path, args.score_only, args.chunk_rows)))
         return
 
-    write_s = write_store(train_path, args.rows, args.dim, args.shard_rows)
+    try:
+        reused = len(Datastore.open(train_path)) == args.rows
+    except FtlabError:  # no store yet, or an incomplete one: (finish) writing it
+        reused = False
+    write_s = None if reused else write_store(train_path, args.rows, args.dim, args.shard_rows)
     write_targets(target_path, args.targets, args.dim)
     size = sum(f.stat().st_size for f in train_path.glob("*.bin"))
     runs = []
@@ -109,8 +128,9 @@ def main() -> None:
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
     out = {"rows": args.rows, "dim": args.dim, "dtype": "float16", "targets": args.targets,
            "shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows, "datastore_gb": round(size / 1e9, 2),
-           "write_s": round(write_s, 1), "runs": runs}
-    print(f"datastore: {args.rows:,d} x {args.dim} float16 = {size / 1e9:.2f} GB, written in {write_s:.0f} s")
+           "write_s": None if reused else round(write_s, 1), "reused_store": reused, "runs": runs}
+    how = "reused (already complete)" if reused else f"written in {write_s:.0f} s"
+    print(f"datastore: {args.rows:,d} x {args.dim} float16 = {size / 1e9:.2f} GB, {how}")
     print(f"{'target groups':28s} {'score s':>8s} {'rows/s':>9s} {'peak RSS MB':>12s} {'RSS after imports':>18s} "
           f"{'max err vs f64':>15s}")
     for r in runs:
