@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--n-dev", type=int, default=64)
     p.add_argument("--n-test", type=int, default=32)
     p.add_argument("--n-probe", type=int, default=16, help="examples for the gradient-noise check")
+    p.add_argument("--variants", nargs="+", default=["rule", "naive", "linear"], help="kappa B runs to compare")
     p.add_argument("--output-dir", default="runs/bench-scaling")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -45,7 +46,8 @@ def main() -> None:
         "optimizer=adamw", f"lr={args.lr}", "max_grad_norm=null", f"steps={args.steps}",
         f"batch_size={args.batch_size}", f"eval_every={args.eval_every}", f"checkpoint_every={args.eval_every}",
         "eval_batch_size=32"])
-    exp = ScalingExperimentConfig(train=train, kappa=args.kappa, n_probe=args.n_probe, output_dir=args.output_dir)
+    exp = ScalingExperimentConfig(train=train, kappa=args.kappa, variants=args.variants, n_probe=args.n_probe,
+                                  output_dir=args.output_dir)
     start = time.perf_counter()
     result = run_experiment(exp)
     seconds = time.perf_counter() - start
