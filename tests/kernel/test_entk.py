@@ -76,29 +76,30 @@ def test_projected_kernel_approximates_exact(tiny_model, tiny_tokenizer, tmp_pat
     assert err["sgd"] > 0  # it is a projection, not the exact kernel
 
 
-def test_interrupted_computation_resumes_to_same_kernel(gpt2_64, tiny_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill_after", [2, 5])  # inside the first block / inside a later block
+def test_interrupted_computation_resumes_to_same_kernel(gpt2_64, tiny_tokenizer, tmp_path, monkeypatch, kill_after):
     exs = examples()
-    kspec = KernelSpec(params=r"re:h\.1\.", chunk_size=3, max_block_mb=1.0)
+    # 5 train + 3 test rows in chunks of 2: per block the train part and 2 test chunks (3 steps).
+    kspec = KernelSpec(params=r"re:h\.1\.", chunk_size=2, max_block_mb=1.0)
     full = compute_kernel(gpt2_64, tiny_tokenizer, SPEC, exs[:5], exs[5:], kspec, tmp_path / "a", progress=False)
     from ftlab.kernel import store as store_mod
 
-    calls = {"n": 0}
     original = store_mod.PartialState.save
+    saved = []
 
     def dying_save(self, done):
         original(self, done)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed after the second parameter block
+        saved.append(done)
+        if len(saved) == kill_after:
+            raise KeyboardInterrupt  # killed right after a save
     monkeypatch.setattr(store_mod.PartialState, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         compute_kernel(gpt2_64, tiny_tokenizer, SPEC, exs[:5], exs[5:], kspec, tmp_path / "b", progress=False)
     assert (tmp_path / "b" / PARTIAL).exists()
-    monkeypatch.setattr(store_mod.PartialState, "save", original)
-    done_blocks = []
-    monkeypatch.setattr(store_mod.PartialState, "save", lambda self, d: (done_blocks.append(d), original(self, d)))
+    resumed_saves = []
+    monkeypatch.setattr(store_mod.PartialState, "save", lambda self, d: (resumed_saves.append(d), original(self, d)))
     resumed = compute_kernel(gpt2_64, tiny_tokenizer, SPEC, exs[:5], exs[5:], kspec, tmp_path / "b", progress=False)
-    assert done_blocks[0] == 3  # blocks 1-2 were not redone
+    assert resumed_saves[0] == kill_after + 1  # nothing saved before the kill is redone
     torch.testing.assert_close(resumed.tensors["sgd"], full.tensors["sgd"])
     torch.testing.assert_close(resumed.tensors["sign"], full.tensors["sign"])
     assert not (tmp_path / "b" / PARTIAL).exists()

@@ -18,7 +18,7 @@ For a parameter subset ``theta`` (all, LoRA, or a name pattern) two kernels are 
 Rows are the training examples followed by the test examples, columns the training examples.
 Per-example Jacobians come from ``vmap(jacrev(functional_call))`` over chunks of examples.
 *Exact* kernels walk the parameters in blocks (the training Jacobian of one block is held in
-memory) and save the partial sums after each block; *projected* kernels map each example's
+memory) and save the partial sums after each block's training part and each test chunk; *projected* kernels map each example's
 Jacobian rows with a seeded :class:`ftlab.select.projection.Projector` and save the features
 after each chunk of examples. Either way a killed computation resumes where it stopped, and the
 finished kernel is one safetensors file beside a JSON manifest (see :mod:`ftlab.kernel.store`).
@@ -302,35 +302,43 @@ def by_length(spec: TaskSpec, examples: Sequence[Example]) -> list[int]:
 
 def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example], n_train: int,
            kspec: KernelSpec, store: KernelStore, device: torch.device, progress: bool) -> tuple[Tensor, Tensor]:
-    """Exact kernels, summed over parameter blocks; the partial sums are saved after each block.
+    """Exact kernels, summed over parameter blocks.
 
-    Per block: the training Jacobian ``(N, O, n_block)`` is built chunk by chunk and kept, then
-    every test chunk's Jacobian is multiplied against it and dropped.
+    Per block: the training Jacobian ``(N, O, n_block)`` is built chunk by chunk and kept (its
+    train x train part added), then every test chunk's Jacobian is multiplied against it and
+    dropped. The partial sums are saved after the training part and after each test chunk
+    (``done`` counts these steps over all blocks); a resumed block recomputes only its training
+    Jacobian, without adding it twice.
     """
     n_out = fn.readout.shape[1]
     blocks = parameter_blocks(params, n_train * n_out, kspec.max_block_mb)
     shape = (len(rows), n_train, n_out, n_out)
     state = store.partial({"sgd": torch.zeros(shape, dtype=torch.float64),
-                           "sign": torch.zeros(shape, dtype=torch.float64)}, unit="block")
+                           "sign": torch.zeros(shape, dtype=torch.float64)}, unit="step")
     train_chunks = _chunks(n_train, kspec.chunk_size)
     test_chunks = [(s + n_train, e + n_train) for s, e in _chunks(len(rows) - n_train, kspec.chunk_size)]
-    per_block = len(train_chunks) + len(test_chunks)
-    bar = tqdm(total=len(blocks) * per_block, initial=state.done * per_block, disable=not progress,
-               desc="eNTK (exact)", unit="chunk")
+    steps = 1 + len(test_chunks)  # per block: the training part, then one step per test chunk
+    bar = tqdm(total=len(blocks) * steps, initial=state.done, disable=not progress, desc="eNTK (exact)",
+               unit="step")
 
     def block_jacobian(names: list[str], s: int, e: int) -> Tensor:
         block = {n: params[n] for n in names}
         j = torch.cat(flat(jacobians(fn, block, encode_rows(encoder, rows[s:e]).to(device)), names), 1)
-        bar.update(1)
         return j.view(e - s, n_out, -1)
 
-    for b in range(state.done, len(blocks)):
+    for b in range(state.done // steps, len(blocks)):
+        first = state.done - b * steps  # steps of this block already saved (0 unless resuming it)
         train_j = torch.cat([block_jacobian(blocks[b], s, e) for s, e in train_chunks])
         train_sign = torch.sign(train_j)
-        _accumulate(state.tensors, 0, train_j, train_j, train_sign)
-        for s, e in test_chunks:
+        if first == 0:
+            _accumulate(state.tensors, 0, train_j, train_j, train_sign)
+            state.save(b * steps + 1)
+            bar.update(1)
+        for t in range(max(first, 1) - 1, len(test_chunks)):
+            s, e = test_chunks[t]
             _accumulate(state.tensors, s, block_jacobian(blocks[b], s, e), train_j, train_sign)
-        state.save(b + 1)
+            state.save(b * steps + 2 + t)
+            bar.update(1)
     bar.close()
     return state.tensors["sgd"], state.tensors["sign"]
 
