@@ -8,7 +8,8 @@ modules (2,442,240) -- projected to d=8192 in batches of 16 through ``Projector.
 and 8 nonzeros per coordinate against the blocked dense Rademacher matrix generated on the fly (only for D <= --dense-max-dim:
 one batch of it takes minutes).
 Inputs are heavy-tailed (Student-t, 3 dof), like Adam-preconditioned gradients. Per method:
-one-time setup (building the sparse matrices), median time per batch and per example,
+one-time setup (building the sparse matrices), median and min wall time per batch and per
+example, CPU time per example (all threads; less sensitive to other processes on a shared machine),
 cache memory, and the error of the 120 pairwise cosines of the batch against the exact ones
 (max and RMS x sqrt(d), which is ~1 for a JL map) next to ``jl_tolerance(d, 16)``.
 Prints a table and writes benchmarks/results/less_projection.json.
@@ -55,25 +56,42 @@ def cosine_errors(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     return err.abs().max().item(), err.pow(2).mean().sqrt().item()
 
 
-def measure(spec: ProjectionSpec, blocks: list[torch.Tensor], x: torch.Tensor, repeats: int) -> dict:
-    """Setup time, median (and min) batch time, cache size and cosine errors of one projection."""
-    projector = Projector(spec)
-    start = time.perf_counter()
-    y = projector.project_blocks(blocks)  # first call: builds (and caches) the sparse matrices
-    first = time.perf_counter() - start
-    times = [first] if spec.kind == "rademacher" else []  # nothing is cached for the dense map
-    for _ in range(repeats if spec.kind == "sparse" else 0):
-        start = time.perf_counter()
-        projector.project_blocks(blocks)
-        times.append(time.perf_counter() - start)
-    batch = statistics.median(times)
-    cache = sum(m.values().numel() * 8 + m.crow_indices().numel() * 4 for m in projector._tables.values())
-    max_err, rms = cosine_errors(x, y)
-    return {"kind": spec.kind, "sparsity": spec.sparsity if spec.kind == "sparse" else None,
-            "setup_s": round(first - batch, 3) if spec.kind == "sparse" else 0.0,
-            "batch_s": round(batch, 4), "min_batch_s": round(min(times), 4), "per_example_ms": round(1000 * batch / len(x), 2),
-            "cache_mb": round(cache / 2**20, 1), "cos_err_max": round(max_err, 4),
-            "cos_err_rms_x_sqrt_d": round(rms * spec.dim_out**0.5, 3), "all_batch_s": [round(t, 4) for t in times]}
+def timed(projector: Projector, blocks: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+    """One projection of a batch: result, wall seconds, CPU seconds (all threads)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    y = projector.project_blocks(blocks)
+    return y, time.perf_counter() - start, time.process_time() - cpu
+
+
+def measure(specs: list[ProjectionSpec], blocks: list[torch.Tensor], x: torch.Tensor, repeats: int) -> list[dict]:
+    """Setup time, median (and min) batch time, CPU time, cache size and cosine errors of each
+    projection; the sparse ones' timed calls are interleaved, so machine noise hits all alike."""
+    projectors = [Projector(spec) for spec in specs]
+    first = [timed(p, blocks) for p in projectors]  # builds (and caches) the sparse matrices
+    # Nothing is cached for the dense map: its first call is its (only) timed call.
+    walls = [[t] if p.spec.kind == "rademacher" else [] for p, (_, t, _) in zip(projectors, first)]
+    cpus = [[c] if p.spec.kind == "rademacher" else [] for p, (_, _, c) in zip(projectors, first)]
+    for _ in range(repeats):
+        for k, p in enumerate(projectors):
+            if p.spec.kind == "sparse":
+                _, wall, cpu = timed(p, blocks)
+                walls[k].append(wall)
+                cpus[k].append(cpu)
+    rows = []
+    for p, (y, first_wall, _), wall, cpu in zip(projectors, first, walls, cpus):
+        batch = statistics.median(wall)
+        cache = sum(m.values().numel() * 8 + m.crow_indices().numel() * 4 for m in p._tables.values())
+        max_err, rms = cosine_errors(x, y)
+        sparse = p.spec.kind == "sparse"
+        rows.append({"kind": p.spec.kind, "sparsity": p.spec.sparsity if sparse else None,
+                     "setup_s": round(first_wall - batch, 3) if sparse else 0.0,
+                     "batch_s": round(batch, 4), "per_example_ms": round(1000 * batch / len(x), 2),
+                     "min_per_example_ms": round(1000 * min(wall) / len(x), 2),
+                     "cpu_per_example_ms": round(1000 * statistics.median(cpu) / len(x), 2),
+                     "cache_mb": round(cache / 2**20, 1), "cos_err_max": round(max_err, 4),
+                     "cos_err_rms_x_sqrt_d": round(rms * p.spec.dim_out**0.5, 3),
+                     "all_batch_s": [round(t, 4) for t in wall]})
+    return rows
 
 
 def main() -> None:
@@ -96,18 +114,18 @@ def main() -> None:
         sizes = lora_block_sizes(TARGETS[target])
         dim_in = sum(sizes)
         x = student_t((args.batch_size, dim_in), 3, torch.Generator().manual_seed(0))
-        blocks = list(torch.split(x, sizes, dim=1))
+        blocks = [b.contiguous() for b in torch.split(x, sizes, dim=1)]  # one tensor per LoRA gradient
         specs = [ProjectionSpec(dim_in, args.dim_out, seed=0, kind="sparse", sparsity=s) for s in args.sparsities]
         if dim_in <= args.dense_max_dim:
             specs.append(ProjectionSpec(dim_in, args.dim_out, seed=0, kind="rademacher"))
-        for spec in specs:
-            rows.append({"lora": target, "dim_in": dim_in, "blocks": len(blocks), **measure(spec, blocks, x, args.repeats)})
-            r = rows[-1]
+        for r in measure(specs, blocks, x, args.repeats):
+            rows.append({"lora": target, "dim_in": dim_in, "blocks": len(blocks), **r})
             print(f"{target:10s} D={dim_in:>9,d} {r['kind']:10s} s={str(r['sparsity']):4s} "
-                  f"setup {r['setup_s']:7.3f}s  batch {r['batch_s']:8.4f}s  {r['per_example_ms']:9.2f} ms/ex  "
+                  f"setup {r['setup_s']:7.3f}s  batch {r['batch_s']:8.4f}s  {r['per_example_ms']:9.2f} ms/ex "
+                  f"(min {r['min_per_example_ms']:.2f}, CPU {r['cpu_per_example_ms']:.2f})  "
                   f"cache {r['cache_mb']:6.1f} MB  cos err max {r['cos_err_max']:.4f}  "
                   f"rms*sqrt(d) {r['cos_err_rms_x_sqrt_d']:.3f}", flush=True)
-            (RESULTS / "less_projection.json").write_text(json.dumps(out, indent=2) + "\n")  # after each row
+        (RESULTS / "less_projection.json").write_text(json.dumps(out, indent=2) + "\n")  # after each LoRA size
     print(f"\njl_tolerance(d={args.dim_out}, n={args.batch_size}, delta=0.01) = {out['jl_tolerance_16_points_delta_0.01']}")
 
 
