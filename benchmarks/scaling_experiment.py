@@ -19,7 +19,7 @@ from pathlib import Path
 from ftlab.cli.common import table
 from ftlab.config import TrainConfig, load_config
 from ftlab.io import atomic_write_json
-from ftlab.scaling.experiment import ScalingExperimentConfig, run_experiment
+from ftlab.scaling.experiment import ScalingExperimentConfig, noise_line, run_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,8 +62,7 @@ def main() -> None:
                        "loss-curve distance")))
     for where, n in (result["noise"] or {}).items():
         if isinstance(n, dict):
-            print(f"noise check at {where}: N/G = {n['noise_to_signal_B']:.3g} (batch B), "
-                  f"{n['noise_to_signal_kappaB']:.3g} (batch kappa B); kappa* = {n['kappa_star']:.3g}")
+            print(f"noise check at {where}: {noise_line(n)}")
     print(f"{seconds:.0f} s")
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results / "study_scaling.json", {**result, "seconds": seconds})

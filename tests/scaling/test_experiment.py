@@ -55,6 +55,12 @@ def test_noise_statistics_against_a_direct_computation():
     # True values: tr Sigma = 12, |g|^2 = 1; N/G at batch 4 = 3, at batch 8 = 1.5.
     assert s["trace_cov"] == pytest.approx(12, rel=0.2) and s["noise_to_signal_B"] == pytest.approx(3, rel=0.5)
     assert s["noise_to_signal_kappaB"] == pytest.approx(s["noise_to_signal_B"] / 2)
+    assert s["kappa_star_lower_bound"] <= s["kappa_star"]
+    # Mean (0.05, 0), tr Sigma = 4.01 / 3: the unbiased G = 0.0025 - 4.01 / 12 < 0 is unresolved,
+    # leaving only the bound tr Sigma / (B |g_mean|^2) = (4.01 / 3) / (4 x 0.0025).
+    swamped = noise_statistics(torch.tensor([[1.1, 0], [-0.9, 0], [0, 1], [0, -1]], dtype=torch.float64), 4, 2)
+    assert swamped["kappa_star"] is None and swamped["noise_to_signal_B"] is None
+    assert swamped["kappa_star_lower_bound"] == pytest.approx(4.01 / 3 / 0.01)
 
 
 def test_experiment_end_to_end(tmp_path, tiny_model_dir, cue_task):

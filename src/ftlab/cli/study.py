@@ -73,7 +73,7 @@ def experiment_cmd(
     """Train at batch B and kappa x B (the rule, lr unchanged, linear lr) and compare the curves
     against samples seen; prints the distances and the SDE noise check. Resumable."""
     from ftlab.config import load_config
-    from ftlab.scaling.experiment import ScalingExperimentConfig, run_experiment
+    from ftlab.scaling.experiment import ScalingExperimentConfig, noise_line, run_experiment
 
     exp = load_config(ScalingExperimentConfig, config_path(config), overrides or [])
     result = run_experiment(exp)
@@ -86,9 +86,7 @@ def experiment_cmd(
     if noise:
         for where in ("start", "end"):
             if where in noise:
-                n = noise[where]
-                typer.echo(f"noise/signal at {where}: N/G = {n['noise_to_signal_B']:.3g} at batch B, "
-                           f"{n['noise_to_signal_kappaB']:.3g} at kappa B (kappa* = {n['kappa_star']:.3g})")
+                typer.echo(f"noise/signal at {where}: {noise_line(noise[where])}")
     typer.echo(f"curves in {Path(exp.output_dir) / 'experiment.png'}")
 
 

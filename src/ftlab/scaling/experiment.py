@@ -27,6 +27,9 @@ What is computed (``experiment.json``):
   starting point and at the base run's final weights. Reported: ``N/G`` at batch B and at
   kappa B, and ``kappa* = tr Sigma / (B G)``, the factor at which noise stops dominating
   (N/G = 1 at batch kappa* B): the rule is expected to hold only for kappa well below kappa*.
+  When the noise is so large that the unbiased ``G`` is <= 0 at this ``n_probe``, those are
+  ``None`` and only ``kappa_star_lower_bound = tr Sigma / (B |g_mean|^2)`` is given (``|g_mean|^2``
+  overestimates G, so this bounds kappa* from below).
   The curve distances are the direct test: if the SDE holds, ``rule`` tracks ``base``.
 """
 
@@ -177,9 +180,22 @@ def noise_statistics(grads: torch.Tensor, batch_size: int, kappa: float) -> dict
         raise FtlabError("the noise check needs n_probe >= 2 examples")
     mean = grads.mean(0)
     trace = float(((grads - mean) ** 2).sum() / (n - 1))
-    g2 = max(float(mean @ mean) - trace / n, 1e-30)  # unbiased |grad L|^2, kept positive
-    return {"grad_norm_sq": g2, "trace_cov": trace, "noise_to_signal_B": trace / (batch_size * g2),
-            "noise_to_signal_kappaB": trace / (kappa * batch_size * g2), "kappa_star": trace / (batch_size * g2)}
+    mean_sq = float(mean @ mean)  # E = |grad L|^2 + tr Sigma / n: an upper estimate of G
+    g2 = mean_sq - trace / n  # unbiased, but <= 0 when the noise swamps the gradient at this n
+    resolved = g2 > 0
+    return {"trace_cov": trace, "grad_norm_sq": g2, "mean_grad_sq": mean_sq,
+            "noise_to_signal_B": trace / (batch_size * g2) if resolved else None,
+            "noise_to_signal_kappaB": trace / (kappa * batch_size * g2) if resolved else None,
+            "kappa_star": trace / (batch_size * g2) if resolved else None,
+            "kappa_star_lower_bound": trace / (batch_size * mean_sq)}
+
+
+def noise_line(stats: dict[str, Any]) -> str:
+    """One line summarising :func:`noise_statistics` for people."""
+    if stats["kappa_star"] is None:
+        return f"G not resolved (noise swamps it at this n_probe); kappa* >= {stats['kappa_star_lower_bound']:.3g}"
+    return (f"N/G = {stats['noise_to_signal_B']:.3g} at batch B, {stats['noise_to_signal_kappaB']:.3g} at kappa B; "
+            f"kappa* = {stats['kappa_star']:.3g}")
 
 
 def noise_check(exp: ScalingExperimentConfig, base: TrainConfig, data: RunData) -> dict[str, Any]:
