@@ -11,9 +11,11 @@ from torch import nn
 from ftlab.models import LoraSettings, apply_lora
 
 
-def tiny_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``model`` (a tiny Llama) in ``dtype`` with LoRA (r=4) on q,v, seeded, and random non-zero B
-    so every LoRA tensor has a non-zero gradient."""
+def tiny_lora(model: nn.Module, dtype: torch.dtype = torch.float32, attn: str = "eager") -> nn.Module:
+    """``model`` (a tiny Llama) in ``dtype`` and attention ``attn`` with LoRA (r=4) on q,v, seeded,
+    and random non-zero B so every LoRA tensor has a non-zero gradient."""
+    # Eager by default, as the pipeline: SDPA has no vmap batching rule on CPU (slow fallback).
+    model.set_attn_implementation(attn)
     with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator
         torch.manual_seed(0)
         lora = apply_lora(model.to(dtype), LoraSettings(r=4, alpha=8))

@@ -45,9 +45,10 @@ def _config(tmp_path, pool, target, method="less", **kw) -> SelectConfig:
                         projection_dim=256, batch_size=8, max_length=64, percentage=None, top_k=10, **kw)
 
 
-def test_less_prefers_the_target_family(tmp_path, tiny_model, tiny_tokenizer, tiny_pool):
+def test_less_prefers_the_target_family_and_a_rerun_reuses_everything(tmp_path, tiny_model_factory,
+                                                                     tiny_tokenizer, tiny_pool):
     cfg = _config(tmp_path, *tiny_pool)
-    summary = run_pipeline(cfg, tiny_model, tiny_tokenizer, progress=False)
+    summary = run_pipeline(cfg, tiny_model_factory(), tiny_tokenizer, progress=False)
     out = tmp_path / "run-less"
     selected = [json.loads(line) for line in (out / "selected_data.jsonl").read_text().splitlines()]
     families = collections.Counter(r["family"] for r in selected)
@@ -57,15 +58,11 @@ def test_less_prefers_the_target_family(tmp_path, tiny_model, tiny_tokenizer, ti
     assert len((out / "scores.csv").read_text().splitlines()) == 61  # header + every pool example
     assert (out / "selection.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "warmup").glob("epoch-*")) == ["epoch-1", "epoch-2"]
-
-
-def test_rerun_reuses_everything(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_pool):
-    cfg = _config(tmp_path, *tiny_pool)
-    first = run_pipeline(cfg, tiny_model_factory(), tiny_tokenizer, progress=False)
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run-less" / "features").rglob("*.bin")}
-    second = run_pipeline(cfg, tiny_model_factory(), tiny_tokenizer, progress=False)
-    assert first == second
-    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run-less" / "features").rglob("*.bin")}
+    before = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*.bin")}
+    assert len(before) == 4  # train and target stores at two checkpoints
+    again = run_pipeline(cfg, tiny_model_factory(), tiny_tokenizer, progress=False)
+    assert again == summary
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*.bin")}
 
 
 def test_representation_baseline_prefers_the_target_family(tmp_path, tiny_model, tiny_tokenizer, tiny_pool):

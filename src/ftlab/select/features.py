@@ -61,7 +61,9 @@ def row_attention_mask(config: Any, mask: Tensor, dtype: torch.dtype) -> Tensor 
     n = mask.shape[-1]
     q = torch.arange(n, device=mask.device)
     causal = q[None, :] <= q[:, None]
-    allowed = causal & mask.bool()[None, :]
+    # A padding query sees only itself: a row with every key masked would give NaN (softmax of
+    # all -inf), and NaN leaks into the gradients even where the loss ignores that position.
+    allowed = (causal & mask.bool()[None, :]) | (q[None, :] == q[:, None])
     to_additive = lambda a: ((~a).to(dtype) * torch.finfo(dtype).min)[None, None]  # noqa: E731
     layer_types = getattr(config, "layer_types", None)
     if not layer_types:

@@ -96,6 +96,8 @@ def load_lora_model(cfg: SelectConfig, model: nn.Module | None = None, tokenizer
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                       attn_implementation=cfg.attn_implementation)
+    elif cfg.attn_implementation is not None:
+        model.set_attn_implementation(cfg.attn_implementation)
     with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator
         torch.manual_seed(cfg.seed)
         return prepare_model(model, "lora", lora=cfg.lora), tokenizer

@@ -1,0 +1,115 @@
+"""Per-example LESS feature time on CPU for LoRA on SmolLM2: batched ``vmap(grad)`` against a
+naive per-example loop, and the projection's share of the total at d = 8192.
+
+    python benchmarks/less_features_speed.py                      # 8 examples of 128 tokens
+    python benchmarks/less_features_speed.py --device cuda --n 32 --length 256
+
+Examples are random token sequences of ``--length`` tokens whose last ``--response`` tokens are
+the response (the loss is on those only). Each stage is timed on the same examples:
+gradients (forward + backward; batched with vmap, or one example at a time with autograd),
+Adam preconditioning, and the projection (sparse JL sketch, the default, and the dense blocked
+Rademacher map with ``--dense``, for comparison). Writes ``benchmarks/results/less_features_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed(fn, device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=8, help="examples (one vmap batch)")
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--response", type=int, default=16)
+    p.add_argument("--dim", type=int, default=8192)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--dense", action="store_true",
+                   help="also time the dense Rademacher projection (regenerated on every call: minutes on CPU)")
+    p.add_argument("--output", default=str(RESULTS / "less_features_speed.json"))
+    args = p.parse_args()
+
+    from ftlab.models import LoraSettings, load_model, trainable_parameters
+    from ftlab.select.data import collate
+    from ftlab.select.features import AdamState, feature_blocks, normalise, per_example_grads
+    from ftlab.select.projection import ProjectionSpec, Projector
+    from ftlab.select.pipeline import SelectConfig, load_lora_model
+    from ftlab.select.warmup import response_loss
+
+    base, tok = load_model(args.model, device=args.device, attn_implementation="eager")
+    cfg = SelectConfig(model=args.model, device=args.device, lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r))
+    module, tok = load_lora_model(cfg, base, tok)
+    params = trainable_parameters(module)
+    dim_in = sum(p.numel() for _, p in params)
+    gen = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(100, 40000, (args.length,), generator=gen).tolist(), args.response) for _ in range(args.n)]
+    batch = collate(rows, tok.pad_token_id).to(args.device)
+    adam = AdamState({n: (torch.randn(p.shape, generator=gen).to(args.device) * 1e-3,
+                          torch.rand(p.shape, generator=gen).to(args.device) * 1e-6) for n, p in params})
+
+    per_example_grads(module, collate(rows[:1], tok.pad_token_id).to(args.device))  # warm-up (allocator, kernels)
+    grads, t_vmap = timed(lambda: per_example_grads(module, batch), args.device)
+
+    def loop():
+        for row in rows:
+            module.zero_grad(set_to_none=True)
+            response_loss(module, collate([row], tok.pad_token_id).to(args.device)).backward()
+    _, t_loop = timed(loop, args.device)
+
+    blocks, t_adam = timed(lambda: feature_blocks(grads, "adam", adam), args.device)
+    result = {"args": vars(args), "dim_in": dim_in, "threads": torch.get_num_threads(),
+              "per_example_s": {"grads_vmap": t_vmap / args.n, "grads_loop": t_loop / args.n,
+                                "adam": t_adam / args.n}}
+    kinds = ("sparse", "rademacher") if args.dense else ("sparse",)
+    for kind in kinds:
+        projector = Projector(ProjectionSpec(dim_in=dim_in, dim_out=args.dim, seed=0, kind=kind), args.device)
+        projector.project_blocks([b[:1] for b in blocks])  # builds and caches the sparse sketch once
+        _, t_proj = timed(lambda: normalise(projector.project_blocks(blocks)), args.device)
+        result["per_example_s"][f"projection_{kind}"] = t_proj / args.n
+    s = result["per_example_s"]
+    for kind in kinds:
+        total = s["grads_vmap"] + s["adam"] + s[f"projection_{kind}"]
+        result[f"total_{kind}_s"] = total
+        result[f"projection_share_{kind}"] = s[f"projection_{kind}"] / total
+    result["vmap_speedup_over_loop"] = s["grads_loop"] / s["grads_vmap"]
+
+    print(f"LoRA r={args.lora_r} on q,v: D = {dim_in:,} trainable entries; {args.n} examples x {args.length} tokens "
+          f"({args.response} response); d = {args.dim}; {args.device}, {result['threads']} threads\n")
+    print("| stage | seconds per example | share of total (sparse projection) |")
+    print("|---|---|---|")
+    total = result["total_sparse_s"]
+    for name, key in [("gradients, batched vmap (forward + backward)", "grads_vmap"),
+                      ("gradients, naive per-example loop", "grads_loop"),
+                      ("Adam preconditioning", "adam"), ("projection, sparse JL (default)", "projection_sparse"),
+                      ("projection, dense Rademacher", "projection_rademacher")]:
+        if key not in s:
+            continue
+        share = f"{s[key] / total:.1%}" if key in ("grads_vmap", "adam", "projection_sparse") else "-"
+        print(f"| {name} | {s[key]:.4f} | {share} |")
+    print(f"\nvmap speed-up over the loop: {result['vmap_speedup_over_loop']:.2f}x; projection share at d={args.dim}: "
+          + ", ".join(f"{k} {result[f'projection_share_{k}']:.1%}" for k in kinds))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
