@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from ftlab.errors import FtlabError
 from ftlab.select.data import (InstructionExample, PoolSpec, build_bigbench_pool, collate, encode, load_instructions,
