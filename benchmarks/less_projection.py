@@ -5,8 +5,8 @@
 For LoRA (r=8) gradients of SmolLM2-135M -- on q,v (460,800 entries) and on all seven linear
 modules (2,442,240) -- projected to d=8192 in batches of 16 through ``Projector.project_blocks``
 (one block per LoRA tensor, as the feature code calls it): the sparse JL sketch with s = 1, 4
-and 8 nonzeros per coordinate against the blocked dense Rademacher matrix generated on the fly (only for D <= --dense-max-dim:
-one batch of it takes minutes).
+and 8 nonzeros per coordinate against the blocked dense Rademacher matrix generated on the fly
+(only for D <= --dense-max-dim: one batch of it takes minutes).
 Inputs are heavy-tailed (Student-t, 3 dof), like Adam-preconditioned gradients. Per method:
 one-time setup (building the sparse matrices), median and min wall time per batch and per
 example, CPU time per example (all threads; less sensitive to other processes on a shared machine),
@@ -126,7 +126,8 @@ def main() -> None:
                   f"cache {r['cache_mb']:6.1f} MB  cos err max {r['cos_err_max']:.4f}  "
                   f"rms*sqrt(d) {r['cos_err_rms_x_sqrt_d']:.3f}", flush=True)
         (RESULTS / "less_projection.json").write_text(json.dumps(out, indent=2) + "\n")  # after each LoRA size
-    print(f"\njl_tolerance(d={args.dim_out}, n={args.batch_size}, delta=0.01) = {out['jl_tolerance_16_points_delta_0.01']}")
+    eps = out["jl_tolerance_16_points_delta_0.01"]
+    print(f"\njl_tolerance(d={args.dim_out}, n={args.batch_size}, delta=0.01) = {eps}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ FIELDS = dict(model="tiny", checkpoint="epoch-1", grad_type="adam", dim=DIM,
 def _ids(n: int) -> list[str]:
     """Ids from two source files, ``a.jsonl`` lines 1..n//2 then ``b.jsonl`` lines 1..rest."""
     half = n // 2
-    return [make_id("data/a.jsonl", i + 1) for i in range(half)] + [make_id("data/b.jsonl", i + 1) for i in range(n - half)]
+    return ([make_id("data/a.jsonl", i + 1) for i in range(half)]
+            + [make_id("data/b.jsonl", i + 1) for i in range(n - half)])
 
 
 def _features(ids: list[str]) -> np.ndarray:

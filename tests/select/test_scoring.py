@@ -34,7 +34,8 @@ def _reference(train: list[np.ndarray], targets: list[np.ndarray], lr: list[floa
     for i in range(len(train[0])):
         per_group = {}
         for j, g in enumerate(groups):
-            s = sum(w * cos(tr[i].astype(np.float64), tg[j].astype(np.float64)) for tr, tg, w in zip(train, targets, lr))
+            s = sum(w * cos(tr[i].astype(np.float64), tg[j].astype(np.float64))
+                    for tr, tg, w in zip(train, targets, lr))
             per_group.setdefault(g, []).append(s)
         scores.append(max(np.mean(v) for v in per_group.values()))
     return np.array(scores)
@@ -57,7 +58,8 @@ def test_scores_match_the_dense_reference(tmp_path, dtype):
     lr = [2e-5, 1e-5, 5e-6]
     groups = ["arith", "logic", "arith", "qa", "logic", "arith", "arith"]  # unequal group sizes
     # Other shard sizes per checkpoint: chunks must still line up row by row.
-    tr = [_store(tmp_path / f"tr{c}", x, checkpoint=f"e{c}", dtype=dtype, shard_rows=4 + c) for c, x in enumerate(train)]
+    tr = [_store(tmp_path / f"tr{c}", x, checkpoint=f"e{c}", dtype=dtype, shard_rows=4 + c)
+          for c, x in enumerate(train)]
     tg = [_store(tmp_path / f"tg{c}", x, ids=[f"t{j}" for j in range(7)], checkpoint=f"e{c}", grad_type="sgd")
           for c, x in enumerate(targets)]
     got = less_scores(tr, tg, lr, groups, chunk_rows=6)
