@@ -8,7 +8,7 @@ Two kinds, both Johnson-Lindenstrauss maps ``P: R^D -> R^d`` with ``E[<Px, Py>] 
   Its inner-product variance, ``(|x|^2 |y|^2 + <x, y>^2 - 2 sum_j x_j^2 y_j^2) / d``, is never
   above a dense Gaussian map's; only vectors dominated by a few coordinates have heavier tails.
 - ``"rademacher"``: a dense ``±1/sqrt(d)`` matrix generated block by block on the fly (never
-  stored), for comparison (see ``benchmarks/less_projection.py``: it is ~100x slower on CPU).
+  stored), for comparison (see ``benchmarks/less_projection.py``: ~1,500x slower on CPU).
 
 Device independence: the sparse sketch's rows and signs come from a counter-based integer hash
 of ``(seed, coordinate, block)`` computed with exact int64 arithmetic (no overflow, so CPU and
