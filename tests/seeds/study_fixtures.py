@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 FILLER = ["the", "movie", "story", "was", "a", "film", "and", "it", "acting", "plot"]
 
@@ -38,13 +39,23 @@ def task_overrides(prefix: str, model: str, task: str) -> list[str]:
             f"{prefix}data.n_test=24", f"{prefix}mode=lora", f"{prefix}lora.r=2", f"{prefix}eval_batch_size=16"]
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path, tiny_model, tiny_tokenizer) -> str:
-    """The tiny Llama of tests/conftest.py saved as a local model folder."""
-    return save_tiny_model(tmp_path / "tiny-model", tiny_model, tiny_tokenizer)
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A tiny Llama (the shape of tests/conftest.py's; built here because those fixtures are
+    per test and these folders are shared by a test module) saved as a local model folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tiny_tokenizer.pad_token_id,
+                         eos_token_id=tiny_tokenizer.eos_token_id, bos_token_id=tiny_tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).float().eval()
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), model, tiny_tokenizer)
 
 
-@pytest.fixture
-def cue_task(tmp_path) -> str:
+@pytest.fixture(scope="module")
+def cue_task(tmp_path_factory) -> str:
     """A 96-example cue-word task file."""
-    return write_cue_task(tmp_path / "cue.jsonl")
+    return write_cue_task(tmp_path_factory.mktemp("task") / "cue.jsonl")

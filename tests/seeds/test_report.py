@@ -26,9 +26,10 @@ def _study(tmp_path, model, task, *extra):
         "train.steps=4", "train.batch_size=4", "train.eval_every=4", "train.lora.r=4", *extra])
 
 
-@pytest.fixture
-def study(tmp_path, tiny_model_dir, cue_task):
-    cfg = _study(tmp_path, tiny_model_dir, cue_task)
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_model_dir, cue_task):
+    """Three trained runs (base, order1, init1), shared by the tests of this module (read only)."""
+    cfg = _study(tmp_path_factory.mktemp("seeds"), tiny_model_dir, cue_task)
     return cfg, {r["name"]: r for r in run_study(cfg, progress=False)}
 
 
@@ -41,12 +42,11 @@ def _reference_loss(run_dir, cfg, data):
         return float(objectives.loss(module, batch, encoder.option_ids))
 
 
-def test_interpolation_endpoints_reproduce_each_run(tmp_path, tiny_model_dir, cue_task):
-    cfg = _study(tmp_path, tiny_model_dir, cue_task, "kinds=[init]")
-    records = {r["name"]: r for r in run_study(cfg, progress=False)}
+def test_interpolation_endpoints_reproduce_each_run(study):
+    cfg, records = study
     data = load_run_data(cfg.train)
     runs = cfg.output_dir + "/runs/"
-    a, b = "init0", "init1"
+    a, b = "order0-init0", "order0-init1"
     curve = interpolation_curve(runs + a, runs + b, data.spec, data.splits.test, alphas=[0.0, 0.5, 1.0])
     start, middle, end = curve["points"]
     assert start["accuracy"] == pytest.approx(records[a]["test"]["accuracy"])
@@ -71,7 +71,7 @@ def test_report_statistics_plots_and_cache(study, tmp_path):
     for name in ("report.md", "report.json", "report.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert "multi-bootstrap" in (tmp_path / "report" / "report.md").read_text()
-    cache = tmp_path / "study" / "barriers.json"
+    cache = Path(cfg.output_dir) / "barriers.json"
     stamp = cache.stat().st_mtime_ns
     again = build_report([cfg.output_dir], tmp_path / "report2", n_boot=200, barrier_pairs=2)
     assert cache.stat().st_mtime_ns == stamp and again["studies"][0]["barriers"] == s["barriers"]

@@ -67,7 +67,7 @@ def test_runs_that_disagree_on_task_or_model_are_refused():
 def _study(tmp_path, model, task, *extra):
     return load_config(SeedStudyConfig, None, [
         f"output_dir={tmp_path / 'study'}", "runs_per_kind=2", "runs_all=2", *task_overrides("train.", model, task),
-        "train.optimizer=adamw", "train.lr=1e-2", "train.steps=4", "train.batch_size=4", "train.eval_every=2",
+        "train.optimizer=adamw", "train.lr=1e-2", "train.steps=2", "train.batch_size=4", "train.eval_every=2",
         "train.checkpoint_every=2", *extra])
 
 
@@ -135,7 +135,7 @@ def test_ranks_split_the_runs(tmp_path, tiny_model_dir, cue_task):
 
     from ftlab.config import to_dict
 
-    study = _study(tmp_path, tiny_model_dir, cue_task, "kinds=[order]", "runs_all=0", "train.steps=2",
+    study = _study(tmp_path, tiny_model_dir, cue_task, "kinds=[order]", "runs_all=0", "train.steps=1",
                    "train.eval_every=2")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
