@@ -93,6 +93,8 @@ def run_group(args, task: str, k: int, seed: int) -> None:
         start = time.perf_counter()
         report, details = diagnose(cfg, data.spec, data.splits, kernel_dir, kspec=spec_for_mode, identity=identity,
                                    progress=True)
+        # Re-read: another process may have added a variant of this group meanwhile.
+        record = json.loads(path.read_text())
         record.setdefault("finetune", {})[name] = {**report.to_dict(), "seconds": time.perf_counter() - start,
                                                    "zero_shot": details["zero_shot_accuracy"],
                                                    "lr": cfg.lr, "steps": cfg.steps}

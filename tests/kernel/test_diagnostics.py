@@ -38,7 +38,8 @@ def test_jvp_linearisation_equals_explicit_jacobian_times_delta(gpt2_64, tiny_to
     delta = torch.cat([(end[n] - start[n]).flatten() for n in names])
     torch.testing.assert_close(f_lin - f0, jac @ delta, rtol=1e-9, atol=1e-9)
     # The model itself at `end`: f_end differs from the linearisation only at second order.
-    errors = [linearisation_error(*linearised_outputs(fn, start, _perturbed(start, s), exs, encoder)) for s in (1e-2, 1e-3)]
+    errors = [linearisation_error(*linearised_outputs(fn, start, _perturbed(start, s), exs, encoder))
+              for s in (1e-2, 1e-3)]
     assert 5 < errors[0] / errors[1] < 20  # O(|delta|): ten times smaller step, ~ten times smaller error
 
 

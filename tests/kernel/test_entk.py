@@ -52,7 +52,8 @@ def test_llama_padding_and_eager_attention_match_unpadded_reference(tiny_model, 
     """Llama's eager softmax runs in float32, so agreement is to float32 precision."""
     model = tiny_model.double()
     exs = examples(6)
-    kd = compute_kernel(model, tiny_tokenizer, SPEC, exs[:4], exs[4:], KernelSpec(params=r"re:layers\.1\.", chunk_size=4),
+    kspec = KernelSpec(params=r"re:layers\.1\.", chunk_size=4)
+    kd = compute_kernel(model, tiny_tokenizer, SPEC, exs[:4], exs[4:], kspec,
                         tmp_path / "k", progress=False)
     jac = explicit_jacobians(model, tiny_tokenizer, SPEC, exs, select_parameters(model, r"re:layers\.1\."),
                              torch.eye(3, dtype=torch.float64))
@@ -146,7 +147,8 @@ def test_lora_kernel_has_zero_a_gradients_at_init(tiny_model, tiny_tokenizer, tm
 
     model = apply_lora(tiny_model.double())
     exs = examples(4)
-    both = compute_kernel(model, tiny_tokenizer, SPEC, exs, [], KernelSpec(params="lora"), tmp_path / "a", progress=False)
+    both = compute_kernel(model, tiny_tokenizer, SPEC, exs, [], KernelSpec(params="lora"), tmp_path / "a",
+                          progress=False)
     b_only = compute_kernel(model, tiny_tokenizer, SPEC, exs, [], KernelSpec(params=r"re:lora_B"), tmp_path / "b",
                             progress=False)
     torch.testing.assert_close(both.tensors["sgd"], b_only.tensors["sgd"])

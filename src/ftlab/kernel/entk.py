@@ -18,7 +18,8 @@ For a parameter subset ``theta`` (all, LoRA, or a name pattern) two kernels are 
 Rows are the training examples followed by the test examples, columns the training examples.
 Per-example Jacobians come from ``vmap(jacrev(functional_call))`` over chunks of examples.
 *Exact* kernels walk the parameters in blocks (the training Jacobian of one block is held in
-memory) and save the partial sums after each block's training part and each test chunk; *projected* kernels map each example's
+memory) and save the partial sums after each block's training part and each test chunk;
+*projected* kernels map each example's
 Jacobian rows with a seeded :class:`ftlab.select.projection.Projector` and save the features
 after each chunk of examples. Either way a killed computation resumes where it stopped, and the
 finished kernel is one safetensors file beside a JSON manifest (see :mod:`ftlab.kernel.store`).
@@ -202,7 +203,16 @@ def encode_rows(encoder: Encoder, examples: Sequence[Example]) -> ModelBatch:
 
 def jacobians(fn: OutputFunction, params: dict[str, Tensor], batch: ModelBatch) -> dict[str, Tensor]:
     """Per-example Jacobians ``{name: (B, O, *shape)}`` of ``f`` w.r.t. ``params``."""
-    return vmap(jacrev(fn.row), in_dims=(None, 0, 0, 0))(
+    return jacobians_and_outputs(fn, params, batch)[0]
+
+
+def jacobians_and_outputs(fn: OutputFunction, params: dict[str, Tensor], batch: ModelBatch,
+                          ) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-example Jacobians and the outputs ``f`` ``(B, O)`` from the same forward pass."""
+    def value_twice(p: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        out = fn.row(p, ids, mask, pos)
+        return out, out
+    return vmap(jacrev(value_twice, has_aux=True), in_dims=(None, 0, 0, 0))(
         params, batch.input_ids, batch.attention_mask, batch.position_ids)
 
 
@@ -231,16 +241,6 @@ def parameter_blocks(params: dict[str, Tensor], rows: int, max_mb: float) -> lis
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
-
-
-@torch.no_grad()
-def outputs(fn: OutputFunction, encoder: Encoder, examples: Sequence[Example], device: torch.device,
-            chunk_size: int) -> Tensor:
-    """``f`` at the current weights for every example, ``(N, O)`` float64."""
-    rows = []
-    for s, e in _chunks(len(examples), chunk_size):
-        rows.append(fn.batch({}, encode_rows(encoder, examples[s:e]).to(device)).double().cpu())
-    return torch.cat(rows)
 
 
 def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Sequence[Example],
@@ -287,8 +287,7 @@ def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Seq
     run = _projected if kspec.projection_dim is not None else _exact
     # torch.func transforms still differentiate under no_grad; nothing else builds a graph.
     with torch.no_grad(), eager_attention(module):
-        sgd, sign = run(fn, encoder, params, rows, len(train), kspec, store, device, progress)
-        f0 = outputs(fn, encoder, rows, device, kspec.chunk_size)
+        sgd, sign, f0 = run(fn, encoder, params, rows, len(train), kspec, store, device, progress)
     back_rows = torch.argsort(torch.tensor(train_order + [len(train) + i for i in test_order], dtype=torch.long))
     back_cols = torch.argsort(torch.tensor(train_order, dtype=torch.long))
     unsort = lambda k: k[back_rows][:, back_cols]  # noqa: E731
@@ -301,8 +300,9 @@ def by_length(spec: TaskSpec, examples: Sequence[Example]) -> list[int]:
 
 
 def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example], n_train: int,
-           kspec: KernelSpec, store: KernelStore, device: torch.device, progress: bool) -> tuple[Tensor, Tensor]:
-    """Exact kernels, summed over parameter blocks.
+           kspec: KernelSpec, store: KernelStore, device: torch.device, progress: bool,
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact kernels, summed over parameter blocks, and the outputs ``f0`` (from the first block's passes).
 
     Per block: the training Jacobian ``(N, O, n_block)`` is built chunk by chunk and kept (its
     train x train part added), then every test chunk's Jacobian is multiplied against it and
@@ -314,7 +314,8 @@ def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows
     blocks = parameter_blocks(params, n_train * n_out, kspec.max_block_mb)
     shape = (len(rows), n_train, n_out, n_out)
     state = store.partial({"sgd": torch.zeros(shape, dtype=torch.float64),
-                           "sign": torch.zeros(shape, dtype=torch.float64)}, unit="step")
+                           "sign": torch.zeros(shape, dtype=torch.float64),
+                           "f0": torch.zeros(len(rows), n_out, dtype=torch.float64)}, unit="step")
     train_chunks = _chunks(n_train, kspec.chunk_size)
     test_chunks = [(s + n_train, e + n_train) for s, e in _chunks(len(rows) - n_train, kspec.chunk_size)]
     steps = 1 + len(test_chunks)  # per block: the training part, then one step per test chunk
@@ -323,8 +324,9 @@ def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows
 
     def block_jacobian(names: list[str], s: int, e: int) -> Tensor:
         block = {n: params[n] for n in names}
-        j = torch.cat(flat(jacobians(fn, block, encode_rows(encoder, rows[s:e]).to(device)), names), 1)
-        return j.view(e - s, n_out, -1)
+        jac, f = jacobians_and_outputs(fn, block, encode_rows(encoder, rows[s:e]).to(device))
+        state.tensors["f0"][s:e] = f.double().cpu()  # the same in every block
+        return torch.cat(flat(jac, names), 1).view(e - s, n_out, -1)
 
     for b in range(state.done // steps, len(blocks)):
         first = state.done - b * steps  # steps of this block already saved (0 unless resuming it)
@@ -340,7 +342,7 @@ def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows
             state.save(b * steps + 2 + t)
             bar.update(1)
     bar.close()
-    return state.tensors["sgd"], state.tensors["sign"]
+    return state.tensors["sgd"], state.tensors["sign"], state.tensors["f0"]
 
 
 def _accumulate(acc: dict[str, Tensor], start: int, j: Tensor, train_j: Tensor, train_sign: Tensor) -> None:
@@ -351,8 +353,8 @@ def _accumulate(acc: dict[str, Tensor], start: int, j: Tensor, train_j: Tensor, 
 
 def _projected(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example],
                n_train: int, kspec: KernelSpec, store: KernelStore, device: torch.device,
-               progress: bool) -> tuple[Tensor, Tensor]:
-    """Kernels of projected Jacobians ``P J`` and ``P sign(J)``; features saved per chunk."""
+               progress: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernels of projected Jacobians ``P J`` and ``P sign(J)``, and ``f0``; features saved per chunk."""
     from ftlab.select.projection import ProjectionSpec, Projector
 
     n_out, names = fn.readout.shape[1], list(params)
@@ -361,12 +363,15 @@ def _projected(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], 
     projector = Projector(pspec, device)
     d = pspec.dim_out
     state = store.partial({"phi": torch.zeros(len(rows), n_out, d),
-                           "phi_sign": torch.zeros(n_train, n_out, d)}, unit="chunk")
+                           "phi_sign": torch.zeros(n_train, n_out, d),
+                           "f0": torch.zeros(len(rows), n_out, dtype=torch.float64)}, unit="chunk")
     chunks = _chunks(len(rows), kspec.chunk_size)
     for c in tqdm(range(state.done, len(chunks)), initial=state.done, total=len(chunks),
                   disable=not progress, desc="eNTK (projected)", unit="chunk"):
         s, e = chunks[c]
-        blocks = flat(jacobians(fn, params, encode_rows(encoder, rows[s:e]).to(device)), names)
+        jac, f = jacobians_and_outputs(fn, params, encode_rows(encoder, rows[s:e]).to(device))
+        state.tensors["f0"][s:e] = f.double().cpu()
+        blocks = flat(jac, names)
         state.tensors["phi"][s:e] = projector.project_blocks(blocks).view(e - s, n_out, d).cpu()
         t = max(0, min(e, n_train) - s)  # rows of this chunk that are training examples
         if t:
@@ -376,7 +381,7 @@ def _projected(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], 
     phi = state.tensors["phi"].double()
     sgd = torch.einsum("aop,bqp->aboq", phi, phi[:n_train])
     sign = torch.einsum("aop,bqp->aboq", phi, state.tensors["phi_sign"].double())
-    return sgd, sign
+    return sgd, sign, state.tensors["f0"]
 
 
 def projection_error(exact: KernelData, projected: KernelData) -> dict[str, float]:

@@ -33,7 +33,8 @@ def accuracy_scatter(records: Sequence[dict[str, Any]], png: str | Path, title: 
     markers = "osD^vP*X"
     colours = plt.get_cmap("tab10")
     for r in records:
-        ax.scatter(r["finetuned_accuracy"], r["kernel_accuracy"], marker=markers[labels.index(r["label"]) % len(markers)],
+        marker = markers[labels.index(r["label"]) % len(markers)]
+        ax.scatter(r["finetuned_accuracy"], r["kernel_accuracy"], marker=marker,
                    color=colours(tasks.index(r["task"]) % 10), alpha=0.8, s=40)
     lo = min(min(r["finetuned_accuracy"], r["kernel_accuracy"]) for r in records) - 0.05
     ax.plot([lo, 1], [lo, 1], color="grey", lw=0.8, ls="--")
