@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftlab.cli.select import app
+from ftlab.errors import FtlabError
 
 
 def _rows(prompt: str, answers: list[str], family: str, n: int) -> list[dict]:
@@ -48,17 +49,17 @@ def test_staged_commands_then_baseline(tmp_path, setup):
     assert len((tmp_path / "random" / "selected.jsonl").read_text().splitlines()) == 5
 
 
-def _ftlab(*args):
-    return subprocess.run([sys.executable, "-m", "ftlab.cli", "select", *args], capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_bad_input_is_a_one_line_error(tmp_path, setup):
-    result = _ftlab("score", *setup)  # nothing computed yet
+    result = subprocess.run([sys.executable, "-m", "ftlab.cli", "select", "score", *setup],  # nothing computed yet
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no warm-up checkpoints" in lines[0], result.stderr
-    result = _ftlab("pipeline", *setup, "targets=[]")
-    assert result.returncode == 2 and "target set is empty" in result.stderr
-    result = _ftlab("baseline", "magic", *setup)
-    assert result.returncode == 2 and "unknown baseline" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [(["pipeline", "targets=[]"], "target set is empty"),
+                                           (["baseline", "magic"], "unknown baseline"),
+                                           (["pipeline", "method=magic"], "unknown selection method")])
+def test_bad_config_raises_ftlab_error(setup, args, message):
+    result = CliRunner().invoke(app, [args[0], *args[1:], *setup] if args[0] == "baseline" else [args[0], *setup, *args[1:]])
+    assert isinstance(result.exception, FtlabError) and message in str(result.exception)

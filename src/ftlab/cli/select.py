@@ -113,7 +113,9 @@ def pipeline_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[st
     from ftlab.select.pipeline import run_pipeline
 
     cfg = _config(config, overrides)
-    _report(cfg, run_pipeline(cfg))
+    summary = run_pipeline(cfg)
+    if summary:  # empty on ranks other than 0 under torchrun
+        _report(cfg, summary)
 
 
 @app.command("baseline")

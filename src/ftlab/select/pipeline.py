@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ftlab.distributed import barrier, init_from_env, is_main, rank_device
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_file, atomic_write_json
 from ftlab.models import LoraSettings, load_model, prepare_model, trainable_parameters
@@ -94,7 +95,7 @@ def load_lora_model(cfg: SelectConfig, model: nn.Module | None = None, tokenizer
                     ) -> tuple[nn.Module, Any]:
     """The model of ``cfg`` (or the given one) with fresh LoRA adapters seeded by ``cfg.seed``."""
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=rank_device(cfg.device),
                                       attn_implementation=cfg.attn_implementation)
     elif cfg.attn_implementation is not None:
         model.set_attn_implementation(cfg.attn_implementation)
@@ -107,7 +108,7 @@ def projector_for(cfg: SelectConfig, module: nn.Module) -> Projector:
     """The projection of ``cfg`` for the trainable entries of ``module``."""
     dim_in = sum(p.numel() for _, p in trainable_parameters(module))
     spec = ProjectionSpec(dim_in=dim_in, dim_out=cfg.projection_dim, seed=cfg.projection_seed, kind=cfg.projection_kind)
-    return Projector(spec, cfg.device)
+    return Projector(spec, rank_device(cfg.device))
 
 
 @dataclass
@@ -157,14 +158,17 @@ def score_pool(cfg: SelectConfig, pool: Sequence[InstructionExample], targets: S
         return [ex.id for ex in pool], random_scores(len(pool), cfg.seed), []
     if cfg.method == "representation":
         if model is None:
-            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=rank_device(cfg.device))
         kw = dict(model_name=cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length, progress=progress)
         train = representation_store(model, tokenizer, pool, out / "representations" / "train", **kw)
         target = representation_store(model, tokenizer, targets, out / "representations" / "target", **kw)
         return train.ids, representation_scores(train, target, groups_of(target, targets)), []
     module, tokenizer = load_lora_model(cfg, model, tokenizer)
-    checkpoints = run_warmup(module, tokenizer, pool, cfg.warmup, out / "warmup", max_length=cfg.max_length,
-                             progress=progress)
+    # Under torchrun rank 0 warms up alone; the feature passes are then split over the ranks.
+    if init_from_env(cfg.device)[0] == 0:
+        run_warmup(module, tokenizer, pool, cfg.warmup, out / "warmup", max_length=cfg.max_length, progress=progress)
+    barrier()
+    checkpoints = checkpoints_of(cfg)
     train = gradient_features(cfg, module, tokenizer, pool, checkpoints, "adam", "train", progress)
     target = gradient_features(cfg, module, tokenizer, targets, checkpoints, "sgd", "target", progress)
     return *less_from_stores(cfg, train, target, targets, progress), sorted(train.skipped + target.skipped)
@@ -236,7 +240,8 @@ def plot_selection(scores: np.ndarray, selected: Sequence[int], families: Sequen
 
 def run_pipeline(cfg: SelectConfig, model: nn.Module | None = None, tokenizer: Any = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Run the selection of ``cfg`` end to end (resumable) and write its outputs.
+    """Run the selection of ``cfg`` end to end (resumable) and write its outputs; returns the
+    summary (``{}`` on the ranks other than 0 under ``torchrun``).
 
     ``model``/``tokenizer`` (optional) replace loading ``cfg.model``; the LESS method adds LoRA
     adapters to ``model`` in place.
@@ -248,6 +253,8 @@ def run_pipeline(cfg: SelectConfig, model: nn.Module | None = None, tokenizer: A
     if overlap:
         raise FtlabError(f"pool and targets share files (e.g. {sorted(overlap)[0]}); keep targets out of the pool")
     ids, scores, skipped = score_pool(cfg, pool, targets, model, tokenizer, progress)
+    if not is_main():  # under torchrun every rank scores; rank 0 alone writes the outputs
+        return {}
     return write_outputs(cfg, pool, ids, scores, skipped)
 
 
