@@ -122,7 +122,7 @@ def barrier(alphas: Sequence[float], values: Sequence[float], higher_is_better: 
         raise FtlabError("barrier: give one value per alpha, with alpha = 0 and alpha = 1 among them")
     start, end = v[a == 0.0][0], v[a == 1.0][0]
     gap = (1 - a) * start + a * end - v
-    return float(np.max(gap if higher_is_better else -gap))
+    return max(0.0, float(np.max(gap if higher_is_better else -gap)))  # 0.0, never -0.0, at the endpoints
 
 
 def _vector(values: Sequence[float], name: str) -> np.ndarray:
