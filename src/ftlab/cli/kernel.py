@@ -45,7 +45,7 @@ def compute_cmd(
     model: str = MODEL, task: str = TASK, k: int = K, seed: int = SEED, n_test: int = N_TEST,
     data_seed: int = DATA_SEED, params: str = PARAMS, lora_r: int = LORA_R,
     output: str = typer.Option("logits", help="logits (C label-word logits) or contrast (C-1 contrasts)."),
-    projection_dim: Optional[int] = typer.Option(None, help="Project Jacobians to this many dims (large parameter sets)."),
+    projection_dim: Optional[int] = typer.Option(None, help="Project Jacobians to this many dims (large sets)."),
     projection_seed: int = typer.Option(0), chunk_size: int = typer.Option(8, help="Examples per vmap call."),
     max_block_mb: float = typer.Option(1024.0, help="Memory for one parameter block's training Jacobian (exact)."),
     device: str = typer.Option("cpu"),
@@ -118,7 +118,7 @@ def compare_cmd(
     mode: str = typer.Option("lora", help="full or lora (the kernel is over the trained parameters)."),
     optimizer: str = typer.Option("sgd", help="sgd (SGD kernel) or adamw (sign kernel)."),
     lr: float = typer.Option(1e-3), steps: int = typer.Option(100), batch_size: int = typer.Option(8),
-    projection_dim: Optional[int] = typer.Option(None, help="Project the kernel (needed for mode=full on large models)."),
+    projection_dim: Optional[int] = typer.Option(None, help="Project the kernel (mode=full on large models)."),
     method: str = typer.Option("regression", help="Kernel solver compared with fine-tuning."),
     device: str = typer.Option("cpu"),
 ) -> None:
