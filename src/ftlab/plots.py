@@ -6,6 +6,27 @@ import json
 from pathlib import Path
 
 from ftlab.errors import FtlabError
+from ftlab.io import atomic_file
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, png: str | Path, dpi: int = 120) -> Path:
+    """Save ``fig`` as a PNG atomically (creating the folder) and close it; returns the path."""
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(png, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return png
 
 
 def plot_run(run_dir: str | Path, png: str | Path | None = None) -> Path:
@@ -13,11 +34,7 @@ def plot_run(run_dir: str | Path, png: str | Path | None = None) -> Path:
 
     Reads ``<run_dir>/metrics.jsonl`` and writes ``png`` (default ``<run_dir>/training.png``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -39,7 +56,4 @@ def plot_run(run_dir: str | Path, png: str | Path | None = None) -> Path:
         ax_dev.plot([r["step"] for r in dev], [r[metric] for r in dev], marker="o")
         ax_dev.set(xlabel="step", ylabel=f"dev {metric}", title=f"Dev {metric} (n={dev[0]['n']})")
     fig.tight_layout()
-    out = Path(png) if png else run_dir / "training.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, png or run_dir / "training.png")

@@ -7,15 +7,7 @@ from typing import Any, Sequence
 
 from ftlab.errors import FtlabError
 from ftlab.kernel.store import KernelData
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+from ftlab.plots import pyplot, save_figure
 
 
 def accuracy_scatter(records: Sequence[dict[str, Any]], png: str | Path, title: str = "") -> Path:
@@ -26,7 +18,7 @@ def accuracy_scatter(records: Sequence[dict[str, Any]], png: str | Path, title: 
     kernel predicts fine-tuning's accuracy exactly."""
     if not records:
         raise FtlabError("nothing to plot: no (kernel, fine-tuning) accuracy pairs")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.8))
     tasks = sorted({r["task"] for r in records})
     labels = sorted({r["label"] for r in records})
@@ -47,11 +39,7 @@ def accuracy_scatter(records: Sequence[dict[str, Any]], png: str | Path, title: 
     ax.set_title(title or "kernel vs fine-tuning")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def kernel_heatmap(kernel: KernelData, png: str | Path, kind: str = "sgd") -> Path:
@@ -59,7 +47,7 @@ def kernel_heatmap(kernel: KernelData, png: str | Path, kind: str = "sgd") -> Pa
     examples grouped by label, with lines between the label groups."""
     from ftlab.kernel.solvers import trace_kernel
 
-    plt = _pyplot()
+    plt = pyplot()
     scalar = trace_kernel(kernel.tensors[kind]).numpy()
     n = kernel.n_train
     labels = kernel.manifest["train_labels"] + kernel.manifest["test_labels"]
@@ -75,8 +63,4 @@ def kernel_heatmap(kernel: KernelData, png: str | Path, kind: str = "sgd") -> Pa
     ax.set_title(f"{kind} kernel, trace over outputs ({kernel.manifest.get('task', '')})")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)

@@ -49,9 +49,10 @@ from ftlab.checkpoint import load_trainable
 from ftlab.config import TrainConfig, to_dict
 from ftlab.errors import FtlabError
 from ftlab.evaluate import model_device
-from ftlab.io import atomic_file, atomic_write_json
+from ftlab.io import atomic_write_json
 from ftlab.models import load_model, trainable_parameters
 from ftlab.objectives import Encoder
+from ftlab.plots import pyplot, save_figure
 from ftlab.scaling.rules import from_train_config, scale, to_train_config
 from ftlab.train import RunData, build_trainer, load_run_data, train
 
@@ -218,11 +219,7 @@ def noise_check(exp: ScalingExperimentConfig, base: TrainConfig, data: RunData) 
 
 def plot_experiment(result: dict[str, Any], png: str | Path) -> Path:
     """Training loss and dev metric of every run against samples seen, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
     for name, c in result["curves"].items():
         h = result["hyperparameters"][name]
@@ -237,7 +234,4 @@ def plot_experiment(result: dict[str, Any], png: str | Path) -> Path:
     ax_dev.set(xlabel="samples seen", ylabel=f"dev {metric}", title=f"Dev {metric}, kappa = {result['kappa']:g}")
     ax_dev.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_file(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return Path(png)
+    return save_figure(fig, png)

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ftlab.errors import FtlabError
-from ftlab.io import atomic_file, atomic_write_json, atomic_write_text
+from ftlab.io import atomic_write_json, atomic_write_text
+from ftlab.plots import pyplot, save_figure
 from ftlab.seeds import stats
 from ftlab.seeds.interpolation import ALPHAS, interpolation_curve
 from ftlab.seeds.runner import RunSpec, check_comparable, load_records, load_study
@@ -145,11 +146,7 @@ def markdown(report: dict[str, Any]) -> str:
 def plot_report(report: dict[str, Any], png: str | Path) -> Path:
     """Three panels: test score of every run by method and group, the expected max curves, and
     the accuracy along the interpolation paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_runs, ax_max, ax_path) = plt.subplots(1, 3, figsize=(15, 4.2))
     for i, s in enumerate(report["studies"]):
         values = [r["test"] for r in s["runs"]]
@@ -175,7 +172,4 @@ def plot_report(report: dict[str, Any], png: str | Path) -> Path:
     if any(s["barriers"] for s in report["studies"]):
         ax_path.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_file(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return Path(png)
+    return save_figure(fig, png)

@@ -26,6 +26,7 @@ import torch
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_file
 from ftlab.objectives import ModelBatch
+from ftlab.tasks.files import jsonl_rows
 
 #: The registered BIG-bench tasks added to the pool beside ``natural_instructions`` (task -> family).
 OTHER_BIGBENCH_TASKS = ("strategyqa", "nli", "sentiment")
@@ -59,10 +60,8 @@ class InstructionExample:
         return path, int(line)
 
 
-def _parse(row: Any, where: str, default_task: str) -> tuple[tuple[dict[str, str], ...], str, str, str]:
+def _parse(row: dict[str, Any], where: str, default_task: str) -> tuple[tuple[dict[str, str], ...], str, str, str]:
     """(messages, response, task, family) of one JSONL row, or a one-line error naming ``where``."""
-    if not isinstance(row, dict):
-        raise FtlabError(f"{where}: expected a JSON object with 'messages' or 'prompt'/'response'")
     if "messages" in row:
         msgs = row["messages"]
         ok = isinstance(msgs, list) and msgs and all(
@@ -96,17 +95,9 @@ def load_instructions(paths: Sequence[str | Path]) -> list[InstructionExample]:
     for path in map(Path, paths):
         if not path.is_file():
             raise FtlabError(f"instruction file {path} not found")
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise FtlabError(f"{where}: not valid JSON ({e})") from e
-                messages, response, task, family = _parse(row, where, path.stem)
-                examples.append(InstructionExample(where, messages, response, task, family))
+        for where, row in jsonl_rows(path):
+            messages, response, task, family = _parse(row, where, path.stem)
+            examples.append(InstructionExample(where, messages, response, task, family))
     if not examples:
         raise FtlabError(f"no examples in {', '.join(map(str, paths))}")
     return examples

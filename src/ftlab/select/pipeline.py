@@ -32,6 +32,7 @@ from ftlab.distributed import barrier, init_from_env, is_main, rank_device
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_file, atomic_write_json
 from ftlab.models import LoraSettings, load_model, prepare_model, trainable_parameters
+from ftlab.plots import pyplot, save_figure
 from ftlab.select.baselines import random_scores, representation_scores, representation_store
 from ftlab.select.data import InstructionExample, load_instructions
 from ftlab.select.datastore import Datastore
@@ -215,12 +216,7 @@ def write_outputs(cfg: SelectConfig, pool: Sequence[InstructionExample], ids: li
 def plot_selection(scores: np.ndarray, selected: Sequence[int], families: Sequence[str], png: str | Path,
                    method: str) -> Path:
     """PNG with the score histogram (selection threshold marked) and the selection's task families."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    fig, (ax_hist, ax_bar) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_hist, ax_bar) = pyplot().subplots(1, 2, figsize=(11, 4))
     ax_hist.hist(scores, bins=min(50, max(5, len(scores) // 10)), color="tab:blue", alpha=0.8)
     if len(selected):
         ax_hist.axvline(float(np.min(scores[list(selected)])), color="tab:red", ls="--", label="selection threshold")
@@ -230,12 +226,7 @@ def plot_selection(scores: np.ndarray, selected: Sequence[int], families: Sequen
     ax_bar.barh([c[0] for c in counts][::-1], [c[1] for c in counts][::-1], color="tab:green")
     ax_bar.set(xlabel="selected examples", title=f"Source task families of the {len(selected)} selected")
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, dpi=110)
 
 
 def run_pipeline(cfg: SelectConfig, model: nn.Module | None = None, tokenizer: Any = None,

@@ -65,7 +65,7 @@ def load_file(path: str | Path, spec: TaskSpec, *, label_field: str = "label",
                          f"use {' or '.join(SUFFIXES)}")
     if not path.is_file():
         raise FtlabError(f"{path}: file not found")
-    rows = _jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _csv_rows(path)
+    rows = jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _csv_rows(path)
     examples = to_examples(rows, spec, id_prefix=path.name, label_field=label_field,
                            answers_field=answers_field, label_names=label_names)
     if not examples:
@@ -144,7 +144,9 @@ def _answers(value: Any, where: str, name: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in value)
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def jsonl_rows(path: Path) -> Iterator[Row]:
+    """``("<path>:<line>", object)`` for each non-blank line of a JSONL file; a line that is not
+    a JSON object is a one-line error naming its file and line."""
     for line_no, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
