@@ -12,15 +12,15 @@ from ftlab.config import TrainConfig, load_config
 from ftlab.evaluate import evaluate
 from ftlab.models import load_model, load_trained
 from ftlab.objectives import Encoder
-from ftlab.tasks import load_task, make_splits, prepare
+from ftlab.tasks import load_task, make_splits
 from ftlab.train import load_run_data, train
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def bigbench():
-    prepare(progress=False)
+@pytest.fixture(autouse=True)
+def _data(bigbench):
+    """Every test here reads the real BIG-bench files."""
 
 
 def test_greedy_decode_matches_hf_generate_on_squad(smollm2):

@@ -59,7 +59,7 @@ def test_heatmap_of_real_kernel_rows(kernel_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_compute_and_solve_on_smollm2(tmp_path):
+def test_compute_and_solve_on_smollm2(tmp_path, bigbench):
     """The real model end to end through the CLI on a tiny split (final-norm parameters: fast)."""
     out = tmp_path / "k"
     args = ["compute", "--out", str(out), "--k", "1", "--n-test", "2", "--params", r"re:^model\.norm\."]

@@ -8,15 +8,14 @@ from collections import Counter
 
 import pytest
 
-from ftlab.tasks import load_task, make_splits, prepare
+from ftlab.tasks import load_task, make_splits
 from ftlab.tasks.bigbench import EXTRA_PATTERNS, extracted_files
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    prepare(progress=False)
+def loaded(bigbench):
     return {name: load_task(name) for name in ("sentiment", "strategyqa", "nli", "squad")}
 
 
