@@ -151,20 +151,12 @@ class OutputFunction:
         return out.logits[:, -1, self.label_ids.to(ids.device)]
 
     def row_masks(self, mask: Tensor) -> Tensor | dict[str, Tensor]:
-        """The additive ``(1, 1, L, L)`` mask(s) of one row with padding mask ``mask`` ``(L,)``.
-
-        Ready 4-D masks avoid transformers' data-dependent shortcuts (``if mask.all()``) that
-        vmap cannot trace. A left-pad position sees no key at all; under eager attention its
-        scores plus the mask overflow to -inf and its softmax (and every gradient, via 0 * NaN)
-        becomes NaN, so each position may also see itself: pad rows stay finite, real rows are
-        unchanged.
-        """
+        """The additive ``(1, 1, L, L)`` mask(s) of one row with padding mask ``mask`` ``(L,)``:
+        ready 4-D masks avoid transformers' data-dependent shortcuts that vmap cannot trace
+        (:func:`ftlab.select.features.row_attention_mask`; a pad position sees itself, so it
+        stays finite under eager attention)."""
         dtype = next(iter(self.fixed.values())).dtype
-        keep_diagonal = 1 - torch.eye(mask.shape[-1], dtype=dtype, device=mask.device)
-        masks = row_attention_mask(self.config, mask, dtype)
-        if isinstance(masks, dict):
-            return {k: m * keep_diagonal for k, m in masks.items()}
-        return masks * keep_diagonal
+        return row_attention_mask(self.config, mask, dtype)
 
     def batch(self, params: dict[str, Tensor], batch: ModelBatch) -> Tensor:
         """``f`` of every row of a left-padded batch, ``(B, O)``."""
