@@ -40,7 +40,6 @@ from ftlab.models import load_model
 from ftlab.train import build_trainer, load_run_data
 
 RESULTS = Path(__file__).parent / "results"
-ROWS = RESULTS / "kernel_table"
 VARIANTS = {"lora-sgd": ("lora", "sgd"), "lora-adamw": ("lora", "adamw"),
             "full-sgd": ("full", "sgd"), "full-adamw": ("full", "adamw")}
 
@@ -56,7 +55,7 @@ def config(args, task: str, k: int, seed: int, mode: str, optimizer: str = "sgd"
 
 def run_group(args, task: str, k: int, seed: int) -> None:
     """All rows of one (task, k, seed), saving after each piece."""
-    path = ROWS / f"{task}_k{k}_s{seed}.json"
+    path = args.results / "kernel_table" / f"{task}_k{k}_s{seed}.json"
     record = json.loads(path.read_text()) if path.exists() else {"task": task, "k": k, "seed": seed}
     base = config(args, task, k, seed, "lora")
     data = load_run_data(base)
@@ -89,7 +88,7 @@ def run_group(args, task: str, k: int, seed: int) -> None:
             Path(args.work) / f"{task}_k{k}_s{seed}" / "full" / "kernels" if args.full_kernel == "projected" else None)
         spec_for_mode = kspec if mode == "lora" else KernelSpec(params="trainable", output=args.output,
                                                                  projection_dim=args.projection_dim,
-                                                                 chunk_size=args.chunk_size)
+                                                                 chunk_size=args.full_chunk_size)
         start = time.perf_counter()
         report, details = diagnose(cfg, data.spec, data.splits, kernel_dir, kspec=spec_for_mode, identity=identity,
                                    progress=True)
@@ -110,9 +109,9 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def summary() -> None:
+def summary(results: Path) -> None:
     """Table over all saved groups (mean ± std over seeds), JSON and the scatter plot."""
-    records = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted((results / "kernel_table").glob("*.json"))]
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in records:
         groups.setdefault((r["task"], r["k"]), []).append(r)
@@ -138,9 +137,9 @@ def summary() -> None:
     for r in records:
         for name, f in r.get("finetune", {}).items():
             print(f"{r['task']} k={r['k']} seed={r['seed']}: {f['verdict']}")
-    atomic_write_json(RESULTS / "kernel_table.json", {"rows": rows, "records": records})
+    atomic_write_json(results / "kernel_table.json", {"rows": rows, "records": records})
     if points:
-        print(f"plot: {accuracy_scatter(points, RESULTS / 'kernel_table.png', 'SmolLM2-135M, LoRA-parameter eNTK')}")
+        print(f"plot: {accuracy_scatter(points, results / 'kernel_table.png', 'SmolLM2-135M, LoRA-parameter eNTK')}")
 
 
 def main() -> None:
@@ -160,16 +159,20 @@ def main() -> None:
     ap.add_argument("--output", default="contrast", help="kernel output: contrast or logits")
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--full-kernel", default="none", choices=["none", "projected"])
+    ap.add_argument("--full-chunk-size", type=int, default=2,
+                    help="examples per chunk of the projected full kernel (each holds full-model Jacobians)")
     ap.add_argument("--projection-dim", type=int, default=8192)
     ap.add_argument("--work", default="runs/kernel_table")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the rows, table and plot")
     ap.add_argument("--summary", action="store_true", help="only print/write the summary of saved rows")
     args = ap.parse_args()
     if not args.summary:
-        for task in args.tasks.split(","):
-            for k in (int(x) for x in args.k.split(",")):
-                for seed in (int(x) for x in args.seeds.split(",")):
+        # Seeds outermost: a run cut short still covers every task and k for the first seeds.
+        for seed in (int(x) for x in args.seeds.split(",")):
+            for task in args.tasks.split(","):
+                for k in (int(x) for x in args.k.split(",")):
                     run_group(args, task, k, seed)
-    summary()
+    summary(args.results)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ One warm-up and one pool-feature pass serve every target (they do not depend on 
 each target family: (a) the share of the selected ``--fraction`` drawn from that family, for
 LESS, random and representation similarity (and the family's share of the pool: random's
 expectation); (b) with ``--train-epochs N``: LoRA trained on the LESS / random selection (and
-``--full`` the whole pool), scored by the mean response NLL on the family's held-out examples;
-``--transfer-model gemma3-270m`` repeats (b) on that model with SmolLM2's selection.
+``--full`` the whole pool), scored by the mean response NLL on the family's held-out examples
+(beside the untrained base); the selections are saved in the JSON, so a rerun there (e.g. with
+``--transfer-model gemma3-270m`` on another machine) repeats (b) on that model with SmolLM2's
+selection without recomputing it.
 
 Resumable: warm-up, datastores and finished stages are reused (``--work``). Writes
 ``benchmarks/results/less_quality.json`` and prints markdown tables.
@@ -62,6 +64,22 @@ def lora_settings(args: argparse.Namespace, n_layers: int):
     layers = range(n_layers - args.lora_layers, n_layers)
     return LoraSettings(r=8, alpha=16, target_modules=[f"layers.{i}.self_attn.{m}" for i in layers
                                                        for m in ("q_proj", "v_proj")])
+
+
+def pool_files(folder: Path, spec) -> dict[str, Path]:
+    """The pool and target files for ``spec``: built from BIG-bench once, then reused while the
+    spec is unchanged (so a machine without the BIG-bench data can run from a copied folder)."""
+    import dataclasses
+
+    from ftlab.select.data import build_bigbench_pool
+
+    stamp = folder / "spec.json"
+    wanted = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        build_bigbench_pool(folder, spec)
+        stamp.write_text(wanted)
+    return {"pool": folder / "pool.jsonl",
+            **{p.stem: p for p in sorted((folder / "targets").glob("*.jsonl"))}}
 
 
 def split_targets(work: Path, paths: dict, args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
@@ -120,31 +138,21 @@ def train_and_eval(model_name: str, train_examples, eval_sets: dict, out: Path, 
     return {fam: eval_loss(module, tok, exs, args.max_length) for fam, exs in eval_sets.items()}
 
 
-def main() -> None:
-    args = parse()
+def select_all(args, work: Path, out: Path, results: dict, pool, pool_path: Path, targets: dict,
+               family_of: dict[str, str]) -> None:
+    """One warm-up and one pool-feature pass, then per target family the LESS, random and
+    representation selections: their ids (``results["selection"]``) and family shares."""
     import numpy as np
 
+    from ftlab.models import load_model
     from ftlab.select.baselines import random_scores, representation_scores, representation_store
-    from ftlab.select.data import PoolSpec, build_bigbench_pool, load_instructions
+    from ftlab.select.data import load_instructions
     from ftlab.select.pipeline import SelectConfig, gradient_features, groups_of, load_lora_model
     from ftlab.select.scoring import less_scores, select_top
     from ftlab.select.warmup import WarmupSettings, run_warmup
-    from ftlab.models import load_model
-
-    work = Path(args.work)
-    out = Path(args.output)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results["args"] = vars(args)
-    paths = build_bigbench_pool(work / "data", PoolSpec(per_task=args.per_task, n_target=args.n_select + args.n_eval,
-                                                        max_chars=args.max_chars, seed=args.seed))
-    pool = load_instructions([paths["pool"]])
-    targets = split_targets(work, paths, args)
-    family_of = {ex.id: ex.family for ex in pool}
-    print(f"pool: {len(pool)} examples, {len(set(family_of.values()))} families; targets: "
-          + ", ".join(f"{f} {sum(1 for _ in open(s))}" for f, (s, _) in targets.items()))
 
     base, tok = load_model(args.model, device=args.device, attn_implementation="eager")
-    cfg = SelectConfig(pool=[str(paths["pool"])], output_dir=str(work / "less"), model=args.model,
+    cfg = SelectConfig(pool=[str(pool_path)], output_dir=str(work / "less"), model=args.model,
                        device=args.device, projection_dim=args.dim, batch_size=args.batch_size,
                        max_length=args.max_length, seed=args.seed,
                        lora=lora_settings(args, base.config.num_hidden_layers),
@@ -167,7 +175,6 @@ def main() -> None:
                            "pool_features_per_example_per_checkpoint": feat_seconds / len(pool) / len(checkpoints)}
     ids = train.stores[0].ids
     rand_rows = select_top(random_scores(len(ids), args.seed), ids, fraction=args.fraction)
-    rows_by = {}
     for family, (sel, _) in targets.items():
         target_ex = load_instructions([sel])
         tgt = gradient_features(cfg, module, tok, target_ex, checkpoints, "sgd", f"target-{family}")
@@ -178,7 +185,9 @@ def main() -> None:
         rep_ids = rep_pool.ids
         less_rows = select_top(less, ids, fraction=args.fraction)
         rep_rows = select_top(rep, rep_ids, fraction=args.fraction)
-        rows_by[family] = {"less": [ids[r] for r in less_rows], "random": [ids[r] for r in rand_rows]}
+        results.setdefault("selection", {})[family] = {
+            "less": [ids[r] for r in less_rows], "random": [ids[r] for r in rand_rows],
+            "representation": [rep_ids[r] for r in rep_rows]}
         results.setdefault("share", {})[family] = {
             "pool_share": float(np.mean([family_of[i] == family for i in ids])),
             "less": share(ids, less_rows, family_of, family),
@@ -190,37 +199,78 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
 
+
+def print_shares(results: dict) -> None:
     print("\n| target family | pool share (random's expectation) | LESS | random | representation | n selected |")
     print("|---|---|---|---|---|---|")
     for fam, r in results["share"].items():
         print(f"| {fam} | {r['pool_share']:.3f} | {r['less']:.3f} | {r['random']:.3f} | {r['representation']:.3f} "
               f"| {r['n_selected']} |")
-    print(f"\ntiming (s): {json.dumps(results['timing_s'])}")
+    print(f"\ntiming (s): {json.dumps(results.get('timing_s'))}")
+
+
+def train_all(args, work: Path, out: Path, results: dict, pool, targets: dict) -> None:
+    """(b): per model, the untrained base, LoRA on each family's selections (LESS, random and, for
+    the selecting model, representation) and, with ``--full``, on the whole pool; held-out loss
+    on each family's evaluation examples. Finished entries are skipped."""
+    from ftlab.models import load_model
+    from ftlab.select.data import load_instructions
+
+    by_id = {ex.id: ex for ex in pool}
+    eval_sets = {f: load_instructions([e]) for f, (_, e) in targets.items()}
+    models = [args.model] + ([args.transfer_model] if args.transfer_model else [])
+    for model_name in models:
+        res = results.setdefault("train", {}).setdefault(model_name, {})
+        if "base" not in res:
+            base, tok = load_model(model_name, device=args.device)
+            res["base"] = {f: eval_loss(base, tok, exs, args.max_length) for f, exs in eval_sets.items()}
+            del base
+        methods = ("less", "random", "representation") if model_name == args.model else ("less", "random")
+        for family in targets:
+            for method in methods:
+                key = f"{family}/{method}"
+                if key not in res:
+                    exs = [by_id[i] for i in results["selection"][family][method]]
+                    res[key] = train_and_eval(model_name, exs, {family: eval_sets[family]},
+                                              work / "train" / model_name / family / method, args)[family]
+                    out.write_text(json.dumps(results, indent=2) + "\n")
+        if args.full and model_name == args.model and "full" not in res:
+            res["full"] = train_and_eval(model_name, pool, eval_sets, work / "train" / model_name / "full", args)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| model | target family | base (no training) | LESS 5% | random 5% | representation 5% | full pool |")
+    print("|---|---|---|---|---|---|---|")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for model_name, res in results["train"].items():
+        for family in targets:
+            print(f"| {model_name} | {family} | {fmt(res['base'].get(family))} | {fmt(res.get(f'{family}/less'))} | "
+                  f"{fmt(res.get(f'{family}/random'))} | {fmt(res.get(f'{family}/representation'))} | "
+                  f"{fmt(res.get('full', {}).get(family))} |")
+
+
+def main() -> None:
+    args = parse()
+    from ftlab.select.data import PoolSpec, load_instructions
+
+    work = Path(args.work)
+    out = Path(args.output)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["args"] = vars(args)
+    paths = pool_files(work / "data", PoolSpec(per_task=args.per_task, n_target=args.n_select + args.n_eval,
+                                               max_chars=args.max_chars, seed=args.seed))
+    pool = load_instructions([paths["pool"]])
+    targets = split_targets(work, paths, args)
+    family_of = {ex.id: ex.family for ex in pool}
+    print(f"pool: {len(pool)} examples, {len(set(family_of.values()))} families; targets: "
+          + ", ".join(f"{f} {sum(1 for _ in open(s))}" for f, (s, _) in targets.items()))
+
+    if all(f in results.get("selection", {}) for f in targets):
+        print("reusing the selections saved in", out)  # e.g. the transfer run on another machine
+    else:
+        select_all(args, work, out, results, pool, paths["pool"], targets, family_of)
+    print_shares(results)
 
     if args.train_epochs:
-        by_id = {ex.id: ex for ex in pool}
-        eval_sets = {f: load_instructions([e]) for f, (_, e) in targets.items()}
-        models = [args.model] + ([args.transfer_model] if args.transfer_model else [])
-        for model_name in models:
-            res = results.setdefault("train", {}).setdefault(model_name, {})
-            for family in targets:
-                for method in ("less", "random"):
-                    key = f"{family}/{method}"
-                    if key not in res:
-                        exs = [by_id[i] for i in rows_by[family][method]]
-                        res[key] = train_and_eval(model_name, exs, {family: eval_sets[family]},
-                                                  work / "train" / model_name / family / method, args)[family]
-                        out.write_text(json.dumps(results, indent=2) + "\n")
-            if args.full and "full" not in res:
-                res["full"] = train_and_eval(model_name, pool, eval_sets, work / "train" / model_name / "full", args)
-                out.write_text(json.dumps(results, indent=2) + "\n")
-        print("\n| model | target family | LESS held-out loss | random held-out loss | full pool |")
-        print("|---|---|---|---|---|")
-        for model_name, res in results["train"].items():
-            for family in targets:
-                full = res.get("full", {}).get(family)
-                print(f"| {model_name} | {family} | {res[f'{family}/less']:.4f} | {res[f'{family}/random']:.4f} | "
-                      f"{'-' if full is None else f'{full:.4f}'} |")
+        train_all(args, work, out, results, pool, targets)
     print(f"\nwrote {out}")
 
 

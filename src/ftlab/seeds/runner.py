@@ -156,7 +156,8 @@ def run_study(study: SeedStudyConfig, *, progress: bool = True,
     every rank). ``on_run(run, record)`` is called after each run this process finishes."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and study.train.device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+        # Ranks take the GPUs round-robin: with more ranks than GPUs, small runs share one.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     runs = plan_runs(study)
     out = _prepare_study(study, rank == 0)
     data = None
