@@ -45,7 +45,7 @@ def loop_jacobians(model, encoder, rows, params) -> torch.Tensor:
     label_ids = label_word_ids(encoder)
     out = []
     for ex in rows:
-        batch = encode_rows(encoder, [ex])
+        batch = encode_rows(encoder, [ex]).to(params[0].device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits[0, -1, label_ids]
         out.append(torch.stack([
@@ -57,7 +57,7 @@ def loop_jacobians(model, encoder, rows, params) -> torch.Tensor:
 def batched_jacobians(fn, encoder, rows, params, names) -> torch.Tensor:
     """What :func:`ftlab.kernel.compute_kernel` runs per chunk: ``vmap(jacrev)`` on a padded batch."""
     with torch.no_grad(), eager_attention(fn.module):
-        jac = jacobians(fn, params, encode_rows(encoder, rows))
+        jac = jacobians(fn, params, encode_rows(encoder, rows).to(next(iter(params.values())).device))
     return torch.cat(flat(jac, names), 1).view(len(rows), fn.readout.shape[1], -1)
 
 

@@ -49,6 +49,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-epochs", type=int, default=0, help="(b): LoRA epochs on each selection (0: skip)")
     p.add_argument("--full", action="store_true", help="(b): also train on the whole pool")
+    p.add_argument("--full-epochs", type=int, default=None, help="epochs on the whole pool (default: --train-epochs)")
     p.add_argument("--transfer-model", default=None, help="(b) on this model with the selection made by --model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/less_quality")
@@ -121,7 +122,8 @@ def eval_loss(module, tokenizer, examples, max_length: int) -> float:
     return total / len(examples)
 
 
-def train_and_eval(model_name: str, train_examples, eval_sets: dict, out: Path, args) -> dict[str, float]:
+def train_and_eval(model_name: str, train_examples, eval_sets: dict, out: Path, args,
+                   epochs: int | None = None) -> dict[str, float]:
     """LoRA (via the warm-up trainer, on 100% of ``train_examples``) then held-out losses."""
     from ftlab.select.pipeline import SelectConfig, load_lora_model
     from ftlab.select.warmup import WarmupSettings, run_warmup
@@ -132,7 +134,7 @@ def train_and_eval(model_name: str, train_examples, eval_sets: dict, out: Path, 
     cfg = SelectConfig(model=model_name, device=args.device, seed=args.seed,
                        lora=lora_settings(args, base.config.num_hidden_layers))
     module, tok = load_lora_model(cfg, base, tok)
-    settings = WarmupSettings(percentage=1.0, epochs=args.train_epochs, lr=args.lr, batch_size=args.batch_size,
+    settings = WarmupSettings(percentage=1.0, epochs=epochs or args.train_epochs, lr=args.lr, batch_size=args.batch_size,
                               seed=args.seed)
     run_warmup(module, tok, train_examples, settings, out, max_length=args.max_length, progress=True)
     return {fam: eval_loss(module, tok, exs, args.max_length) for fam, exs in eval_sets.items()}
@@ -235,7 +237,8 @@ def train_all(args, work: Path, out: Path, results: dict, pool, targets: dict) -
                                               work / "train" / model_name / family / method, args)[family]
                     out.write_text(json.dumps(results, indent=2) + "\n")
         if args.full and model_name == args.model and "full" not in res:
-            res["full"] = train_and_eval(model_name, pool, eval_sets, work / "train" / model_name / "full", args)
+            res["full"] = train_and_eval(model_name, pool, eval_sets, work / "train" / model_name / "full", args,
+                                         epochs=args.full_epochs)
         out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n| model | target family | base (no training) | LESS 5% | random 5% | representation 5% | full pool |")
     print("|---|---|---|---|---|---|---|")
