@@ -139,7 +139,8 @@ def summary(results: Path) -> None:
             print(f"{r['task']} k={r['k']} seed={r['seed']}: {f['verdict']}")
     atomic_write_json(results / "kernel_table.json", {"rows": rows, "records": records})
     if points:
-        print(f"plot: {accuracy_scatter(points, results / 'kernel_table.png', 'SmolLM2-135M, LoRA-parameter eNTK')}")
+        title = "SmolLM2-135M: LoRA rows vs the LoRA eNTK, full rows vs the projected eNTK"
+        print(f"plot: {accuracy_scatter(points, results / 'kernel_table.png', title)}")
 
 
 def main() -> None:
