@@ -78,6 +78,25 @@ def test_truncation_keeps_response_and_prompt_tail(tiny_tokenizer):
     assert ids[:16] == tiny_tokenizer("the movie " * 50 + "was\n", add_special_tokens=False)["input_ids"][-16:]
 
 
+def test_plain_prompt_starts_with_the_bos_the_tokenizer_prepends(tiny_tokenizer):
+    """Gemma's GGUF tokenizer has no chat template but needs <bos>; truncation must keep it."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.bos_token = tok.eos_token
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                                  special_tokens=[(tok.bos_token, bos)])
+    assert tok("a")["input_ids"][0] == bos
+    ids, n = encode(tok, _example("The movie was", " great"), 64)
+    assert ids[0] == bos and tok.decode(ids[1:-n]) == "The movie was\n"
+    ids, n = encode(tok, _example("the movie " * 50 + "was", " great " * 40), 32)
+    assert len(ids) == 32 and n == 16 and ids[0] == bos
+    assert ids[1:16] == tok("the movie " * 50 + "was\n", add_special_tokens=False)["input_ids"][-15:]
+
+
 def test_empty_response_has_no_target_and_collate_refuses_it(tiny_tokenizer):
     ids, n = encode(tiny_tokenizer, _example("The movie was", ""), 64)
     assert n == 0 and ids

@@ -123,10 +123,19 @@ def encode(tokenizer: Any, example: InstructionExample, max_length: int) -> tupl
     if response and tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
     response = response[:max_length // 2]
-    # Chat templates already hold the special tokens they need.
+    # Chat templates already hold the special tokens they need; plain text gets the BOS the
+    # tokenizer itself would prepend (Gemma without <bos> gives a loss several times too high).
+    lead = [] if getattr(tokenizer, "chat_template", None) else leading_special_tokens(tokenizer)
     prompt = tokenizer(render_prompt(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
-    prompt = prompt[max(0, len(prompt) - (max_length - len(response))):]
+    keep = max(0, max_length - len(response) - len(lead))
+    prompt = lead + (prompt[len(prompt) - keep:] if keep else [])
     return prompt + response, len(response)
+
+
+def leading_special_tokens(tokenizer: Any) -> list[int]:
+    """``[bos]`` if the tokenizer prepends its BOS token to a text, else ``[]``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
 def collate(rows: Sequence[tuple[list[int], int]], pad_id: int) -> ModelBatch:
