@@ -49,6 +49,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-epochs", type=int, default=0, help="(b): LoRA epochs on each selection (0: skip)")
     p.add_argument("--full", action="store_true", help="(b): also train on the whole pool")
+    p.add_argument("--train-methods", default="less,random,representation",
+                   help="(b): selections trained on with --model (the transfer model: less,random)")
     p.add_argument("--full-epochs", type=int, default=None, help="epochs on the whole pool (default: --train-epochs)")
     p.add_argument("--transfer-model", default=None, help="(b) on this model with the selection made by --model")
     p.add_argument("--seed", type=int, default=0)
@@ -212,8 +214,8 @@ def print_shares(results: dict) -> None:
 
 
 def train_all(args, work: Path, out: Path, results: dict, pool, targets: dict) -> None:
-    """(b): per model, the untrained base, LoRA on each family's selections (LESS, random and, for
-    the selecting model, representation) and, with ``--full``, on the whole pool; held-out loss
+    """(b): per model, the untrained base, LoRA on each family's selections (``--train-methods``
+    for the selecting model, LESS and random for the transfer model) and, with ``--full``, on the whole pool; held-out loss
     on each family's evaluation examples. Finished entries are skipped."""
     from ftlab.models import load_model
     from ftlab.select.data import load_instructions
@@ -227,7 +229,7 @@ def train_all(args, work: Path, out: Path, results: dict, pool, targets: dict) -
             base, tok = load_model(model_name, device=args.device)
             res["base"] = {f: eval_loss(base, tok, exs, args.max_length) for f, exs in eval_sets.items()}
             del base
-        methods = ("less", "random", "representation") if model_name == args.model else ("less", "random")
+        methods = args.train_methods.split(",") if model_name == args.model else ("less", "random")
         for family in targets:
             for method in methods:
                 key = f"{family}/{method}"
