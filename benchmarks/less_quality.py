@@ -259,7 +259,7 @@ def main() -> None:
     work = Path(args.work)
     out = Path(args.output)
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["args"] = vars(args)
+    results["transfer_args" if args.transfer_model else "args"] = vars(args)  # the selecting run keeps its own
     paths = pool_files(work / "data", PoolSpec(per_task=args.per_task, n_target=args.n_select + args.n_eval,
                                                max_chars=args.max_chars, seed=args.seed))
     pool = load_instructions([paths["pool"]])
