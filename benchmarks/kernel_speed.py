@@ -34,6 +34,7 @@ from ftlab.kernel import select_parameters
 from ftlab.kernel.entk import OutputFunction, by_length, eager_attention, encode_rows, flat, jacobians, label_word_ids
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder
+from ftlab.select.projection import ProjectionSpec, Projector
 from ftlab.tasks import load_task, make_splits
 
 RESULTS = Path(__file__).parent / "results" / "kernel_speed.json"
@@ -67,16 +68,22 @@ def kernels(jac: torch.Tensor, n_train: int) -> dict[str, torch.Tensor]:
             "sign": torch.einsum("aop,bqp->aboq", jac, torch.sign(jac[:n_train]))}
 
 
-def projected_kernels(jac: torch.Tensor, n_train: int, dim: int) -> dict[str, torch.Tensor]:
-    """The kernels from ``P J`` and ``P sign(J)`` with the seeded sparse projector (as
-    ``compute_kernel`` builds them with ``projection_dim``)."""
-    from ftlab.select.projection import ProjectionSpec, Projector
-
+def project(projector, jac: torch.Tensor, n_train_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P J`` of a chunk's Jacobians ``(R, O, n)`` and ``P sign(J)`` of its first
+    ``n_train_rows`` rows, with the seeded sparse projector (as ``compute_kernel`` does with
+    ``projection_dim``)."""
     r, o, n = jac.shape
-    projector = Projector(ProjectionSpec(dim_in=n, dim_out=dim, seed=0), jac.device)
-    phi = projector.project(jac.reshape(r * o, n)).view(r, o, dim).double()
-    phi_sign = projector.project(torch.sign(jac[:n_train]).reshape(n_train * o, n)).view(n_train, o, dim).double()
-    return {"sgd": torch.einsum("aop,bqp->aboq", phi, phi[:n_train]),
+    d = projector.spec.dim_out
+    phi = projector.project(jac.reshape(r * o, n)).view(r, o, d).double()
+    if not n_train_rows:  # a chunk of test rows only
+        return phi, phi.new_zeros(0, o, d)
+    signs = torch.sign(jac[:n_train_rows]).reshape(n_train_rows * o, n)
+    return phi, projector.project(signs).view(n_train_rows, o, d).double()
+
+
+def projected_kernels(phi: torch.Tensor, phi_sign: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The kernels from projected Jacobians of every row and signed ones of the training rows."""
+    return {"sgd": torch.einsum("aop,bqp->aboq", phi, phi[:len(phi_sign)]),
             "sign": torch.einsum("aop,bqp->aboq", phi, phi_sign)}
 
 
@@ -109,8 +116,9 @@ def main() -> None:
     rows = [train[i] for i in by_length(spec, train)] + [test[i] for i in by_length(spec, test)]
     trainable = [p for n, p in module.named_parameters() if n in names]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    projector = Projector(ProjectionSpec(dim_in=n_params, dim_out=args.projection_dim, seed=0), args.device)
     batched_s = loop_s = 0.0
-    batched, looped = [], []
+    batched, looped, projected = [], [], []
     for s in tqdm(range(0, len(rows), args.chunk_size), desc="chunks"):
         chunk = rows[s:s + args.chunk_size]
         t = time.perf_counter()
@@ -121,19 +129,21 @@ def main() -> None:
         looped.append(loop_jacobians(module, encoder, chunk, trainable))
         sync()
         loop_s += time.perf_counter() - t
+        projected.append(project(projector, batched[-1], max(0, min(len(chunk), len(train) - s))))
         # Written after every chunk: a run cut short still reports the rows it measured.
-        report(args, n_params, len(train), len(test), s + len(chunk), batched_s, loop_s, batched, looped)
+        report(args, n_params, len(train), len(test), s + len(chunk), batched_s, loop_s, batched, looped, projected)
 
 
 def report(args, n_params: int, n_train: int, n_test: int, done: int, batched_s: float, loop_s: float,
-           batched: list[torch.Tensor], looped: list[torch.Tensor]) -> None:
+           batched: list[torch.Tensor], looped: list[torch.Tensor],
+           projected: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Print and save the measurement over the first ``done`` rows (kernels vs the first
     ``min(done, n_train)`` training rows)."""
     cols = min(done, n_train)
     fast, slow = kernels(torch.cat(batched), cols), kernels(torch.cat(looped), cols)
     diffs = {k: float((fast[k] - slow[k]).abs().max()) for k in fast}
     scale = {k: float(slow[k].abs().max()) for k in slow}
-    proj = projected_kernels(torch.cat(batched), cols, args.projection_dim)
+    proj = projected_kernels(torch.cat([p for p, _ in projected]), torch.cat([q for _, q in projected]))
     proj_err = {k: float((proj[k] - fast[k]).norm() / fast[k].norm()) for k in fast}
     result = {
         "model": "smollm2-135m", "task": "sentiment", "params": "LoRA q_proj,v_proj r=8", "n_params": n_params,

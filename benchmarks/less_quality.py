@@ -27,6 +27,8 @@ import json
 import time
 from pathlib import Path
 
+from ftlab.io import atomic_write_json
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -200,8 +202,7 @@ def select_all(args, work: Path, out: Path, results: dict, pool, pool_path: Path
             "n_selected": len(less_rows), "n_targets": len(target_ex),
             "less_selected_families": dict(collections.Counter(family_of[ids[r]] for r in less_rows).most_common()),
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(out, results)
 
 
 def print_shares(results: dict) -> None:
@@ -215,8 +216,8 @@ def print_shares(results: dict) -> None:
 
 def train_all(args, work: Path, out: Path, results: dict, pool, targets: dict) -> None:
     """(b): per model, the untrained base, LoRA on each family's selections (``--train-methods``
-    for the selecting model, LESS and random for the transfer model) and, with ``--full``, on the whole pool; held-out loss
-    on each family's evaluation examples. Finished entries are skipped."""
+    for the selecting model, LESS and random for the transfer model) and, with ``--full``, on the
+    whole pool; held-out loss on each family's evaluation examples. Finished entries are skipped."""
     from ftlab.models import load_model
     from ftlab.select.data import load_instructions
 
@@ -237,11 +238,11 @@ def train_all(args, work: Path, out: Path, results: dict, pool, targets: dict) -
                     exs = [by_id[i] for i in results["selection"][family][method]]
                     res[key] = train_and_eval(model_name, exs, {family: eval_sets[family]},
                                               work / "train" / model_name / family / method, args)[family]
-                    out.write_text(json.dumps(results, indent=2) + "\n")
+                    atomic_write_json(out, results)
         if args.full and model_name == args.model and "full" not in res:
             res["full"] = train_and_eval(model_name, pool, eval_sets, work / "train" / model_name / "full", args,
                                          epochs=args.full_epochs)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(out, results)
     print("\n| model | target family | base (no training) | LESS 5% | random 5% | representation 5% | full pool |")
     print("|---|---|---|---|---|---|---|")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731

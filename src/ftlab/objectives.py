@@ -14,7 +14,7 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,18 @@ def build_prompts(spec: TaskSpec, examples: Sequence[Example], demos: Sequence[E
     return prompts
 
 
+def prompt_ids(tokenizer: Any, prompt: str, budget: int, special_tokens: bool = True) -> list[int]:
+    """Ids of ``prompt`` cut from the left to ``budget`` tokens (the query sits at the end),
+    keeping the BOS the tokenizer prepends (``special_tokens``; off for chat-templated text,
+    which holds its own)."""
+    ids = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
+    if len(ids) <= budget:
+        return ids
+    bos = tokenizer.bos_token_id
+    keep_bos = bos is not None and ids[0] == bos
+    return ([bos] if keep_bos else []) + ids[len(ids) - budget + keep_bos:]
+
+
 class Encoder:
     """Tokenises prompts (and targets) of one task into :class:`ModelBatch` es."""
 
@@ -98,28 +110,19 @@ class Encoder:
         self.single_token = bool(self.option_ids) and all(len(o) == 1 for o in self.option_ids)
         self.end_ids = tokenizer(ANSWER_END, add_special_tokens=False)["input_ids"]
 
-    def _prompt_ids(self, prompt: str, budget: int) -> list[int]:
-        """Prompt ids cut from the left to ``budget`` tokens (the query sits at the end)."""
-        ids = self.tokenizer(prompt)["input_ids"]
-        if len(ids) <= budget:
-            return ids
-        bos = self.tokenizer.bos_token_id
-        keep_bos = bos is not None and ids[0] == bos
-        return ([bos] if keep_bos else []) + ids[len(ids) - budget + keep_bos:]
-
     def classification(self, examples: Sequence[Example], prompts: Sequence[str]) -> ModelBatch:
         """Rows to score every option of every example (one row per example if all options
         are single tokens, else one row per example and option)."""
         gold = torch.tensor([-1 if ex.label is None else ex.label for ex in examples])
         longest = max(len(o) for o in self.option_ids)
         if self.single_token:
-            rows = [self._prompt_ids(p, self.max_length) for p in prompts]
+            rows = [prompt_ids(self.tokenizer, p, self.max_length) for p in prompts]
             return self._pad(rows, None, n_options=len(self.option_ids), gold=gold)
         rows, targets = [], []
         for p in prompts:
-            prompt_ids = self._prompt_ids(p, self.max_length - longest)
+            ids = prompt_ids(self.tokenizer, p, self.max_length - longest)
             for opt in self.option_ids:
-                rows.append(prompt_ids + opt)
+                rows.append(ids + opt)
                 targets.append(opt)
         return self._pad(rows, targets, n_options=len(self.option_ids), gold=gold)
 
@@ -127,10 +130,10 @@ class Encoder:
                    max_new_tokens: int = 0) -> ModelBatch:
         """Rows for the answer loss (``answers`` given) or for decoding (``answers=None``)."""
         if answers is None:
-            rows = [self._prompt_ids(p, self.max_length - max_new_tokens) for p in prompts]
+            rows = [prompt_ids(self.tokenizer, p, self.max_length - max_new_tokens) for p in prompts]
             return self._pad(rows, None, n_options=1, gold=None)
         targets = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + self.end_ids for a in answers]
-        rows = [self._prompt_ids(p, self.max_length - len(t)) + t for p, t in zip(prompts, targets)]
+        rows = [prompt_ids(self.tokenizer, p, self.max_length - len(t)) + t for p, t in zip(prompts, targets)]
         return self._pad(rows, targets, n_options=1, gold=None)
 
     def _pad(self, rows: list[list[int]], targets: list[list[int]] | None, n_options: int,

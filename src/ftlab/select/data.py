@@ -25,7 +25,7 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_file
-from ftlab.objectives import ModelBatch
+from ftlab.objectives import ModelBatch, prompt_ids
 from ftlab.tasks.files import jsonl_rows
 
 #: The registered BIG-bench tasks added to the pool beside ``natural_instructions`` (task -> family).
@@ -124,18 +124,11 @@ def encode(tokenizer: Any, example: InstructionExample, max_length: int) -> tupl
         response = response + [tokenizer.eos_token_id]
     response = response[:max_length // 2]
     # Chat templates already hold the special tokens they need; plain text gets the BOS the
-    # tokenizer itself would prepend (Gemma without <bos> gives a loss several times too high).
-    lead = [] if getattr(tokenizer, "chat_template", None) else leading_special_tokens(tokenizer)
-    prompt = tokenizer(render_prompt(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
-    keep = max(0, max_length - len(response) - len(lead))
-    prompt = lead + (prompt[len(prompt) - keep:] if keep else [])
+    # tokenizer itself prepends (Gemma without <bos> gives a loss several times too high).
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    prompt = prompt_ids(tokenizer, render_prompt(tokenizer, example.messages), max_length - len(response),
+                        special_tokens=not templated)
     return prompt + response, len(response)
-
-
-def leading_special_tokens(tokenizer: Any) -> list[int]:
-    """``[bos]`` if the tokenizer prepends its BOS token to a text, else ``[]``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
 def collate(rows: Sequence[tuple[list[int], int]], pad_id: int) -> ModelBatch:
