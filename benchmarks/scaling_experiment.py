@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["rule", "naive", "linear"], help="kappa B runs to compare")
     p.add_argument("--output-dir", default="runs/bench-scaling")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--name", default="study_scaling", help="stem of the JSON and PNG under --results")
     args = p.parse_args()
 
     train = load_config(TrainConfig, None, [
@@ -57,16 +58,19 @@ def main() -> None:
         betas = [round(b, 4) for b in h["betas"] or [0.9, 0.999]]
         rows.append((name, str(h["batch_size"]), f"{h['lr']:.3g}", str(betas),
                      f"{h['eps'] if h['eps'] is not None else 1e-8:.3g}", f"{c['dev'][-1]:.4f}",
-                     f"{d['dev_mean_abs']:.4f}" if d else "-", f"{d['loss_mean_abs']:.4f}" if d else "-"))
-    print(table(rows, ("run", "batch", "lr", "betas", "eps", "final dev acc", "dev-curve distance",
-                       "loss-curve distance")))
+                     f"{c['dev_loss'][-1]:.4f}" if "dev_loss" in c else "-",
+                     f"{d['dev_mean_abs']:.4f}" if d else "-",
+                     f"{d['dev_loss_mean_abs']:.4f}" if d and "dev_loss_mean_abs" in d else "-",
+                     f"{d['loss_mean_abs']:.4f}" if d else "-"))
+    print(table(rows, ("run", "batch", "lr", "betas", "eps", "final dev acc", "final dev loss",
+                       "dev-acc distance", "dev-loss distance", "train-loss distance")))
     for where, n in (result["noise"] or {}).items():
         if isinstance(n, dict):
             print(f"noise check at {where}: {noise_line(n)}")
     print(f"{seconds:.0f} s")
     args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results / "study_scaling.json", {**result, "seconds": seconds})
-    shutil.copyfile(Path(args.output_dir) / "experiment.png", args.results / "study_scaling.png")
+    atomic_write_json(args.results / f"{args.name}.json", {**result, "seconds": seconds})
+    shutil.copyfile(Path(args.output_dir) / "experiment.png", args.results / f"{args.name}.png")
 
 
 if __name__ == "__main__":

@@ -156,3 +156,14 @@ def test_non_differentiable_objectives_are_minus_the_eval_metrics(tiny_model, ti
     assert f1().item() == pytest.approx(-evaluate(tiny_model, tiny_tokenizer, qa, qs, progress=False).metrics["f1"])
     with pytest.raises(FtlabError, match="does not fit"):
         objectives.objective_fn("f1", tiny_model, tiny_tokenizer, Encoder(tiny_tokenizer, spec), exs, "cpu")
+
+
+def test_eval_loss_is_the_training_loss_over_all_examples(tiny_model, tiny_tokenizer):
+    from ftlab.evaluate import evaluate
+
+    spec = TaskSpec(name="t", template="{text} It was", options=[" terrible", " great"])
+    exs = _examples()
+    train_loss = objectives.objective_fn("loss", tiny_model, tiny_tokenizer, Encoder(tiny_tokenizer, spec), exs, "cpu")
+    # evaluate() batches by length (batch 2 here): the mean of per-example losses must not depend on it
+    metrics = evaluate(tiny_model, tiny_tokenizer, spec, exs, batch_size=2, progress=False).metrics
+    assert metrics["loss"] == pytest.approx(train_loss().item(), rel=1e-5)

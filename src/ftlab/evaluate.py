@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ftlab import objectives
@@ -17,8 +18,9 @@ from ftlab.tasks.base import Example, TaskSpec
 
 @dataclass
 class EvalResult:
-    """Metrics (``accuracy``, or ``f1`` and ``em``; plus ``n``) and per-example predictions
-    (option index or decoded answer), in the order of the examples given."""
+    """Metrics (``accuracy`` and ``loss``, the mean cross-entropy over the option scores; or
+    ``f1`` and ``em``; plus ``n``) and per-example predictions (option index or decoded answer),
+    in the order of the examples given."""
 
     metrics: dict[str, float]
     predictions: list = field(default_factory=list)
@@ -45,6 +47,7 @@ def evaluate(model: nn.Module, tokenizer, spec: TaskSpec, examples: Sequence[Exa
     prompts = objectives.build_prompts(spec, examples, demos, k_shot, seed)
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     predictions: list = [None] * len(examples)
+    losses: list[float] = [0.0] * len(examples)  # classification only: a smooth metric beside accuracy
     was_training, device = model.training, model_device(model)
     model.eval()
     try:
@@ -52,22 +55,30 @@ def evaluate(model: nn.Module, tokenizer, spec: TaskSpec, examples: Sequence[Exa
                           unit="batch"):
             idx = order[start:start + batch_size]
             batch_prompts = [prompts[i] for i in idx]
-            for i, pred in zip(idx, _predict(model, tokenizer, encoder, [examples[i] for i in idx],
-                                             batch_prompts, device)):
-                predictions[i] = pred
+            preds, batch_losses = _predict(model, tokenizer, encoder, [examples[i] for i in idx],
+                                           batch_prompts, device)
+            for j, i in enumerate(idx):
+                predictions[i] = preds[j]
+                losses[i] = batch_losses[j] if batch_losses else 0.0
     finally:
         model.train(was_training)
-    return EvalResult(_metrics(spec, examples, predictions), predictions)
+    metrics = _metrics(spec, examples, predictions)
+    if spec.kind == "classification":
+        metrics["loss"] = sum(losses) / len(losses)
+    return EvalResult(metrics, predictions)
 
 
 def _predict(model: nn.Module, tokenizer, encoder: Encoder, examples: list[Example],
-             prompts: list[str], device: torch.device) -> list:
+             prompts: list[str], device: torch.device) -> tuple[list, list[float]]:
+    """Predictions of one batch, and (classification) each example's cross-entropy."""
     spec = encoder.spec
     if spec.kind == "classification":
         batch = encoder.classification(examples, prompts).to(device)
-        return objectives.option_scores(model, batch, encoder.option_ids).argmax(-1).tolist()
+        scores = objectives.option_scores(model, batch, encoder.option_ids).float()
+        gold = torch.tensor([ex.label for ex in examples], device=scores.device)
+        return scores.argmax(-1).tolist(), F.cross_entropy(scores, gold, reduction="none").tolist()
     batch = encoder.generation(prompts, max_new_tokens=spec.max_new_tokens).to(device)
-    return objectives.greedy_decode(model, tokenizer, batch, spec.max_new_tokens)
+    return objectives.greedy_decode(model, tokenizer, batch, spec.max_new_tokens), []
 
 
 def _metrics(spec: TaskSpec, examples: Sequence[Example], predictions: list) -> dict[str, float]:

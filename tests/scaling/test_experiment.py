@@ -42,7 +42,9 @@ def test_curve_distance_by_hand():
     other = {"dev_samples": [0, 8, 16], "dev": [0.5, 0.6, 0.6], "loss_samples": [8, 16], "loss": [1.2, 0.5]}
     d = curve_distance(base, other)
     assert d["dev_mean_abs"] == pytest.approx(0.4 / 3) and d["loss_mean_abs"] == pytest.approx(0.1)
-    assert d["final_dev_gap"] == pytest.approx(-0.3)
+    assert d["final_dev_gap"] == pytest.approx(-0.3) and "dev_loss_mean_abs" not in d
+    d = curve_distance({**base, "dev_loss": [0.7, 0.6, 0.5]}, {**other, "dev_loss": [0.7, 0.65, 0.3]})
+    assert d["dev_loss_mean_abs"] == pytest.approx(0.25 / 3)
 
 
 def test_noise_statistics_against_a_direct_computation():
@@ -71,7 +73,8 @@ def test_experiment_end_to_end(tmp_path, tiny_model_dir, cue_task):
         c = result["curves"][name]
         assert c["dev_samples"] == base["dev_samples"] == [0, 4, 8]
         assert c["loss_samples"] == base["loss_samples"] == [4, 8]
-        assert c["dev"][0] == base["dev"][0]  # same init, same dev set
+        assert c["dev"][0] == base["dev"][0] and c["dev_loss"][0] == base["dev_loss"][0]  # same init and dev set
+        assert result["distance"][name]["dev_loss_mean_abs"] >= 0
     metrics = [json.loads(line) for line in (tmp_path / "exp" / "base" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in metrics if r["split"] == "train"]
     assert base["loss"] == pytest.approx([sum(losses[:2]) / 2, sum(losses[2:]) / 2])

@@ -15,9 +15,10 @@ What is computed (``experiment.json``):
 
 - curves against samples seen: the training loss averaged over windows of ``eval_every * B``
   samples (the same samples for every run, so batch noise averages out alike), and the dev
-  metric at each evaluation;
+  metric and dev loss at each evaluation (the dev loss is the smooth one: it moves with the
+  weights even when no dev prediction flips);
 - the distance of each variant's curve to the base curve: the mean absolute difference over
-  the shared sample points (dev metric and windowed training loss), plus the final dev gap;
+  the shared sample points (dev metric, dev loss, windowed training loss), plus the final dev gap;
 - the SDE-validity check of Li, Malladi, Arora (2021): their necessary condition for the SDE
   approximation (and hence for a batch-size rule) is that gradient noise dominates the gradient,
   ``N / G >> 1`` with ``G = |grad L|^2`` and ``N = tr(Sigma) / batch`` the minibatch noise
@@ -137,6 +138,7 @@ def run_curves(run_dir: str | Path, window: int) -> dict[str, list[float]]:
     train_rows = [r for r in records if r["split"] == "train" and r.get("loss") is not None]
     dev = [r for r in records if r["split"] == "dev"]
     metric = "accuracy" if dev and "accuracy" in dev[0] else "f1"
+    dev_loss = {"dev_loss": [r["loss"] for r in dev]} if dev and "loss" in dev[0] else {}
     per_window = max(1, window // cfg_batch)  # steps per window
     losses = np.array([r["loss"] for r in train_rows])
     n_windows = len(losses) // per_window
@@ -144,14 +146,17 @@ def run_curves(run_dir: str | Path, window: int) -> dict[str, list[float]]:
     return {"loss_samples": [(i + 1) * per_window * cfg_batch for i in range(n_windows)],
             "loss": windowed.tolist(),
             "dev_samples": [r["step"] * cfg_batch for r in dev], "dev": [r[metric] for r in dev],
-            "metric": metric}
+            "metric": metric, **dev_loss}
 
 
 def curve_distance(base: dict[str, list[float]], other: dict[str, list[float]]) -> dict[str, float]:
-    """Mean absolute difference of two runs' curves at their shared sample points (dev metric
-    and windowed training loss), and the gap of their final dev scores."""
+    """Mean absolute difference of two runs' curves at their shared sample points (dev metric,
+    dev loss where both have it, windowed training loss), and the gap of their final dev scores."""
     out = {}
-    for key, at in (("dev", "dev_samples"), ("loss", "loss_samples")):
+    keys = [("dev", "dev_samples"), ("loss", "loss_samples")]
+    if "dev_loss" in base and "dev_loss" in other:
+        keys.append(("dev_loss", "dev_samples"))
+    for key, at in keys:
         a, b = dict(zip(base[at], base[key])), dict(zip(other[at], other[key]))
         shared = sorted(set(a) & set(b))
         if not shared:
@@ -220,7 +225,9 @@ def noise_check(exp: ScalingExperimentConfig, base: TrainConfig, data: RunData) 
 def plot_experiment(result: dict[str, Any], png: str | Path) -> Path:
     """Training loss and dev metric of every run against samples seen, in one PNG."""
     plt = pyplot()
-    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
+    has_dev_loss = all("dev_loss" in c for c in result["curves"].values())
+    fig, axes = plt.subplots(1, 3 if has_dev_loss else 2, figsize=(16 if has_dev_loss else 11, 4))
+    ax_loss, ax_dev = axes[0], axes[1]
     for name, c in result["curves"].items():
         h = result["hyperparameters"][name]
         label = f"{name} (B={h['batch_size']}, lr={h['lr']:.3g})"
@@ -229,9 +236,13 @@ def plot_experiment(result: dict[str, Any], png: str | Path) -> Path:
         style = dict(lw=2.5, color="black") if name == "base" else dict(lw=1.5)
         ax_loss.plot(c["loss_samples"], c["loss"], marker=".", label=label, **style)
         ax_dev.plot(c["dev_samples"], c["dev"], marker="o", label=label, **style)
+        if has_dev_loss:
+            axes[2].plot(c["dev_samples"], c["dev_loss"], marker="o", label=label, **style)
     metric = result["curves"]["base"]["metric"]
     ax_loss.set(xlabel="samples seen", ylabel="training loss (window mean)", title="Training loss")
     ax_dev.set(xlabel="samples seen", ylabel=f"dev {metric}", title=f"Dev {metric}, kappa = {result['kappa']:g}")
+    if has_dev_loss:
+        axes[2].set(xlabel="samples seen", ylabel="dev loss (cross-entropy)", title="Dev loss")
     ax_dev.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, png)
