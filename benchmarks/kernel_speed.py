@@ -1,8 +1,10 @@
-"""eNTK computation speed on SmolLM2-135M: the batched ``vmap(jacrev)`` Jacobians that
-:func:`ftlab.kernel.compute_kernel` computes per chunk against a straightforward loop (one forward per example, one
-backward per label word, gradients flattened). The two alternate chunk by chunk on the same rows
-(timing the per-example Jacobians, which is where all the time goes), so the load of other
-processes on a shared machine hits both alike; the kernels built from both are compared.
+"""eNTK computation speed on SmolLM2-135M: the batched per-example Jacobians that
+:func:`ftlab.kernel.compute_kernel` computes per chunk (for LoRA weights: one batched forward and
+one backward per output, :mod:`ftlab.kernel.lora_jacobian`) against a straightforward loop (one
+forward per example, one backward per label word, gradients flattened), and optionally
+(``--vmap``) against the generic ``vmap(jacrev)`` path. The methods alternate chunk by chunk on
+the same rows (timing the per-example Jacobians, which is where all the time goes), so the load
+of other processes on a shared machine hits all alike; the kernels built from them are compared.
 
 Both compute the SGD and sign kernels of the label-word logits w.r.t. the LoRA parameters
 (q_proj, v_proj, r=8: 460,800 entries; seeded peft init) for ``--n-train`` training rows and
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 from ftlab.cli.common import table
 from ftlab.io import atomic_write_json
 from ftlab.kernel import select_parameters
-from ftlab.kernel.entk import OutputFunction, by_length, eager_attention, encode_rows, flat, jacobians, label_word_ids
+from ftlab.kernel.entk import (OutputFunction, by_length, eager_attention, encode_rows, flat, jacobians_and_outputs,
+                               label_word_ids, vmap_jacobians_and_outputs)
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder
 from ftlab.select.projection import ProjectionSpec, Projector
@@ -55,10 +58,16 @@ def loop_jacobians(model, encoder, rows, params) -> torch.Tensor:
     return torch.stack(out)
 
 
-def batched_jacobians(fn, encoder, rows, params, names) -> torch.Tensor:
-    """What :func:`ftlab.kernel.compute_kernel` runs per chunk: ``vmap(jacrev)`` on a padded batch."""
-    with torch.no_grad(), eager_attention(fn.module):
-        jac = jacobians(fn, params, encode_rows(encoder, rows).to(next(iter(params.values())).device))
+def batched_jacobians(fn, encoder, rows, params, names, use_vmap: bool = False) -> torch.Tensor:
+    """What :func:`ftlab.kernel.compute_kernel` runs per chunk on a padded batch (or, with
+    ``use_vmap``, the generic ``vmap(jacrev)`` path it takes for non-LoRA parameters)."""
+    batch = encode_rows(encoder, rows).to(next(iter(params.values())).device)
+    with torch.no_grad():
+        if use_vmap:
+            with eager_attention(fn.module):
+                jac = vmap_jacobians_and_outputs(fn, params, batch)[0]
+        else:
+            jac = jacobians_and_outputs(fn, params, batch)[0]
     return torch.cat(flat(jac, names), 1).view(len(rows), fn.readout.shape[1], -1)
 
 
@@ -96,6 +105,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--projection-dim", type=int, default=8192)
     ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--vmap", action="store_true", help="also time the generic vmap(jacrev) path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", device=args.device)
@@ -113,53 +123,61 @@ def main() -> None:
     # shared machine hits both alike. Rows are sorted by length as compute_kernel sorts them.
     encoder = Encoder(tokenizer, spec)
     fn = OutputFunction(module, label_word_ids(encoder), torch.eye(len(spec.options), dtype=torch.float64))
-    rows = [train[i] for i in by_length(spec, train)] + [test[i] for i in by_length(spec, test)]
+    rows = [train[i] for i in by_length(encoder, train)] + [test[i] for i in by_length(encoder, test)]
     trainable = [p for n, p in module.named_parameters() if n in names]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     projector = Projector(ProjectionSpec(dim_in=n_params, dim_out=args.projection_dim, seed=0), args.device)
-    batched_s = loop_s = 0.0
-    batched, looped, projected = [], [], []
+    methods = {"batched": lambda chunk: batched_jacobians(fn, encoder, chunk, names, list(names)),
+               "loop": lambda chunk: loop_jacobians(module, encoder, chunk, trainable)}
+    if args.vmap:
+        methods["vmap"] = lambda chunk: batched_jacobians(fn, encoder, chunk, names, list(names), use_vmap=True)
+    seconds = dict.fromkeys(methods, 0.0)
+    jacs: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    projected = []
     for s in tqdm(range(0, len(rows), args.chunk_size), desc="chunks"):
         chunk = rows[s:s + args.chunk_size]
-        t = time.perf_counter()
-        batched.append(batched_jacobians(fn, encoder, chunk, names, list(names)))
-        sync()
-        batched_s += time.perf_counter() - t
-        t = time.perf_counter()
-        looped.append(loop_jacobians(module, encoder, chunk, trainable))
-        sync()
-        loop_s += time.perf_counter() - t
-        projected.append(project(projector, batched[-1], max(0, min(len(chunk), len(train) - s))))
+        for name, method in methods.items():
+            t = time.perf_counter()
+            jacs[name].append(method(chunk))
+            sync()
+            seconds[name] += time.perf_counter() - t
+        projected.append(project(projector, jacs["batched"][-1], max(0, min(len(chunk), len(train) - s))))
         # Written after every chunk: a run cut short still reports the rows it measured.
-        report(args, n_params, len(train), len(test), s + len(chunk), batched_s, loop_s, batched, looped, projected)
+        report(args, n_params, len(train), len(test), s + len(chunk), seconds, jacs, projected)
 
 
-def report(args, n_params: int, n_train: int, n_test: int, done: int, batched_s: float, loop_s: float,
-           batched: list[torch.Tensor], looped: list[torch.Tensor],
-           projected: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: dict[str, float],
+           jacs: dict[str, list[torch.Tensor]], projected: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Print and save the measurement over the first ``done`` rows (kernels vs the first
-    ``min(done, n_train)`` training rows)."""
+    ``min(done, n_train)`` training rows); every method is compared with the loop's kernels."""
     cols = min(done, n_train)
-    fast, slow = kernels(torch.cat(batched), cols), kernels(torch.cat(looped), cols)
-    diffs = {k: float((fast[k] - slow[k]).abs().max()) for k in fast}
+    ks = {m: kernels(torch.cat(j), cols) for m, j in jacs.items()}
+    slow = ks["loop"]
+    diffs = {m: {k: float((ks[m][k] - slow[k]).abs().max()) for k in slow} for m in ks if m != "loop"}
     scale = {k: float(slow[k].abs().max()) for k in slow}
+    fast = ks["batched"]
     proj = projected_kernels(torch.cat([p for p, _ in projected]), torch.cat([q for _, q in projected]))
     proj_err = {k: float((proj[k] - fast[k]).norm() / fast[k].norm()) for k in fast}
+    speedup = {m: seconds["loop"] / seconds[m] for m in seconds if m != "loop"}
     result = {
         "model": "smollm2-135m", "task": "sentiment", "params": "LoRA q_proj,v_proj r=8", "n_params": n_params,
         "n_train": n_train, "n_test": n_test, "rows_measured": done, "chunk_size": args.chunk_size,
-        "threads": args.threads, "device": args.device, "batched_seconds": batched_s, "loop_seconds": loop_s, "speedup": loop_s / batched_s,
-        "max_abs_diff": diffs, "max_abs_value": scale,
+        "threads": args.threads, "device": args.device, "seconds": seconds, "speedup_vs_loop": speedup,
+        "max_abs_diff_vs_loop": diffs, "max_abs_value": scale,
         "projection": {"dim": args.projection_dim, "relative_frobenius_error": proj_err},
-        "extrapolated_64_500_seconds": {"batched": batched_s / done * 564, "loop": loop_s / done * 564},
+        "extrapolated_64_500_seconds": {m: t / done * 564 for m, t in seconds.items()},
     }
     atomic_write_json(args.output, result)
-    print(table([("batched vmap(jacrev)", f"{batched_s:.1f}", f"{batched_s / done:.2f}", f"{batched_s / done * 564 / 60:.1f}"),
-                 ("per-example loop", f"{loop_s:.1f}", f"{loop_s / done:.2f}", f"{loop_s / done * 564 / 60:.1f}")],
-                ("method", f"seconds ({done} of {n_train}+{n_test} rows)", "s/row", "min for 64+500 (extrapolated)")))
-    print(f"speedup {loop_s / batched_s:.2f}x; max |diff| sgd {diffs['sgd']:.2e} (max |K| {scale['sgd']:.2e}), "
-          f"sign {diffs['sign']:.2e} (max |K| {scale['sign']:.2e}); projected to d={args.projection_dim}: "
-          f"relative error sgd {proj_err['sgd']:.3f}, sign {proj_err['sign']:.3f}", flush=True)
+    labels = {"batched": "batched (library: LoRA hooks)", "vmap": "batched vmap(jacrev)", "loop": "per-example loop"}
+    print(table([(labels[m], f"{t:.1f}", f"{t / done:.3f}", f"{t / done * 564 / 60:.1f}",
+                  f"{speedup[m]:.2f}x" if m in speedup else "1x") for m, t in seconds.items()],
+                ("method", f"seconds ({done} of {n_train}+{n_test} rows)", "s/row", "min for 64+500 (extrapolated)",
+                 "speedup vs loop")))
+    for m, d in diffs.items():
+        print(f"{labels[m]}: max |diff| to the loop's kernels sgd {d['sgd']:.2e} (max |K| {scale['sgd']:.2e}), "
+              f"sign {d['sign']:.2e} (max |K| {scale['sign']:.2e})")
+    print(f"projected to d={args.projection_dim}: relative error sgd {proj_err['sgd']:.3f}, "
+          f"sign {proj_err['sign']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

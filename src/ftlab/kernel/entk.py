@@ -196,11 +196,6 @@ def encode_rows(encoder: Encoder, examples: Sequence[Example]) -> ModelBatch:
     return encoder.classification(examples, [encoder.spec.prompt(ex) for ex in examples])
 
 
-def jacobians(fn: OutputFunction, params: dict[str, Tensor], batch: ModelBatch) -> dict[str, Tensor]:
-    """Per-example Jacobians ``{name: (B, O, *shape)}`` of ``f`` w.r.t. ``params``."""
-    return jacobians_and_outputs(fn, params, batch)[0]
-
-
 def jacobians_and_outputs(fn: OutputFunction, params: dict[str, Tensor], batch: ModelBatch,
                           ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example Jacobians and the outputs ``f`` ``(B, O)`` from the same forward pass: by
@@ -291,7 +286,7 @@ def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Seq
     module.eval()
     # Chunks of similar prompt length waste little compute on padding; the kernel is put back in
     # the caller's order at the end.
-    train_order, test_order = by_length(spec, train), by_length(spec, test)
+    train_order, test_order = by_length(encoder, train), by_length(encoder, test)
     rows = [train[i] for i in train_order] + [test[i] for i in test_order]
     run = _projected if kspec.projection_dim is not None else _exact
     # torch.func transforms still differentiate under no_grad, and the LoRA path enables grad
@@ -304,9 +299,10 @@ def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Seq
     return store.finish({"sgd": unsort(sgd), "sign": unsort(sign), "f0": f0[back_rows], "readout": readout})
 
 
-def by_length(spec: TaskSpec, examples: Sequence[Example]) -> list[int]:
-    """Indices of ``examples`` by prompt length (characters; ties keep their order)."""
-    return sorted(range(len(examples)), key=lambda i: len(spec.prompt(examples[i])))
+def by_length(encoder: Encoder, examples: Sequence[Example]) -> list[int]:
+    """Indices of ``examples`` by prompt length in tokens (ties keep their order)."""
+    lengths = [len(encoder.tokenizer(encoder.spec.prompt(ex)).input_ids) for ex in examples]
+    return sorted(range(len(examples)), key=lengths.__getitem__)
 
 
 def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example], n_train: int,
