@@ -1,4 +1,4 @@
-"""Per-example gradient features: vmap against a naive loop, the Adam formula by hand, skipping
+"""Per-example gradient features: the LoRA hook path and vmap against a naive loop, the Adam formula by hand, skipping
 examples without response tokens, projection + normalisation, resume."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ftlab.models import trainable_parameters
 from ftlab.select.data import InstructionExample, collate, encode
 from ftlab.select.datastore import Datastore
 from ftlab.select.features import (AdamState, adam_precondition, collect_features, feature_blocks,
-                                   per_example_grads)
+                                   per_example_grads, vmap_per_example_grads)
 from ftlab.select.projection import ProjectionSpec, Projector
 from ftlab.select.warmup import response_loss
 
@@ -39,14 +39,16 @@ def _loop_grads(module, rows, pad) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+@pytest.mark.parametrize("path", ["lora hooks", "vmap"])
 @pytest.mark.parametrize("arch, attn", [("llama", "sdpa"), ("llama", "eager"), ("gemma3", "sdpa")])
-def test_vmap_grads_equal_a_naive_loop_with_padding(tiny_model_factory, tiny_tokenizer, arch, attn):
+def test_batched_grads_equal_a_naive_loop_with_padding(tiny_model_factory, tiny_tokenizer, arch, attn, path):
     module = tiny_lora(tiny_model_factory(arch), torch.float64, attn)
     rows = [encode(tiny_tokenizer, ex, 64) for ex in _examples()]
     assert len({len(ids) for ids, _ in rows}) > 1  # the batch needs padding
     # gemma3's sliding window is 8 tokens: the longest row exercises the sliding-window mask.
     assert max(len(ids) for ids, _ in rows) > 8
-    batched = per_example_grads(module, collate(rows, tiny_tokenizer.pad_token_id))
+    compute = per_example_grads if path == "lora hooks" else vmap_per_example_grads
+    batched = compute(module, collate(rows, tiny_tokenizer.pad_token_id))
     # SDPA computes in float64 throughout; eager takes its softmax in float32 (transformers' choice).
     rtol, atol = (1e-9, 1e-12) if attn == "sdpa" else (1e-4, 1e-8)
     for i, ref in enumerate(_loop_grads(module, rows, tiny_tokenizer.pad_token_id)):

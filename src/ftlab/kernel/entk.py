@@ -17,7 +17,7 @@ For a parameter subset ``theta`` (all, LoRA, or a name pattern) two kernels are 
 
 Rows are the training examples followed by the test examples, columns the training examples.
 Per-example Jacobians come, per chunk of examples, from one batched forward and one backward per
-output for LoRA weights (:mod:`ftlab.kernel.lora_jacobian`), and from
+output for LoRA weights (:mod:`ftlab.models.lora_grads`), and from
 ``vmap(jacrev(functional_call))`` for any other parameters.
 *Exact* kernels walk the parameters in blocks (the training Jacobian of one block is held in
 memory) and save the partial sums after each block's training part and each test chunk;
@@ -42,10 +42,10 @@ from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
 from ftlab.errors import FtlabError
-from ftlab.kernel.lora_jacobian import lora_jacobians_and_outputs, lora_layers
+from ftlab.models.lora_grads import lora_jacobians, lora_layers
 from ftlab.kernel.store import KernelData, KernelStore
 from ftlab.objectives import Encoder, ModelBatch
-from ftlab.select.features import row_attention_mask
+from ftlab.select.features import batch_attention_mask, row_attention_mask
 from ftlab.tasks.base import Example, TaskSpec
 
 OUTPUTS = ("logits", "contrast")
@@ -161,12 +161,22 @@ class OutputFunction:
         dtype = next(iter(self.fixed.values())).dtype
         return row_attention_mask(self.config, mask, dtype)
 
+    def batch_masks(self, batch: ModelBatch) -> Tensor | dict[str, Tensor]:
+        """The 4-D masks of every row of a left-padded batch (see :meth:`row_masks`)."""
+        dtype = next(iter(self.fixed.values())).dtype
+        return batch_attention_mask(self.config, batch.attention_mask, dtype)
+
     def batch(self, params: dict[str, Tensor], batch: ModelBatch) -> Tensor:
         """``f`` of every row of a left-padded batch, ``(B, O)``."""
-        rows = [self.row_masks(m) for m in batch.attention_mask]
-        masks = ({k: torch.cat([r[k] for r in rows]) for k in rows[0]} if isinstance(rows[0], dict)
-                 else torch.cat(rows))
-        z = self.logits(params, batch.input_ids, masks, batch.position_ids)
+        z = self.logits(params, batch.input_ids, self.batch_masks(batch), batch.position_ids)
+        return z @ self.readout.to(z.device, z.dtype)
+
+    def direct(self, batch: ModelBatch) -> Tensor:
+        """``f`` ``(B, O)`` of a left-padded batch by a plain call of the module (its own
+        attention implementation and current weights; the masks of :meth:`batch_masks`)."""
+        logits = self.module(input_ids=batch.input_ids, attention_mask=self.batch_masks(batch),
+                             position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits
+        z = logits[:, -1, self.label_ids.to(logits.device)]
         return z @ self.readout.to(z.device, z.dtype)
 
     def row(self, params: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
@@ -200,11 +210,11 @@ def jacobians_and_outputs(fn: OutputFunction, params: dict[str, Tensor], batch: 
                           ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example Jacobians and the outputs ``f`` ``(B, O)`` from the same forward pass: by
     the LoRA per-example gradient trick when every parameter is a plain LoRA weight
-    (:mod:`ftlab.kernel.lora_jacobian`, 2-3x faster), else by ``vmap(jacrev)``."""
+    (:mod:`ftlab.models.lora_grads`, 2-3x faster), else by ``vmap(jacrev)``."""
     names = list(params)
     taps = lora_layers(fn.module, names)
     if taps is not None:
-        return lora_jacobians_and_outputs(fn.module, taps, names, fn.label_ids, fn.readout, batch)
+        return lora_jacobians(taps, names, batch.attention_mask, lambda: fn.direct(batch))
     with eager_attention(fn.module):
         return vmap_jacobians_and_outputs(fn, params, batch)
 

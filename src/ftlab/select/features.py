@@ -1,9 +1,10 @@
 """LESS steps 2-3: per-example LoRA gradient features, Adam-preconditioned or plain (SGD).
 
 For every example, the gradient of its mean response-token loss with respect to the LoRA
-tensors is computed for a whole batch at once with ``torch.func.vmap(grad(functional_call))``
-(each row is an independent function of the shared parameters, so padding never leaks between
-examples). The ``"adam"`` feature of a pool example preconditions it with the checkpoint's
+tensors is computed for a whole batch at once: for plain LoRA weights from one batched forward
+and one backward with the per-example gradient trick (:mod:`ftlab.models.lora_grads`), for
+any other trainable tensors with ``torch.func.vmap(grad(functional_call))`` (each row is an
+independent function of the shared parameters, so padding never leaks between examples). The ``"adam"`` feature of a pool example preconditions it with the checkpoint's
 AdamW moments as one more (bias-uncorrected) Adam step would:
 
     m = b1 * exp_avg + (1 - b1) * g,   v = b2 * exp_avg_sq + (1 - b2) * g^2,   feature = m / sqrt(v + eps)
@@ -17,6 +18,7 @@ Examples without response tokens (empty response) are reported and skipped, neve
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -27,6 +29,7 @@ from torch.func import functional_call, grad, vmap
 
 from ftlab.errors import FtlabError
 from ftlab.models import trainable_parameters
+from ftlab.models.lora_grads import lora_jacobians, lora_layers
 from ftlab.objectives import ModelBatch, target_logprobs
 from ftlab.select.data import InstructionExample, collate, encode, pad_id
 from ftlab.select.datastore import Datastore, write_distributed
@@ -77,12 +80,35 @@ def row_attention_mask(config: Any, mask: Tensor, dtype: torch.dtype) -> Tensor 
     return masks
 
 
+def batch_attention_mask(config: Any, mask: Tensor, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
+    """:func:`row_attention_mask` of every row of a ``(B, L)`` padding mask, as ``(B, 1, L, L)``:
+    with these masks no padding position turns NaN under eager attention either (a NaN at a
+    pad position, times its zero weight, is still NaN in the rows that attend past it)."""
+    rows = [row_attention_mask(config, m, dtype) for m in mask]
+    if isinstance(rows[0], dict):
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+    return torch.cat(rows)
+
+
 def per_example_grads(module: nn.Module, batch: ModelBatch) -> dict[str, Tensor]:
     """``{name: (B, *shape)}`` gradients of each row's mean response-token NLL w.r.t. the
-    trainable tensors of ``module``, batched with ``vmap(grad(functional_call))``.
+    trainable tensors of ``module``: by the LoRA per-example gradient trick when they are all
+    plain LoRA weights, else with ``vmap(grad(functional_call))``.
 
     Every row of ``batch`` must have at least one response token (see :func:`collate`).
     """
+    names = list(lora_params(module))
+    taps = lora_layers(module, names)
+    if taps is None:
+        return vmap_per_example_grads(module, batch)
+    dtype = next(module.parameters()).dtype
+    safe = dataclasses.replace(batch, attention_mask=batch_attention_mask(module.config, batch.attention_mask, dtype))
+    jac, _ = lora_jacobians(taps, names, batch.attention_mask, lambda: -target_logprobs(module, safe)[:, None])
+    return {n: j[:, 0] for n, j in jac.items()}
+
+
+def vmap_per_example_grads(module: nn.Module, batch: ModelBatch) -> dict[str, Tensor]:
+    """:func:`per_example_grads` for any trainable tensors, by ``vmap(grad(functional_call))``."""
     params = lora_params(module)
     config = module.config
     dtype = next(iter(params.values())).dtype

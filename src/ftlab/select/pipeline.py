@@ -53,8 +53,9 @@ class SelectConfig:
         pool, targets: JSONL instruction files (see :mod:`ftlab.select.data`); targets are
             grouped by their ``task`` field (their file name when absent).
         method: ``less``, ``random`` or ``representation``.
-        attn_implementation: ``eager`` batches per-example gradients under ``vmap`` (SDPA falls
-            back to a loop there); ``None`` keeps the model's default.
+        attn_implementation: ``eager`` lets ``vmap`` batch the per-example gradients of
+            non-LoRA trainable tensors (SDPA falls back to a loop there); LoRA weights take the
+            hook path, which works with any attention. ``None`` keeps the model's default.
         projection_dim, projection_kind, projection_seed: the random projection (LESS: 8192).
         percentage / top_k: how much to select (exactly one of them set).
     """

@@ -1,4 +1,5 @@
-"""The LoRA per-example gradient trick against explicit per-example gradients (float64)."""
+"""The eNTK over LoRA weights (per-example gradient trick) against explicit per-example
+gradients (float64) and against the vmap path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from ftlab.kernel import KernelSpec, compute_kernel, readout_matrix, select_parameters
 from ftlab.kernel.entk import (OutputFunction, encode_rows, jacobians_and_outputs, label_word_ids,
                                vmap_jacobians_and_outputs, eager_attention)
-from ftlab.kernel.lora_jacobian import lora_layers
+from ftlab.models.lora_grads import lora_layers
 from ftlab.models import LoraSettings, apply_lora
 from ftlab.objectives import Encoder
 
@@ -26,9 +27,13 @@ def _lora(model, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("arch,output", [("llama", "logits"), ("gpt2", "contrast")])
-def test_lora_kernel_equals_gram_of_explicit_gradients(tiny_model_factory, tiny_tokenizer, tmp_path, arch, output):
-    model = _lora(tiny_model_factory(arch))
+@pytest.mark.parametrize("arch,attn,output", [("llama", "sdpa", "logits"), ("llama", "eager", "logits"),
+                                              ("gpt2", "sdpa", "contrast")])
+def test_lora_kernel_equals_gram_of_explicit_gradients(tiny_model_factory, tiny_tokenizer, tmp_path, arch, attn,
+                                                      output):
+    base = tiny_model_factory(arch)
+    base.set_attn_implementation(attn)
+    model = _lora(base)
     exs = examples()
     names = select_parameters(model, "lora")
     assert lora_layers(model, list(names)) is not None  # the hook path is the one under test

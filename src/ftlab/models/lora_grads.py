@@ -1,5 +1,5 @@
-"""Per-example Jacobians of the kernel outputs w.r.t. LoRA matrices, from one batched forward
-and one backward per output, without ``vmap``.
+"""Per-example Jacobians of a batch's outputs w.r.t. LoRA matrices, from one batched forward
+and one backward per output, without ``vmap`` (the eNTK's label-word logits, LESS's losses).
 
 A LoRA layer adds ``s * B (A x)`` to a frozen linear map. For one example with token inputs
 ``x_t``, ``u_t = A x_t`` and output-gradients ``g_t = df/dz_t`` at ``z_t = B u_t``, the gradient
@@ -12,7 +12,7 @@ output w.r.t. all the ``z`` gives every example's ``g`` at once (rows of a batch
 and two ``einsum`` per layer give the per-example gradients. This does the work of the
 ``vmap(jacrev)`` path with the model's own (fused) attention and without vmap's batching of every
 op, which is what makes it faster. Only LoRA weights of peft ``Linear`` layers qualify
-(:func:`lora_layers` says which); anything else goes through ``vmap(jacrev)``.
+(:func:`lora_layers` says which); callers send anything else through ``vmap``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ftlab.errors import FtlabError
-from ftlab.objectives import ModelBatch
 
 _LORA_NAME = re.compile(r"(?P<prefix>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight")
 
@@ -95,17 +94,21 @@ def _tapped(taps: dict[str, LoraTap]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def lora_jacobians_and_outputs(module: nn.Module, taps: dict[str, LoraTap], names: list[str],
-                               label_ids: Tensor, readout: Tensor, batch: ModelBatch,
-                               ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-example Jacobians ``{name: (B, O, *shape)}`` of ``f = z_label R`` w.r.t. the LoRA
-    weights ``names``, and ``f`` ``(B, O)``, from one forward and ``O`` backward passes."""
+def lora_jacobians(taps: dict[str, LoraTap], names: list[str], attention_mask: Tensor,
+                   forward: Callable[[], Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-example Jacobians ``{name: (B, O, *shape)}`` of the outputs ``(B, O)`` that
+    ``forward()`` computes (one batched model call whose row ``i`` depends on example ``i``
+    alone), w.r.t. the LoRA weights ``names``, and the outputs themselves.
+
+    Args:
+        taps: :func:`lora_layers` of the model for ``names``.
+        attention_mask: the batch's ``(B, T)`` padding mask (pad positions contribute zero).
+        forward: runs the model on the batch and returns the outputs.
+    """
     with torch.enable_grad(), _tapped(taps):
-        logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits
-        f = logits[:, -1, label_ids.to(logits.device)] @ readout.to(logits.device, logits.dtype)
+        f = forward()
         order = list(taps.values())
-        keep = batch.attention_mask[:, :, None].bool()  # pad positions: zero, even if not finite
+        keep = attention_mask[:, :, None].bool()  # pad positions: zero, even if not finite
         xs = [torch.where(keep, t.x, 0).detach() for t in order]
         us = [torch.where(keep, t.u, 0).detach() for t in order]
         n_out = f.shape[1]
