@@ -210,7 +210,8 @@ def jacobians_and_outputs(fn: OutputFunction, params: dict[str, Tensor], batch: 
                           ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example Jacobians and the outputs ``f`` ``(B, O)`` from the same forward pass: by
     the LoRA per-example gradient trick when every parameter is a plain LoRA weight
-    (:mod:`ftlab.models.lora_grads`, 2-3x faster), else by ``vmap(jacrev)``."""
+    (:mod:`ftlab.models.lora_grads`: the model's own attention, no vmap batching rules), else
+    by ``vmap(jacrev)``."""
     names = list(params)
     taps = lora_layers(fn.module, names)
     if taps is not None:

@@ -232,7 +232,10 @@ def plot_experiment(result: dict[str, Any], png: str | Path) -> Path:
         h = result["hyperparameters"][name]
         label = f"{name} (B={h['batch_size']}, lr={h['lr']:.3g})"
         if name != "base":
-            label += f", dev dist {result['distance'][name]['dev_mean_abs']:.3f}"
+            d = result["distance"][name]
+            label += f", dist: dev {d['dev_mean_abs']:.3f}"
+            label += f", dev loss {d['dev_loss_mean_abs']:.4f}" if "dev_loss_mean_abs" in d else ""
+            label += f", train loss {d['loss_mean_abs']:.4f}"
         style = dict(lw=2.5, color="black") if name == "base" else dict(lw=1.5)
         ax_loss.plot(c["loss_samples"], c["loss"], marker=".", label=label, **style)
         ax_dev.plot(c["dev_samples"], c["dev"], marker="o", label=label, **style)
@@ -243,6 +246,6 @@ def plot_experiment(result: dict[str, Any], png: str | Path) -> Path:
     ax_dev.set(xlabel="samples seen", ylabel=f"dev {metric}", title=f"Dev {metric}, kappa = {result['kappa']:g}")
     if has_dev_loss:
         axes[2].set(xlabel="samples seen", ylabel="dev loss (cross-entropy)", title="Dev loss")
-    ax_dev.legend(fontsize=7)
+    ax_loss.legend(fontsize=7, loc="upper right")  # the loss curves fall away from that corner
     fig.tight_layout()
     return save_figure(fig, png)
