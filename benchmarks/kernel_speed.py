@@ -1,6 +1,6 @@
 """eNTK computation speed on SmolLM2-135M: the batched per-example Jacobians that
 :func:`ftlab.kernel.compute_kernel` computes per chunk (for LoRA weights: one batched forward and
-one backward per output, :mod:`ftlab.kernel.lora_jacobian`) against a straightforward loop (one
+one backward per output, :mod:`ftlab.models.lora_grads`) against a straightforward loop (one
 forward per example, one backward per label word, gradients flattened), and optionally
 (``--vmap``) against the generic ``vmap(jacrev)`` path. The methods alternate chunk by chunk on
 the same rows (timing the per-example Jacobians, which is where all the time goes), so the load

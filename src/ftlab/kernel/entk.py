@@ -42,8 +42,8 @@ from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
 from ftlab.errors import FtlabError
-from ftlab.models.lora_grads import lora_jacobians, lora_layers
 from ftlab.kernel.store import KernelData, KernelStore
+from ftlab.models.lora_grads import lora_jacobians, lora_layers
 from ftlab.objectives import Encoder, ModelBatch
 from ftlab.select.features import batch_attention_mask, row_attention_mask
 from ftlab.tasks.base import Example, TaskSpec

@@ -74,8 +74,8 @@ def _tapped(taps: dict[str, LoraTap]) -> Iterator[None]:
     for tap in taps.values():
         def keep_a(_m, inputs, _out, tap=tap):
             if tap.x is not None:  # a second call would overwrite the first call's inputs
-                raise FtlabError("a LoRA layer ran twice in one forward; the per-example LoRA Jacobians "
-                                 "need each layer once (use params='re:...' for the vmap path)")
+                raise FtlabError("a LoRA layer ran twice in one forward (a shared layer?); per-example LoRA "
+                                 "gradients by hooks need each LoRA layer to run once per forward")
             tap.x = inputs[0]
 
         def keep_b(_m, inputs, out, tap=tap):
