@@ -34,7 +34,7 @@ from ftlab.cli.common import table
 from ftlab.io import atomic_write_json
 from ftlab.kernel import select_parameters
 from ftlab.kernel.entk import (OutputFunction, by_length, eager_attention, encode_rows, flat, jacobians_and_outputs,
-                               label_word_ids, vmap_jacobians_and_outputs)
+                               label_word_ids, length_chunks, prompt_lengths, vmap_jacobians_and_outputs)
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder
 from ftlab.select.projection import ProjectionSpec, Projector
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-test", type=int, default=16)
     ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--max-padding", type=float, default=0.1, help="see KernelSpec.max_padding")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--projection-dim", type=int, default=8192)
@@ -119,11 +120,15 @@ def main() -> None:
     names = select_parameters(module, "lora")
     n_params = sum(p.numel() for p in names.values())
 
-    # The two methods alternate chunk by chunk (same rows), so load from other processes on this
-    # shared machine hits both alike. Rows are sorted by length as compute_kernel sorts them.
+    # The methods alternate chunk by chunk (same rows), so load from other processes on this
+    # shared machine hits all alike. Rows are sorted and chunked by length as compute_kernel does.
     encoder = Encoder(tokenizer, spec)
     fn = OutputFunction(module, label_word_ids(encoder), torch.eye(len(spec.options), dtype=torch.float64))
-    rows = [train[i] for i in by_length(encoder, train)] + [test[i] for i in by_length(encoder, test)]
+    train_len, test_len = prompt_lengths(encoder, train), prompt_lengths(encoder, test)
+    rows = [train[i] for i in by_length(train_len)] + [test[i] for i in by_length(test_len)]
+    chunks = length_chunks(sorted(train_len), args.chunk_size, args.max_padding) + [
+        (s + len(train), e + len(train)) for s, e in length_chunks(sorted(test_len), args.chunk_size, args.max_padding)]
+    lengths = sorted(train_len) + sorted(test_len)
     trainable = [p for n, p in module.named_parameters() if n in names]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     projector = Projector(ProjectionSpec(dim_in=n_params, dim_out=args.projection_dim, seed=0), args.device)
@@ -134,20 +139,26 @@ def main() -> None:
     seconds = dict.fromkeys(methods, 0.0)
     jacs: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     projected = []
-    for s in tqdm(range(0, len(rows), args.chunk_size), desc="chunks"):
-        chunk = rows[s:s + args.chunk_size]
+    per_chunk = []
+    for s, e in tqdm(chunks, desc="chunks"):
+        chunk = rows[s:e]
+        took = {}
         for name, method in methods.items():
             t = time.perf_counter()
             jacs[name].append(method(chunk))
             sync()
-            seconds[name] += time.perf_counter() - t
+            took[name] = time.perf_counter() - t
+            seconds[name] += took[name]
+        per_chunk.append({"rows": e - s, "tokens": sum(lengths[s:e]), "padded_tokens": (e - s) * max(lengths[s:e]),
+                          "seconds": took})
         projected.append(project(projector, jacs["batched"][-1], max(0, min(len(chunk), len(train) - s))))
         # Written after every chunk: a run cut short still reports the rows it measured.
-        report(args, n_params, len(train), len(test), s + len(chunk), seconds, jacs, projected)
+        report(args, n_params, len(train), len(test), e, seconds, jacs, projected, per_chunk)
 
 
 def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: dict[str, float],
-           jacs: dict[str, list[torch.Tensor]], projected: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+           jacs: dict[str, list[torch.Tensor]], projected: list[tuple[torch.Tensor, torch.Tensor]],
+           per_chunk: list[dict]) -> None:
     """Print and save the measurement over the first ``done`` rows (kernels vs the first
     ``min(done, n_train)`` training rows); every method is compared with the loop's kernels."""
     cols = min(done, n_train)
@@ -162,10 +173,13 @@ def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: d
     result = {
         "model": "smollm2-135m", "task": "sentiment", "params": "LoRA q_proj,v_proj r=8", "n_params": n_params,
         "n_train": n_train, "n_test": n_test, "rows_measured": done, "chunk_size": args.chunk_size,
+        "max_padding": args.max_padding, "tokens": sum(c["tokens"] for c in per_chunk),
+        "padded_tokens": sum(c["padded_tokens"] for c in per_chunk),
         "threads": args.threads, "device": args.device, "seconds": seconds, "speedup_vs_loop": speedup,
         "max_abs_diff_vs_loop": diffs, "max_abs_value": scale,
         "projection": {"dim": args.projection_dim, "relative_frobenius_error": proj_err},
         "extrapolated_64_500_seconds": {m: t / done * 564 for m, t in seconds.items()},
+        "per_chunk": per_chunk,
     }
     atomic_write_json(args.output, result)
     labels = {"batched": "batched (library: LoRA hooks)", "vmap": "batched vmap(jacrev)", "loop": "per-example loop"}

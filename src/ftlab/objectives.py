@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ftlab.errors import FtlabError
+from ftlab.models.head import output_head
 from ftlab.tasks.base import Example, TaskSpec
 
 ANSWER_END = "\n"  # generation targets end with a newline, which greedy decoding stops at
@@ -157,8 +158,9 @@ class Encoder:
 def _last_logits(model: nn.Module, batch: ModelBatch, keep: int) -> Tensor:
     """Logits at the last ``keep`` positions, in at least float32 (log-softmax over a large
     vocabulary in bf16/fp16 loses the small differences between options)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
+    with output_head(model):  # one plain matmul for the kept positions, see ftlab.models.head
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
     logits = out.logits[:, -keep:]
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 

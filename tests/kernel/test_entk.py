@@ -8,7 +8,7 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.kernel import KernelSpec, compute_kernel, load_kernel, readout_matrix, select_parameters
-from ftlab.kernel.entk import encode_rows, label_word_ids
+from ftlab.kernel.entk import encode_rows, label_word_ids, length_chunks
 from ftlab.kernel.store import PARTIAL
 from ftlab.objectives import Encoder
 
@@ -18,8 +18,9 @@ from ftlab.tasks.base import TaskSpec
 @pytest.mark.parametrize("output", ["logits", "contrast"])
 def test_exact_kernel_equals_gram_of_explicit_gradients(gpt2_64, tiny_tokenizer, tmp_path, output):
     exs = examples()
-    # Small blocks and chunks: the kernel is summed over 3+ parameter blocks and padded chunks.
-    kspec = KernelSpec(params=r"re:h\.1\.", output=output, chunk_size=3, max_block_mb=1.0)
+    # Small blocks and chunks: the kernel is summed over 3+ parameter blocks and padded chunks
+    # (max_padding=10: chunks of 3 whatever the lengths).
+    kspec = KernelSpec(params=r"re:h\.1\.", output=output, chunk_size=3, max_padding=10.0, max_block_mb=1.0)
     kd = compute_kernel(gpt2_64, tiny_tokenizer, SPEC, exs[:5], exs[5:], kspec, tmp_path / "k", progress=False)
     names = select_parameters(gpt2_64, kspec.params)
     jac = explicit_jacobians(gpt2_64, tiny_tokenizer, SPEC, exs, names, readout_matrix(3, output))
@@ -52,7 +53,7 @@ def test_llama_padding_and_eager_attention_match_unpadded_reference(tiny_model, 
     """Llama's eager softmax runs in float32, so agreement is to float32 precision."""
     model = tiny_model.double()
     exs = examples(6)
-    kspec = KernelSpec(params=r"re:layers\.1\.", chunk_size=4)
+    kspec = KernelSpec(params=r"re:layers\.1\.", chunk_size=4, max_padding=10.0)  # padded chunks of 4
     kd = compute_kernel(model, tiny_tokenizer, SPEC, exs[:4], exs[4:], kspec,
                         tmp_path / "k", progress=False)
     jac = explicit_jacobians(model, tiny_tokenizer, SPEC, exs, select_parameters(model, r"re:layers\.1\."),
@@ -138,6 +139,8 @@ def test_bad_input(tiny_model, tiny_tokenizer, tmp_path):
                        tmp_path / "b", progress=False)
     with pytest.raises(FtlabError, match="output"):
         KernelSpec(output="probs")
+    with pytest.raises(FtlabError, match="max_padding"):
+        KernelSpec(max_padding=-0.5)
 
 
 def test_lora_kernel_has_zero_a_gradients_at_init(tiny_model, tiny_tokenizer, tmp_path):
@@ -153,3 +156,19 @@ def test_lora_kernel_has_zero_a_gradients_at_init(tiny_model, tiny_tokenizer, tm
                             progress=False)
     torch.testing.assert_close(both.tensors["sgd"], b_only.tensors["sgd"])
     assert both.tensors["sgd"].abs().max() > 0
+
+
+@pytest.mark.parametrize("size,max_padding", [(4, 0.1), (3, 0.0), (16, 0.5)])
+def test_length_chunks_bound_padding_and_are_maximal(size, max_padding):
+    lengths = sorted(torch.randint(5, 200, (60,), generator=torch.Generator().manual_seed(size)).tolist())
+    chunks = length_chunks(lengths, size, max_padding)
+    assert [s for s, _ in chunks] == [0] + [e for _, e in chunks[:-1]] and chunks[-1][1] == len(lengths)
+
+    def padded_ok(s, e):
+        return (e - s) * max(lengths[s:e]) <= (1 + max_padding) * sum(lengths[s:e])
+    for s, e in chunks:
+        assert e - s <= size and (e - s == 1 or padded_ok(s, e))
+        if e < len(lengths) and e - s < size:  # one more row would have broken the bound
+            assert not padded_ok(s, e + 1)
+    assert length_chunks([], size, max_padding) == []
+    assert length_chunks([7] * 10, 4, 0.0) == [(0, 4), (4, 8), (8, 10)]

@@ -39,7 +39,7 @@ def test_lora_kernel_equals_gram_of_explicit_gradients(tiny_model_factory, tiny_
     assert lora_layers(model, list(names)) is not None  # the hook path is the one under test
     # chunks of 3 prompts of different lengths: left padding inside every chunk
     kd = compute_kernel(model, tiny_tokenizer, SPEC, exs[:5], exs[5:], KernelSpec(params="lora", output=output,
-                                                                                chunk_size=3),
+                                                                                chunk_size=3, max_padding=10.0),
                         tmp_path / "k", progress=False)
     readout = readout_matrix(3, output)
     jac = explicit_jacobians(model, tiny_tokenizer, SPEC, exs, names, readout)

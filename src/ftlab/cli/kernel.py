@@ -46,7 +46,9 @@ def compute_cmd(
     data_seed: int = DATA_SEED, params: str = PARAMS, lora_r: int = LORA_R,
     output: str = typer.Option("logits", help="logits (C label-word logits) or contrast (C-1 contrasts)."),
     projection_dim: Optional[int] = typer.Option(None, help="Project Jacobians to this many dims (large sets)."),
-    projection_seed: int = typer.Option(0), chunk_size: int = typer.Option(8, help="Examples per vmap call."),
+    projection_seed: int = typer.Option(0),
+    chunk_size: int = typer.Option(8, help="At most this many examples per batched pass."),
+    max_padding: float = typer.Option(0.1, help="Cut a chunk where padding would add more than this share of tokens."),
     max_block_mb: float = typer.Option(1024.0, help="Memory for one parameter block's training Jacobian (exact)."),
     device: str = typer.Option("cpu"),
 ) -> None:
@@ -60,7 +62,7 @@ def compute_cmd(
     lm, tokenizer = load_model(model, device=device)
     module = build_trainer(cfg, lm)[0].eval()  # the same seeded adapters a training run starts from
     kspec = KernelSpec(params=params, output=output, projection_dim=projection_dim, projection_seed=projection_seed,
-                       chunk_size=chunk_size, max_block_mb=max_block_mb)
+                       chunk_size=chunk_size, max_padding=max_padding, max_block_mb=max_block_mb)
     kd = compute_kernel(module, tokenizer, data.spec, data.splits.train, data.splits.test, kspec, out,
                         identity=_identity(cfg, params))
     if data.splits.note:

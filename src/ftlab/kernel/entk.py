@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 
 from ftlab.errors import FtlabError
 from ftlab.kernel.store import KernelData, KernelStore
+from ftlab.models.head import output_head
 from ftlab.models.lora_grads import lora_jacobians, lora_layers
-from ftlab.objectives import Encoder, ModelBatch
+from ftlab.objectives import Encoder, ModelBatch, prompt_ids
 from ftlab.select.features import batch_attention_mask, row_attention_mask
 from ftlab.tasks.base import Example, TaskSpec
 
@@ -63,7 +64,10 @@ class KernelSpec:
         output: ``"logits"`` or ``"contrast"`` (see the module docstring).
         projection_dim: ``None`` for the exact kernel, else the dimension of the random projection.
         projection_seed, projection_kind: the projection (:class:`ProjectionSpec`).
-        chunk_size: examples per ``vmap`` call (memory: ``chunk_size x O`` Jacobians).
+        chunk_size: at most this many examples per batched pass (memory: ``chunk_size x O``
+            Jacobians); examples go in order of prompt length.
+        max_padding: a chunk is cut short where padding it to its longest prompt would add more
+            than this share of its real tokens (:func:`length_chunks`).
         max_block_mb: exact kernels: memory for one parameter block's training Jacobian.
         max_length: prompts are cut from the left to this many tokens.
     """
@@ -74,6 +78,7 @@ class KernelSpec:
     projection_seed: int = 0
     projection_kind: str = "sparse"
     chunk_size: int = 8
+    max_padding: float = 0.1
     max_block_mb: float = 1024.0
     max_length: int = 256
 
@@ -82,6 +87,8 @@ class KernelSpec:
             raise FtlabError(f"kernel output must be one of {OUTPUTS}, got {self.output!r}")
         if self.chunk_size < 1:
             raise FtlabError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if not self.max_padding >= 0:
+            raise FtlabError(f"max_padding must be >= 0 (a share of a chunk's tokens), got {self.max_padding}")
         if self.projection_dim is not None and self.projection_dim < 1:
             raise FtlabError(f"projection_dim must be >= 1 (or unset for the exact kernel), got {self.projection_dim}")
 
@@ -148,10 +155,16 @@ class OutputFunction:
 
     def logits(self, params: dict[str, Tensor], ids: Tensor, masks: Any, pos: Tensor) -> Tensor:
         """Label-word logits ``z`` ``(B, C)`` of a batch ``(B, L)`` given ready 4-D masks."""
-        out = functional_call(self.module, {**self.fixed, **params}, (),
-                              dict(input_ids=ids, attention_mask=masks, position_ids=pos,
-                                   logits_to_keep=1, use_cache=False))
-        return out.logits[:, -1, self.label_ids.to(ids.device)]
+        with output_head(self.module, self.label_ids.tolist()) as narrowed:
+            out = functional_call(self.module, {**self.fixed, **params}, (),
+                                  dict(input_ids=ids, attention_mask=masks, position_ids=pos,
+                                       logits_to_keep=1, use_cache=False))
+        return self._label_logits(out.logits, narrowed)
+
+    def _label_logits(self, logits: Tensor, narrowed: bool) -> Tensor:
+        """``z`` ``(B, C)`` from the last position of logits over the label words (``narrowed``,
+        see :func:`ftlab.models.head.output_head`) or over the vocabulary."""
+        return logits[:, -1] if narrowed else logits[:, -1, self.label_ids.to(logits.device)]
 
     def row_masks(self, mask: Tensor) -> Tensor | dict[str, Tensor]:
         """The additive ``(1, 1, L, L)`` mask(s) of one row with padding mask ``mask`` ``(L,)``:
@@ -174,9 +187,10 @@ class OutputFunction:
     def direct(self, batch: ModelBatch) -> Tensor:
         """``f`` ``(B, O)`` of a left-padded batch by a plain call of the module (its own
         attention implementation and current weights; the masks of :meth:`batch_masks`)."""
-        logits = self.module(input_ids=batch.input_ids, attention_mask=self.batch_masks(batch),
-                             position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits
-        z = logits[:, -1, self.label_ids.to(logits.device)]
+        with output_head(self.module, self.label_ids.tolist()) as narrowed:
+            logits = self.module(input_ids=batch.input_ids, attention_mask=self.batch_masks(batch),
+                                 position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits
+        z = self._label_logits(logits, narrowed)
         return z @ self.readout.to(z.device, z.dtype)
 
     def row(self, params: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
@@ -254,10 +268,6 @@ def parameter_blocks(params: dict[str, Tensor], rows: int, max_mb: float) -> lis
     return blocks
 
 
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(n, s + size)) for s in range(0, n, size)]
-
-
 def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Sequence[Example],
                    test: Sequence[Example], kspec: KernelSpec, out_dir: str | Path, *,
                    identity: dict[str, Any] | None = None, progress: bool = True) -> KernelData:
@@ -297,28 +307,56 @@ def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Seq
     module.eval()
     # Chunks of similar prompt length waste little compute on padding; the kernel is put back in
     # the caller's order at the end.
-    train_order, test_order = by_length(encoder, train), by_length(encoder, test)
+    train_len, test_len = prompt_lengths(encoder, train), prompt_lengths(encoder, test)
+    train_order, test_order = by_length(train_len), by_length(test_len)
     rows = [train[i] for i in train_order] + [test[i] for i in test_order]
+    chunk = lambda lengths: length_chunks(sorted(lengths), kspec.chunk_size, kspec.max_padding)  # noqa: E731
+    chunks = chunk(train_len) + [(s + len(train), e + len(train)) for s, e in chunk(test_len)]
     run = _projected if kspec.projection_dim is not None else _exact
     # torch.func transforms still differentiate under no_grad, and the LoRA path enables grad
     # for its own pass; nothing else builds a graph.
     with torch.no_grad():
-        sgd, sign, f0 = run(fn, encoder, params, rows, len(train), kspec, store, device, progress)
+        sgd, sign, f0 = run(fn, encoder, params, rows, chunks, len(train), kspec, store, device, progress)
     back_rows = torch.argsort(torch.tensor(train_order + [len(train) + i for i in test_order], dtype=torch.long))
     back_cols = torch.argsort(torch.tensor(train_order, dtype=torch.long))
     unsort = lambda k: k[back_rows][:, back_cols]  # noqa: E731
     return store.finish({"sgd": unsort(sgd), "sign": unsort(sign), "f0": f0[back_rows], "readout": readout})
 
 
-def by_length(encoder: Encoder, examples: Sequence[Example]) -> list[int]:
-    """Indices of ``examples`` by prompt length in tokens (ties keep their order)."""
-    lengths = [len(encoder.tokenizer(encoder.spec.prompt(ex)).input_ids) for ex in examples]
-    return sorted(range(len(examples)), key=lengths.__getitem__)
+def prompt_lengths(encoder: Encoder, examples: Sequence[Example]) -> list[int]:
+    """Token counts of the examples' prompts as :func:`encode_rows` encodes them."""
+    return [len(prompt_ids(encoder.tokenizer, encoder.spec.prompt(ex), encoder.max_length)) for ex in examples]
 
 
-def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example], n_train: int,
-           kspec: KernelSpec, store: KernelStore, device: torch.device, progress: bool,
-           ) -> tuple[Tensor, Tensor, Tensor]:
+def by_length(lengths: Sequence[int]) -> list[int]:
+    """Indices that sort rows by their ``lengths`` (ties keep their order)."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
+def length_chunks(lengths: Sequence[int], size: int, max_padding: float) -> list[tuple[int, int]]:
+    """Consecutive ``(start, end)`` chunks of at most ``size`` rows, cut early where padding a
+    chunk to its longest row would make it more than ``1 + max_padding`` times its real tokens.
+
+    Sorted prompt lengths thin out towards the long end (sentiment test prompts: 68 to 161
+    tokens in the last 16 of 500), and padded tokens cost as much as real ones; a long row on
+    its own is already a large matmul, so short chunks there lose little.
+    """
+    chunks, start = [], 0
+    while start < len(lengths):
+        end, longest, total = start + 1, lengths[start], lengths[start]
+        while end < len(lengths) and end - start < size:
+            wider = max(longest, lengths[end])
+            if wider * (end + 1 - start) > (1 + max_padding) * (total + lengths[end]):
+                break
+            longest, total, end = wider, total + lengths[end], end + 1
+        chunks.append((start, end))
+        start = end
+    return chunks
+
+
+def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example],
+           chunks: list[tuple[int, int]], n_train: int, kspec: KernelSpec, store: KernelStore,
+           device: torch.device, progress: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Exact kernels, summed over parameter blocks, and the outputs ``f0`` (from the first block's passes).
 
     Per block: the training Jacobian ``(N, O, n_block)`` is built chunk by chunk and kept (its
@@ -333,8 +371,8 @@ def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows
     state = store.partial({"sgd": torch.zeros(shape, dtype=torch.float64),
                            "sign": torch.zeros(shape, dtype=torch.float64),
                            "f0": torch.zeros(len(rows), n_out, dtype=torch.float64)}, unit="step")
-    train_chunks = _chunks(n_train, kspec.chunk_size)
-    test_chunks = [(s + n_train, e + n_train) for s, e in _chunks(len(rows) - n_train, kspec.chunk_size)]
+    train_chunks = [c for c in chunks if c[1] <= n_train]
+    test_chunks = [c for c in chunks if c[0] >= n_train]
     steps = 1 + len(test_chunks)  # per block: the training part, then one step per test chunk
     bar = tqdm(total=len(blocks) * steps, initial=state.done, disable=not progress, desc="eNTK (exact)",
                unit="step")
@@ -369,8 +407,8 @@ def _accumulate(acc: dict[str, Tensor], start: int, j: Tensor, train_j: Tensor, 
 
 
 def _projected(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example],
-               n_train: int, kspec: KernelSpec, store: KernelStore, device: torch.device,
-               progress: bool) -> tuple[Tensor, Tensor, Tensor]:
+               chunks: list[tuple[int, int]], n_train: int, kspec: KernelSpec, store: KernelStore,
+               device: torch.device, progress: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Kernels of projected Jacobians ``P J`` and ``P sign(J)``, and ``f0``; features saved per chunk."""
     from ftlab.select.projection import ProjectionSpec, Projector
 
@@ -382,7 +420,6 @@ def _projected(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], 
     state = store.partial({"phi": torch.zeros(len(rows), n_out, d),
                            "phi_sign": torch.zeros(n_train, n_out, d),
                            "f0": torch.zeros(len(rows), n_out, dtype=torch.float64)}, unit="chunk")
-    chunks = _chunks(len(rows), kspec.chunk_size)
     for c in tqdm(range(state.done, len(chunks)), initial=state.done, total=len(chunks),
                   disable=not progress, desc="eNTK (projected)", unit="chunk"):
         s, e = chunks[c]
