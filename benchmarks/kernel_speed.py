@@ -10,7 +10,11 @@ Both compute the SGD and sign kernels of the label-word logits w.r.t. the LoRA p
 (q_proj, v_proj, r=8: 460,800 entries; seeded peft init) for ``--n-train`` training rows and
 ``--n-test`` test rows of the sentiment task. The cost of both is linear in the number of rows
 (one Jacobian per row; the kernel products are negligible), so the time for 64 + 500 rows is
-reported as the measured per-row time times 564 (or measured, with ``--n-test 500``).
+reported as the measured per-row time times 564 (or measured, with ``--n-test 500``). Rows are
+sorted and chunked by prompt length as ``compute_kernel`` does (``--chunk-size``,
+``--max-padding``); the JSON keeps every chunk's rows, tokens and times, and a least-squares fit
+``seconds = per_row * rows + per_token * tokens`` per method (``--refit`` adds it to an
+existing JSON).
 
 It also measures the error of the projected kernel on SmolLM2: the batched Jacobians projected
 to ``--projection-dim`` with the LESS projector (what ``compute_kernel`` does for large parameter
@@ -24,6 +28,7 @@ sets) against the exact kernel, as relative Frobenius errors. Prints a table, wr
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -41,6 +46,7 @@ from ftlab.select.projection import ProjectionSpec, Projector
 from ftlab.tasks import load_task, make_splits
 
 RESULTS = Path(__file__).parent / "results" / "kernel_speed.json"
+LABELS = {"batched": "batched (library: LoRA hooks)", "vmap": "batched vmap(jacrev)", "loop": "per-example loop"}
 
 
 def loop_jacobians(model, encoder, rows, params) -> torch.Tensor:
@@ -107,7 +113,14 @@ def main() -> None:
     ap.add_argument("--projection-dim", type=int, default=8192)
     ap.add_argument("--output", type=Path, default=RESULTS)
     ap.add_argument("--vmap", action="store_true", help="also time the generic vmap(jacrev) path")
+    ap.add_argument("--refit", type=Path, help="only add the per-row/per-token fit to this results JSON")
     args = ap.parse_args()
+    if args.refit:
+        result = json.loads(args.refit.read_text())
+        result["cost_fit"] = cost_fit(result["per_chunk"])
+        atomic_write_json(args.refit, result)
+        print_fit(result["cost_fit"])
+        return
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", device=args.device)
     with torch.random.fork_rng(devices=[]):
@@ -156,6 +169,20 @@ def main() -> None:
         report(args, n_params, len(train), len(test), e, seconds, jacs, projected, per_chunk)
 
 
+def cost_fit(per_chunk: list[dict]) -> dict[str, dict[str, float]]:
+    """Least-squares ``seconds = per_row * rows + per_token * tokens`` over the chunks, per
+    method: what batching can remove (per-row overhead) and what it cannot (per-token work)."""
+    if len(per_chunk) < 2:
+        return {}
+    a = torch.tensor([[c["rows"], c["tokens"]] for c in per_chunk], dtype=torch.float64)
+    fit = {}
+    for m in per_chunk[0]["seconds"]:
+        y = torch.tensor([[c["seconds"][m]] for c in per_chunk], dtype=torch.float64)
+        per_row, per_token = torch.linalg.lstsq(a, y).solution.flatten().tolist()
+        fit[m] = {"per_row_s": per_row, "per_token_ms": 1e3 * per_token}
+    return fit
+
+
 def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: dict[str, float],
            jacs: dict[str, list[torch.Tensor]], projected: list[tuple[torch.Tensor, torch.Tensor]],
            per_chunk: list[dict]) -> None:
@@ -179,19 +206,26 @@ def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: d
         "max_abs_diff_vs_loop": diffs, "max_abs_value": scale,
         "projection": {"dim": args.projection_dim, "relative_frobenius_error": proj_err},
         "extrapolated_64_500_seconds": {m: t / done * 564 for m, t in seconds.items()},
+        "cost_fit": cost_fit(per_chunk),
         "per_chunk": per_chunk,
     }
     atomic_write_json(args.output, result)
-    labels = {"batched": "batched (library: LoRA hooks)", "vmap": "batched vmap(jacrev)", "loop": "per-example loop"}
-    print(table([(labels[m], f"{t:.1f}", f"{t / done:.3f}", f"{t / done * 564 / 60:.1f}",
+    print(table([(LABELS[m], f"{t:.1f}", f"{t / done:.3f}", f"{t / done * 564 / 60:.1f}",
                   f"{speedup[m]:.2f}x" if m in speedup else "1x") for m, t in seconds.items()],
                 ("method", f"seconds ({done} of {n_train}+{n_test} rows)", "s/row", "min for 64+500 (extrapolated)",
                  "speedup vs loop")))
     for m, d in diffs.items():
-        print(f"{labels[m]}: max |diff| to the loop's kernels sgd {d['sgd']:.2e} (max |K| {scale['sgd']:.2e}), "
+        print(f"{LABELS[m]}: max |diff| to the loop's kernels sgd {d['sgd']:.2e} (max |K| {scale['sgd']:.2e}), "
               f"sign {d['sign']:.2e} (max |K| {scale['sign']:.2e})")
     print(f"projected to d={args.projection_dim}: relative error sgd {proj_err['sgd']:.3f}, "
           f"sign {proj_err['sign']:.3f}", flush=True)
+    print_fit(result["cost_fit"])
+
+
+def print_fit(fit: dict[str, dict[str, float]]) -> None:
+    for m, f in fit.items():
+        print(f"{LABELS[m]}: {f['per_row_s']:.3f} s per row + {f['per_token_ms']:.2f} ms per token "
+              "(least squares over the chunks)")
 
 
 if __name__ == "__main__":

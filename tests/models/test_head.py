@@ -12,9 +12,13 @@ ROWS = [7, 3, 11]
 
 
 def _batch(tokenizer):
-    texts = ["The movie was great", "A dull and far too long film about nothing"]
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, logits_to_keep=2, use_cache=False)
+    """Two left-padded rows (padded by hand: ``padding=True`` would switch padding on in the
+    session-wide tokenizer's backend)."""
+    rows = [tokenizer(t).input_ids for t in ("The movie was great", "A dull and far too long film about nothing")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return dict(input_ids=ids, attention_mask=mask, logits_to_keep=2, use_cache=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
@@ -60,7 +64,7 @@ def test_functional_call_weights_apply(tiny_model, tiny_tokenizer):
     torch.testing.assert_close(narrow, ref[..., ROWS])
 
 
-def test_a_model_without_a_linear_head_runs_its_own(tiny_tokenizer):
+def test_a_model_without_a_linear_head_runs_its_own():
     module = torch.nn.Linear(4, 4)
     with output_head(module, ROWS) as replaced:
         assert not replaced
