@@ -71,7 +71,8 @@ def run_group(args, task: str, k: int, seed: int) -> None:
                             lora_kernels / "start", identity={"model": base.model, "mode": "lora", "seed": seed,
                                                               **identity})
         f0_pred = (kd.f0_test.double() @ kd.tensors["readout"].double().T).argmax(1)
-        record["kernel"] = {"seconds": time.perf_counter() - start, "n_params": kd.manifest["n_params"],
+        record["kernel"] = {"seconds": time.perf_counter() - start, "device": args.device,
+                            "n_params": kd.manifest["n_params"],
                             "n_train": kd.n_train, "n_test": len(kd.manifest["test_ids"]),
                             "zero_shot": float((f0_pred == kd.y_test).double().mean())}
         for method in ("regression", "svm"):
@@ -95,7 +96,7 @@ def run_group(args, task: str, k: int, seed: int) -> None:
         # Re-read: another process may have added a variant of this group meanwhile.
         record = json.loads(path.read_text())
         record.setdefault("finetune", {})[name] = {**report.to_dict(), "seconds": time.perf_counter() - start,
-                                                   "zero_shot": details["zero_shot_accuracy"],
+                                                   "device": args.device, "zero_shot": details["zero_shot_accuracy"],
                                                    "lr": cfg.lr, "steps": cfg.steps}
         atomic_write_json(path, record)
         print(report.verdict(), flush=True)
@@ -109,25 +110,34 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def summary(results: Path) -> None:
-    """Table over all saved groups (mean ± std over seeds), JSON and the scatter plot."""
-    records = [json.loads(p.read_text()) for p in sorted((results / "kernel_table").glob("*.json"))]
+def summary(results: Path, include: list[Path]) -> None:
+    """Table over all saved groups (mean ± std over seeds; the seeds column says which seeds a
+    row averages), JSON and the scatter plot, from ``results`` and the ``include`` folders."""
+    records = [json.loads(p.read_text()) for folder in (results, *include)
+               for p in sorted((folder / "kernel_table").glob("*.json"))]
+    keys = [(r["task"], r["k"], r["seed"]) for r in records]
+    if len(set(keys)) < len(keys):
+        raise SystemExit(f"the same (task, k, seed) is saved in two results folders: "
+                         f"{sorted({x for x in keys if keys.count(x) > 1})}; include each group once")
     groups: dict[tuple[str, int], list[dict]] = {}
-    for r in records:
+    for r in sorted(records, key=lambda r: r["seed"]):
         groups.setdefault((r["task"], r["k"]), []).append(r)
     rows, points = [], []
     for (task, k), recs in sorted(groups.items()):
-        seeds = ",".join(str(r["seed"]) for r in recs)
-        kern = [r["kernel"] for r in recs if "kernel" in r]
+        with_kernel = [r for r in recs if "kernel" in r]
+        seeds = ",".join(str(r["seed"]) for r in with_kernel)
+        kern = [r["kernel"] for r in with_kernel]
         rows.append((task, str(k), seeds, "zero-shot", mean_std([x["zero_shot"] for x in kern]), "", "", "", ""))
         for key in ("sgd-regression", "sgd-svm", "sign-regression", "sign-svm"):
             rows.append((task, str(k), seeds, f"eNTK-{key}", mean_std([x[key]["accuracy"] for x in kern]), "", "", "", ""))
         for name in VARIANTS:
-            fts = [r["finetune"][name] for r in recs if name in r.get("finetune", {})]
-            if not fts:
+            done = [r for r in recs if name in r.get("finetune", {})]
+            if not done:
                 continue
+            fts = [r["finetune"][name] for r in done]
             pick = lambda key: [f[key] for f in fts if f.get(key) is not None]  # noqa: E731
-            rows.append((task, str(k), seeds, f"FT {name}", mean_std(pick("finetuned_accuracy")),
+            rows.append((task, str(k), ",".join(str(r["seed"]) for r in done), f"FT {name}",
+                         mean_std(pick("finetuned_accuracy")),
                          mean_std(pick("kernel_accuracy")), mean_std(pick("agreement")),
                          mean_std(pick("linearisation_error")), mean_std(pick("kernel_change"))))
             points += [{"task": task, "label": name, "kernel_accuracy": f["kernel_accuracy"],
@@ -166,6 +176,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/kernel_table")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the rows, table and plot")
     ap.add_argument("--summary", action="store_true", help="only print/write the summary of saved rows")
+    ap.add_argument("--include", type=Path, action="append", default=[],
+                    help="another results folder whose rows join the summary (e.g. rows run on another device)")
     args = ap.parse_args()
     if not args.summary:
         # Seeds outermost: a run cut short still covers every task and k for the first seeds.
@@ -173,7 +185,7 @@ def main() -> None:
             for task in args.tasks.split(","):
                 for k in (int(x) for x in args.k.split(",")):
                     run_group(args, task, k, seed)
-    summary(args.results)
+    summary(args.results, args.include)
 
 
 if __name__ == "__main__":
