@@ -118,8 +118,9 @@ def main() -> None:
     if args.refit:
         result = json.loads(args.refit.read_text())
         result["cost_fit"] = cost_fit(result["per_chunk"])
+        result["by_length"] = length_groups(result["per_chunk"])
         atomic_write_json(args.refit, result)
-        print_fit(result["cost_fit"])
+        print_fit(result["cost_fit"], result["by_length"])
         return
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", device=args.device)
@@ -183,6 +184,23 @@ def cost_fit(per_chunk: list[dict]) -> dict[str, dict[str, float]]:
     return fit
 
 
+LENGTH_BINS = (15, 25, 40, 80, 10**9)  # upper ends of the groups by mean prompt length of a chunk
+
+
+def length_groups(per_chunk: list[dict]) -> list[dict]:
+    """Rows, tokens and seconds per method, summed over chunks grouped by mean prompt length."""
+    groups = []
+    low = 0
+    for high in LENGTH_BINS:
+        chunks = [c for c in per_chunk if low < c["tokens"] / c["rows"] <= high]
+        if chunks:
+            groups.append({"mean_tokens_above": low, "mean_tokens_up_to": high,
+                           "rows": sum(c["rows"] for c in chunks), "tokens": sum(c["tokens"] for c in chunks),
+                           "seconds": {m: sum(c["seconds"][m] for c in chunks) for m in chunks[0]["seconds"]}})
+        low = high
+    return groups
+
+
 def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: dict[str, float],
            jacs: dict[str, list[torch.Tensor]], projected: list[tuple[torch.Tensor, torch.Tensor]],
            per_chunk: list[dict]) -> None:
@@ -207,6 +225,7 @@ def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: d
         "projection": {"dim": args.projection_dim, "relative_frobenius_error": proj_err},
         "extrapolated_64_500_seconds": {m: t / done * 564 for m, t in seconds.items()},
         "cost_fit": cost_fit(per_chunk),
+        "by_length": length_groups(per_chunk),
         "per_chunk": per_chunk,
     }
     atomic_write_json(args.output, result)
@@ -219,10 +238,19 @@ def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: d
               f"sign {d['sign']:.2e} (max |K| {scale['sign']:.2e})")
     print(f"projected to d={args.projection_dim}: relative error sgd {proj_err['sgd']:.3f}, "
           f"sign {proj_err['sign']:.3f}", flush=True)
-    print_fit(result["cost_fit"])
+    print_fit(result["cost_fit"], result["by_length"])
 
 
-def print_fit(fit: dict[str, dict[str, float]]) -> None:
+def print_fit(fit: dict[str, dict[str, float]], groups: list[dict]) -> None:
+    """The speedups by prompt length and the per-row/per-token fit."""
+    span = lambda g: f"{g['mean_tokens_above'] + 1}" + (  # noqa: E731
+        "+" if g["mean_tokens_up_to"] == LENGTH_BINS[-1] else f"-{g['mean_tokens_up_to']}")
+    print(table([(span(g), g["rows"], g["tokens"],
+                  *(f"{g['seconds'][m]:.1f}" for m in g["seconds"]),
+                  *(f"{g['seconds']['loop'] / g['seconds'][m]:.2f}x" for m in g["seconds"] if m != "loop"))
+                 for g in groups],
+                ("mean tokens per prompt", "rows", "tokens", *(f"{m} s" for m in groups[0]["seconds"]),
+                 *(f"{m} speedup" for m in groups[0]["seconds"] if m != "loop"))) if groups else "")
     for m, f in fit.items():
         print(f"{LABELS[m]}: {f['per_row_s']:.3f} s per row + {f['per_token_ms']:.2f} ms per token "
               "(least squares over the chunks)")
