@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +37,7 @@ def accuracy_scatter(records: Sequence[dict[str, Any]], png: str | Path, title: 
         ax.scatter([], [], marker=markers[i % len(markers)], color="black", label=lab)
     ax.set_xlabel("fine-tuning test accuracy")
     ax.set_ylabel("kernel (eNTK) test accuracy")
-    ax.set_title(title or "kernel vs fine-tuning")
+    ax.set_title(textwrap.fill(title or "kernel vs fine-tuning", 55), fontsize=10)  # long titles wrap, not clip
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return save_figure(fig, png)
