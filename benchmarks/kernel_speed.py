@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from ftlab.cli.common import table
 from ftlab.io import atomic_write_json
 from ftlab.kernel import select_parameters
-from ftlab.kernel.entk import (OutputFunction, by_length, eager_attention, encode_rows, flat, jacobians_and_outputs,
-                               label_word_ids, length_chunks, prompt_lengths, vmap_jacobians_and_outputs)
+from ftlab.kernel.entk import (OutputFunction, eager_attention, encode_rows, flat, jacobians_and_outputs,
+                               label_word_ids, plan_rows, vmap_jacobians_and_outputs)
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder
 from ftlab.select.projection import ProjectionSpec, Projector
@@ -138,11 +138,8 @@ def main() -> None:
     # shared machine hits all alike. Rows are sorted and chunked by length as compute_kernel does.
     encoder = Encoder(tokenizer, spec)
     fn = OutputFunction(module, label_word_ids(encoder), torch.eye(len(spec.options), dtype=torch.float64))
-    train_len, test_len = prompt_lengths(encoder, train), prompt_lengths(encoder, test)
-    rows = [train[i] for i in by_length(train_len)] + [test[i] for i in by_length(test_len)]
-    chunks = length_chunks(sorted(train_len), args.chunk_size, args.max_padding) + [
-        (s + len(train), e + len(train)) for s, e in length_chunks(sorted(test_len), args.chunk_size, args.max_padding)]
-    lengths = sorted(train_len) + sorted(test_len)
+    plan = plan_rows(encoder, train, test, args.chunk_size, args.max_padding)
+    rows, lengths, chunks = plan.rows, plan.lengths, plan.chunks
     trainable = [p for n, p in module.named_parameters() if n in names]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     projector = Projector(ProjectionSpec(dim_in=n_params, dim_out=args.projection_dim, seed=0), args.device)

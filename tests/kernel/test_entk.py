@@ -8,7 +8,7 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.kernel import KernelSpec, compute_kernel, load_kernel, readout_matrix, select_parameters
-from ftlab.kernel.entk import encode_rows, label_word_ids, length_chunks
+from ftlab.kernel.entk import encode_rows, label_word_ids, length_chunks, plan_rows
 from ftlab.kernel.store import PARTIAL
 from ftlab.objectives import Encoder
 
@@ -172,3 +172,17 @@ def test_length_chunks_bound_padding_and_are_maximal(size, max_padding):
             assert not padded_ok(s, e + 1)
     assert length_chunks([], size, max_padding) == []
     assert length_chunks([7] * 10, 4, 0.0) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_row_plan_sorts_each_part_and_keeps_chunks_inside_it(tiny_tokenizer):
+    exs = examples()
+    train, test = exs[:5], exs[5:]
+    encoder = Encoder(tiny_tokenizer, SPEC)
+    plan = plan_rows(encoder, train, test, 3, 0.0)
+    assert sorted(plan.train_order) == list(range(5)) and sorted(plan.test_order) == list(range(len(test)))
+    assert plan.rows == [train[i] for i in plan.train_order] + [test[i] for i in plan.test_order]
+    # lengths as the encoder pads them: the attention mask of each row alone
+    assert plan.lengths == [int(encode_rows(encoder, [ex]).attention_mask.sum()) for ex in plan.rows]
+    assert plan.lengths[:5] == sorted(plan.lengths[:5]) and plan.lengths[5:] == sorted(plan.lengths[5:])
+    assert all(e <= 5 or s >= 5 for s, e in plan.chunks)
+    assert [i for s, e in plan.chunks for i in range(s, e)] == list(range(len(exs)))

@@ -34,7 +34,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -305,20 +305,16 @@ def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Seq
     if store.complete():
         return store.load()
     module.eval()
-    # Chunks of similar prompt length waste little compute on padding; the kernel is put back in
-    # the caller's order at the end.
-    train_len, test_len = prompt_lengths(encoder, train), prompt_lengths(encoder, test)
-    train_order, test_order = by_length(train_len), by_length(test_len)
-    rows = [train[i] for i in train_order] + [test[i] for i in test_order]
-    chunk = lambda lengths: length_chunks(sorted(lengths), kspec.chunk_size, kspec.max_padding)  # noqa: E731
-    chunks = chunk(train_len) + [(s + len(train), e + len(train)) for s, e in chunk(test_len)]
+    # The kernel is put back in the caller's order at the end.
+    plan = plan_rows(encoder, train, test, kspec.chunk_size, kspec.max_padding)
     run = _projected if kspec.projection_dim is not None else _exact
     # torch.func transforms still differentiate under no_grad, and the LoRA path enables grad
     # for its own pass; nothing else builds a graph.
     with torch.no_grad():
-        sgd, sign, f0 = run(fn, encoder, params, rows, chunks, len(train), kspec, store, device, progress)
-    back_rows = torch.argsort(torch.tensor(train_order + [len(train) + i for i in test_order], dtype=torch.long))
-    back_cols = torch.argsort(torch.tensor(train_order, dtype=torch.long))
+        sgd, sign, f0 = run(fn, encoder, params, plan.rows, plan.chunks, len(train), kspec, store, device, progress)
+    back_rows = torch.argsort(torch.tensor(plan.train_order + [len(train) + i for i in plan.test_order],
+                                           dtype=torch.long))
+    back_cols = torch.argsort(torch.tensor(plan.train_order, dtype=torch.long))
     unsort = lambda k: k[back_rows][:, back_cols]  # noqa: E731
     return store.finish({"sgd": unsort(sgd), "sign": unsort(sign), "f0": f0[back_rows], "readout": readout})
 
@@ -328,9 +324,30 @@ def prompt_lengths(encoder: Encoder, examples: Sequence[Example]) -> list[int]:
     return [len(prompt_ids(encoder.tokenizer, encoder.spec.prompt(ex), encoder.max_length)) for ex in examples]
 
 
-def by_length(lengths: Sequence[int]) -> list[int]:
-    """Indices that sort rows by their ``lengths`` (ties keep their order)."""
-    return sorted(range(len(lengths)), key=lengths.__getitem__)
+class RowPlan(NamedTuple):
+    """The order and chunks in which :func:`compute_kernel` computes an eNTK's rows."""
+
+    train_order: list[int]  # indices into train, by prompt length
+    test_order: list[int]  # indices into test, by prompt length
+    rows: list[Example]  # train then test examples, each part by prompt length
+    lengths: list[int]  # token count of each of rows
+    chunks: list[tuple[int, int]]  # (start, end) into rows; no chunk mixes train and test
+
+
+def plan_rows(encoder: Encoder, train: Sequence[Example], test: Sequence[Example], chunk_size: int,
+              max_padding: float) -> RowPlan:
+    """Training then test examples, each sorted by prompt length (ties keep their order), in
+    chunks of :func:`length_chunks`: chunks of similar length waste little compute on padding."""
+    orders, lengths, chunks = [], [], []
+    for part in (train, test):
+        part_len = prompt_lengths(encoder, part)
+        order = sorted(range(len(part)), key=part_len.__getitem__)
+        offset = len(lengths)
+        orders.append(order)
+        lengths += [part_len[i] for i in order]
+        chunks += [(s + offset, e + offset) for s, e in length_chunks(lengths[offset:], chunk_size, max_padding)]
+    rows = [train[i] for i in orders[0]] + [test[i] for i in orders[1]]
+    return RowPlan(orders[0], orders[1], rows, lengths, chunks)
 
 
 def length_chunks(lengths: Sequence[int], size: int, max_padding: float) -> list[tuple[int, int]]:
