@@ -354,9 +354,8 @@ def length_chunks(lengths: Sequence[int], size: int, max_padding: float) -> list
     """Consecutive ``(start, end)`` chunks of at most ``size`` rows, cut early where padding a
     chunk to its longest row would make it more than ``1 + max_padding`` times its real tokens.
 
-    Sorted prompt lengths thin out towards the long end (sentiment test prompts: 68 to 161
-    tokens in the last 16 of 500), and padded tokens cost as much as real ones; a long row on
-    its own is already a large matmul, so short chunks there lose little.
+    Sorted prompt lengths thin out towards the long end, and padded tokens cost as much as real
+    ones; a long row on its own is already a large matmul, so short chunks there lose little.
     """
     chunks, start = [], 0
     while start < len(lengths):
