@@ -8,7 +8,9 @@ import struct
 
 import torch
 
-from ftlab.zo.mezo import TABLE_SEED, TABLE_SIZE, _param_seed
+from ftlab.zo.directions import SIGN_SEED, SIGN_TABLE_SIZE, TABLE_SEED, TABLE_SIZE, param_seed, strides
+
+_param_seed = param_seed
 
 
 @functools.lru_cache(maxsize=2)
@@ -21,6 +23,14 @@ def z_of(p, step_seed, index, chunk, distribution="gaussian", generator="torch")
     """The documented definition of z, written independently: sequential chunks of one
     generator seeded per (step seed, parameter index), or signed slices of the noise table."""
     parts, n = [], p.numel()
+    if generator == "strided":
+        # z[i] = S[o2 + (i // C) s2] * T[o + (i // C) s + i % C], element by element
+        table = _table(distribution)
+        signs = torch.randint(0, 2, (SIGN_TABLE_SIZE,), generator=torch.Generator().manual_seed(SIGN_SEED)) * 2 - 1
+        o, s, o2, s2 = strides(step_seed, index, n, chunk)
+        i = torch.arange(n)
+        z = signs[o2 + (i // chunk) * s2].double() * table[o + (i // chunk) * s + i % chunk]
+        return z.to(p.dtype).view_as(p)
     if generator == "table":
         table = _table(distribution)
         rng = random.Random(_param_seed(step_seed, index))

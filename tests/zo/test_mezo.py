@@ -21,7 +21,7 @@ def _setup(tiny_model_factory, tiny_tokenizer):
     return model, loss_fn
 
 
-@pytest.mark.parametrize("generator", ["table", "torch"])
+@pytest.mark.parametrize("generator", ["strided", "table", "torch"])
 @pytest.mark.parametrize("n,one_sided,distribution,wd", [
     (1, False, "gaussian", 0.0), (1, False, "rademacher", 0.1), (3, False, "gaussian", 0.1),
     (2, True, "gaussian", 0.0)])
@@ -98,15 +98,41 @@ def test_mezo_lowers_a_loss(tiny_model_factory):
     assert float(closure().detach()) < start - 0.05
 
 
-def test_table_directions_are_isotropic():
+def _flat_z(opt, seed, p):
+    return torch.cat([(z * s).reshape(-1) for _, z, s in opt._z_chunks(seed, 0, p)])
+
+
+@pytest.mark.parametrize("generator", ["strided", "table"])
+def test_table_directions_are_isotropic(generator):
     """E[z z^T] = I for table-made z: unit second moment, no correlation between entries."""
-    opt = MeZO([torch.nn.Parameter(torch.zeros(4, 300))], chunk_size=256)
+    opt = MeZO([torch.nn.Parameter(torch.zeros(4, 300))], chunk_size=256, generator=generator)
     p = opt.param_groups[0]["params"][0]
-    zs = torch.stack([torch.cat([z * s for _, z, s in opt._z_chunks(seed, 0, p)]) for seed in range(2000)]).double()
+    zs = torch.stack([_flat_z(opt, seed, p) for seed in range(2000)]).double()
     second = zs.T @ zs / len(zs)
     assert (second.diagonal() - 1).abs().mean() < 0.05
     off = second - torch.diag(second.diagonal())
     assert off.abs().max() < 0.15 and off.abs().mean() < 0.03  # ~N(0, 1/sqrt(2000)) noise
+
+
+def test_strided_rows_that_share_table_entries_are_uncorrelated():
+    """A tensor too large for disjoint rows (64 rows of 65536 > the 2^20 table) reads
+    overlapping table entries in different rows: z[r, c] and z[r+1, c-s] are the same draw,
+    but their random row signs make the product average to zero over steps."""
+    from ftlab.zo.directions import strides
+
+    p = torch.nn.Parameter(torch.zeros(64, 1 << 16))
+    opt = MeZO([p], chunk_size=1 << 16)
+    shared, square = [], []
+    for seed in range(400):
+        st = strides(seed, 0, p.numel(), 1 << 16)
+        assert st.stride < 1 << 16  # the rows overlap in the table
+        z = _flat_z(opt, seed, p).view(64, -1)
+        r, c = seed % 63, (1 << 16) - 1
+        assert z[r, c].abs() == z[r + 1, c - st.stride].abs()  # the same table entry
+        shared.append(float(z[r, c] * z[r + 1, c - st.stride]))
+        square.append(float(z[r, c] ** 2))
+    assert abs(sum(shared) / len(shared)) < 4 * (sum(s * s for s in shared) / len(shared)) ** 0.5 / 20
+    assert sum(square) / len(square) == pytest.approx(1.0, abs=0.2)
 
 
 @pytest.mark.parametrize("kwargs", [{"eps": 0.0}, {"n_perturbations": 0}, {"distribution": "uniform"},

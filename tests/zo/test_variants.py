@@ -99,7 +99,7 @@ def _groups(model, wd):
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("n,one_sided,wd,exact,generator", [
     (1, False, 0.0, False, "torch"), (3, False, 0.1, False, "table"), (2, True, 0.1, False, "torch"),
-    (2, False, 0.1, True, "table")])
+    (2, False, 0.1, True, "table"), (3, False, 0.1, False, "strided"), (2, True, 0.1, True, "strided")])
 def test_matches_a_naive_reference(tiny_model_factory, tiny_tokenizer, name, n, one_sided, wd, exact, generator):
     model = tiny_model_factory("llama").double()
     ref_model = copy.deepcopy(model)

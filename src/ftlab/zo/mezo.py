@@ -11,9 +11,11 @@ regenerated from s whenever it is needed (never stored):
     theta += eps * z - lr * (g * z + wd * theta)   # restore and update, fused (z generated: 3)
 
 The straightforward design restores and then updates in two passes (z generated 4 times, each
-with a parameter-sized temporary). Here z is generated in bounded chunks from a per-parameter
-generator, so no temporary is larger than ``chunk_size`` elements, and the restore is fused with
-the update. Memory therefore equals inference: no gradients, no optimizer state.
+with a parameter-sized temporary). Here z is never materialised: with the default ``strided``
+generator (:mod:`ftlab.zo.directions`) it is a strided view of a fixed noise table times one
+sign per row, so each of the three passes is one ``addcmul_`` per tensor (two with a partial
+last row), whatever the tensor's size, and the restore is fused with the update. Memory
+therefore equals inference: no gradients, no optimizer state, no temporaries.
 
 ``one_sided=True`` uses the forward difference ``g = (L+ - L0) / eps`` with L0 the unperturbed
 loss; ``n_perturbations > 1`` averages the estimates of n seeds, all taken at the same theta
@@ -47,20 +49,11 @@ import torch
 from torch import Tensor, nn
 
 from ftlab.errors import FtlabError
+from ftlab.zo.directions import (DISTRIBUTIONS, GENERATORS, TABLE_SIZE, Piece, add_z, chunked_pieces,
+                                 local_part, param_seed, strided_pieces)
 from ftlab.zo.settings import CHUNK
 
-TABLE_SIZE, TABLE_SEED = 1 << 20, 20230527  # the shared noise table: 4 MiB in fp32
-
-
-@functools.lru_cache(maxsize=8)
-def noise_table(distribution: str, device: str, dtype: torch.dtype) -> Tensor:
-    """The fixed table z is read from with ``generator="table"``: TABLE_SIZE draws made on the
-    CPU from TABLE_SEED (so every device sees the same numbers), then moved to ``device``."""
-    table = torch.randn(TABLE_SIZE, generator=torch.Generator().manual_seed(TABLE_SEED))
-    if distribution == "rademacher":
-        table = torch.where(table >= 0, 1.0, -1.0)
-    return table.to(device=device, dtype=dtype)
-
+TEMP_ELEMENTS = 1 << 22  # the largest temporary (entries) a variant makes from one piece of z
 
 @dataclass
 class ZOStep:
@@ -77,11 +70,6 @@ def f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-def _param_seed(step_seed: int, index: int) -> int:
-    # Distinct, well-mixed seeds per (step, parameter), stable across processes and devices.
-    return (step_seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
-
-
 class MeZO(torch.optim.Optimizer):
     """ZO-SGD with the random-seed trick. ``step(closure)`` calls ``closure()`` (a forward pass
     returning the loss, run under ``no_grad``) twice per perturbation.
@@ -93,39 +81,45 @@ class MeZO(torch.optim.Optimizer):
         n_perturbations: seeds averaged per step (n-SPSA).
         one_sided: forward difference (n + 1 forwards a step) instead of central (2n).
         distribution: ``"gaussian"`` or ``"rademacher"`` (+-1 entries).
-        generator: how z is made, chunk by chunk. ``"table"`` (default, fast): each chunk of
-            ``chunk_size`` entries is a slice of a fixed shared noise table (Salimans et al.,
-            2017) at an offset and with a sign drawn from the seed -- reading memory instead of
-            generating numbers, so a step costs little beyond its two forwards; entries within
-            a chunk are i.i.d. draws and chunks have independent random signs, so E[z z^T] = I.
-            ``"torch"``: fresh i.i.d. draws from a ``torch.Generator`` per parameter.
+        generator: how z is made (:mod:`ftlab.zo.directions`). ``"strided"`` (default): z of a
+            tensor is one strided view of a fixed shared noise table (Salimans et al., 2017)
+            times one random sign per row of ``chunk_size`` entries, so every move of a tensor
+            is one or two ``addcmul_`` whatever its size (GPU steps are not launch-bound) and
+            z is a function of the global element index (the same under any sharding).
+            ``"table"``: the earlier design, one table slice and sign per chunk (a loop over
+            chunks). ``"torch"``: fresh i.i.d. draws from a ``torch.Generator`` per parameter.
+            All three have E[z z^T] = I.
         seed: seeds the optimizer's own generator of step seeds (no global RNG is used).
-        chunk_size: entries of z handled at a time (bounds the temporaries). Part of z's
-            definition: a replay must use the same value.
+        chunk_size: entries per row (strided) or per chunk (table, torch: bounds their
+            temporaries). Part of z's definition: a replay must use the same value.
         exact: perturb on the fly in module forwards instead of in place (see the module
             docstring); ``None`` turns it on when a trainable parameter is bf16 or fp16.
     """
 
     zeroth_order = True  # the training loop gives such optimizers a forward-only closure
+    cache_views = True  # keep a step's strided views between its passes (pieces hold no memory)
 
     def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_perturbations: int = 1, one_sided: bool = False, distribution: str = "gaussian",
-                 generator: str = "table", seed: int = 0, chunk_size: int = CHUNK,
+                 generator: str = "strided", seed: int = 0, chunk_size: int = CHUNK,
                  exact: bool | None = None) -> None:
         if eps <= 0 or lr < 0 or n_perturbations < 1:
             raise FtlabError(f"MeZO needs eps > 0, lr >= 0 and n_perturbations >= 1 "
                              f"(got eps={eps}, lr={lr}, n={n_perturbations})")
-        if distribution not in ("gaussian", "rademacher"):
+        if distribution not in DISTRIBUTIONS:
             raise FtlabError(f"unknown perturbation distribution {distribution!r}; "
                              "choose gaussian or rademacher")
-        if generator not in ("table", "torch"):
-            raise FtlabError(f"unknown z generator {generator!r}; choose table or torch")
-        if generator == "table" and not 0 < chunk_size <= TABLE_SIZE:
-            raise FtlabError(f"chunk_size must be in 1..{TABLE_SIZE} with the table generator")
+        if generator not in GENERATORS:
+            raise FtlabError(f"unknown z generator {generator!r}; choose one of {', '.join(GENERATORS)}")
+        if generator != "torch" and not 0 < chunk_size <= TABLE_SIZE:
+            raise FtlabError(f"chunk_size must be in 1..{TABLE_SIZE} with the {generator} generator")
+        if chunk_size < 1:
+            raise FtlabError(f"chunk_size must be >= 1 (got {chunk_size})")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.n, self.one_sided = eps, n_perturbations, one_sided
         self.distribution, self.generator, self.chunk_size = distribution, generator, chunk_size
         self._seeds = random.Random(seed)
+        self._views: dict[tuple[int, int], tuple[tuple, list]] = {}  # this step's (theta, z) views
         self.history: list[ZOStep] = []  # filled by step(); a trajectory log drains it
         low = {torch.bfloat16, torch.float16}
         self.exact = any(p.dtype in low for _, p, _ in self._params()) if exact is None else exact
@@ -144,43 +138,55 @@ class MeZO(torch.optim.Optimizer):
                 index += 1
         return out
 
-    def _z_chunks(self, step_seed: int, index: int, p: Tensor) -> Iterable[tuple[slice, Tensor, float]]:
-        """(where, z, sign) for consecutive chunks of parameter ``index``: z * sign is the
-        perturbation direction there (the sign is folded into the caller's scalar, so a table
-        slice is used as it is, without a copy)."""
-        n, size = p.numel(), self.chunk_size
-        seed = _param_seed(step_seed, index)
-        if self.generator == "table":
-            table = noise_table(self.distribution, str(p.device), p.dtype)
-            rng = random.Random(seed)
-            for start in range(0, n, size):
-                length = min(size, n - start)
-                offset = rng.randrange(TABLE_SIZE - length + 1)
-                sign = 1.0 if rng.getrandbits(1) else -1.0
-                yield slice(start, start + length), table[offset:offset + length], sign
-            return
-        gen = torch.Generator(device=p.device).manual_seed(seed)
-        for start in range(0, n, size):
-            length = min(size, n - start)
-            if self.distribution == "gaussian":
-                z = torch.randn(length, generator=gen, device=p.device, dtype=torch.float32)
-            else:
-                z = torch.randint(0, 2, (length,), generator=gen, device=p.device).float().mul_(2).sub_(1)
-            yield slice(start, start + length), z.to(p.dtype), 1.0
+    def z_spec(self) -> dict:
+        """What defines z (a trajectory log records it; a replay with other values is refused)."""
+        return {"optimizer": type(self).__name__, "generator": self.generator,
+                "distribution": self.distribution, "chunk_size": self.chunk_size}
+
+    def _z_chunks(self, step_seed: int, index: int, p: Tensor, bounded: bool = False) -> Iterable[Piece]:
+        """The pieces of z of parameter ``index`` for ``step_seed`` (over the local shard of a
+        sharded parameter): ``(where, z, sign)`` with ``where`` a slice of the flat local tensor.
+        ``bounded`` splits the strided generator's whole rows into blocks of at most
+        ``TEMP_ELEMENTS`` entries (for callers that make temporaries of a piece's size)."""
+        local, start, numel = local_part(p)
+        if self.generator == "strided":
+            max_rows = max(1, TEMP_ELEMENTS // self.chunk_size) if bounded else None
+            return strided_pieces(step_seed, index, numel, start, start + local.numel(), self.chunk_size,
+                                  self.distribution, local.device, local.dtype, max_rows)
+        if start or local.numel() != numel:
+            raise FtlabError(f"sharded parameters need zo.generator=strided (z indexed by the global "
+                             f"element); got {self.generator!r}")
+        return chunked_pieces(self.generator, step_seed, index, numel, self.chunk_size, self.distribution,
+                              local.device, local.dtype)
+
+    def _moves(self, step_seed: int, index: int, p: Tensor) -> list[tuple[Tensor, Piece]]:
+        """``(theta view, piece)`` pairs of a parameter for a step. The strided generator's are
+        views only, made once a step per parameter and reused by its three passes (so a step
+        issues a fixed number of operations per tensor); the others are generated each time."""
+        local = local_part(p)[0]  # used as it is (no detach: one op less; callers run under no_grad)
+        key = (step_seed, index)
+        cached = self._views.get(key)
+        if cached is not None and cached[0] == (local.data_ptr(), local.device):
+            return cached[1]
+        moves = [(local.as_strided(piece.z.shape, (piece.z.shape[-1], 1) if piece.z.dim() == 2 else (1,),
+                                   local.storage_offset() + piece.where.start), piece)
+                 for piece in self._z_chunks(step_seed, index, p)]
+        if self.generator == "strided" and self.cache_views:
+            self._views[key] = ((local.data_ptr(), local.device), moves)
+        return moves
 
     @torch.no_grad()
     def _apply(self, step_seed: int, z_scale: float, update: float = 0.0, decay_lr: float = 0.0) -> None:
-        """theta <- (theta + z_scale * z) * (1 - decay_lr * wd) + update * z, in place, in one
-        pass over chunks of z (no parameter-sized temporaries)."""
+        """theta <- (theta + z_scale * z) * (1 - decay_lr * wd) + update * z, in place, without
+        parameter-sized temporaries: ``theta * keep + (keep * z_scale + update) * z``, one
+        multiply (when decaying) and one ``addcmul_`` per piece."""
         for index, p, wd in self._params():
-            flat = p.data.view(-1)
             keep = 1.0 - decay_lr * wd
-            for where, z, sign in self._z_chunks(step_seed, index, p):
-                chunk = flat[where]
-                if keep != 1.0:
-                    chunk.add_(z, alpha=sign * z_scale).mul_(keep).add_(z, alpha=sign * update)
-                else:
-                    chunk.add_(z, alpha=sign * (z_scale + update))
+            moves = self._moves(step_seed, index, p)
+            if keep != 1.0:
+                local_part(p)[0].mul_(keep)
+            for theta, piece in moves:
+                add_z(theta, piece, keep * z_scale + update)
 
     # -- checkpoints: the seed generator is part of the state ---------------------------------
     def state_dict(self) -> dict:
@@ -207,6 +213,7 @@ class MeZO(torch.optim.Optimizer):
         if closure is None:
             raise FtlabError("MeZO.step needs a closure that returns the loss")
         lr = f32(self.param_groups[0]["lr"])
+        self._views.clear()
         seeds = self.draw_seeds()
         grads, loss = self._estimate(seeds, closure)
         grads = [f32(g) for g in grads]
@@ -214,6 +221,7 @@ class MeZO(torch.optim.Optimizer):
             # The update below then only restores theta; NaN tells the caller the step was skipped.
             grads, lr, loss = [0.0] * len(seeds), 0.0, math.nan
         self._update(seeds, grads, lr)
+        self._views.clear()
         record = ZOStep(seeds, grads, lr, loss)
         self.history.append(record)
         return torch.tensor(loss)
@@ -316,9 +324,8 @@ class MeZO(torch.optim.Optimizer):
                 if id(p) in self._saved:  # already perturbed by an enclosing forward
                     continue
                 self._saved[id(p)] = p.detach().clone()
-                flat = p.data.view(-1)
-                for where, z, sign in self._z_chunks(seed, index[id(p)], p):
-                    flat[where].add_(z, alpha=sign * coef)
+                for theta, piece in self._moves(seed, index[id(p)], p):
+                    add_z(theta, piece, coef)
                 done.append(p)
         self._stack.append(done)
 
@@ -343,6 +350,7 @@ class MeZO(torch.optim.Optimizer):
         projected gradients, so theta ends bit for bit where the original step left it."""
         self._estimate(record.seeds, None, record.grads)
         self._update(record.seeds, record.grads, record.lr)
+        self._views.clear()
 
 
 def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from ftlab.errors import FtlabError
-from ftlab.zo.mezo import MeZO, _param_seed
+from ftlab.zo.directions import Piece, add_z, local_part, param_seed, signed_z
+from ftlab.zo.mezo import MeZO
 
-ChunkZ = tuple[slice, Tensor, float]  # (where, z, sign), as MeZO._z_chunks yields them
 THRESHOLD_SAMPLE = 1 << 18  # entries of a tensor sampled to estimate its magnitude threshold
 
 
@@ -44,13 +44,12 @@ def _skipped(grads: list[float], lr: float) -> bool:
     return lr == 0.0 and not any(grads)
 
 
-def _direction(chunks: tuple[ChunkZ, ...], coefs: list[float], dtype: torch.dtype) -> Tensor:
-    """``sum_k coefs[k] * sign_k * z_k`` over one chunk of every seed's z, in ``dtype``: the
-    step's gradient estimate there (a new chunk-sized tensor)."""
-    (_, z, sign), *rest = chunks
-    d = z.to(dtype, copy=True).mul_(sign * coefs[0])
-    for (_, z, sign), c in zip(rest, coefs[1:]):
-        d.add_(z, alpha=sign * c)
+def _direction(pieces: tuple[Piece, ...], coefs: list[float], dtype: torch.dtype) -> Tensor:
+    """``sum_k coefs[k] * sign_k * z_k`` over one piece of every seed's z, in ``dtype``: the
+    step's gradient estimate there (a new piece-sized tensor, at most TEMP_ELEMENTS entries)."""
+    d = signed_z(pieces[0], coefs[0], dtype)
+    for piece, c in zip(pieces[1:], coefs[1:]):
+        add_z(d, piece, c)
     return d
 
 
@@ -69,21 +68,21 @@ class OnePassMeZO(MeZO):
             return
         coefs, restore = [g / len(seeds) for g in grads], self._restore
         for index, p, wd in self._params():
-            state, flat, decay = self._begin_param(p), p.data.view(-1), lr * wd
+            state, flat, decay = self._begin_param(p), local_part(p)[0].detach().view(-1), lr * wd
             dtype = _buffer_dtype(p)
-            for chunks in zip(*(self._z_chunks(seed, index, p) for seed in seeds)):
-                where = chunks[0][0]
-                mask = self._chunk_mask(index, p, where)  # read before the chunk is written
-                theta = flat[where]
+            for pieces in zip(*(self._z_chunks(seed, index, p, bounded=True) for seed in seeds)):
+                where, shape = pieces[0].where, pieces[0].z.shape
+                mask = self._chunk_mask(index, p, where)  # read before the piece is written
+                mask = None if mask is None else mask.view(shape)
+                theta = flat[where].view(shape)
                 if restore:
-                    _, z, sign = chunks[-1]
-                    theta.add_(z, alpha=sign * restore)
+                    add_z(theta, pieces[-1], restore)
                 if decay and mask is None:
                     theta.mul_(1.0 - decay)
                 elif decay:  # not theta * where(mask, 1 - decay, 1): bf16 would round that factor to 1
                     theta.sub_(theta * mask, alpha=decay)
-                buffers = {name: state[name].view(-1)[where] for name in self.buffers}
-                self._chunk_step(theta, _direction(chunks, coefs, dtype), buffers, state, lr)
+                buffers = {name: state[name].view(-1)[where].view(shape) for name in self.buffers}
+                self._chunk_step(theta, _direction(pieces, coefs, dtype), buffers, state, lr)
 
     def _begin_param(self, p: Tensor) -> dict[str, Any]:
         """The state of ``p`` for this update, its buffers created (zeros) at the first."""
@@ -92,7 +91,8 @@ class OnePassMeZO(MeZO):
         state = self.state[p]
         for name in self.buffers:
             if name not in state:
-                state[name] = torch.zeros(p.shape, dtype=_buffer_dtype(p), device=p.device)
+                local = local_part(p)[0]  # a sharded parameter keeps buffers for its shard only
+                state[name] = torch.zeros(local.shape, dtype=_buffer_dtype(p), device=local.device)
         return state
 
     def _chunk_mask(self, index: int, p: Tensor, where: slice) -> Tensor | None:
@@ -216,6 +216,8 @@ class SparseMeZO(OnePassMeZO):
     so a replay is bitwise.
     """
 
+    cache_views = False  # its pieces are masked copies of z: never keep them
+
     def __init__(self, params: Iterable, sparsity: float = 0.75, threshold_sample: int = THRESHOLD_SAMPLE,
                  **kwargs: Any) -> None:
         if not 0.0 < sparsity <= 1.0 or threshold_sample < 1:
@@ -261,7 +263,7 @@ class SparseMeZO(OnePassMeZO):
         if flat.numel() == 0:
             return 0.0
         if flat.numel() > self.threshold_sample:
-            gen = torch.Generator().manual_seed(_param_seed(0, index))
+            gen = torch.Generator().manual_seed(param_seed(0, index))
             positions = torch.randint(flat.numel(), (self.threshold_sample,), generator=gen)
             flat = flat[positions.to(flat.device)]
         k = min(flat.numel(), max(1, round(self.sparsity * flat.numel())))
@@ -274,8 +276,9 @@ class SparseMeZO(OnePassMeZO):
         # chunk after reading it, updates write it after), so the mask is recomputed from it.
         return p.detach().view(-1)[where].abs() <= self._thresholds[index]
 
-    def _z_chunks(self, step_seed: int, index: int, p: Tensor) -> Iterable[ChunkZ]:
-        """MeZO's chunks of z with the frozen entries zeroed: every perturbation, restore and
-        update (all made from these chunks) then leaves them exactly as they are."""
-        for where, z, sign in super()._z_chunks(step_seed, index, p):
-            yield where, z * self._chunk_mask(index, p, where), sign
+    def _z_chunks(self, step_seed: int, index: int, p: Tensor, bounded: bool = False) -> Iterable[Piece]:
+        """MeZO's pieces of z with the frozen entries zeroed: every perturbation, restore and
+        update (all made from these pieces) then leaves them exactly as they are. (Always in
+        bounded pieces: the masked z is a temporary.)"""
+        for where, z, sign in super()._z_chunks(step_seed, index, p, bounded=True):
+            yield Piece(where, z * self._chunk_mask(index, p, where).view(z.shape), sign)
