@@ -11,11 +11,13 @@ started by a launcher, so the same training code runs with and without ``torchru
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ftlab.errors import FtlabError
 
@@ -99,3 +101,73 @@ def shutdown() -> None:
     """Leave the process group, if one was joined (NCCL asks for it before the process exits)."""
     if _initialised():
         dist.destroy_process_group()
+
+
+# -- FSDP2: every parameter sharded over the ranks (zeroth-order training of models larger than
+# one device; see ftlab.zo.directions for how each rank makes z for its own shard) ------------
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The repeated transformer blocks of ``model``: its ``nn.ModuleList`` holding the most
+    parameters (``model.layers`` of a Llama, ``transformer.h`` of a GPT-2, through peft)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise FtlabError(f"{type(model).__name__} has no list of transformer blocks to shard or offload")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def shard_model(model: nn.Module, device: str) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 over all ranks of the process group: each transformer
+    block is one ``fully_shard`` unit (gathered for its forward, resharded after), the rest
+    (embeddings, final norm, head) the root unit. Every parameter then is a ``DTensor`` sharded
+    along dim 0; a rank holds 1/world of each."""
+    if not _initialised():
+        raise FtlabError("fsdp=true shards the model over torchrun processes: launch with "
+                         "torchrun --nproc_per_node N -m ftlab.cli train ... fsdp=true")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
+    # reshard_after_forward given explicitly: FSDP2 otherwise keeps the root's parameters
+    # gathered after its forward (for a backward), and MeZO's next forward, run after the
+    # shards were perturbed, would not gather them again.
+    for block in blocks_of(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+def local_part(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(local tensor, first global flat index, global numel)`` of a parameter: the whole tensor,
+    or the shard of a ``DTensor`` sharded along dim 0 over a 1-D mesh (FSDP2), whose entries are
+    the contiguous global range ``[start, start + local.numel())``."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch without distributed
+        return p, 0, p.numel()
+    if not isinstance(p, DTensor):
+        return p, 0, p.numel()
+    placements = p.placements
+    if len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
+        raise FtlabError(f"sharded MeZO handles parameters sharded along dim 0 over one mesh dimension "
+                         f"(FSDP2's default); got placements {placements}")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)
+    local = p._local_tensor
+    row = math.prod(p.shape[1:]) if p.ndim > 1 else 1
+    return local, int(offset[0]) * row, p.numel()
+
+
+def full_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter: gathered from every rank for a sharded one (a
+    collective: every rank must call it), the tensor itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p.detach()
+
+
+@torch.no_grad()
+def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter: for a sharded one, only this rank's rows."""
+    local, start, _ = local_part(p)
+    local.copy_(full.reshape(-1)[start:start + local.numel()].view_as(local).to(local.device, local.dtype))

@@ -89,14 +89,15 @@ def parse_device(device: str) -> torch.device:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
-               attn_implementation: str | None = None,
+               attn_implementation: str | None = None, device_map: str | None = None,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM (in eval mode) and its tokenizer (with a pad token, right padding).
 
     ``name_or_path`` is an embedded model name (see :data:`EMBEDDED_MODELS`; converted once to
     ``cache_dir()/models/<name>/``), a local Hugging Face folder, or a hub name.
     ``attn_implementation`` (e.g. ``"eager"``) is passed to ``from_pretrained``; use ``"eager"``
-    where forward-mode AD is needed.
+    where forward-mode AD is needed. ``device_map`` (``"auto"``, ``"balanced"``, ...; needs
+    accelerate) spreads the layers over the GPUs (and CPU) instead of moving the model to ``device``.
     """
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if name_or_path in EMBEDDED_MODELS:
@@ -106,13 +107,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", dev
     kwargs = {_DTYPE_KWARG: torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         with quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors, ...
         raise _load_error(name_or_path, e) from e
-    model.to(torch_device).eval()
+    if device_map is None:
+        model.to(torch_device)
+    model.eval()
     return model, _prepare_tokenizer(tokenizer)
 
 
