@@ -45,6 +45,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor
 
+from ftlab.distributed import local_part  # noqa: F401  (re-exported: part of z's definition)
 from ftlab.errors import FtlabError
 
 TABLE_SIZE, TABLE_SEED = 1 << 20, 20230527  # the shared noise table: 4 MiB in fp32
@@ -165,28 +166,6 @@ def chunked_pieces(generator: str, step_seed: int, index: int, numel: int, chunk
         else:
             z = torch.randint(0, 2, (length,), generator=gen, device=device).float().mul_(2).sub_(1)
         yield Piece(slice(start, start + length), z.to(dtype), 1.0)
-
-
-def local_part(p: Tensor) -> tuple[Tensor, int, int]:
-    """``(local tensor, first global flat index, global numel)`` of a parameter: the whole tensor,
-    or the shard of a ``DTensor`` sharded along dim 0 over a 1-D mesh (FSDP2), whose entries are
-    the contiguous global range ``[start, start + local.numel())``."""
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - torch without distributed
-        return p, 0, p.numel()
-    if not isinstance(p, DTensor):
-        return p, 0, p.numel()
-    placements = p.placements
-    if len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
-        raise FtlabError(f"sharded MeZO handles parameters sharded along dim 0 over one mesh dimension "
-                         f"(FSDP2's default); got placements {placements}")
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)
-    local = p._local_tensor
-    row = math.prod(p.shape[1:]) if p.ndim > 1 else 1
-    return local, int(offset[0]) * row, p.numel()
 
 
 def add_z(theta: Tensor, piece: Piece, coef: float) -> None:
