@@ -22,7 +22,9 @@ def test_round_trip():
 
 @pytest.mark.parametrize("override,match", [
     ("lrr=1", "unknown key"), ("data.tsk=x", "unknown key"), ("steps=ten", "not a valid"),
-    ("lr", "key=value"), ("lora.r=1.5", "not a valid"), ("data.template={text} It was", "not valid YAML")])
+    ("lr", "key=value"), ("lora.r=1.5", "not a valid"),
+    # Text fields take the text as written (test_config_validation); other fields are YAML.
+    ("lora.target_modules=[q_proj, v_proj", "not valid YAML")])
 def test_bad_overrides_are_named(override, match):
     with pytest.raises(FtlabError, match=match):
         load_config(TrainConfig, None, [override])

@@ -13,6 +13,7 @@ from ftlab.tasks import Splits
 from ftlab.tasks.base import Example, TaskSpec
 from ftlab.models import load_model
 from ftlab.train import RunData, batch_indices, lr_factor, param_groups, replay_run, train
+from ftlab.zo.trajectory import RECORD, TrajectoryLog, pack_record
 
 FILLER = ["the", "movie", "story", "was", "a", "film", "and", "it", "acting", "plot"]
 
@@ -79,9 +80,10 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model_factory, t
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed step-5 line was replaced, not duplicated
-    if optimizer == "mezo":  # the checkpoint is the trajectory log: 16 bytes a step, no weights
+    if optimizer == "mezo":  # the checkpoint is the trajectory log: a header + 20 bytes a step, no weights
         log = (tmp_path / "b" / "trajectory.bin").read_bytes()
-        assert log == (tmp_path / "a" / "trajectory.bin").read_bytes() and len(log) == 6 * 16
+        header = TrajectoryLog(tmp_path / "b").header_size
+        assert log == (tmp_path / "a" / "trajectory.bin").read_bytes() and len(log) == header + 6 * RECORD.size
         assert not (tmp_path / "b" / "checkpoint" / "trainable.safetensors").exists()
 
 
@@ -102,7 +104,7 @@ def test_replay_rebuilds_a_mezo_run_bitwise(tmp_path, tiny_model_factory, tiny_t
     assert any(not torch.equal(p, trained[n]) for n, p in halfway.named_parameters())
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "cut"])
+@pytest.mark.parametrize("damage", ["corrupt", "foreign", "cut", "torn"])
 def test_a_damaged_trajectory_log_is_reported_and_left_alone(tmp_path, tiny_model_factory, tiny_tokenizer, damage):
     cfg = _cfg(tmp_path, "optimizer=mezo", "eval_every=0")
 
@@ -114,12 +116,17 @@ def test_a_damaged_trajectory_log_is_reported_and_left_alone(tmp_path, tiny_mode
               data=_data(), callback=kill)
     log = tmp_path / "trajectory.bin"
     data = bytearray(log.read_bytes())
+    second = TrajectoryLog(tmp_path).header_size + RECORD.size  # the second record (step 1)
     if damage == "corrupt":
-        data[20:24] = b"\xff\xff\xff\xff"  # the second record's seed
+        data[second + 4:second + 8] = b"\xff\xff\xff\xff"  # its seed: the checksum no longer matches
+    elif damage == "foreign":
+        data[second:second + RECORD.size] = pack_record(1, 0xFFFFFFFF, 0.5, 1e-3)  # a valid record of other seeds
     else:
-        data = data[:16]  # one step left; the checkpoint is at step 4
+        data = data[:second + (0 if damage == "cut" else 7)]  # one step left; the checkpoint is at step 4
     log.write_bytes(bytes(data))
-    with pytest.raises(FtlabError, match="another run" if damage == "corrupt" else "holds 1 steps"):
+    match = {"corrupt": r"record 1 \(step 1 as stored\) is damaged \(checksum mismatch\)",
+             "foreign": "another run", "cut": "holds 1 steps", "torn": "holds 1 steps"}[damage]
+    with pytest.raises(FtlabError, match=match):
         train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
               data=_data())
     assert log.read_bytes() == bytes(data)
@@ -204,3 +211,51 @@ def test_accuracy_objective_needs_and_drives_mezo(tmp_path, tiny_model_factory, 
     losses = [json.loads(line)["loss"] for line in (tmp_path / "zo" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["split"] == "train"]
     assert len(losses) == 6 and all(-1.0 <= x <= 0.0 for x in losses)  # minus a batch accuracy
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_offloaded_training_equals_exact_mezo_and_resumes(tmp_path, tiny_model_factory, tiny_tokenizer, mode):
+    """``offload=true`` (blocks in CPU memory, lockstep halves; compute device = CPU here) trains
+    the same run as exact-mode MeZO: same trajectory, dev scores and saved tensors; a killed
+    offloaded run resumes to the same weights, and its log replays with plain MeZO."""
+    common = [f"mode={mode}", "optimizer=mezo", "lora.r=2", "weight_decay=0.1", "zo.eps=1e-2"]
+    plain = train(_cfg(tmp_path / "plain", *common, "zo.exact=true"), progress=False,
+                  model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
+    offloaded = train(_cfg(tmp_path / "off", *common, "offload=true"), progress=False,
+                      model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
+    assert offloaded == plain
+    from ftlab.zo.trajectory import TrajectoryLog
+
+    want = [(s, r.seeds, r.grads) for s, r in TrajectoryLog(tmp_path / "plain").steps()]
+    assert [(s, r.seeds, r.grads) for s, r in TrajectoryLog(tmp_path / "off").steps()] == want
+    a, b = _saved_tensors(tmp_path / "plain"), _saved_tensors(tmp_path / "off")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def kill_at_4(step, record):
+        if step == 4:
+            raise _Killed
+    cfg = _cfg(tmp_path / "killed", *common, "offload=true")
+    with pytest.raises(_Killed):
+        train(cfg, progress=False, callback=kill_at_4,
+              model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
+    resumed = train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
+                    data=_data())
+    assert resumed == plain
+    c = _saved_tensors(tmp_path / "killed")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_offload_without_the_host_memory_is_refused_before_loading(tmp_path, tiny_model_factory, tiny_tokenizer,
+                                                                   monkeypatch):
+    import ftlab.zo.offload as offload
+
+    folder = tmp_path / "base"
+    tiny_model_factory("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: 1000)
+    loaded = []
+    monkeypatch.setattr("ftlab.train.load_model", lambda *a, **k: loaded.append(1))
+    with pytest.raises(FtlabError, match=r"offload needs .* GiB of CPU memory .* only 0.0 GiB is available"):
+        train(_cfg(tmp_path / "run", f"model={folder}", "optimizer=mezo", "offload=true"), progress=False,
+              data=_data())
+    assert not loaded

@@ -109,7 +109,7 @@ def shutdown() -> None:
 def blocks_of(model: nn.Module) -> nn.ModuleList:
     """The repeated transformer blocks of ``model``: its ``nn.ModuleList`` holding the most
     parameters (``model.layers`` of a Llama, ``transformer.h`` of a GPT-2, through peft)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if not lists:
         raise FtlabError(f"{type(model).__name__} has no list of transformer blocks to shard or offload")
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))

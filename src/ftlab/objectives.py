@@ -87,11 +87,31 @@ def build_prompts(spec: TaskSpec, examples: Sequence[Example], demos: Sequence[E
     return prompts
 
 
+# A prompt longer than this many characters per token of its budget is cut (as text, from the
+# left) before it is tokenised: a 100 MB row must not be tokenised whole only to keep its end.
+CHARS_PER_TOKEN_BOUND = 16
+
+
 def prompt_ids(tokenizer: Any, prompt: str, budget: int, special_tokens: bool = True) -> list[int]:
     """Ids of ``prompt`` cut from the left to ``budget`` tokens (the query sits at the end),
     keeping the BOS the tokenizer prepends (``special_tokens``; off for chat-templated text,
-    which holds its own)."""
-    ids = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
+    which holds its own).
+
+    Only the last ``budget * CHARS_PER_TOKEN_BOUND`` characters are tokenised (more, by
+    quadrupling, if those hold no more than ``budget`` tokens), so the cost is bounded by the
+    budget, not by the text. Prompts shorter than that are tokenised whole, as before."""
+    window = max(1, budget) * CHARS_PER_TOKEN_BOUND
+    while len(prompt) > window:
+        tail = prompt[-window:]
+        # Start at a word boundary, so the tail's words tokenise as they do in the whole text.
+        cut = re.search(r"\s", tail[:window // 2])
+        ids = tokenizer(tail[cut.start():] if cut else tail, add_special_tokens=special_tokens)["input_ids"]
+        # More than budget (+ BOS) tokens: the first, possibly cut, token is dropped below.
+        if len(ids) > budget + 1:
+            break
+        window *= 4
+    else:
+        ids = tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
     if len(ids) <= budget:
         return ids
     bos = tokenizer.bos_token_id
@@ -194,6 +214,26 @@ def loss(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Te
     return -target_logprobs(model, batch).mean()
 
 
+def doubled(batch: ModelBatch) -> ModelBatch:
+    """``batch`` concatenated with itself along the rows (for lockstep forwards)."""
+    two = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+    return ModelBatch(two(batch.input_ids), two(batch.attention_mask), two(batch.position_ids),
+                      two(batch.labels), batch.n_options, two(batch.gold))
+
+
+def lockstep_loss(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Tensor:
+    """:func:`loss` of each half of a :func:`doubled` batch, ``tensor([first, second])``, from
+    one forward (offloaded MeZO runs the halves at theta + eps z and theta - eps z). Each half
+    reduces exactly as :func:`loss` does on the single batch."""
+    if batch.gold is not None:
+        scores, half = option_scores(model, batch, option_ids), batch.gold.shape[0] // 2
+        return torch.stack([F.cross_entropy(scores[:half], batch.gold[:half]),
+                            F.cross_entropy(scores[half:], batch.gold[half:])])
+    logp = target_logprobs(model, batch)
+    half = logp.shape[0] // 2
+    return torch.stack([-logp[:half].mean(), -logp[half:].mean()])
+
+
 @torch.no_grad()
 def greedy_decode(model: nn.Module, tokenizer, batch: ModelBatch, max_new_tokens: int) -> list[str]:
     """Greedy continuation of each left-padded prompt, cut at the first newline or EOS."""
@@ -228,11 +268,18 @@ def training_batch(encoder: Encoder, examples: Sequence[Example]) -> ModelBatch:
 
 
 def objective_fn(name: str, model: nn.Module, tokenizer, encoder: Encoder, examples: Sequence[Example],
-                 device: torch.device) -> Callable[[], Tensor]:
+                 device: torch.device, lockstep: bool = False) -> Callable[[], Tensor]:
     """A function of no arguments returning what training minimises on ``examples``:
     ``"loss"`` (see :func:`loss`), or minus the batch ``"accuracy"`` (classification) or
-    ``"f1"`` (generation, greedy decoding) -- non-differentiable, for zeroth-order optimizers."""
+    ``"f1"`` (generation, greedy decoding) -- non-differentiable, for zeroth-order optimizers.
+    ``lockstep=True`` (``"loss"`` only): the two half losses of the doubled batch, see
+    :func:`lockstep_loss` (the closure :class:`ftlab.zo.offload.OffloadedMeZO` takes)."""
     spec = encoder.spec
+    if lockstep:
+        if name != "loss":
+            raise FtlabError(f"offloaded (lockstep) training supports objective loss only, not {name!r}")
+        batch = doubled(training_batch(encoder, examples)).to(device)
+        return lambda: lockstep_loss(model, batch, encoder.option_ids)
     if name == "loss":
         batch = training_batch(encoder, examples).to(device)
         return lambda: loss(model, batch, encoder.option_ids)

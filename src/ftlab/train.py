@@ -20,6 +20,7 @@ communicating (simple; the evaluations are not sped up).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -35,12 +36,13 @@ from tqdm.auto import tqdm
 from ftlab import objectives
 from ftlab.checkpoint import load_checkpoint, load_trainable, save_checkpoint, save_trainable
 from ftlab.config import TrainConfig, from_dict, to_dict
-from ftlab.distributed import barrier, init_from_env, rank_device, shard
-from ftlab.errors import FtlabError
+from ftlab.distributed import barrier, init_from_env, rank_device, shard, shard_model
+from ftlab.errors import FtlabError, damaged
 from ftlab.evaluate import EvalResult, evaluate, model_device
-from ftlab.io import atomic_write_json, atomic_write_text
+from ftlab.io import atomic_write_json, atomic_write_text, recover_dir
 from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
+from ftlab.runs import writes_run_dir
 from ftlab.tasks import Splits, TaskSpec, load_task, make_splits
 from ftlab.zo.mezo import MeZO
 from ftlab.zo.trajectory import TrajectoryLog, replay
@@ -125,40 +127,78 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
             for p in range(step * batch_size, (step + 1) * batch_size)]
 
 
-def make_closure(optimizer: torch.optim.Optimizer, objective: Callable[[], torch.Tensor],
-                 max_grad_norm: float | None) -> Callable[[], torch.Tensor]:
-    """The closure passed to ``optimizer.step``: backward (first order) or forward only
-    under ``no_grad`` (optimizers flagged ``zeroth_order``)."""
+def make_closure(optimizer: torch.optim.Optimizer, objectives: Callable[[], torch.Tensor]
+                 | list[Callable[[], torch.Tensor]], max_grad_norm: float | None) -> Callable[[], torch.Tensor]:
+    """The closure passed to ``optimizer.step``: the mean of ``objectives`` (one per
+    micro-batch of equal size, evaluated one after the other, so only one micro-batch's
+    activations are alive at a time), with backward (first order: each micro-batch's loss / k
+    is backpropagated and the gradients accumulate) or forward only under ``no_grad``
+    (optimizers flagged ``zeroth_order``: each perturbation is evaluated on every micro-batch).
+    The mean of equal micro-batches' mean losses is the whole batch's mean loss."""
+    parts = objectives if isinstance(objectives, list) else [objectives]
+    k = len(parts)
     if getattr(optimizer, "zeroth_order", False):
-        return torch.no_grad()(objective)
+        @torch.no_grad()
+        def zo_closure() -> torch.Tensor:
+            total = parts[0]()
+            for part in parts[1:]:
+                total = total + part()
+            return total / k if k > 1 else total
+        return zo_closure
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = objective()
-        loss.backward()
+        total = 0.0
+        for part in parts:
+            loss = part()
+            (loss / k if k > 1 else loss).backward()
+            total = total + loss.detach()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(
                 [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-        return loss
+        return total / k if k > 1 else total
     return closure
+
+
+def micro_batches(items: list[Any], k: int) -> list[list[Any]]:
+    """``items`` cut into ``k`` consecutive equal micro-batches (``k`` divides its length)."""
+    if len(items) % k:
+        raise FtlabError(f"a batch of {len(items)} examples per process cannot be cut into grad_accum={k} "
+                         f"equal micro-batches; make batch_size a multiple of grad_accum x processes")
+    size = len(items) // k
+    return [items[i * size:(i + 1) * size] for i in range(k)]
 
 
 def _metric_name(spec: TaskSpec) -> str:
     return "accuracy" if spec.kind == "classification" else "f1"
 
 
+# What a run writes once it has started training (or evaluating): a folder without any of them
+# holds only the config.json of a start that failed (bad model name, data file...), and takes a
+# corrected config instead of refusing it as "a different config".
+_PROGRESS = ("checkpoint", "metrics.jsonl", "best.safetensors", "results.json", "trajectory.bin", "model")
+
+
 def _prepare_output(cfg: TrainConfig, out: Path) -> None:
-    """Create the run folder, or check that an existing one belongs to this same config."""
+    """Write the run's config.json, or check that an existing one is this same config (a
+    folder in which nothing was trained yet takes the new config)."""
     config_path = out / "config.json"
-    if config_path.exists():
-        old = json.loads(config_path.read_text())
-        new = json.loads(json.dumps(to_dict(cfg)))
-        diff = [k for k in new if old.get(k) != new[k]]
+    new = json.loads(json.dumps(to_dict(cfg)))
+    if config_path.exists() and any((out / name).exists() for name in _PROGRESS):
+        try:
+            old = json.loads(config_path.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError(f"expected a JSON object, got {type(old).__name__}")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise damaged(config_path, e) from None
+        # A key the old config lacks (written before the field existed) had its default value.
+        defaults = json.loads(json.dumps(to_dict(TrainConfig())))
+        diff = [k for k in new if old.get(k, defaults.get(k)) != new[k]]
         if diff:
             raise FtlabError(f"{out} holds a run with a different config (differs in {diff}); "
                              "pass another output_dir, or --overwrite to start afresh")
     else:
-        atomic_write_json(config_path, to_dict(cfg))
+        atomic_write_json(config_path, new)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -181,6 +221,7 @@ def _log(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+@writes_run_dir("train", "cfg.output_dir")  # validates cfg, then claims and locks the folder (rank 0)
 def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | None = None,
           model_and_tokenizer: tuple[nn.Module, Any] | None = None,
           data: RunData | None = None) -> dict[str, Any]:
@@ -193,24 +234,32 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     """
     rank, world = init_from_env(cfg.device)
     main = rank == 0  # the only process that writes to the run folder
-    shard(list(range(cfg.batch_size)), rank, world)  # fail fast on a batch the ranks cannot split
+    # Fail fast on a batch the ranks, then the micro-batches, cannot split.
+    micro_batches(shard(list(range(cfg.batch_size)), rank, world), cfg.grad_accum)
     out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    if main:  # the folder exists: @writes_run_dir claimed it
         _prepare_output(cfg, out)
     barrier()  # the other ranks read the folder (results, checkpoint) only once rank 0 checked it
     if (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())
+        return _read_json(out / "results.json")
 
-    model, tokenizer = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype,
-                                                         device=rank_device(cfg.device))
+    # FSDP loads on the CPU and shards onto the device; offload keeps the weights in CPU memory
+    # (checked to fit first); device_map places the model itself.
+    if cfg.offload and model_and_tokenizer is None:
+        _check_offload_memory(cfg)
+    model, tokenizer = model_and_tokenizer or load_model(
+        cfg.model, dtype=cfg.dtype, device="cpu" if cfg.fsdp or cfg.offload else rank_device(cfg.device),
+        device_map=cfg.device_map)
     data = data or load_run_data(cfg)
     module, optimizer, scheduler = build_trainer(cfg, model)
     # The ranks' loss differences are averaged in MeZO._estimate (its variants inherit it).
     if world > 1 and not isinstance(optimizer, MeZO):
         raise FtlabError(f"data-parallel training is implemented for zeroth-order optimizers (MeZO) "
                          f"only; run optimizer={cfg.optimizer} in a single process")
-    log = TrajectoryLog(out) if getattr(optimizer, "zeroth_order", False) else None
+    # The log's header records how z is made (a replay with other settings is refused) and the
+    # run (a hash of its config: deterministic, so identical runs write identical logs).
+    log = TrajectoryLog(out, run_id=_run_id(cfg), z=optimizer.z_spec()) \
+        if getattr(optimizer, "zeroth_order", False) else None
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
     metric = _metric_name(data.spec)
     train_set = data.splits.train
@@ -222,6 +271,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         _truncate_metrics(out / "metrics.jsonl", state["step"])
 
     def dev_eval(step: int) -> None:
+        _flush(optimizer)
         result = evaluate(module, tokenizer, data.spec, data.splits.dev, batch_size=cfg.eval_batch_size,
                           max_length=cfg.data.max_length, progress=False)
         score = result.metrics[metric]
@@ -229,8 +279,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
             _log(out / "metrics.jsonl", {"step": step, "split": "dev", **result.metrics})
         if state["best_score"] is None or score > state["best_score"]:
             state.update(best_score=score, best_step=step)
-            if main:
-                save_trainable(module, out / "best.safetensors")
+            if main or cfg.fsdp:  # sharded: every rank takes part in gathering the tensors
+                save_trainable(module, out / "best.safetensors", write=main)
 
     if state["step"] == 0 and data.splits.dev and cfg.eval_every:
         dev_eval(0)
@@ -241,9 +291,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     for step in range(state["step"], cfg.steps):
         batch = shard(batch_indices(len(train_set), cfg.batch_size, cfg.seed_of("order"), step), rank, world)
         examples = [train_set[i] for i in batch]
-        objective = objectives.objective_fn(cfg.objective, module, tokenizer, encoder, examples,
-                                            model_device(module))
-        closure = make_closure(optimizer, objective, cfg.max_grad_norm)
+        parts = [objectives.objective_fn(cfg.objective, module, tokenizer, encoder, micro, model_device(module),
+                                         lockstep=cfg.offload)  # offload: +eps and -eps halves in one pass
+                 for micro in micro_batches(examples, cfg.grad_accum)]
+        closure = make_closure(optimizer, parts, cfg.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
         # Dropout draws from the global RNG: seed it per step so a resumed run matches exactly.
         with torch.random.fork_rng(devices=[]):
@@ -271,7 +322,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         if callback:
             callback(step + 1, record)
     bar.close()
-    return _finish(cfg, out, module, tokenizer, data, state, progress, main)
+    return _finish(cfg, out, module, tokenizer, data, state, progress, main, optimizer)
 
 
 def _check_finite(loss: float, step: int, lr: float, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -294,7 +345,10 @@ def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.
     with torch.random.fork_rng(devices=[]):  # adapter inits (peft) draw from the global RNG
         torch.manual_seed(cfg.seed_of("init"))
         module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed_of("init"))
-    optimizer = build_optimizer(cfg, module)
+    if cfg.fsdp:
+        _check_shardable(cfg)
+        shard_model(module, rank_device(cfg.device))  # parameters become DTensor shards, before MeZO sees them
+    optimizer = build_offloaded(cfg, module) if cfg.offload else build_optimizer(cfg, module)
     if hasattr(optimizer, "attach"):
         optimizer.attach(module)  # exact-mode MeZO perturbs inside the module's forwards
     if cfg.objective != "loss" and not getattr(optimizer, "zeroth_order", False):
@@ -305,10 +359,61 @@ def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.
     return module, optimizer, scheduler
 
 
+def build_offloaded(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
+    """Offloaded MeZO (:mod:`ftlab.zo.offload`): the decoder blocks stay in CPU memory and are
+    brought to ``cfg.device`` one at a time, the +eps and -eps forwards in lockstep."""
+    from ftlab.zo.offload import OffloadedMeZO
+
+    if cfg.optimizer != "mezo":
+        raise FtlabError(f"offload=true is implemented for optimizer=mezo (got {cfg.optimizer})")
+    s = cfg.zo
+    return OffloadedMeZO(param_groups(module, cfg.weight_decay), model=module, device=rank_device(cfg.device),
+                         lr=cfg.lr, eps=s.eps, n_perturbations=s.n_perturbations, one_sided=s.one_sided,
+                         distribution=s.distribution, generator=s.generator, chunk_size=s.chunk_size,
+                         exact=s.exact, seed=cfg.seed_of("zo"))
+
+
+def _check_offload_memory(cfg: TrainConfig) -> None:
+    """Refuse offload before loading when the CPU cannot hold the weights."""
+    from transformers import AutoConfig
+
+    from ftlab.models.loading import EMBEDDED_MODELS, converted_folder, parse_dtype
+    from ftlab.zo.offload import check_host_memory, estimate_weight_bytes
+
+    folder = str(converted_folder(cfg.model)) if cfg.model in EMBEDDED_MODELS else cfg.model
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:  # transformers raises OSError, ValueError, ...
+        raise FtlabError(f"cannot read the config of model {cfg.model!r}: {str(e).splitlines()[0][:200]}") from e
+    check_host_memory(estimate_weight_bytes(config, parse_dtype(cfg.dtype)), f"the weights of {cfg.model}")
+
+
+def _flush(optimizer: torch.optim.Optimizer | None) -> None:
+    """Apply an offloaded optimizer's queued updates (a no-op for every other optimizer)."""
+    if optimizer is not None and hasattr(optimizer, "flush"):
+        optimizer.flush()
+
+
+def _check_shardable(cfg: TrainConfig) -> None:
+    """What sharded MeZO supports: in-place perturbation (float32 master weights; exact mode
+    perturbs inside module forwards, which FSDP runs on gathered copies) and per-tensor rules
+    that do not need the whole tensor (sparse MeZO's magnitude quantile does)."""
+    if cfg.optimizer == "sparse-mezo":
+        raise FtlabError("fsdp=true: sparse-mezo's per-tensor magnitude threshold needs whole tensors; "
+                         "use mezo, zo-sign, zo-momentum or zo-adam")
+    if cfg.zo.exact or (cfg.zo.exact is None and cfg.dtype in ("bfloat16", "float16")):
+        raise FtlabError(f"fsdp=true perturbs the float32 shards in place; exact mode (dtype={cfg.dtype}, "
+                         f"zo.exact={cfg.zo.exact}) is not implemented under FSDP: use dtype=float32")
+    if cfg.zo.generator != "strided":
+        raise FtlabError(f"fsdp=true needs zo.generator=strided (z indexed by the global element, so each "
+                         f"rank makes its shard's part); got {cfg.zo.generator!r}")
+
+
 def _checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 state: dict[str, Any], log: TrajectoryLog | None) -> None:
     """Save resumable state. A zeroth-order run's checkpoint is its trajectory log (KBs) and
     the loop counters; other runs save trainable tensors and optimizer state."""
+    _flush(optimizer)
     if log is None:
         save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state)
     else:
@@ -322,18 +427,47 @@ def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, sche
     from rank 0's files; only rank 0 (``main``) rewrites them."""
     state_path = out / "checkpoint" / "state.json"
     fresh = {"step": 0, "best_score": None, "best_step": None}
+    if main:
+        recover_dir(out / "checkpoint")  # finish or undo a checkpoint replace a kill interrupted
+    barrier()
     if log is None:
-        return load_checkpoint(out / "checkpoint", module, optimizer, scheduler) if state_path.exists() else fresh
-    state = json.loads(state_path.read_text()) if state_path.exists() else fresh
+        return _check_state(load_checkpoint(out / "checkpoint", module, optimizer, scheduler), state_path) \
+            if state_path.exists() else fresh
+    state = _check_state(_read_json(state_path), state_path) if state_path.exists() else fresh
     # Replay (which checks the log against this run's seeds) before touching the file, so a
     # corrupted or foreign log is reported and left as it is. Up to the checkpoint only: another
     # rank may read the log before or after rank 0 truncates it.
-    done = replay(log, optimizer, scheduler, steps=state["step"])
+    done = replay(log, optimizer, scheduler, steps=state["step"], allow_torn_tail=True)
     if done != state["step"]:
         raise FtlabError(f"{log.path} holds {done} steps but the checkpoint is at step {state['step']}: "
                          "the log was cut or replaced; restore it, or start afresh with --overwrite")
     if main:
         log.truncate(state["step"])  # steps after the checkpoint are redone, identically
+    return state
+
+
+def _run_id(cfg: TrainConfig) -> str:
+    """A short, deterministic id of a run's config, wherever it is saved (recorded in its
+    trajectory log's header)."""
+    import hashlib
+
+    identity = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file the run wrote; a damaged one is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise damaged(path, e) from None
+
+
+def _check_state(state: Any, path: Path) -> dict[str, Any]:
+    """The loop counters of a checkpoint, checked (a damaged state.json is named, not a KeyError)."""
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
+            and "best_score" in state and "best_step" in state):
+        raise damaged(path, ValueError("expected an object with step, best_score and best_step"))
     return state
 
 
@@ -343,21 +477,29 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FtlabError(f"{run_dir / 'config.json'} not found: not a training run folder")
-    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()), str(run_dir))
+    cfg = from_dict(TrainConfig, _read_json(run_dir / "config.json"), str(run_dir / "config.json"))
     from ftlab.zo import ZO_OPTIMIZERS
 
     if cfg.optimizer not in ZO_OPTIMIZERS:
         raise FtlabError(f"{run_dir} is a {cfg.optimizer} run; only zeroth-order runs can be replayed")
+    # A sharded run replays in one process: z is indexed by the global element.
+    # An offloaded run was exact (its CPU master never perturbed): replay with exact arithmetic.
+    zo = dataclasses.replace(cfg.zo, exact=True) if cfg.offload else cfg.zo
+    cfg = dataclasses.replace(cfg, fsdp=False, device_map=None, offload=False, zo=zo)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     module, optimizer, scheduler = build_trainer(cfg, model)
-    replay(TrajectoryLog(run_dir), optimizer, scheduler, steps=steps)
+    # A finished run's log must hold every step (a cut log is an error, not a shorter replay).
+    expect = steps if steps is not None else (cfg.steps if (run_dir / "results.json").exists() else None)
+    replay(TrajectoryLog(run_dir), optimizer, scheduler, steps=steps, expect_steps=expect)
     return module, tokenizer
 
 
 def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: RunData,
-            state: dict[str, Any], progress: bool, main: bool = True) -> dict[str, Any]:
+            state: dict[str, Any], progress: bool, main: bool = True,
+            optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load the best weights, evaluate them on test, save the model and the results (the
     saving on rank 0 only; every rank returns the same results)."""
+    _flush(optimizer)  # offload: queued updates land before best.safetensors is copied in
     barrier()  # every rank then loads the last best.safetensors rank 0 wrote, not an older one
     if (out / "best.safetensors").exists() and data.splits.dev and cfg.eval_every:
         load_trainable(module, out / "best.safetensors")
@@ -371,7 +513,26 @@ def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: Run
     results = {"best_step": state["best_step"], "best_dev": state["best_score"],
                "test": test.metrics if test else None, "steps": cfg.steps,
                "splits": {"train": len(sp.train), "dev": len(sp.dev), "test": len(sp.test), "note": sp.note}}
+    if cfg.fsdp:
+        module = _unsharded_copy(cfg, module, main)
     if main:
         save_trained(module, tokenizer, out / "model")
         atomic_write_json(out / "results.json", results)
     return results
+
+
+def _unsharded_copy(cfg: TrainConfig, module: nn.Module, main: bool) -> nn.Module | None:
+    """For saving a sharded run's model: its trainable tensors gathered from every rank (all
+    call this) into a fresh, unsharded copy of the base model built on rank 0's CPU (None on
+    the other ranks). The frozen weights are the base model's own, as in the run."""
+    from ftlab.checkpoint import trainable_state
+    from ftlab.distributed import copy_full_into
+
+    state = trainable_state(module)
+    if not main:
+        return None
+    base, _ = load_model(cfg.model, dtype=cfg.dtype, device="cpu")
+    plain = prepare_model(base, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed_of("init"))
+    for name, p in trainable_parameters(plain):
+        copy_full_into(p, state[name])
+    return plain

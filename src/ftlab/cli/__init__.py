@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 import warnings
@@ -82,6 +81,9 @@ def eval_cmd(
     from ftlab.models import load_model, load_trained
     from ftlab.tasks import load_task, make_splits
 
+    if output is not None and (output.is_dir() or (output.parent.exists() and not output.parent.is_dir())):
+        raise FtlabError(f"--output {output}: {'is a folder' if output.is_dir() else 'its parent is a file'}; "
+                         "give the path of a JSON file, e.g. --output eval.json")
     opts = [o if o.startswith(" ") else " " + o for o in options.split(",")] if options else None
     spec, examples = load_task(task, template=template, options=opts)
     splits = make_splits(examples, seed=seed, n_train=n_train, n_dev=0, n_test=n_test)
@@ -112,7 +114,8 @@ def train_cmd(
     optimizer: Optional[str] = typer.Option(None, help="adamw, sgd, or zeroth-order: mezo, zo-momentum, zo-adam, zo-sign, "
                                                    "sparse-mezo (same as optimizer=...)."),
     mode: Optional[str] = typer.Option(None, help="full, lora or prefix (same as mode=...)."),
-    overwrite: bool = typer.Option(False, help="Delete output_dir first instead of resuming from it."),
+    overwrite: bool = typer.Option(False, help="Delete output_dir first instead of resuming from it (only a "
+                                               "folder ftlab wrote; others are refused, never deleted)."),
     show_config: bool = typer.Option(False, help="Print the resolved config and exit."),
 ) -> None:
     """Fine-tune a model (full, LoRA or prefix; AdamW, SGD or MeZO) with dev-based checkpoint selection.
@@ -131,7 +134,9 @@ def train_cmd(
         return
     # Under torchrun only rank 0 touches the run folder (train() makes the others wait for it).
     if overwrite and is_main():
-        shutil.rmtree(cfg.output_dir, ignore_errors=True)
+        from ftlab.runs import overwrite_dir
+
+        overwrite_dir(cfg.output_dir, "train")  # refuses a folder without ftlab's marker
     results = train(cfg)
     shutdown()
     if is_main():
@@ -142,16 +147,22 @@ def train_cmd(
 @app.command("replay")
 def replay_cmd(
     run_dir: Path = typer.Argument(..., help="A MeZO run folder (config.json + trajectory.bin)."),
-    output: Path = typer.Option(..., help="Where to save the rebuilt model (save_pretrained)."),
+    output: Path = typer.Option(..., help="Where to save the rebuilt model (save_pretrained): a new folder."),
     steps: Optional[int] = typer.Option(None, help="Replay only the first N steps (default: all)."),
+    overwrite: bool = typer.Option(False, help="Replace --output if it holds an earlier replay."),
 ) -> None:
     """Rebuild a MeZO run's weights from its base model and trajectory log (bitwise identical
     to the weights the run had), without running any forward pass."""
     from ftlab.models import save_trained
     from ftlab.train import replay_run
 
-    module, tokenizer = replay_run(run_dir, steps=steps)
-    save_trained(module, tokenizer, output)
+    from ftlab.runs import new_dir
+
+    # Refused before the replay if --output is not free (or an earlier replay, with --overwrite);
+    # written to a temporary folder, renamed into place at the end.
+    with new_dir(output, "replay", overwrite=overwrite) as tmp:
+        module, tokenizer = replay_run(run_dir, steps=steps)
+        save_trained(module, tokenizer, tmp)
     typer.echo(f"rebuilt {run_dir} ({'all' if steps is None else steps} steps) into {output}")
 
 

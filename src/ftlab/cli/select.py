@@ -27,6 +27,13 @@ def _config(config: Optional[str], overrides: Optional[list[str]], extra: list[s
     return cfg
 
 
+def _claimed(cfg: Any) -> Any:
+    """Claim and lock the output folder for a stage (rank 0 under torchrun; see ftlab.runs)."""
+    from ftlab.runs import run_dir
+
+    return run_dir(cfg.output_dir, "select")
+
+
 def _data(cfg: Any) -> tuple[list, list]:
     from ftlab.select.data import load_instructions
 
@@ -69,9 +76,11 @@ def warmup_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[str]
     from ftlab.select.warmup import run_warmup
 
     cfg = _config(config, overrides)
-    pool, _ = _data(cfg)
-    module, tokenizer = load_lora_model(cfg)
-    ckpts = run_warmup(module, tokenizer, pool, cfg.warmup, Path(cfg.output_dir) / "warmup", max_length=cfg.max_length)
+    with _claimed(cfg):
+        pool, _ = _data(cfg)
+        module, tokenizer = load_lora_model(cfg)
+        ckpts = run_warmup(module, tokenizer, pool, cfg.warmup, Path(cfg.output_dir) / "warmup",
+                           max_length=cfg.max_length)
     typer.echo(table([(str(c.epoch), f"{c.mean_lr:.3g}", str(c.path)) for c in ckpts], ("epoch", "mean lr", "checkpoint")))
 
 
@@ -83,11 +92,12 @@ def features_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[st
     from ftlab.select.pipeline import checkpoints_of, gradient_features, load_lora_model
 
     cfg = _config(config, overrides)
-    pool, targets = _data(cfg)
-    ckpts = checkpoints_of(cfg)
-    module, tokenizer = load_lora_model(cfg)
-    train = gradient_features(cfg, module, tokenizer, pool, ckpts, "adam", "train")
-    target = gradient_features(cfg, module, tokenizer, targets, ckpts, "sgd", "target")
+    with _claimed(cfg):
+        pool, targets = _data(cfg)
+        ckpts = checkpoints_of(cfg)
+        module, tokenizer = load_lora_model(cfg)
+        train = gradient_features(cfg, module, tokenizer, pool, ckpts, "adam", "train")
+        target = gradient_features(cfg, module, tokenizer, targets, ckpts, "sgd", "target")
     rows = [(s.manifest.checkpoint, s.manifest.grad_type, str(len(s)), str(s.path)) for s in train.stores + target.stores]
     typer.echo(table(rows, ("checkpoint", "type", "rows", "datastore")))
     skipped = train.skipped + target.skipped
@@ -102,9 +112,11 @@ def score_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[str] 
     from ftlab.select.pipeline import less_from_stores, stored_features, write_outputs
 
     cfg = _config(config, overrides)
-    pool, targets = _data(cfg)
-    ids, scores = less_from_stores(cfg, stored_features(cfg, "train"), stored_features(cfg, "target"), targets)
-    _report(cfg, write_outputs(cfg, pool, ids, scores, []))
+    with _claimed(cfg):
+        pool, targets = _data(cfg)
+        ids, scores = less_from_stores(cfg, stored_features(cfg, "train"), stored_features(cfg, "target"), targets)
+        summary = write_outputs(cfg, pool, ids, scores, [])
+    _report(cfg, summary)
 
 
 @app.command("pipeline")

@@ -42,6 +42,7 @@ from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
 from ftlab.errors import FtlabError
+from ftlab.runs import writes_run_dir
 from ftlab.kernel.store import KernelData, KernelStore
 from ftlab.models.head import output_head
 from ftlab.models.lora_grads import lora_jacobians, lora_layers
@@ -268,6 +269,7 @@ def parameter_blocks(params: dict[str, Tensor], rows: int, max_mb: float) -> lis
     return blocks
 
 
+@writes_run_dir("kernel", "out_dir")  # claims + locks the kernel folder
 def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Sequence[Example],
                    test: Sequence[Example], kspec: KernelSpec, out_dir: str | Path, *,
                    identity: dict[str, Any] | None = None, progress: bool = True) -> KernelData:

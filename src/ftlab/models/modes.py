@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -63,8 +64,22 @@ def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir:
             module.write(tmp)
         else:
             module.save_pretrained(tmp)
+        if mode == "lora":
+            _sort_adapter_config(tmp / _ADAPTER_CONFIG)
         if mode == "full":
             tokenizer.save_pretrained(tmp)
+
+
+def _sort_adapter_config(path: Path) -> None:
+    """Sort the module lists of a saved adapter config: peft keeps ``target_modules`` as a set,
+    so its order (and the file's bytes) would change from one process to the next."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list) and all(isinstance(v, (str, int)) for v in config[key]):
+            config[key] = sorted(config[key], key=str)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def trained_mode(path: str | Path) -> Mode:

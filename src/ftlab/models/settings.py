@@ -4,6 +4,7 @@ config loader reads them to validate YAML)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -25,4 +26,4 @@ class PrefixSettings:
     draws Gaussians with each layer's real-activation mean and std."""
 
     num_tokens: int = 5
-    init: str = "real_activations"
+    init: Literal["real_activations", "random"] = "real_activations"

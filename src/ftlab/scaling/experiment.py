@@ -51,6 +51,7 @@ from ftlab.config import TrainConfig, to_dict
 from ftlab.errors import FtlabError
 from ftlab.evaluate import model_device
 from ftlab.io import atomic_write_json
+from ftlab.runs import writes_run_dir
 from ftlab.models import load_model, trainable_parameters
 from ftlab.objectives import Encoder
 from ftlab.plots import pyplot, save_figure
@@ -102,6 +103,7 @@ def _divided(value: int, kappa: float, name: str) -> int:
     return round(result)
 
 
+@writes_run_dir("scale", "exp.output_dir", validate=variant_configs)  # claims + locks
 def run_experiment(exp: ScalingExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train every run (resuming or skipping finished ones), compare the curves, run the
     noise check, and write ``experiment.json`` and ``experiment.png``; returns the summary."""

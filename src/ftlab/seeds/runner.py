@@ -36,6 +36,7 @@ from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.errors import FtlabError
 from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
+from ftlab.runs import writes_run_dir
 from ftlab.models import load_trained
 from ftlab.tasks import Example, Splits, TaskSpec
 from ftlab.train import RunData, load_run_data, train
@@ -150,6 +151,7 @@ def _single_process() -> Iterator[None]:
         os.environ.update(saved)
 
 
+@writes_run_dir("seeds", "study.output_dir", validate=_validate)  # rank 0 claims + locks
 def run_study(study: SeedStudyConfig, *, progress: bool = True,
               on_run: Callable[[RunSpec, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every run of the grid not done yet; returns all runs' records (on

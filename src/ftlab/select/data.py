@@ -25,7 +25,7 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_file
-from ftlab.objectives import ModelBatch, prompt_ids
+from ftlab.objectives import CHARS_PER_TOKEN_BOUND, ModelBatch, prompt_ids
 from ftlab.tasks.files import jsonl_rows
 
 #: The registered BIG-bench tasks added to the pool beside ``natural_instructions`` (task -> family).
@@ -111,6 +111,18 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
+def _head_ids(tokenizer: Any, text: str, keep: int) -> list[int]:
+    """Token ids of ``text``, of which only the first ``keep`` will be used: a long text is cut
+    (as text) before it is tokenised, so a huge response costs what ``keep`` tokens cost."""
+    window = max(1, keep) * CHARS_PER_TOKEN_BOUND
+    while len(text) > window:
+        ids = tokenizer(text[:window], add_special_tokens=False)["input_ids"]
+        if len(ids) > keep + 1:  # the last, possibly cut, token lies beyond what is kept
+            return ids
+        window *= 4
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer: Any, example: InstructionExample, max_length: int) -> tuple[list[int], int]:
     """Token ids of prompt + response (+ EOS) and the number of response tokens at the end.
 
@@ -119,7 +131,7 @@ def encode(tokenizer: Any, example: InstructionExample, max_length: int) -> tupl
     """
     if max_length < 2:
         raise FtlabError(f"max_length must be >= 2, got {max_length}")
-    response = tokenizer(example.response, add_special_tokens=False)["input_ids"] if example.response else []
+    response = _head_ids(tokenizer, example.response, max_length // 2) if example.response else []
     if response and tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
     response = response[:max_length // 2]

@@ -7,12 +7,18 @@ Layout of a datastore folder::
     shard-00000.ids.json     the ids of those rows, in order
     ...
 
-Kill safety: a shard's ids file and data file are each written to a temp name and renamed, and
-only then is the manifest (rewritten atomically) extended to list them. After a kill the
-manifest lists exactly the durable shards; anything else is an orphan that the resumed writer
-overwrites. Reopening a :class:`DatastoreWriter` on the same folder resumes: ``done_ids()`` says
-which examples to skip and rows for them are never written twice. Readers check every shard's
-size against the manifest, so a truncated or replaced file is reported, never silently read.
+Kill safety: a shard's ids file and data file are each written to a temp name, fsynced and
+renamed, and only then is the manifest (rewritten atomically) extended to list them. After a
+kill the manifest lists exactly the durable shards; anything else is an orphan that the resumed
+writer overwrites. Reopening a :class:`DatastoreWriter` on the same folder resumes: ``done_ids()``
+says which examples to skip and rows for them are never written twice.
+
+Integrity: the manifest is validated field by field (a malformed one is a one-line error naming
+the manifest and the field; shard file names must be plain names inside the folder). Readers
+check every shard's size when the store is opened, and each shard's content against its
+checksum before its first row is read (CRC-32, 2-4 GB/s: see :meth:`Datastore.open`), so a
+truncated, replaced or bit-flipped shard is reported, never silently read. Each shard carries a
+CRC-32 (the fast check) and a SHA-256 (:meth:`Datastore.verify`).
 
 Row ``i`` of a store is ``ids[i]``: ids are kept per shard in shard order, and merges keep (or
 re-establish, with ``order``) that mapping exactly.
@@ -20,10 +26,14 @@ re-establish, with ``order``) that mapping exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import mmap
+import os
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -56,7 +66,8 @@ class DatastoreManifest:
         dtype: storage dtype, ``"float16"`` or ``"float32"``.
         projection: the :class:`ProjectionSpec` as a dict (``None`` for unprojected features).
         extra: free-form metadata (e.g. the checkpoint's mean learning rate).
-        shards: ``{"file", "ids", "rows", "bytes", "sha256"}`` per shard, in row order.
+        shards: ``{"file", "ids", "rows", "bytes", "crc32", "sha256"}`` per shard, in row order
+            (stores written before ``crc32`` was added are checked with their ``sha256``).
         complete: ``True`` once the writer was closed; readers refuse an incomplete store.
     """
 
@@ -105,14 +116,94 @@ class DatastoreManifest:
         return cls(**d)
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Manifest field -> (check, what it must be, required). Optional fields get the dataclass default.
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "model": (lambda x: isinstance(x, str), "a string", True),
+    "checkpoint": (lambda x: isinstance(x, str), "a string", True),
+    "grad_type": (lambda x: isinstance(x, str), "a string", True),
+    "dim": (lambda x: _is_int(x) and x >= 1, "a positive integer", True),
+    "dtype": (lambda x: x in DTYPES, f"one of {', '.join(DTYPES)}", True),
+    "projection": (lambda x: x is None or isinstance(x, dict), "an object or null", False),
+    "extra": (lambda x: isinstance(x, dict), "an object", False),
+    "shards": (lambda x: isinstance(x, list), "a list", True),
+    "complete": (lambda x: isinstance(x, bool), "true or false", True),
+    "version": (lambda x: _is_int(x), "an integer", False),
+}
+_SHARD_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "file": (lambda x: _plain_name(x), "a plain file name inside the datastore folder", True),
+    "ids": (lambda x: _plain_name(x), "a plain file name inside the datastore folder", True),
+    "rows": (lambda x: _is_int(x) and x >= 0, "a non-negative integer", True),
+    "bytes": (lambda x: _is_int(x) and x >= 0, "a non-negative integer", True),
+    "crc32": (lambda x: _is_int(x) and 0 <= x < 1 << 32, "a 32-bit unsigned integer", False),
+    "sha256": (lambda x: isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x),
+               "64 lowercase hex digits", False),
+}
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name that stays inside the folder: no separator, not absolute, not ``.``/``..``."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not os.path.isabs(name) and not (os.altsep and os.altsep in name))
+
+
+def _bad_field(file: Path, field: str, must: str, value: Any) -> FtlabError:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return FtlabError(f"{file}: field {field!r} must be {must}, got {shown}; the manifest is damaged: "
+                      f"delete the folder and rewrite the datastore")
+
+
+def _check_fields(file: Path, d: dict[str, Any], spec: dict, where: str = "") -> None:
+    for key, (ok, must, required) in spec.items():
+        if key not in d:
+            if required:
+                raise FtlabError(f"{file}: field {where + key!r} is missing; the manifest is damaged: delete the "
+                                 f"folder and rewrite the datastore")
+        elif not ok(d[key]):
+            raise _bad_field(file, where + key, must, d[key])
+
+
+def _parse_manifest(file: Path, d: Any) -> DatastoreManifest:
+    """The manifest in ``d`` (parsed JSON), every field checked; a one-line error naming
+    ``file`` and the field otherwise."""
+    if not isinstance(d, dict):
+        raise FtlabError(f"{file} is not a datastore manifest (a JSON {type(d).__name__}, not an object); "
+                         f"delete the folder and rewrite it")
+    version = d.get("version", FORMAT_VERSION)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(DatastoreManifest)})
+    if (_is_int(version) and version > FORMAT_VERSION) or unknown:
+        raise FtlabError(f"{file}: datastore manifest version {version} with fields {unknown} is newer than this "
+                         f"ftlab (version {FORMAT_VERSION}); upgrade ftlab")
+    _check_fields(file, d, _FIELDS)
+    seen: dict[str, int] = {}
+    for k, shard in enumerate(d["shards"]):
+        if not isinstance(shard, dict):
+            raise _bad_field(file, f"shards[{k}]", "an object", shard)
+        _check_fields(file, shard, _SHARD_FIELDS, f"shards[{k}].")
+        for key in ("file", "ids"):
+            if seen.setdefault(shard[key], k) != k:
+                raise FtlabError(f"{file}: field 'shards[{k}].{key}' names {shard[key]!r}, already used by shard "
+                                 f"{seen[shard[key]]}; the manifest is damaged: delete the folder and rewrite it")
+    if isinstance(d.get("projection"), dict) and not _is_int(d["projection"].get("dim_out", d["dim"])):
+        raise _bad_field(file, "projection.dim_out", "an integer", d["projection"]["dim_out"])
+    try:
+        return DatastoreManifest.from_dict(d)
+    except FtlabError as e:
+        raise FtlabError(f"{file}: {e}") from None
+
+
 def _read_manifest(path: Path) -> DatastoreManifest | None:
     file = path / MANIFEST
     if not file.exists():
         return None
     try:
-        return DatastoreManifest.from_dict(json.loads(file.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise FtlabError(f"{file} is not a datastore manifest ({e}); delete the folder and rewrite it") from e
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FtlabError(f"{file} is not a datastore manifest ({e}); delete the folder and rewrite it") from None
+    return _parse_manifest(file, d)
 
 
 def _itemsize(dtype: str) -> int:
@@ -134,33 +225,72 @@ def _check_shard(path: Path, shard: dict[str, Any], dim: int, dtype: str) -> Non
 def _read_ids(path: Path, shard: dict[str, Any]) -> list[str]:
     file = path / shard["ids"]
     try:
-        ids = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FtlabError(f"datastore ids file {file} is unreadable ({e}); delete {path} and rewrite it") from e
+        ids = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FtlabError(f"datastore ids file {file} is unreadable ({e}); delete {path} and rewrite it") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise FtlabError(f"datastore ids file {file} is not a JSON list of strings; delete {path} and rewrite it")
     if len(ids) != shard["rows"]:
         raise FtlabError(f"datastore ids file {file} lists {len(ids)} ids for {shard['rows']} rows; "
                          f"delete {path} and rewrite it")
     return ids
 
 
+def _digest(file: Path, kind: str) -> int | str:
+    """``kind`` ("crc32" or "sha256") of ``file``'s content, over a read-only map of the file:
+    no copy into Python buffers (3x faster than reading blocks on a box with slow memcpy)."""
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        with (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"")) as data:
+            if size and hasattr(data, "madvise"):
+                data.madvise(mmap.MADV_SEQUENTIAL)
+            return hashlib.sha256(data).hexdigest() if kind == "sha256" else zlib.crc32(data)
+
+
+def _check_content(path: Path, shard: dict[str, Any], strong: bool = False) -> bool:
+    """Raise if the shard's content does not match its checksum (CRC-32 if the manifest has
+    one, else SHA-256; ``strong``: SHA-256 when it has one); False if it has none."""
+    kinds = [k for k in (("sha256", "crc32") if strong else ("crc32", "sha256")) if k in shard]
+    if not kinds:
+        return False
+    if _digest(path / shard["file"], kinds[0]) != shard[kinds[0]]:
+        raise FtlabError(f"datastore shard {path / shard['file']} does not match its checksum ({kinds[0]}; "
+                         f"corrupted on disk or in a copy); delete {path} and rewrite it")
+    return True
+
+
 class Datastore:
     """A complete, validated datastore opened for reading (see :meth:`open`)."""
 
-    def __init__(self, path: Path, manifest: DatastoreManifest, ids: list[str]):
+    def __init__(self, path: Path, manifest: DatastoreManifest, ids: list[str], verify: bool = True):
         self.path = path
         self.manifest = manifest
         self.ids = ids
+        self.verify_reads = verify
+        self._verified: set[int] = set()  # shards whose checksum was checked (or that have none)
         counts = [s["rows"] for s in manifest.shards]
         # starts[k] is shard k's first global row; the last entry is the total.
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
     @classmethod
-    def open(cls, path: str | Path) -> "Datastore":
+    def open(cls, path: str | Path, verify: bool = True) -> "Datastore":
         """Open the datastore in ``path``, checking the manifest, every shard's size and ids.
 
+        With ``verify`` (the default) each shard's content is also checked against its CRC-32
+        **lazily**: the first time a row of that shard is read (by :meth:`read`, :meth:`take`,
+        :meth:`iter_chunks`), before any row of it is returned, so a flipped bit is an error
+        rather than a wrong score. This reads each shard used once more (through a read-only
+        map, no copy), once per opened store: zlib's CRC-32 runs at 2-4 GB/s on one core, and
+        reading a whole 1 GiB float16 store as float32 from a warm page cache took 1.3 s
+        instead of 0.56 s on a 2-core AMD EPYC VM (+0.4-0.7 s per GiB; SHA-256, 1.8 GB/s, for
+        stores written before the CRC-32 was added), plus the second read from disk if the
+        file is not cached. Stores whose manifest lists no checksum (hand-made ones) are read
+        unverified. ``verify=False`` skips the content check (sizes and ids are still checked).
+
         Raises:
-            FtlabError: no manifest, an incomplete store (writer not closed), a missing or
-                truncated shard, or ids that do not match the rows.
+            FtlabError: no manifest, a malformed manifest (naming the field), an incomplete
+                store (writer not closed), a missing or truncated shard, or ids that do not
+                match the rows; later, on the first read of a shard, a checksum mismatch.
         """
         path = Path(path)
         manifest = _read_manifest(path)
@@ -175,7 +305,7 @@ class Datastore:
             ids.extend(_read_ids(path, shard))
         if len(set(ids)) != len(ids):
             raise FtlabError(f"datastore {path} holds duplicate ids; delete it and rewrite it")
-        return cls(path, manifest, ids)
+        return cls(path, manifest, ids, verify=verify)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -192,6 +322,9 @@ class Datastore:
         long-lived map of a 16 GB store would stay counted in RSS after being read.
         """
         info = self.manifest.shards[shard]
+        if self.verify_reads and shard not in self._verified:
+            _check_content(self.path, info)
+            self._verified.add(shard)
         row_bytes = self.dim * _itemsize(self.manifest.dtype)
         dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
         # Copy-on-write mode only so torch.from_numpy accepts it (it warns on read-only arrays);
@@ -235,19 +368,18 @@ class Datastore:
             yield start, self.read(start, start + rows)
 
     def verify(self) -> None:
-        """Check every shard's SHA-256 against the manifest (reads the whole store).
+        """Check every shard now against its SHA-256 (its CRC-32 if it has no SHA-256; reads
+        the whole store).
 
         Raises:
-            FtlabError: naming the first shard whose content changed.
+            FtlabError: naming the first shard whose content changed, or a store whose manifest
+                lists no checksum (it cannot be verified).
         """
-        for shard in self.manifest.shards:
-            digest = hashlib.sha256()
-            with open(self.path / shard["file"], "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-            if digest.hexdigest() != shard["sha256"]:
-                raise FtlabError(f"datastore shard {self.path / shard['file']} does not match its checksum "
-                                 f"(corrupted); delete {self.path} and rewrite it")
+        for k, shard in enumerate(self.manifest.shards):
+            if not _check_content(self.path, shard, strong=True):
+                raise FtlabError(f"datastore {self.path} lists no checksum for shard {shard['file']}: it cannot be "
+                                 f"verified; rewrite it with this ftlab")
+            self._verified.add(k)
 
 
 def _representable(rows: np.ndarray, dtype: str) -> np.ndarray:
@@ -343,7 +475,8 @@ class DatastoreWriter:
         with atomic_file(self.path / f"{name}.bin", "wb") as f:
             f.write(raw)
         self.manifest.shards.append({"file": f"{name}.bin", "ids": f"{name}.ids.json", "rows": n,
-                                     "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()})
+                                     "bytes": len(raw), "crc32": zlib.crc32(raw),
+                                     "sha256": hashlib.sha256(raw).hexdigest()})
         self.manifest.complete = False
         atomic_write_json(self.path / MANIFEST, self.manifest.to_dict())
         self._done.update(ids)

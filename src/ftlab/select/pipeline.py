@@ -31,6 +31,7 @@ from torch import nn
 from ftlab.distributed import barrier, init_from_env, is_main, rank_device
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_file, atomic_write_json
+from ftlab.runs import writes_run_dir
 from ftlab.models import LoraSettings, load_model, prepare_model, trainable_parameters
 from ftlab.plots import pyplot, save_figure
 from ftlab.select.baselines import random_scores, representation_scores, representation_store
@@ -230,6 +231,7 @@ def plot_selection(scores: np.ndarray, selected: Sequence[int], families: Sequen
     return save_figure(fig, png, dpi=110)
 
 
+@writes_run_dir("select", "cfg.output_dir", validate=check_config)  # rank 0 claims + locks
 def run_pipeline(cfg: SelectConfig, model: nn.Module | None = None, tokenizer: Any = None,
                  progress: bool = True) -> dict[str, Any]:
     """Run the selection of ``cfg`` end to end (resumable) and write its outputs; returns the

@@ -3,7 +3,8 @@
 A row needs every field the template names (``{text}`` -> ``text``) plus, for
 classification, a label and, for generation (``metric="f1"``), its gold answers. A label may
 be an option index (``1`` or ``"1"``), one of ``label_names`` or an option with its
-whitespace stripped (``"great"`` for ``" great"``), case-insensitively. Every problem is an
+whitespace stripped (``"great"`` for ``" great"``): exactly, or else case-insensitively when
+that names one label only (options ``" Great"`` and ``" great"`` need the exact word). Every problem is an
 :class:`FtlabError` naming the file, line and field. Loading writes nothing.
 """
 
@@ -30,9 +31,16 @@ class LabelParser:
             raise FtlabError(f"task {spec.name!r}: {len(label_names)} label_names {label_names} "
                              f"for {n} options {spec.options}")
         self._n = n
-        self._by_name: dict[str, int] = {o.strip().lower(): i for i, o in enumerate(spec.options)}
-        # label_names win over option words when both name a label
-        self._by_name.update({name.strip().lower(): i for i, name in enumerate(label_names or [])})
+        # Exact words first (whitespace stripped); label_names win over option words.
+        self._by_name: dict[str, int] = {o.strip(): i for i, o in enumerate(spec.options)}
+        self._by_name.update({name.strip(): i for i, name in enumerate(label_names or [])})
+        # Then case-insensitive matches, for words whose lower case names a single label.
+        by_lower: dict[str, set[int]] = {}
+        for word, i in self._by_name.items():
+            by_lower.setdefault(word.lower(), set()).add(i)
+        self._by_lower = {w: next(iter(ix)) for w, ix in by_lower.items() if len(ix) == 1}
+        self._ambiguous = {w: sorted(ix) for w, ix in by_lower.items() if len(ix) > 1}
+        self._words = [o.strip() for o in (label_names or spec.options)]
         self._valid = f"0..{n - 1}, " + ", ".join(repr(name) for name in self._by_name)
 
     def __call__(self, value: Any, where: str, field: str) -> int:
@@ -42,7 +50,14 @@ class LabelParser:
         elif isinstance(value, str) and value.strip().isdigit():
             index = int(value.strip())
         elif isinstance(value, str):
-            index = self._by_name.get(value.strip().lower())
+            word = value.strip()
+            index = self._by_name.get(word)
+            if index is None and word.lower() in self._ambiguous:
+                which = " and ".join(repr(self._words[i]) for i in self._ambiguous[word.lower()])
+                raise FtlabError(f"{where}: field {field!r}: label {value!r} could be {which}, which differ "
+                                 "only in case; write the label exactly as the option (or its index)")
+            if index is None:
+                index = self._by_lower.get(word.lower())
         if index is None or not 0 <= index < self._n:
             raise FtlabError(f"{where}: field {field!r}: label {value!r} is not recognised; "
                              f"valid labels: {self._valid}")
@@ -119,6 +134,8 @@ def to_examples(rows: Iterable[Row], spec: TaskSpec, *, id_prefix: str, label_fi
 
 def _field(row: Mapping[str, Any], name: str, where: str) -> Any:
     value = row.get(name)
+    if value is None and name in row:
+        raise FtlabError(f"{where}: field {name!r} is null; give it a value (or drop the row)")
     if value is None:
         present = ", ".join(repr(k) for k in row if k is not None) or "none"
         raise FtlabError(f"{where}: missing field {name!r} (fields present: {present})")
@@ -163,8 +180,8 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
 def _csv_rows(path: Path) -> Iterator[Row]:
     reader = csv.DictReader(_lines(path))
     try:
-        for row in reader:
-            yield f"{path}:{reader.line_num}", row
+        for row in reader:  # a short row's missing cells are None: drop them (missing, not null)
+            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v is not None}
     except csv.Error as e:
         raise FtlabError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 CHUNK = 1 << 16  # default entries of z handled at once (256 KiB in fp32): bounds every temporary
 
@@ -15,11 +16,13 @@ class ZOSettings:
     eps: float = 1e-3
     n_perturbations: int = 1
     one_sided: bool = False
-    distribution: str = "gaussian"  # gaussian | rademacher
-    generator: str = "table"  # table (shared noise table, fast) | torch (fresh draws)
-    # Entries of z handled at a time. Part of z's definition (a run replays only with its own
-    # value). Small bounds the temporaries on CPU; on a GPU each chunk costs a kernel launch, so
-    # raise it there (table generator: chunks are views of the table, no temporaries at all).
+    distribution: Literal["gaussian", "rademacher"] = "gaussian"
+    # strided: one view of the shared noise table per tensor, a fixed number of ops a step
+    # (default) | table: the earlier chunked design (a loop over chunks) | torch: fresh draws.
+    # See ftlab.zo.directions.
+    generator: Literal["strided", "table", "torch"] = "strided"
+    # Entries per row of z (strided) or per chunk (table, torch). Part of z's definition (a run
+    # replays only with its own value). The strided generator's cost does not depend on it.
     chunk_size: int = CHUNK
     # Perturb inside module forwards so theta is restored exactly (None: on for bf16/fp16).
     exact: bool | None = None

@@ -1,0 +1,421 @@
+"""Run folders: ftlab's marker, claiming a folder, replacing one, and the one-writer lock.
+
+Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel compute``,
+``seeds run``, ``scale experiment``) claims it first:
+
+* **marker** -- ``.ftlab-run.json`` (kind, creation time, ftlab version), written into every
+  folder ftlab creates. It is what lets ftlab tell its own folders from the user's.
+* :func:`claim_dir` -- create the folder, or accept an existing one that is empty, carries the
+  marker of the same kind, or was written by an ftlab version before the marker (every entry is
+  a name ftlab writes for that kind); anything else is refused in one line. ftlab writes into a
+  folder only after claiming it.
+* :func:`overwrite_dir` -- move a folder *with the marker* (or an old ftlab folder recognised as
+  above) aside with one ``os.rename`` and delete the moved copy; a folder without it is refused,
+  never deleted.
+* :class:`RunLock` -- ``.ftlab.lock`` inside the folder, created exclusively (``O_CREAT|O_EXCL``)
+  and held with ``fcntl.flock`` for the life of the command: a second command writing the same
+  folder is refused in one line. A lock left by a dead process of this host is taken over (with a
+  warning); one of a live process, or of another host, is not.
+
+:func:`run_dir` does claim + lock (+ marker) as a context manager, on rank 0 only under
+``torchrun``; :func:`writes_run_dir` decorates a function whose config names the folder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime as _dt
+import errno
+import functools
+import inspect
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from ftlab.errors import FtlabError
+
+try:  # POSIX; elsewhere the exclusive create alone guards the folder
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+MARKER = ".ftlab-run.json"
+LOCK = ".ftlab.lock"
+KINDS = ("train", "replay", "select", "kernel", "seeds", "scale")
+
+# What ftlab versions before the marker wrote into a folder of each kind: a folder holding only
+# these names (and ftlab's hidden temporaries) is recognised as ftlab's own.
+_KNOWN_NAMES: dict[str, frozenset[str]] = {
+    "train": frozenset({"config.json", "metrics.jsonl", "checkpoint", "best.safetensors", "model",
+                        "results.json", "trajectory.bin", "training.png", "seed_run.json"}),
+    "seeds": frozenset({"study.json", "runs", "results.json", "barriers.json"}),
+    "scale": frozenset({"experiment.json", "experiment.png", "base", "rule", "naive", "linear"}),
+    "select": frozenset({"warmup", "features", "representations", "selected.jsonl", "scores.csv",
+                         "selected_data.jsonl", "selection.png", "summary.json"}),
+    "kernel": frozenset({"manifest.json", "partial.safetensors", "kernel.safetensors"}),
+    "replay": frozenset(),
+}
+# A lock file without a readable record (its writer died between creating and filling it) is
+# treated as in use for this long, then as stale.
+_UNREADABLE_LOCK_GRACE_S = 10.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _version() -> str:
+    from ftlab import __version__
+
+    return __version__
+
+
+# -- marker ---------------------------------------------------------------------------------
+
+
+def read_marker(path: str | Path) -> dict[str, Any] | None:
+    """The marker of folder ``path`` (``None`` if it has none; a damaged marker is an error)."""
+    file = Path(path) / MARKER
+    if not file.is_file():
+        return None
+    try:
+        marker = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FtlabError(f"{file} is damaged ({type(e).__name__}); restore it or choose another folder") from None
+    if not isinstance(marker, dict) or marker.get("kind") not in KINDS:
+        raise FtlabError(f"{file} is damaged (no valid 'kind'); restore it or choose another folder")
+    return marker
+
+
+def write_marker(path: str | Path, kind: str) -> None:
+    """Mark ``path`` as an ftlab folder of ``kind`` (kept as it is if it is already marked)."""
+    from ftlab.io import atomic_write_json
+
+    _check_kind(kind)
+    if (Path(path) / MARKER).is_file():
+        return
+    atomic_write_json(Path(path) / MARKER, {"kind": kind, "created": _now(), "ftlab_version": _version()})
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown run-folder kind {kind!r}; one of {KINDS}")
+
+
+def _ours_hidden(name: str) -> bool:
+    """ftlab's own hidden files: the marker, the lock, atomic-write temporaries."""
+    return name in (MARKER, LOCK) or (name.startswith(".") and name.endswith((".tmp", ".old", ".new")))
+
+
+def _written_by_old_ftlab(path: Path, kind: str) -> bool:
+    """True if every entry of ``path`` is a name ftlab writes into a ``kind`` folder (and there is one)."""
+    names = [p.name for p in path.iterdir() if not _ours_hidden(p.name)]
+    return bool(names) and all(n in _KNOWN_NAMES[kind] for n in names)
+
+
+def _is_empty(path: Path) -> bool:
+    return all(_ours_hidden(p.name) and p.name != MARKER for p in path.iterdir())
+
+
+def _foreign(path: Path) -> FtlabError:
+    return FtlabError(f"{path} exists and was not written by ftlab (no {MARKER}); choose another output_dir "
+                      "— ftlab never deletes folders it did not create")
+
+
+def ownership(path: str | Path, kind: str) -> str:
+    """How ftlab sees folder ``path`` for a command of ``kind``: ``"absent"``, ``"empty"``,
+    ``"ours"`` (marker of this kind, or an old ftlab folder of this kind), or raises
+    :class:`FtlabError` (not a folder, another kind, not ftlab's)."""
+    _check_kind(kind)
+    path = Path(path)
+    if not path.exists():
+        return "absent"
+    if not path.is_dir():
+        raise FtlabError(f"{path} exists and is a file, not a folder; choose another output_dir")
+    marker = read_marker(path)
+    if marker is not None:
+        if marker["kind"] != kind:
+            raise FtlabError(f"{path} is an ftlab {marker['kind']} folder, not a {kind} one; "
+                             "choose another output_dir")
+        return "ours"
+    if _is_empty(path):
+        return "empty"
+    if _written_by_old_ftlab(path, kind):
+        return "ours"
+    raise _foreign(path)
+
+
+def claim_dir(path: str | Path, kind: str) -> Path:
+    """Create folder ``path`` for a ``kind`` command, or accept it (see :func:`ownership`), and
+    mark it; refuses anything else with one line. Takes no lock (see :func:`run_dir`)."""
+    path = Path(path)
+    if ownership(path, kind) == "absent":
+        path.mkdir(parents=True, exist_ok=True)
+    write_marker(path, kind)
+    return path
+
+
+def overwrite_dir(path: str | Path, kind: str) -> bool:
+    """Delete ftlab folder ``path`` to start afresh: it is first moved aside with one
+    ``os.rename`` (to ``.<name>.replaced-<time>``, so no half-deleted folder is ever left at
+    ``path``), then the moved copy is deleted. Only a folder ftlab wrote (see
+    :func:`ownership`) and that no ftlab command is writing is deleted; anything else is
+    refused with one line. Returns whether something was deleted."""
+    path = Path(path)
+    state = ownership(path, kind)
+    if state == "absent":
+        return False
+    if state == "empty" and not any(path.iterdir()):
+        return False
+    with RunLock(path):  # refuses a folder another command is writing
+        trash = path.with_name(f".{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+# -- lock -----------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _flock(fd: int, blocking: bool) -> bool:
+    """Take the flock; False if another holds it. A file system without flock counts as taken."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return True  # ENOLCK, EOPNOTSUPP...: rely on the exclusive create and the pid check
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``<folder>/.ftlab.lock``), held until :meth:`release`
+    (or the process exits). Use as a context manager."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "RunLock":
+        if self._fd is not None:
+            return self
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                fd = self._take_over_if_stale()
+                if fd is None:
+                    continue  # the lock was released meanwhile: try again
+            else:
+                _flock(fd, blocking=True)  # others hold it only for a moment while they read
+            self._fd = fd
+            self._write_record()
+            atexit.register(self.release)
+            return self
+        raise FtlabError(f"{self.folder}: could not take the lock {self.path} (it keeps changing hands); "
+                         "is another ftlab command starting in this folder?")
+
+    def _write_record(self) -> None:
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                             "argv": sys.argv[:8]}).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, record, 0)
+        os.fsync(self._fd)
+
+    def _take_over_if_stale(self) -> int | None:
+        """The fd of the existing lock file once taken over, ``None`` if it vanished; raises
+        :class:`FtlabError` if a live process holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            free = _flock(fd, blocking=False)
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:  # released (unlinked) between our open and flock
+                os.close(fd)
+                return None
+            info = self._read(fd)
+            if not free:
+                raise self._in_use(info)
+            if info is None:
+                age = time.time() - os.fstat(fd).st_mtime
+                if age < _UNREADABLE_LOCK_GRACE_S:
+                    raise self._in_use(None)
+            elif info.get("host") != socket.gethostname() or _pid_alive(int(info.get("pid", -1))):
+                raise self._in_use(info)
+            who = "an unreadable lock" if info is None else \
+                f"a stale lock of pid {info.get('pid')} (no longer running, started {info.get('started')})"
+            print(f"warning: {self.folder}: taking over {who}; the folder keeps what that command "
+                  "wrote", file=sys.stderr)
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any] | None:
+        try:
+            info = json.loads(os.pread(fd, 65536, 0).decode())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        return info if isinstance(info, dict) and "pid" in info else None
+
+    def _in_use(self, info: dict[str, Any] | None) -> FtlabError:
+        if info is None:
+            return FtlabError(f"{self.folder} is in use (another ftlab command is starting to write it); wait "
+                              "for it or pass another output dir")
+        return FtlabError(f"{self.folder} is in use by pid {info.get('pid')} on host {info.get('host')} since "
+                          f"{info.get('started')} (another ftlab command is writing it); wait for it or pass "
+                          f"another output dir (if no such command runs, delete {self.path})")
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(ValueError):
+            atexit.unregister(self.release)
+        try:
+            # Unlink while still holding the flock, so nobody takes over a file we still own.
+            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                self.path.unlink()
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# -- claim + lock ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_dir(path: str | Path, kind: str, *, main: bool | None = None) -> Iterator[Path]:
+    """Claim folder ``path`` for a ``kind`` command, lock it, mark it, and hold the lock for
+    the ``with`` block. ``main=None`` asks :func:`ftlab.distributed.is_main`: under ``torchrun``
+    only rank 0 claims and locks (the others get the path and must wait for rank 0, as they
+    already do before reading the folder)."""
+    path = Path(path)
+    if main is None:
+        from ftlab.distributed import is_main
+
+        main = is_main()
+    if not main:
+        yield path
+        return
+    if ownership(path, kind) == "absent":
+        path.mkdir(parents=True, exist_ok=True)
+    with RunLock(path):
+        ownership(path, kind)  # again, under the lock
+        write_marker(path, kind)
+        yield path
+
+
+def writes_run_dir(kind: str, where: str, validate: Callable[[Any], Any] | None = None) -> Callable[[F], F]:
+    """Decorator: run the function inside :func:`run_dir` for the folder named by ``where``:
+    an argument name, optionally with attributes (``"cfg.output_dir"``). The argument (a
+    config) is checked first -- by ``validate(arg)`` if given, else by its own ``validate()``
+    method if it has one -- so a bad config writes nothing."""
+    arg, *attrs = where.split(".")
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            root = value = bound.arguments[arg]
+            if validate is not None:
+                validate(root)
+            elif callable(getattr(root, "validate", None)):
+                root.validate()
+            for attr in attrs:
+                value = getattr(value, attr)
+            with run_dir(value, kind):
+                return fn(*args, **kwargs)
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
+# -- whole folders written at once ----------------------------------------------------------
+
+
+def _check_replaceable(path: Path, kind: str, overwrite: bool) -> None:
+    state = ownership(path, kind)  # refuses files, other kinds and folders ftlab did not write
+    if state == "ours" and not overwrite:
+        raise FtlabError(f"{path} already holds an ftlab {kind} output; pass --overwrite to replace it, "
+                         "or choose another output folder")
+
+
+@contextlib.contextmanager
+def new_dir(path: str | Path, kind: str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole folder at once: the ``with`` block fills a temporary sibling, which is
+    then marked and renamed onto ``path``. ``path`` may be absent or empty; an ftlab folder of
+    the same ``kind`` is replaced only with ``overwrite`` (moved aside, then deleted, as in
+    :func:`overwrite_dir`); anything else is refused, before the block runs and again before the
+    rename. If the block fails, ``path`` is left as it was."""
+    path = Path(path)
+    _check_replaceable(path, kind, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{kind}-{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_marker(tmp, kind)
+        _check_replaceable(path, kind, overwrite)
+        trash = None
+        if path.exists():
+            trash = path.with_name(f".{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            with RunLock(path):
+                os.rename(path, trash)
+        try:
+            os.rename(tmp, path)
+        except OSError as e:
+            if trash is not None:
+                os.rename(trash, path)
+            raise FtlabError(f"{path}: could not move the new output into place ({e.strerror}); "
+                             "did another command create it meanwhile?") from None
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
