@@ -176,6 +176,14 @@ def add_z(theta: Tensor, piece: Piece, coef: float) -> None:
         theta.add_(piece.z, alpha=piece.sign * coef)
 
 
+def add_z_into(out: Tensor, theta: Tensor, piece: Piece, coef: float) -> None:
+    """``out = theta + coef * sign * z`` (one kernel; ``theta`` is left as it is)."""
+    if isinstance(piece.sign, Tensor):
+        torch.addcmul(theta, piece.z, piece.sign, value=coef, out=out)
+    else:
+        torch.add(theta, piece.z, alpha=piece.sign * coef, out=out)
+
+
 def signed_z(piece: Piece, coef: float, dtype: torch.dtype) -> Tensor:
     """A new tensor ``coef * sign * z`` in ``dtype`` (the variants' gradient estimate)."""
     if isinstance(piece.sign, Tensor):

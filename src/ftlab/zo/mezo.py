@@ -24,9 +24,11 @@ loss; ``n_perturbations > 1`` averages the estimates of n seeds, all taken at th
 **Exact mode** (``exact=True``; the default for bf16/fp16 parameters). In low precision
 ``theta + eps*z - 2*eps*z + eps*z`` does not round back to theta, so in-place MeZO drifts
 (silently: the drift is not in the update). In exact mode theta is never moved by a
-perturbation: forward hooks on the modules that hold trainable parameters perturb a module's
-parameters just before its forward and copy the saved values back right after it (one
-module's parameters are saved at a time -- at most the largest module, e.g. the embedding).
+perturbation: a forward pre-hook on each module that holds trainable parameters points them
+at a perturbed copy, ``theta + eps z`` made out of place (one ``addcmul`` per piece: theta is
+read once, the copy written once), and a forward hook points them back at theta right after
+the module ran (one module's copies exist at a time -- at most the largest module, e.g. the
+embedding).
 The parameters after a step are therefore exactly what the update alone gives, and a replay
 only redoes updates. Call :meth:`MeZO.attach` with the model once.
 
@@ -49,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ftlab.errors import FtlabError
-from ftlab.zo.directions import (DISTRIBUTIONS, GENERATORS, TABLE_SIZE, Piece, add_z, chunked_pieces,
+from ftlab.zo.directions import (DISTRIBUTIONS, GENERATORS, TABLE_SIZE, Piece, add_z, add_z_into, chunked_pieces,
                                  local_part, param_seed, strided_pieces)
 from ftlab.zo.settings import CHUNK
 
@@ -316,6 +318,16 @@ class MeZO(torch.optim.Optimizer):
         self._attached = True
 
     @torch.no_grad()
+    def perturbed(self, step_seed: int, index: int, p: Tensor, coef: float) -> Tensor:
+        """A new tensor ``theta + coef * z`` (parameter ``index``; theta is not written): one
+        ``addcmul`` per piece, reading theta and writing the copy once."""
+        local = local_part(p)[0]
+        out = torch.empty_like(local, memory_format=torch.contiguous_format)
+        for theta, piece in self._moves(step_seed, index, p):
+            add_z_into(out.as_strided(theta.shape, theta.stride(), piece.where.start), theta, piece, coef)
+        return out
+
+    @torch.no_grad()
     def _perturb_hook(self, params: list[Tensor], index: dict[int, int], module: nn.Module, args: tuple) -> None:
         done = []
         if self._active is not None:
@@ -323,23 +335,22 @@ class MeZO(torch.optim.Optimizer):
             for p in params:
                 if id(p) in self._saved:  # already perturbed by an enclosing forward
                     continue
-                self._saved[id(p)] = p.detach().clone()
-                for theta, piece in self._moves(seed, index[id(p)], p):
-                    add_z(theta, piece, coef)
+                self._saved[id(p)] = p.data  # theta itself is kept, never written
+                p.data = self.perturbed(seed, index[id(p)], p, coef)
                 done.append(p)
         self._stack.append(done)
 
     @torch.no_grad()
     def _restore_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         for p in self._stack.pop() if self._stack else []:
-            p.data.copy_(self._saved.pop(id(p)))
+            p.data = self._saved.pop(id(p))
 
     @torch.no_grad()
     def _restore_all(self) -> None:
-        """Copy back what a forward left perturbed (it raised before its hooks could)."""
+        """Point back what a forward left perturbed (it raised before its hooks could)."""
         by_id = {id(p): p for _, p, _ in self._params()}
         for key, value in self._saved.items():
-            by_id[key].data.copy_(value)
+            by_id[key].data = value
         self._saved.clear()
         self._stack.clear()
 

@@ -74,7 +74,6 @@ from torch import Tensor, nn
 
 from ftlab.distributed import blocks_of
 from ftlab.errors import FtlabError
-from ftlab.zo.directions import add_z
 from ftlab.zo.mezo import MeZO, ZOStep, all_reduce_mean, f32
 
 GiB = 1 << 30
@@ -377,10 +376,7 @@ class OffloadedMeZO(MeZO):
             if id(p) in self._perturbing:
                 continue
             base = p.data
-            work = base.clone()
-            for theta, piece in self._moves(self._active, self._info[id(p)][0], work):
-                add_z(theta, piece, coef)
-            p.data = work
+            p.data = self.perturbed(self._active, self._info[id(p)][0], p, coef)
             self._perturbing.add(id(p))
             saved.append((p, base))
         return saved
