@@ -9,25 +9,20 @@ import time
 
 import pytest
 
-from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.objectives import Encoder, prompt_ids
-from ftlab.tasks import Splits, TaskSpec, load_file
-from ftlab.tasks.base import Example
-from ftlab.train import RunData, train
+from ftlab.tasks import TaskSpec, load_file
+from ftlab.train import train
+from run_fixtures import SPEC, tiny_run_cfg, tiny_run_data
 
-SPEC = TaskSpec(name="t", template="{text} It was", options=[" terrible", " great"])
 
 
 def _data():
-    ex = [Example(id=f"s:{i}", fields={"text": f"the movie was {['bad', 'good'][i % 2]}"}, label=i % 2)
-          for i in range(8)]
-    return RunData(SPEC, Splits(train=ex, dev=ex[:4], test=ex[:4]))
+    return tiny_run_data()
 
 
 def _cfg(out, *overrides):
-    return load_config(TrainConfig, None, [f"output_dir={out}", "steps=4", "batch_size=2", "eval_every=2",
-                                           "checkpoint_every=2", "lr=1e-3", "eval_batch_size=4", *overrides])
+    return tiny_run_cfg(out, *overrides, steps=4, eval_every=2, checkpoint_every=2)
 
 
 class _Killed(Exception):

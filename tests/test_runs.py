@@ -12,9 +12,9 @@ import pytest
 from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.runs import LOCK, MARKER, RunLock, claim_dir, new_dir, overwrite_dir, read_marker, run_dir
-from ftlab.tasks import Splits
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.train import RunData, train
+from ftlab.train import train
+from run_fixtures import tiny_run_cfg, tiny_run_data
 from seeds.study_fixtures import cue_task, tiny_model_dir  # noqa: F401  (fixtures)
 
 
@@ -33,15 +33,11 @@ def _survived(path):
 
 
 def _data():
-    spec = TaskSpec(name="synthetic", template="{text} It was", options=[" terrible", " great"])
-    ex = [Example(id=f"s:{i}", fields={"text": f"the movie was {['bad', 'good'][i % 2]}"}, label=i % 2)
-          for i in range(8)]
-    return RunData(spec, Splits(train=ex, dev=ex[:4], test=ex[:4]))
+    return tiny_run_data()
 
 
 def _cfg(out, *overrides):
-    return load_config(TrainConfig, None, [f"output_dir={out}", "steps=2", "batch_size=2", "eval_every=0",
-                                           "checkpoint_every=1", "lr=1e-3", "eval_batch_size=4", *overrides])
+    return tiny_run_cfg(out, *overrides)
 
 
 def _train(cfg, tiny_model_factory, tiny_tokenizer):
