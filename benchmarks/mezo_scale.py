@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import itertools
 import json
 import os
@@ -124,6 +125,7 @@ def random_llama(shape: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(dtype)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives each module its own tensor: tie the LM head back
     width = 1 << 20
     block = (torch.randn(width, generator=torch.Generator().manual_seed(seed)) * 0.02).to(device, dtype)
     with torch.no_grad():
@@ -281,6 +283,49 @@ def speed(model_name: str, batch: int, length: int, repeats: int) -> dict:
               flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     return {"times": times, "round_load": loads, "params": n_params, "tensors": len(list(model.parameters()))}
+
+
+def passes(model_name: str, batch: int, length: int, repeats: int) -> dict:
+    """Where a step's time goes beyond its two forwards: one forward against one move of every
+    parameter along z (``MeZO._apply``; a step makes three: +eps, -2 eps, restore + update), for
+    the strided and the table generator, and a floor (``p.mul_(1.0)`` of every parameter: one
+    read and one write, what any in-place move costs), interleaved as in :func:`speed`. The move is made with
+    coefficient 0 (the same memory traffic; the weights stay as they are) and the strided
+    generator's cached views are dropped first, as a step's first move makes them."""
+    from ftlab.zo import MeZO
+
+    model, loss = setup(model_name, batch, length)
+    opts = {g: MeZO(model.parameters(), lr=1e-6, eps=1e-3, generator=g) for g in ("strided", "table")}
+
+    def move(opt):
+        opt._views.clear()
+        opt._apply(1234, 0.0)
+        opt._views.clear()
+    params = list(model.parameters())
+
+    @torch.no_grad()
+    def floor():  # the least any in-place move costs: read and write every parameter once
+        for p in params:
+            p.mul_(1.0)
+    fns = {"forward": make_step("forward", model, loss), "floor_pass": floor,
+           **{f"{g}_pass": functools.partial(move, o) for g, o in opts.items()}}
+    times: dict[str, list[float]] = {m: [] for m in fns}
+    for fn in fns.values():
+        fn()
+    order = list(fns)
+    for r in range(repeats):
+        random.Random(r).shuffle(order)
+        for m in order:
+            start = time.perf_counter()
+            fns[m]()
+            times[m].append(time.perf_counter() - start)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    out = {"times": times, "seconds": med, "load": os.getloadavg(),
+           "three_passes_vs_forward": {m: 3 * med[m] / med["forward"] for m in med if m != "forward"}}
+    print(f"  passes {model_name}: " + ", ".join(f"{m} {v:.2f} s" for m, v in med.items())
+          + "; three passes / forward: " + ", ".join(f"{m} {v:.3f}" for m, v in out["three_passes_vs_forward"].items()),
+          flush=True)
+    return out
 
 
 def summarise(entry: dict) -> dict:
@@ -535,7 +580,8 @@ def main() -> None:
     parser.add_argument("--memory-runs", type=int, default=3, help="child processes per memory mode")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--only", choices=["ops", "speed", "memory", "plot"])
+    parser.add_argument("--only", choices=["ops", "speed", "memory", "passes", "plot"],
+                        help="passes: a forward against one move of the parameters along z (not in a full run)")
     parser.add_argument("--ops-shapes", default="135m,1b,7b")
     parser.add_argument("--plot", action="store_true", help=f"draw {PNG.name} from the results JSON")
     parser.add_argument("--child", choices=MEMORY_MODES, help=argparse.SUPPRESS)
@@ -550,11 +596,15 @@ def main() -> None:
     if args.only in (None, "ops"):
         results["ops"] = {"machine": machine(), **ops(args.ops_shapes.split(","))}
         print_ops(results["ops"])
+    for name in models if args.only == "passes" else []:
+        results["cpu"].setdefault(name, {})["passes"] = passes(name, args.batch, args.length, args.repeats)
     for name in models if args.only in (None, "speed", "memory") else []:
         entry = {"batch": args.batch, "length": args.length, "repeats": args.repeats,
                  "memory_runs": args.memory_runs, "load_before": os.getloadavg(), "machine": machine(),
                  "command": " ".join(sys.argv)}
         old = results["cpu"].get(name, {})
+        if "passes" in old:
+            entry["passes"] = old["passes"]
         if args.only != "speed":
             entry["memory"] = memory(name, args.batch, args.length, args.memory_runs)
         elif "memory" in old:
