@@ -10,11 +10,19 @@ straightforward design and the PyPI ``mezo`` package; and the operations a step 
 
     HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only ops
     HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --models 135m --repeats 7 --memory-runs 3
+    HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only speed --models 135m --repeats 7
     HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only memory --models 1b --memory-runs 1
-    HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only speed --models 1b --repeats 3 --plot
+    HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only speed --models 1b --repeats 3
+    HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only passes --models 135m --repeats 5
+    HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only passes --models 1b --repeats 3
+    HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only focus --models 135m --repeats 9
+    HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only focus --models 1b --repeats 5
+    HF_HUB_OFFLINE=1 benchmarks/.venv/bin/python benchmarks/mezo_scale.py --only plot     # or --only report
 
-(On the 2-core machine: ops ~1 minute, 135m ~30 minutes, 1b ~1 hour; run with .venv's python,
-the ``mezo_pypi`` rows are skipped.)
+(The second 135m line redid the speed part on the idle machine; the first ran beside other jobs.
+On the idle 2-core machine: ops ~1 minute; 135m memory ~15 and speed ~6 minutes; 1b memory
+~15, speed ~25, passes ~2, focus ~13 minutes. With .venv's python the ``mezo_pypi`` rows are
+skipped.)
 
 The PyPI ``mezo`` (0.0.1, MIT, author field Sadhika Malladi) is a small packaging of MeZO as plain
 functions (``update``, ``perturb_parameters``, ``reconstruct_updates``, ``distributed_mezo_update``);
@@ -55,6 +63,11 @@ loops in Python over the rows of every tensor over 100,000 entries (millions of 
 7B), so its count is taken per distinct tensor shape on meta (with CPU generators; a long
 tensor's row loop counted at two row counts and extended linearly) and summed; that
 decomposition is checked against a whole ``mezo.update`` counted on a small CPU model every run.
+
+Where the time goes (``--only passes``): one forward against one move of every parameter along
+z (``MeZO._apply``; a step makes three) for each generator, and a floor (``p.mul_(1.0)`` of every
+parameter). ``--only focus``: the step against one forward and two forwards back to back, alone
+(more rounds in the same time; a step's speed is "two forwards" when the moves are cheap).
 
 Results merge into benchmarks/results/mezo_scale.json (an entry per model, each with the machine
 state it ran in); ``--plot`` draws benchmarks/results/mezo_scale.png from it.
@@ -191,7 +204,7 @@ def make_step(method: str, model, loss):
     """A callable doing one ``method`` on ``model``: mezo_step.py's for the modes it has."""
     from ftlab.zo import MeZO
 
-    if method in ("forward", "mezo"):
+    if method in ("forward", "two_forwards", "mezo"):
         return mezo_step_make_step(method, model, loss)
     if method == "straightforward":
         return mezo_step_make_step("mezo_straightforward", model, loss)
@@ -263,9 +276,9 @@ def memory(model_name: str, batch: int, length: int, runs: int) -> dict:
 
 
 # -- speed: one process, shuffled rounds -----------------------------------------------------
-def speed(model_name: str, batch: int, length: int, repeats: int) -> dict:
+def speed(model_name: str, batch: int, length: int, repeats: int, methods: list[str] = METHODS) -> dict:
     model, loss = setup(model_name, batch, length)
-    steps = {m: make_step(m, model, loss) for m in methods_here(METHODS)}
+    steps = {m: make_step(m, model, loss) for m in methods_here(methods)}
     times: dict[str, list[float]] = {m: [] for m in steps}
     for m, s in steps.items():  # warm-up (first-call allocations, the noise tables)
         start = time.perf_counter()
@@ -279,7 +292,7 @@ def speed(model_name: str, batch: int, length: int, repeats: int) -> dict:
             start = time.perf_counter()
             steps[m]()
             times[m].append(time.perf_counter() - start)
-        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{m} {times[m][-1]:.2f}" for m in METHODS if m in times),
+        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{m} {t[-1]:.2f}" for m, t in times.items()),
               flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     return {"times": times, "round_load": loads, "params": n_params, "tensors": len(list(model.parameters()))}
@@ -324,6 +337,26 @@ def passes(model_name: str, batch: int, length: int, repeats: int) -> dict:
            "three_passes_vs_forward": {m: 3 * med[m] / med["forward"] for m in med if m != "forward"}}
     print(f"  passes {model_name}: " + ", ".join(f"{m} {v:.2f} s" for m, v in med.items())
           + "; three passes / forward: " + ", ".join(f"{m} {v:.3f}" for m, v in out["three_passes_vs_forward"].items()),
+          flush=True)
+    return out
+
+
+FOCUS = ["forward", "two_forwards", "mezo"]
+
+
+def focus(model_name: str, batch: int, length: int, repeats: int) -> dict:
+    """ftlab's step against one forward and two forwards back to back (what the step runs
+    besides its moves), alone: more rounds in the same time than the full comparison."""
+    out = {"load_before": os.getloadavg(), "speed": speed(model_name, batch, length, repeats, FOCUS)}
+    out["load_after"] = os.getloadavg()
+    t = out["speed"]["times"]
+    paired = lambda a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))  # noqa: E731
+    med = {m: statistics.median(v) for m, v in t.items()}
+    out["summary"] = {"seconds": med, "mezo_vs_forward": med["mezo"] / med["forward"],
+                      "mezo_vs_forward_paired": paired("mezo", "forward"),
+                      "mezo_vs_two_forwards_paired": paired("mezo", "two_forwards"),
+                      "two_forwards_vs_forward_paired": paired("two_forwards", "forward")}
+    print(f"  focus {model_name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["summary"].items() if k != "seconds"),
           flush=True)
     return out
 
@@ -514,6 +547,18 @@ def print_cpu(name: str, entry: dict) -> None:
                           "extra peak MiB", "memory / forward")))
     for k, v in s["targets"].items():
         print(f"  target {k}: {'met' if v else 'MISSED'}")
+    if "passes" in entry:
+        p = entry["passes"]
+        print(f"  one move of all parameters along z (--only passes, load {p['load'][0]:.1f}): "
+              + ", ".join(f"{m} {v:.3f} s" for m, v in p["seconds"].items() if m != "forward")
+              + f" vs forward {p['seconds']['forward']:.2f} s; three moves / forward: "
+              + ", ".join(f"{m} {v:.3f}" for m, v in p["three_passes_vs_forward"].items()))
+    if "focus" in entry:
+        f = entry["focus"]
+        print(f"  focus (--only focus, {len(f['speed']['times']['mezo'])} rounds, load "
+              f"{f['load_before'][0]:.1f}-{f['load_after'][0]:.1f}): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in f["summary"].items() if k != "seconds")
+              + "; seconds " + ", ".join(f"{k} {v:.2f}" for k, v in f["summary"]["seconds"].items()))
 
 
 def print_ops(result: dict) -> None:
@@ -580,8 +625,9 @@ def main() -> None:
     parser.add_argument("--memory-runs", type=int, default=3, help="child processes per memory mode")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--only", choices=["ops", "speed", "memory", "passes", "plot"],
-                        help="passes: a forward against one move of the parameters along z (not in a full run)")
+    parser.add_argument("--only", choices=["ops", "speed", "memory", "passes", "focus", "plot", "report"],
+                        help="passes: a forward against one move of the parameters along z; focus: ftlab's "
+                             "step against one and two forwards, alone (neither is in a full run)")
     parser.add_argument("--ops-shapes", default="135m,1b,7b")
     parser.add_argument("--plot", action="store_true", help=f"draw {PNG.name} from the results JSON")
     parser.add_argument("--child", choices=MEMORY_MODES, help=argparse.SUPPRESS)
@@ -592,19 +638,26 @@ def main() -> None:
 
     results = load_results()
     results.setdefault("cpu", {})
+    if args.only == "report":  # the tables of the results JSON (nothing is measured or written)
+        if "ops" in results:
+            print_ops(results["ops"])
+        for name, entry in results["cpu"].items():
+            if "summary" in entry:
+                print_cpu(name, entry)
+        return
     print(f"machine: {machine()}", flush=True)
     if args.only in (None, "ops"):
         results["ops"] = {"machine": machine(), **ops(args.ops_shapes.split(","))}
         print_ops(results["ops"])
-    for name in models if args.only == "passes" else []:
-        results["cpu"].setdefault(name, {})["passes"] = passes(name, args.batch, args.length, args.repeats)
+    for name in models if args.only in ("passes", "focus") else []:
+        run = passes if args.only == "passes" else focus
+        results["cpu"].setdefault(name, {})[args.only] = run(name, args.batch, args.length, args.repeats)
     for name in models if args.only in (None, "speed", "memory") else []:
         entry = {"batch": args.batch, "length": args.length, "repeats": args.repeats,
                  "memory_runs": args.memory_runs, "load_before": os.getloadavg(), "machine": machine(),
                  "command": " ".join(sys.argv)}
         old = results["cpu"].get(name, {})
-        if "passes" in old:
-            entry["passes"] = old["passes"]
+        entry.update({k: old[k] for k in ("passes", "focus") if k in old})
         if args.only != "speed":
             entry["memory"] = memory(name, args.batch, args.length, args.memory_runs)
         elif "memory" in old:
