@@ -1,6 +1,6 @@
 """eNTK computation speed on SmolLM2-135M: the batched per-example Jacobians that
 :func:`ftlab.kernel.compute_kernel` computes per chunk (for LoRA weights: one batched forward and
-one backward per output, :mod:`ftlab.models.lora_grads`) against a straightforward loop (one
+one backward per output, :mod:`ftlab.grads.lora`) against a straightforward loop (one
 forward per example, one backward per label word, gradients flattened), and optionally
 (``--vmap``) against the generic ``vmap(jacrev)`` path. The methods alternate chunk by chunk on
 the same rows (timing the per-example Jacobians, which is where all the time goes), so the load
@@ -42,7 +42,7 @@ from ftlab.kernel.entk import (OutputFunction, eager_attention, encode_rows, fla
                                label_word_ids, plan_rows, vmap_jacobians_and_outputs)
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder
-from ftlab.select.projection import ProjectionSpec, Projector
+from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.tasks import load_task, make_splits
 
 RESULTS = Path(__file__).parent / "results" / "kernel_speed.json"

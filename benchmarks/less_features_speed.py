@@ -52,7 +52,7 @@ def main() -> None:
     from ftlab.select.data import collate
     from ftlab.select.features import (AdamState, feature_blocks, normalise, per_example_grads,
                                        vmap_per_example_grads)
-    from ftlab.select.projection import ProjectionSpec, Projector
+    from ftlab.grads.projection import ProjectionSpec, Projector
     from ftlab.select.pipeline import SelectConfig, load_lora_model
     from ftlab.select.warmup import response_loss
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ftlab.select.projection import ProjectionSpec, Projector, jl_tolerance
+from ftlab.grads.projection import ProjectionSpec, Projector, jl_tolerance
 
 RESULTS = Path(__file__).parent / "results"
 HIDDEN, INTERMEDIATE, KV, LAYERS, RANK = 576, 1536, 192, 30, 8  # SmolLM2-135M

@@ -9,7 +9,7 @@ import torch
 from ftlab.kernel import KernelSpec, compute_kernel, readout_matrix, select_parameters
 from ftlab.kernel.entk import (OutputFunction, encode_rows, jacobians_and_outputs, label_word_ids,
                                vmap_jacobians_and_outputs, eager_attention)
-from ftlab.models.lora_grads import lora_layers
+from ftlab.grads.lora import lora_layers
 from ftlab.models import LoraSettings, apply_lora
 from ftlab.objectives import Encoder
 

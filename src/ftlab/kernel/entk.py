@@ -17,12 +17,12 @@ For a parameter subset ``theta`` (all, LoRA, or a name pattern) two kernels are 
 
 Rows are the training examples followed by the test examples, columns the training examples.
 Per-example Jacobians come, per chunk of examples, from one batched forward and one backward per
-output for LoRA weights (:mod:`ftlab.models.lora_grads`), and from
+output for LoRA weights (:mod:`ftlab.grads.lora`), and from
 ``vmap(jacrev(functional_call))`` for any other parameters.
 *Exact* kernels walk the parameters in blocks (the training Jacobian of one block is held in
 memory) and save the partial sums after each block's training part and each test chunk;
 *projected* kernels map each example's
-Jacobian rows with a seeded :class:`ftlab.select.projection.Projector` and save the features
+Jacobian rows with a seeded :class:`ftlab.grads.projection.Projector` and save the features
 after each chunk of examples. Either way a killed computation resumes where it stopped, and the
 finished kernel is one safetensors file beside a JSON manifest (see :mod:`ftlab.kernel.store`).
 """
@@ -45,9 +45,9 @@ from ftlab.errors import FtlabError
 from ftlab.runs import writes_run_dir
 from ftlab.kernel.store import KernelData, KernelStore
 from ftlab.models.head import output_head
-from ftlab.models.lora_grads import lora_jacobians, lora_layers
+from ftlab.grads.lora import lora_jacobians, lora_layers
 from ftlab.objectives import Encoder, ModelBatch, prompt_ids
-from ftlab.select.features import batch_attention_mask, row_attention_mask
+from ftlab.grads.masks import batch_attention_mask, row_attention_mask
 from ftlab.tasks.base import Example, TaskSpec
 
 OUTPUTS = ("logits", "contrast")
@@ -170,7 +170,7 @@ class OutputFunction:
     def row_masks(self, mask: Tensor) -> Tensor | dict[str, Tensor]:
         """The additive ``(1, 1, L, L)`` mask(s) of one row with padding mask ``mask`` ``(L,)``:
         ready 4-D masks avoid transformers' data-dependent shortcuts that vmap cannot trace
-        (:func:`ftlab.select.features.row_attention_mask`; a pad position sees itself, so it
+        (:func:`ftlab.grads.masks.row_attention_mask`; a pad position sees itself, so it
         stays finite under eager attention)."""
         dtype = next(iter(self.fixed.values())).dtype
         return row_attention_mask(self.config, mask, dtype)
@@ -225,7 +225,7 @@ def jacobians_and_outputs(fn: OutputFunction, params: dict[str, Tensor], batch: 
                           ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example Jacobians and the outputs ``f`` ``(B, O)`` from the same forward pass: by
     the LoRA per-example gradient trick when every parameter is a plain LoRA weight
-    (:mod:`ftlab.models.lora_grads`: the model's own attention, no vmap batching rules), else
+    (:mod:`ftlab.grads.lora`: the model's own attention, no vmap batching rules), else
     by ``vmap(jacrev)``."""
     names = list(params)
     taps = lora_layers(fn.module, names)
@@ -428,7 +428,7 @@ def _projected(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], 
                chunks: list[tuple[int, int]], n_train: int, kspec: KernelSpec, store: KernelStore,
                device: torch.device, progress: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Kernels of projected Jacobians ``P J`` and ``P sign(J)``, and ``f0``; features saved per chunk."""
-    from ftlab.select.projection import ProjectionSpec, Projector
+    from ftlab.grads.projection import ProjectionSpec, Projector
 
     n_out, names = fn.readout.shape[1], list(params)
     pspec = ProjectionSpec(dim_in=sum(p.numel() for p in params.values()), dim_out=kspec.projection_dim,

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ftlab.distributed import barrier, init_from_env
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_file, atomic_write_json
-from ftlab.select.projection import ProjectionSpec
+from ftlab.grads.projection import ProjectionSpec
 
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32")

@@ -2,7 +2,7 @@
 
 For every example, the gradient of its mean response-token loss with respect to the LoRA
 tensors is computed for a whole batch at once: for plain LoRA weights from one batched forward
-and one backward with the per-example gradient trick (:mod:`ftlab.models.lora_grads`), for
+and one backward with the per-example gradient trick (:mod:`ftlab.grads.lora`), for
 any other trainable tensors with ``torch.func.vmap(grad(functional_call))`` (each row is an
 independent function of the shared parameters, so padding never leaks between examples). The ``"adam"`` feature of a pool example preconditions it with the checkpoint's
 AdamW moments as one more (bias-uncorrected) Adam step would:
@@ -10,7 +10,7 @@ AdamW moments as one more (bias-uncorrected) Adam step would:
     m = b1 * exp_avg + (1 - b1) * g,   v = b2 * exp_avg_sq + (1 - b2) * g^2,   feature = m / sqrt(v + eps)
 
 and target examples use the plain gradient (``"sgd"``). Each feature is projected to ``d``
-dimensions with :class:`ftlab.select.projection.Projector` (block by block, never concatenated),
+dimensions with :class:`ftlab.grads.projection.Projector` (block by block, never concatenated),
 L2-normalised and written to a datastore (:mod:`ftlab.select.datastore`; resumable, and split
 over processes under ``torchrun``).
 Examples without response tokens (empty response) are reported and skipped, never NaN.
@@ -29,11 +29,12 @@ from torch.func import functional_call, grad, vmap
 
 from ftlab.errors import FtlabError
 from ftlab.models import trainable_parameters
-from ftlab.models.lora_grads import lora_jacobians, lora_layers
+from ftlab.grads.lora import lora_jacobians, lora_layers
+from ftlab.grads.masks import batch_attention_mask, row_attention_mask
 from ftlab.objectives import ModelBatch, target_logprobs
 from ftlab.select.data import InstructionExample, collate, encode, pad_id
 from ftlab.select.datastore import Datastore, write_distributed
-from ftlab.select.projection import Projector
+from ftlab.grads.projection import Projector
 
 GradType = Literal["adam", "sgd"]
 GRAD_TYPES = ("adam", "sgd")
@@ -52,42 +53,6 @@ class _WithParams:
 def lora_params(module: nn.Module) -> dict[str, Tensor]:
     """The trainable (LoRA) tensors of ``module`` by name, detached, in parameter order."""
     return {n: p.detach() for n, p in trainable_parameters(module)}
-
-
-def row_attention_mask(config: Any, mask: Tensor, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
-    """The additive (1, 1, L, L) causal + padding mask of one row with padding mask ``mask`` (L,).
-
-    transformers builds masks with data-dependent shortcuts (``if mask.all()``) that ``vmap``
-    cannot trace; a ready 4D mask is used as given. Models with sliding-window layers
-    (``config.layer_types``) get one mask per layer type.
-    """
-    n = mask.shape[-1]
-    q = torch.arange(n, device=mask.device)
-    causal = q[None, :] <= q[:, None]
-    # A padding query sees only itself: a row with every key masked would give NaN (softmax of
-    # all -inf), and NaN leaks into the gradients even where the loss ignores that position.
-    allowed = (causal & mask.bool()[None, :]) | (q[None, :] == q[:, None])
-    to_additive = lambda a: ((~a).to(dtype) * torch.finfo(dtype).min)[None, None]  # noqa: E731
-    layer_types = getattr(config, "layer_types", None)
-    if not layer_types:
-        return to_additive(allowed)
-    window = getattr(config, "sliding_window", None) or n
-    masks = {"full_attention": to_additive(allowed),
-             "sliding_attention": to_additive(allowed & (q[:, None] - q[None, :] < window))}
-    unknown = set(layer_types) - set(masks)
-    if unknown:
-        raise FtlabError(f"per-example gradients do not support attention layer types {sorted(unknown)}")
-    return masks
-
-
-def batch_attention_mask(config: Any, mask: Tensor, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
-    """:func:`row_attention_mask` of every row of a ``(B, L)`` padding mask, as ``(B, 1, L, L)``:
-    with these masks no padding position turns NaN under eager attention either (a NaN at a
-    pad position, times its zero weight, is still NaN in the rows that attend past it)."""
-    rows = [row_attention_mask(config, m, dtype) for m in mask]
-    if isinstance(rows[0], dict):
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-    return torch.cat(rows)
 
 
 def per_example_grads(module: nn.Module, batch: ModelBatch) -> dict[str, Tensor]:

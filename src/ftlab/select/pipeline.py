@@ -38,7 +38,7 @@ from ftlab.select.baselines import random_scores, representation_scores, represe
 from ftlab.select.data import InstructionExample, load_instructions
 from ftlab.select.datastore import Datastore
 from ftlab.select.features import AdamState, collect_features
-from ftlab.select.projection import ProjectionSpec, Projector
+from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.select.scoring import less_scores, select_top, write_selection
 from ftlab.select.warmup import (WarmupCheckpoint, WarmupSettings, list_checkpoints, load_adam_state,
                                  load_checkpoint_into, run_warmup)

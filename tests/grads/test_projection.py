@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ftlab.errors import FtlabError
-from ftlab.select import projection as proj
-from ftlab.select.projection import ProjectionSpec, Projector, hash32, jl_tolerance
+from ftlab.grads import projection as proj
+from ftlab.grads.projection import ProjectionSpec, Projector, hash32, jl_tolerance
 
 KINDS = ["sparse", "rademacher"]
 
