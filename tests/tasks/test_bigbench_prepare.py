@@ -8,7 +8,7 @@ import pytest
 from fake_bigbench import TASK_FILES, make_tarball
 
 from ftlab.errors import FtlabError
-from ftlab.tasks import bigbench
+from ftlab.tasks import bigbench, default_patterns
 from ftlab.tasks.registry import required_files
 
 NI = "natural_instructions/*/task.json"
@@ -153,7 +153,7 @@ def test_failed_download_names_the_fix(cache, monkeypatch):
 
 
 def test_default_patterns_cover_the_registry_and_natural_instructions():
-    patterns = bigbench.default_patterns()
+    patterns = default_patterns()
     assert set(required_files()) <= set(patterns)
     assert "squad_shifts/squaddev_v1.1.json" in patterns and NI in patterns
 

@@ -14,18 +14,32 @@ from typing import Literal
 
 from ftlab.errors import FtlabError
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.tasks.bigbench import bigbench_file, prepare
+from ftlab.tasks import bigbench
+from ftlab.tasks.bigbench import EXTRA_PATTERNS, bigbench_file
 from ftlab.tasks.files import SUFFIXES, load_file, load_hf
-from ftlab.tasks.registry import get_spec, is_builtin, list_tasks, load_examples, unknown_task
+from ftlab.tasks.registry import get_spec, is_builtin, list_tasks, load_examples, required_files, unknown_task
 from ftlab.tasks.splits import Splits, make_splits
 
 __all__ = [
     "Example", "TaskSpec", "Splits", "make_splits", "load_task", "list_tasks", "get_spec",
-    "prepare", "bigbench_file", "load_file", "load_hf",
+    "prepare", "default_patterns", "bigbench_file", "load_file", "load_hf",
 ]
 
 Metric = Literal["accuracy", "f1"]
 HF_PREFIX = "hf:"
+
+
+def default_patterns() -> list[str]:
+    """The BIG-bench files the built-in tasks read, plus :data:`~ftlab.tasks.bigbench.EXTRA_PATTERNS`
+    (LESS's natural_instructions pool)."""
+    return [*required_files(), *EXTRA_PATTERNS]
+
+
+def prepare(patterns: list[str] | None = None, *, tarball: Path | None = None, progress: bool = True) -> Path:
+    """:func:`ftlab.tasks.bigbench.prepare` of ``patterns`` (default: :func:`default_patterns`):
+    extract those BIG-bench files once, verified; returns the folder holding them."""
+    return bigbench.prepare(default_patterns() if patterns is None else patterns, tarball=tarball,
+                            progress=progress)
 
 
 def load_task(name_or_path: str, *, template: str | None = None, options: list[str] | None = None,

@@ -63,22 +63,14 @@ def bigbench_file(rel: str) -> Path:
     return path
 
 
-def default_patterns() -> list[str]:
-    """The files the registered tasks read, plus :data:`EXTRA_PATTERNS`."""
-    # Imported here because the registry's loaders import this module.
-    from ftlab.tasks.registry import required_files
-
-    return [*required_files(), *EXTRA_PATTERNS]
-
-
-def prepare(patterns: list[str] | None = None, *, tarball: Path | None = None,
+def prepare(patterns: list[str], *, tarball: Path | None = None,
             progress: bool = True) -> Path:
     """Make sure the BIG-bench files matching ``patterns`` are extracted and intact.
 
     Args:
         patterns: paths or glob patterns relative to ``bigbench/benchmark_tasks/``; ``*``,
             ``?`` and ``[...]`` match within one path segment (``natural_instructions/*/task.json``).
-            Default: :func:`default_patterns`.
+            (:func:`ftlab.tasks.prepare` defaults them to every file the built-in tasks read.)
         tarball: an existing ``bigbench-1.0.0.tar.gz`` to read instead of downloading one.
             Without it, ``$FTLAB_BIGBENCH_TARBALL`` is used if set, then
             ``<cache>/downloads/bigbench-1.0.0.tar.gz``, which is downloaded with pip if absent.
@@ -90,7 +82,7 @@ def prepare(patterns: list[str] | None = None, *, tarball: Path | None = None,
     Raises:
         FtlabError: bad pattern, pattern matching nothing, missing/corrupt tarball, failed download.
     """
-    patterns = list(default_patterns() if patterns is None else patterns)
+    patterns = list(patterns)
     for pattern in patterns:
         _check_pattern(pattern)
     root = data_root()
