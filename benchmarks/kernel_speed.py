@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 from ftlab.cli.common import table
 from ftlab.io import atomic_write_json
 from ftlab.kernel import select_parameters
-from ftlab.kernel.entk import (OutputFunction, eager_attention, encode_rows, flat, jacobians_and_outputs,
-                               label_word_ids, plan_rows, vmap_jacobians_and_outputs)
+from ftlab.kernel.chunks import plan_rows
+from ftlab.kernel.jacobians import flat, jacobians_and_outputs, vmap_jacobians_and_outputs
+from ftlab.kernel.outputs import OutputFunction, eager_attention, encode_rows, label_word_ids
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder
 from ftlab.grads.projection import ProjectionSpec, Projector

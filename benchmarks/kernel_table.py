@@ -32,7 +32,7 @@ from pathlib import Path
 from ftlab.cli.common import table
 from ftlab.config import TrainConfig, load_config
 from ftlab.io import atomic_write_json
-from ftlab.kernel import KernelSpec, compute_kernel
+from ftlab.kernel import KernelSpec, compute_kernel, readout_accuracy
 from ftlab.kernel.diagnostics import diagnose
 from ftlab.kernel.plots import accuracy_scatter
 from ftlab.kernel.solvers import solve
@@ -70,11 +70,10 @@ def run_group(args, task: str, k: int, seed: int) -> None:
         kd = compute_kernel(module, tokenizer, data.spec, data.splits.train, data.splits.test, kspec,
                             lora_kernels / "start", identity={"model": base.model, "mode": "lora", "seed": seed,
                                                               **identity})
-        f0_pred = (kd.f0_test.double() @ kd.tensors["readout"].double().T).argmax(1)
         record["kernel"] = {"seconds": time.perf_counter() - start, "device": args.device,
                             "n_params": kd.manifest["n_params"],
                             "n_train": kd.n_train, "n_test": len(kd.manifest["test_ids"]),
-                            "zero_shot": float((f0_pred == kd.y_test).double().mean())}
+                            "zero_shot": readout_accuracy(kd.f0_test, kd.tensors["readout"], kd.y_test)}
         for method in ("regression", "svm"):
             for kind in ("sgd", "sign"):
                 sol = solve(kd, method, kind)

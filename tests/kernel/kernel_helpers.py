@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ftlab.kernel.entk import OutputFunction, eager_attention, encode_rows, label_word_ids
+from ftlab.kernel.outputs import OutputFunction, eager_attention, encode_rows, label_word_ids
 from ftlab.objectives import Encoder
 from ftlab.tasks.base import Example, TaskSpec
 

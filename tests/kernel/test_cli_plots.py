@@ -62,7 +62,7 @@ def test_heatmap_of_real_kernel_rows(kernel_dir, tmp_path):
 def test_compute_and_solve_on_smollm2(tmp_path, bigbench):
     """The real model end to end through the CLI on a tiny split (final-norm parameters: fast)."""
     out = tmp_path / "k"
-    args = ["compute", "--out", str(out), "--k", "1", "--n-test", "2", "--params", r"re:^model\.norm\."]
+    args = ["compute", f"output_dir={out}", "k=1", "n_test=2", r"kernel.params=re:^model\.norm\."]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     kd = load_kernel(out, {"identity": {"model": "smollm2-135m", "k": 1}, "task": "sentiment"})
@@ -70,3 +70,30 @@ def test_compute_and_solve_on_smollm2(tmp_path, bigbench):
     assert CliRunner().invoke(app, args).exit_code == 0  # a rerun loads the finished kernel
     result = CliRunner().invoke(app, ["solve", str(out), "--method", "regression"])
     assert result.exit_code == 0 and "regression" in result.output
+
+
+def test_kernel_config_builds_the_train_config_the_override_strings_did():
+    """KernelConfig.train_config() is the TrainConfig the CLI used to assemble from 11 override strings."""
+    from ftlab.config import TrainConfig, load_config
+    from ftlab.kernel.config import KernelConfig
+
+    cfg = load_config(KernelConfig, None, ["k=4", "seed=3", "n_test=50", "data_seed=2", "lora_r=4",
+                                           "compare.optimizer=adamw", "compare.steps=7", "output_dir=o"])
+    old = load_config(TrainConfig, None, [
+        "model=smollm2-135m", "data.task=sentiment", "data.k_per_class=4", "data.n_test=50", "data.data_seed=2",
+        "data.n_dev=0", "seed=3", "mode=lora", "lora.r=4", "lora.alpha=8", "device=cpu", "optimizer=adamw",
+        "lr=0.001", "steps=7", "batch_size=8", "eval_every=0", "checkpoint_every=7", "output_dir=o/run"])
+    assert cfg.compare_config() == old
+    assert cfg.train_config().mode == "lora"
+    assert load_config(KernelConfig, None, ["kernel.params=all"]).train_config().mode == "full"
+
+
+def test_kernel_cli_show_config_and_bad_override(tmp_path):
+    result = CliRunner().invoke(app, ["compute", "-c", "kernel-sentiment", "k=32", "--show-config"])
+    assert result.exit_code == 0, result.output
+    assert "k: 32" in result.output and "params: lora" in result.output
+    result = CliRunner().invoke(app, ["compute", "kernel.output=probabilities"])
+    assert result.exit_code != 0 and isinstance(result.exception, FtlabError)
+    assert "output" in str(result.exception)
+    result = CliRunner().invoke(app, ["compare", "compare.optimizer=lion", "--show-config"])
+    assert isinstance(result.exception, FtlabError) and "compare.optimizer" in str(result.exception)

@@ -14,7 +14,7 @@ from ftlab.errors import FtlabError
 from ftlab.kernel import KernelSpec, readout_matrix, select_parameters
 from ftlab.kernel.diagnostics import (RegimeReport, agreement, diagnose, kernel_change, kernel_kind_for,
                                       linearisation_error, linearised_outputs)
-from ftlab.kernel.entk import OutputFunction, label_word_ids
+from ftlab.kernel.outputs import OutputFunction, label_word_ids
 from ftlab.objectives import Encoder
 from ftlab.tasks import Splits, TaskSpec
 from ftlab.tasks.base import Example

@@ -8,7 +8,8 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.kernel import KernelSpec, compute_kernel, load_kernel, readout_matrix, select_parameters
-from ftlab.kernel.entk import encode_rows, label_word_ids, length_chunks, plan_rows
+from ftlab.kernel.chunks import length_chunks, plan_rows
+from ftlab.kernel.outputs import encode_rows, label_word_ids
 from ftlab.kernel.store import PARTIAL
 from ftlab.objectives import Encoder
 

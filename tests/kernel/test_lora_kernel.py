@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ftlab.kernel import KernelSpec, compute_kernel, readout_matrix, select_parameters
-from ftlab.kernel.entk import (OutputFunction, encode_rows, jacobians_and_outputs, label_word_ids,
-                               vmap_jacobians_and_outputs, eager_attention)
+from ftlab.kernel.jacobians import jacobians_and_outputs, vmap_jacobians_and_outputs
+from ftlab.kernel.outputs import OutputFunction, eager_attention, encode_rows, label_word_ids
 from ftlab.grads.lora import lora_layers
 from ftlab.models import LoraSettings, apply_lora
 from ftlab.objectives import Encoder

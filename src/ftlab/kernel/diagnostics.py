@@ -31,8 +31,9 @@ from torch.func import jvp
 from ftlab.config import TrainConfig
 from ftlab.errors import FtlabError
 from ftlab.evaluate import evaluate
-from ftlab.kernel.entk import (KernelSpec, OutputFunction, compute_kernel, eager_attention, encode_rows,
-                               label_word_ids, readout_matrix)
+from ftlab.kernel.entk import KernelSpec, compute_kernel
+from ftlab.kernel.outputs import (OutputFunction, eager_attention, encode_rows, label_word_ids, readout_accuracy,
+                                  readout_matrix)
 from ftlab.kernel.solvers import Solution, solve
 from ftlab.models import load_model, trainable_parameters
 from ftlab.objectives import Encoder
@@ -182,7 +183,7 @@ def diagnose(cfg: TrainConfig, spec: TaskSpec, splits: Splits, kernel_dir: str |
     labels = torch.tensor([ex.label for ex in splits.test])
     details: dict[str, Any] = {
         "run": results, "finetuned_predictions": ft_pred,
-        "zero_shot_accuracy": float(((f0 @ fn.readout.double().T).argmax(1) == labels).double().mean())}
+        "zero_shot_accuracy": readout_accuracy(f0, fn.readout, labels)}
     report = RegimeReport(optimizer=cfg.optimizer, mode=cfg.mode, kernel_kind=kind,
                           finetuned_accuracy=float((torch.tensor(ft_pred) == labels).double().mean()),
                           linearisation_error=linearisation_error(f0, f_lin, f_end))

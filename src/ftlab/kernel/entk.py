@@ -30,27 +30,23 @@ finished kernel is one safetensors file beside a JSON manifest (see :mod:`ftlab.
 from __future__ import annotations
 
 import dataclasses
-import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
 from ftlab.errors import FtlabError
-from ftlab.runs import writes_run_dir
+from ftlab.kernel.chunks import plan_rows
+from ftlab.kernel.jacobians import flat, jacobians_and_outputs, parameter_blocks
+from ftlab.kernel.outputs import OUTPUTS, OutputFunction, encode_rows, label_word_ids, readout_matrix, select_parameters
 from ftlab.kernel.store import KernelData, KernelStore
-from ftlab.models.head import output_head
-from ftlab.grads.lora import lora_jacobians, lora_layers
-from ftlab.objectives import Encoder, ModelBatch, prompt_ids
-from ftlab.grads.masks import batch_attention_mask, row_attention_mask
+from ftlab.objectives import Encoder
+from ftlab.runs import writes_run_dir
 from ftlab.tasks.base import Example, TaskSpec
 
-OUTPUTS = ("logits", "contrast")
 KINDS = ("sgd", "sign")
 
 
@@ -68,7 +64,7 @@ class KernelSpec:
         chunk_size: at most this many examples per batched pass (memory: ``chunk_size x O``
             Jacobians); examples go in order of prompt length.
         max_padding: a chunk is cut short where padding it to its longest prompt would add more
-            than this share of its real tokens (:func:`length_chunks`).
+            than this share of its real tokens (:func:`ftlab.kernel.chunks.length_chunks`).
         max_block_mb: exact kernels: memory for one parameter block's training Jacobian.
         max_length: prompts are cut from the left to this many tokens.
     """
@@ -92,181 +88,6 @@ class KernelSpec:
             raise FtlabError(f"max_padding must be >= 0 (a share of a chunk's tokens), got {self.max_padding}")
         if self.projection_dim is not None and self.projection_dim < 1:
             raise FtlabError(f"projection_dim must be >= 1 (or unset for the exact kernel), got {self.projection_dim}")
-
-
-def select_parameters(module: nn.Module, which: str) -> dict[str, Tensor]:
-    """The parameters the kernel differentiates, by name (detached), in module order."""
-    named = list(module.named_parameters())
-    if which == "all":
-        picked = named
-    elif which == "trainable":
-        picked = [(n, p) for n, p in named if p.requires_grad]
-    elif which == "lora":
-        picked = [(n, p) for n, p in named if ".lora_A." in n or ".lora_B." in n]
-        if not picked:
-            raise FtlabError("params='lora' but the model has no LoRA matrices; wrap it with "
-                             "ftlab.models.apply_lora first (or choose params='all' or 're:<regex>')")
-    elif which.startswith("re:"):
-        pattern = re.compile(which[3:])
-        picked = [(n, p) for n, p in named if pattern.search(n)]
-    else:
-        raise FtlabError(f"kernel params must be 'all', 'trainable', 'lora' or 're:<regex>', got {which!r}")
-    if not picked:
-        raise FtlabError(f"kernel params {which!r} match no parameter of the model "
-                         f"(names look like {named[0][0]!r})")
-    return {n: p.detach() for n, p in picked}
-
-
-def readout_matrix(n_classes: int, output: str, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``R`` (``C x O``): identity (``"logits"``) or an orthonormal sum-zero (Helmert) basis."""
-    if output == "logits":
-        return torch.eye(n_classes, dtype=dtype)
-    if output != "contrast":
-        raise FtlabError(f"kernel output must be one of {OUTPUTS}, got {output!r}")
-    cols = []
-    for k in range(1, n_classes):  # k-th Helmert contrast: mean of the first k minus class k
-        v = torch.zeros(n_classes, dtype=dtype)
-        v[:k], v[k] = 1.0, -float(k)
-        cols.append(-v / v.norm())  # sign: class k's logit counts positively
-    return torch.stack(cols, 1)
-
-
-def label_word_ids(encoder: Encoder) -> list[int]:
-    """The single-token ids of the label words; the kernel needs one logit per class."""
-    if not encoder.option_ids:
-        raise FtlabError(f"task {encoder.spec.name!r} has no label words; the kernel view needs a "
-                         "classification task")
-    if not encoder.single_token:
-        multi = [o for o, ids in zip(encoder.spec.options, encoder.option_ids) if len(ids) > 1]
-        raise FtlabError(f"label words {multi} are several tokens long; the eNTK needs single-token label "
-                         "words (override the task's options, e.g. ' great,terrible')")
-    return [ids[0] for ids in encoder.option_ids]
-
-
-class OutputFunction:
-    """``f(params, ids, mask, pos) -> (O,)`` for one unpadded-or-left-padded row, with
-    ``params`` replacing the matching tensors of ``module`` (the rest stay fixed)."""
-
-    def __init__(self, module: nn.Module, label_ids: Sequence[int], readout: Tensor) -> None:
-        self.module = module
-        self.label_ids = torch.tensor(list(label_ids))
-        self.readout = readout
-        self.fixed = {n: p.detach() for n, p in module.named_parameters()}
-        self.config = getattr(module, "config", None)
-
-    def logits(self, params: dict[str, Tensor], ids: Tensor, masks: Any, pos: Tensor) -> Tensor:
-        """Label-word logits ``z`` ``(B, C)`` of a batch ``(B, L)`` given ready 4-D masks."""
-        with output_head(self.module, self.label_ids.tolist()) as narrowed:
-            out = functional_call(self.module, {**self.fixed, **params}, (),
-                                  dict(input_ids=ids, attention_mask=masks, position_ids=pos,
-                                       logits_to_keep=1, use_cache=False))
-        return self._label_logits(out.logits, narrowed)
-
-    def _label_logits(self, logits: Tensor, narrowed: bool) -> Tensor:
-        """``z`` ``(B, C)`` from the last position of logits over the label words (``narrowed``,
-        see :func:`ftlab.models.head.output_head`) or over the vocabulary."""
-        return logits[:, -1] if narrowed else logits[:, -1, self.label_ids.to(logits.device)]
-
-    def row_masks(self, mask: Tensor) -> Tensor | dict[str, Tensor]:
-        """The additive ``(1, 1, L, L)`` mask(s) of one row with padding mask ``mask`` ``(L,)``:
-        ready 4-D masks avoid transformers' data-dependent shortcuts that vmap cannot trace
-        (:func:`ftlab.grads.masks.row_attention_mask`; a pad position sees itself, so it
-        stays finite under eager attention)."""
-        dtype = next(iter(self.fixed.values())).dtype
-        return row_attention_mask(self.config, mask, dtype)
-
-    def batch_masks(self, batch: ModelBatch) -> Tensor | dict[str, Tensor]:
-        """The 4-D masks of every row of a left-padded batch (see :meth:`row_masks`)."""
-        dtype = next(iter(self.fixed.values())).dtype
-        return batch_attention_mask(self.config, batch.attention_mask, dtype)
-
-    def batch(self, params: dict[str, Tensor], batch: ModelBatch) -> Tensor:
-        """``f`` of every row of a left-padded batch, ``(B, O)``."""
-        z = self.logits(params, batch.input_ids, self.batch_masks(batch), batch.position_ids)
-        return z @ self.readout.to(z.device, z.dtype)
-
-    def direct(self, batch: ModelBatch) -> Tensor:
-        """``f`` ``(B, O)`` of a left-padded batch by a plain call of the module (its own
-        attention implementation and current weights; the masks of :meth:`batch_masks`)."""
-        with output_head(self.module, self.label_ids.tolist()) as narrowed:
-            logits = self.module(input_ids=batch.input_ids, attention_mask=self.batch_masks(batch),
-                                 position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits
-        z = self._label_logits(logits, narrowed)
-        return z @ self.readout.to(z.device, z.dtype)
-
-    def row(self, params: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
-        """``f`` of one row ``(L,)``, ``(O,)`` (vmap-able)."""
-        z = self.logits(params, ids[None], self.row_masks(mask), pos[None])[0]
-        return z @ self.readout.to(z.device, z.dtype)
-
-
-@contextmanager
-def eager_attention(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` with eager attention inside the block: SDPA has no vmap batching rule
-    (functorch falls back to a slow per-example loop) and no forward-mode AD on CPU."""
-    config = getattr(module, "config", None)
-    old = getattr(config, "_attn_implementation", None)
-    if config is None or old == "eager":
-        yield
-        return
-    config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        config._attn_implementation = old
-
-
-def encode_rows(encoder: Encoder, examples: Sequence[Example]) -> ModelBatch:
-    """The left-padded batch of ``examples``' prompts."""
-    return encoder.classification(examples, [encoder.spec.prompt(ex) for ex in examples])
-
-
-def jacobians_and_outputs(fn: OutputFunction, params: dict[str, Tensor], batch: ModelBatch,
-                          ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-example Jacobians and the outputs ``f`` ``(B, O)`` from the same forward pass: by
-    the LoRA per-example gradient trick when every parameter is a plain LoRA weight
-    (:mod:`ftlab.grads.lora`: the model's own attention, no vmap batching rules), else
-    by ``vmap(jacrev)``."""
-    names = list(params)
-    taps = lora_layers(fn.module, names)
-    if taps is not None:
-        return lora_jacobians(taps, names, batch.attention_mask, lambda: fn.direct(batch))
-    with eager_attention(fn.module):
-        return vmap_jacobians_and_outputs(fn, params, batch)
-
-
-def vmap_jacobians_and_outputs(fn: OutputFunction, params: dict[str, Tensor], batch: ModelBatch,
-                               ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-example Jacobians of any parameters by ``vmap(jacrev(functional_call))`` (call it
-    under :func:`eager_attention`)."""
-    def value_twice(p: dict[str, Tensor], ids: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        out = fn.row(p, ids, mask, pos)
-        return out, out
-    return vmap(jacrev(value_twice, has_aux=True), in_dims=(None, 0, 0, 0))(
-        params, batch.input_ids, batch.attention_mask, batch.position_ids)
-
-
-def flat(jac: dict[str, Tensor], names: Sequence[str]) -> list[Tensor]:
-    """Jacobian blocks as ``(B * O, n_i)`` matrices, one per name (the projection's order)."""
-    return [jac[n].reshape(jac[n].shape[0] * jac[n].shape[1], -1) for n in names]
-
-
-def parameter_blocks(params: dict[str, Tensor], rows: int, max_mb: float) -> list[list[str]]:
-    """Consecutive groups of parameter names whose ``rows x numel`` float32 Jacobian fits ``max_mb``."""
-    budget = max_mb * 2**20 / (4 * rows)
-    blocks: list[list[str]] = [[]]
-    size = 0
-    for name, p in params.items():
-        if p.numel() > budget:
-            raise FtlabError(f"the exact kernel needs {rows * p.numel() * 4 / 2**20:.3g} MB for {name!r} "
-                             f"(more than max_block_mb={max_mb:g}); raise max_block_mb or use a projection "
-                             "(projection_dim=8192)")
-        if size + p.numel() > budget and blocks[-1]:
-            blocks.append([])
-            size = 0
-        blocks[-1].append(name)
-        size += p.numel()
-    return blocks
 
 
 @writes_run_dir("kernel", "out_dir")  # claims + locks the kernel folder
@@ -319,57 +140,6 @@ def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Seq
     back_cols = torch.argsort(torch.tensor(plan.train_order, dtype=torch.long))
     unsort = lambda k: k[back_rows][:, back_cols]  # noqa: E731
     return store.finish({"sgd": unsort(sgd), "sign": unsort(sign), "f0": f0[back_rows], "readout": readout})
-
-
-def prompt_lengths(encoder: Encoder, examples: Sequence[Example]) -> list[int]:
-    """Token counts of the examples' prompts as :func:`encode_rows` encodes them."""
-    return [len(prompt_ids(encoder.tokenizer, encoder.spec.prompt(ex), encoder.max_length)) for ex in examples]
-
-
-class RowPlan(NamedTuple):
-    """The order and chunks in which :func:`compute_kernel` computes an eNTK's rows."""
-
-    train_order: list[int]  # indices into train, by prompt length
-    test_order: list[int]  # indices into test, by prompt length
-    rows: list[Example]  # train then test examples, each part by prompt length
-    lengths: list[int]  # token count of each of rows
-    chunks: list[tuple[int, int]]  # (start, end) into rows; no chunk mixes train and test
-
-
-def plan_rows(encoder: Encoder, train: Sequence[Example], test: Sequence[Example], chunk_size: int,
-              max_padding: float) -> RowPlan:
-    """Training then test examples, each sorted by prompt length (ties keep their order), in
-    chunks of :func:`length_chunks`: chunks of similar length waste little compute on padding."""
-    orders, lengths, chunks = [], [], []
-    for part in (train, test):
-        part_len = prompt_lengths(encoder, part)
-        order = sorted(range(len(part)), key=part_len.__getitem__)
-        offset = len(lengths)
-        orders.append(order)
-        lengths += [part_len[i] for i in order]
-        chunks += [(s + offset, e + offset) for s, e in length_chunks(lengths[offset:], chunk_size, max_padding)]
-    rows = [train[i] for i in orders[0]] + [test[i] for i in orders[1]]
-    return RowPlan(orders[0], orders[1], rows, lengths, chunks)
-
-
-def length_chunks(lengths: Sequence[int], size: int, max_padding: float) -> list[tuple[int, int]]:
-    """Consecutive ``(start, end)`` chunks of at most ``size`` rows, cut early where padding a
-    chunk to its longest row would make it more than ``1 + max_padding`` times its real tokens.
-
-    Sorted prompt lengths thin out towards the long end, and padded tokens cost as much as real
-    ones; a long row on its own is already a large matmul, so short chunks there lose little.
-    """
-    chunks, start = [], 0
-    while start < len(lengths):
-        end, longest, total = start + 1, lengths[start], lengths[start]
-        while end < len(lengths) and end - start < size:
-            wider = max(longest, lengths[end])
-            if wider * (end + 1 - start) > (1 + max_padding) * (total + lengths[end]):
-                break
-            longest, total, end = wider, total + lengths[end], end + 1
-        chunks.append((start, end))
-        start = end
-    return chunks
 
 
 def _exact(fn: OutputFunction, encoder: Encoder, params: dict[str, Tensor], rows: list[Example],
