@@ -290,3 +290,18 @@ def test_every_folder_writing_command_claims_its_folder(tmp_path, tiny_model, ti
         with pytest.raises(FtlabError, match="was not written by ftlab"):
             call()
         assert _survived(user) and not (user / MARKER).exists(), kind
+
+
+def test_check_settings_is_one_rule_for_every_folder(tmp_path):
+    """Stored vs new settings: a key one side lacks counts as its default; ignored keys never
+    count; the error names the folder, what it holds, and each stored and new value."""
+    from ftlab.runs import check_settings
+
+    check_settings(tmp_path, "run", None, {"lr": 1.0})  # nothing stored yet: nothing to refuse
+    check_settings(tmp_path, "run", {"lr": 1.0}, {"lr": 1.0, "steps": 5}, defaults={"steps": 5})
+    check_settings(tmp_path, "kernel", {"a": 1, "complete": True}, {"a": 1, "complete": False}, ignore=("complete",))
+    with pytest.raises(FtlabError, match=r"holds a run written with other settings \(stored vs now: "
+                                          r"\{'lr': \(1\.0, 2\.0\), 'steps': \(5, 6\)\}\)"):
+        check_settings(tmp_path, "run", {"lr": 1.0}, {"lr": 2.0, "steps": 6}, defaults={"steps": 5})
+    with pytest.raises(FtlabError, match=str(tmp_path)):
+        check_settings(tmp_path, "warm-up", {"x": 1}, {})

@@ -149,7 +149,7 @@ def test_training_learns_a_cue_word(tmp_path, tiny_model_factory, tiny_tokenizer
 def test_other_config_refuses_to_resume(tmp_path, tiny_model_factory, tiny_tokenizer):
     train(_cfg(tmp_path, "steps=2"), progress=False,
           model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
-    with pytest.raises(FtlabError, match="different config"):
+    with pytest.raises(FtlabError, match="holds a run written with other settings"):
         train(_cfg(tmp_path, "steps=2", "lr=0.5"), progress=False,
               model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
 

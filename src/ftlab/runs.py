@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover
 
 MARKER = ".ftlab-run.json"
 LOCK = ".ftlab.lock"
-KINDS = ("train", "replay", "select", "kernel", "seeds", "scale")
+KINDS = ("train", "replay", "select", "kernel", "seeds", "scale", "probe")
 
 # What ftlab versions before the marker wrote into a folder of each kind: a folder holding only
 # these names (and ftlab's hidden temporaries) is recognised as ftlab's own.
@@ -60,6 +60,7 @@ _KNOWN_NAMES: dict[str, frozenset[str]] = {
                          "selected_data.jsonl", "selection.png", "summary.json"}),
     "kernel": frozenset({"manifest.json", "partial.safetensors", "kernel.safetensors"}),
     "replay": frozenset(),
+    "probe": frozenset(),  # new with the marker: no folders of older versions to recognise
 }
 # A lock file without a readable record (its writer died between creating and filling it) is
 # treated as in use for this long, then as stale.
@@ -161,6 +162,23 @@ def claim_dir(path: str | Path, kind: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     write_marker(path, kind)
     return path
+
+
+def check_settings(folder: str | Path, what: str, stored: dict[str, Any] | None, new: dict[str, Any], *,
+                   defaults: dict[str, Any] | None = None, ignore: tuple[str, ...] = ()) -> None:
+    """The one rule for resuming work in a folder: what ``folder`` recorded when it was started
+    (``stored``; None: nothing yet) must equal ``new`` on every key but ``ignore``; a key one side
+    lacks counts as its ``defaults`` value (records written before a setting existed). Raises one
+    line naming the folder and, for each differing key, the stored and the new value."""
+    if stored is None:
+        return
+    defaults = defaults or {}
+    value = lambda d, k: d.get(k, defaults.get(k))  # noqa: E731
+    diff = {k: (value(stored, k), value(new, k)) for k in sorted((set(stored) | set(new)) - set(ignore), key=str)
+            if value(stored, k) != value(new, k)}
+    if diff:
+        raise FtlabError(f"{folder} holds a {what} written with other settings (stored vs now: {diff}); "
+                         "use another output folder, or start afresh (--overwrite where the command has it)")
 
 
 def overwrite_dir(path: str | Path, kind: str) -> bool:

@@ -42,7 +42,7 @@ from ftlab.evaluate import EvalResult, evaluate, model_device
 from ftlab.io import atomic_write_json, atomic_write_text, recover_dir
 from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
-from ftlab.runs import writes_run_dir
+from ftlab.runs import check_settings, writes_run_dir
 from ftlab.tasks import Splits, TaskSpec, load_task, make_splits
 from ftlab.zo.mezo import MeZO
 from ftlab.zo.trajectory import TrajectoryLog, replay
@@ -192,11 +192,7 @@ def _prepare_output(cfg: TrainConfig, out: Path) -> None:
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise damaged(config_path, e) from None
         # A key the old config lacks (written before the field existed) had its default value.
-        defaults = json.loads(json.dumps(to_dict(TrainConfig())))
-        diff = [k for k in new if old.get(k, defaults.get(k)) != new[k]]
-        if diff:
-            raise FtlabError(f"{out} holds a run with a different config (differs in {diff}); "
-                             "pass another output_dir, or --overwrite to start afresh")
+        check_settings(out, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
     else:
         atomic_write_json(config_path, new)
 

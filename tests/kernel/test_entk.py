@@ -120,7 +120,7 @@ def test_kernel_of_another_model_task_or_split_is_refused(tiny_model, tiny_token
     with pytest.raises(FtlabError, match="other train_ids"):
         load_kernel(tmp_path / "k", {"train_ids": [e.id for e in exs[1:5]]})
     # Computing into the folder with another split is refused too, naming what differs.
-    with pytest.raises(FtlabError, match="holds another kernel.*train_ids"):
+    with pytest.raises(FtlabError, match="holds a kernel written with other settings.*train_ids"):
         compute_kernel(tiny_model, tiny_tokenizer, SPEC, exs[1:5], exs[4:], kspec, tmp_path / "k", progress=False)
     with pytest.raises(FtlabError, match="not a kernel folder"):
         load_kernel(tmp_path / "nothing")

@@ -94,7 +94,7 @@ def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, tiny_model_facto
 def test_other_settings_refuse_to_resume(tmp_path, tiny_model_factory, tiny_tokenizer):
     one = WarmupSettings(percentage=0.5, epochs=1, lr=1e-2, batch_size=5)
     run_warmup(tiny_lora(tiny_model_factory()), tiny_tokenizer, _pool(), one, tmp_path, max_length=32, progress=False)
-    with pytest.raises(FtlabError, match="different.*lr"):
+    with pytest.raises(FtlabError, match="holds a warm-up written with other settings.*lr"):
         run_warmup(tiny_lora(tiny_model_factory()), tiny_tokenizer, _pool(),
                    WarmupSettings(percentage=0.5, epochs=1, lr=1e-3, batch_size=5), tmp_path, max_length=32,
                    progress=False)

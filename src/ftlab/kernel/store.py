@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from ftlab.errors import FtlabError
+from ftlab.runs import check_settings
 from ftlab.io import atomic_file, atomic_write_json
 
 FORMAT = "ftlab-kernel/1"
@@ -98,12 +99,7 @@ class KernelStore:
         self.manifest = json.loads(json.dumps({"format": FORMAT, **manifest}))  # JSON-normalised
         path = self.folder / MANIFEST
         if path.exists():
-            old = read_manifest(self.folder)
-            diff = sorted(k for k in set(old) | set(self.manifest)
-                          if k != "complete" and old.get(k) != self.manifest.get(k))
-            if diff:
-                raise FtlabError(f"{self.folder} holds another kernel (differs in {diff}); pass another "
-                                 "output folder or delete this one")
+            check_settings(self.folder, "kernel", read_manifest(self.folder), self.manifest, ignore=("complete",))
         else:
             atomic_write_json(path, {**self.manifest, "complete": False})
 

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from ftlab.distributed import barrier, init_from_env
 from ftlab.errors import FtlabError
+from ftlab.runs import check_settings
 from ftlab.io import atomic_file, atomic_write_json
 from ftlab.grads.projection import ProjectionSpec
 
@@ -413,10 +414,7 @@ class DatastoreWriter:
         wanted = DatastoreManifest(model=model, checkpoint=checkpoint, grad_type=grad_type, dim=dim, dtype=dtype,
                                    projection=projection, extra=dict(extra or {}))
         existing = _read_manifest(self.path)
-        if existing is not None and existing.identity() != wanted.identity():
-            diff = {k: (v, wanted.identity()[k]) for k, v in existing.identity().items() if v != wanted.identity()[k]}
-            raise FtlabError(f"{self.path} already holds a datastore of other features (stored vs new: {diff}); "
-                             f"use another path or delete it")
+        check_settings(self.path, "datastore", existing and existing.identity(), wanted.identity())
         self.manifest = existing or wanted
         self._done: set[str] = set()
         for shard in self.manifest.shards:

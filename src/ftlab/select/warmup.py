@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ftlab.checkpoint import load_trainable, trainable_state
 from ftlab.errors import FtlabError
+from ftlab.runs import check_settings
 from ftlab.io import atomic_dir, atomic_write_json
 from ftlab.models import trainable_parameters
 from ftlab.objectives import target_logprobs
@@ -136,11 +137,7 @@ def _check_run(out_dir: Path, record: dict[str, Any]) -> None:
     """Refuse to resume a folder written with other settings or another subset."""
     meta = out_dir / "warmup.json"
     if meta.is_file():
-        old = json.loads(meta.read_text())
-        if old != record:
-            diff = sorted(k for k in record if old.get(k) != record[k])
-            raise FtlabError(f"{out_dir} holds a warm-up with different {diff}; use another output folder "
-                             "or delete it")
+        check_settings(out_dir, "warm-up", json.loads(meta.read_text()), record)
     else:
         atomic_write_json(meta, record)
 
