@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ftlab.errors import FtlabError
 from ftlab.io import atomic_file
+from ftlab.rundir import RunDir
 
 
 def pyplot():
@@ -35,11 +34,8 @@ def plot_run(run_dir: str | Path, png: str | Path | None = None) -> Path:
     Reads ``<run_dir>/metrics.jsonl`` and writes ``png`` (default ``<run_dir>/training.png``).
     """
     plt = pyplot()
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise FtlabError(f"{path} not found: is {run_dir} a training run folder?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    run = RunDir(run_dir)
+    records = run.read_metrics()
     train = [r for r in records if r["split"] == "train" and r.get("loss") is not None]  # not skipped steps
     dev = [r for r in records if r["split"] == "dev"]
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -56,4 +52,4 @@ def plot_run(run_dir: str | Path, png: str | Path | None = None) -> Path:
         ax_dev.plot([r["step"] for r in dev], [r[metric] for r in dev], marker="o")
         ax_dev.set(xlabel="step", ylabel=f"dev {metric}", title=f"Dev {metric} (n={dev[0]['n']})")
     fig.tight_layout()
-    return save_figure(fig, png or run_dir / "training.png")
+    return save_figure(fig, png or run.plot)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from ftlab.errors import FtlabError
+from ftlab.rundir import RunDir
 
 try:  # POSIX; elsewhere the exclusive create alone guards the folder
     import fcntl
@@ -52,8 +53,7 @@ KINDS = ("train", "replay", "select", "kernel", "seeds", "scale", "probe")
 # What ftlab versions before the marker wrote into a folder of each kind: a folder holding only
 # these names (and ftlab's hidden temporaries) is recognised as ftlab's own.
 _KNOWN_NAMES: dict[str, frozenset[str]] = {
-    "train": frozenset({"config.json", "metrics.jsonl", "checkpoint", "best.safetensors", "model",
-                        "results.json", "trajectory.bin", "training.png", "seed_run.json"}),
+    "train": frozenset({*RunDir.NAMES, "seed_run.json"}),
     "seeds": frozenset({"study.json", "runs", "results.json", "barriers.json"}),
     "scale": frozenset({"experiment.json", "experiment.png", "base", "rule", "naive", "linear"}),
     "select": frozenset({"warmup", "features", "representations", "selected.jsonl", "scores.csv",

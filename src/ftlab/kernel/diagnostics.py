@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import jvp
 
@@ -37,6 +36,7 @@ from ftlab.kernel.outputs import (OutputFunction, eager_attention, encode_rows, 
 from ftlab.kernel.solvers import Solution, solve
 from ftlab.models import load_model, trainable_parameters
 from ftlab.objectives import Encoder
+from ftlab.rundir import RunDir
 from ftlab.tasks import Splits, TaskSpec
 from ftlab.tasks.base import Example
 
@@ -126,18 +126,6 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
-def trained_weights(run_dir: str | Path) -> dict[str, Tensor]:
-    """The trainable tensors at the end of a finished first-order run (its last checkpoint,
-    written at the final step), else its dev-selected ``best.safetensors``. The end, not the
-    best: dev selection may pick an early step (even step 0), which says nothing about where
-    fine-tuning went."""
-    run_dir = Path(run_dir)
-    for path in (run_dir / "checkpoint" / "trainable.safetensors", run_dir / "best.safetensors"):
-        if path.exists():
-            return load_file(str(path))
-    raise FtlabError(f"{run_dir} holds no trained weights (best.safetensors or checkpoint/); is it a finished run?")
-
-
 def kernel_kind_for(optimizer: str) -> str:
     """The kernel that models an optimizer: sign for Adam(W), SGD otherwise."""
     return "sign" if optimizer.startswith("adam") else "sgd"
@@ -172,7 +160,7 @@ def diagnose(cfg: TrainConfig, spec: TaskSpec, splits: Splits, kernel_dir: str |
     results = train(cfg, progress=progress, model_and_tokenizer=(ft_model, tokenizer), data=RunData(spec, splits))
     del ft_model
     start = {n: p.detach().clone() for n, p in trainable_parameters(module)}
-    end = trained_weights(cfg.output_dir)
+    end = RunDir(cfg.output_dir).final_weights()  # the end of fine-tuning, not its dev-selected best
     encoder = Encoder(tokenizer, spec, max_length=kspec.max_length)
     fn = OutputFunction(module, label_word_ids(encoder), readout_matrix(len(spec.options), kspec.output))
     f0, f_lin, f_end = linearised_outputs(fn, start, end, splits.test, encoder)
