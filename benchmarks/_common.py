@@ -4,13 +4,17 @@ Every script prints a table and writes JSON under ``benchmarks/results/``; ratio
 by side in one run, with the machine's load recorded before and after (these machines are noisy).
 
     from _common import RESULTS, machine, write_json, table, timed, median
+    from _common import clock, interleaved      # one timed block; methods compared round by round
+    from _common import proc_bytes, reset_peak_rss   # memory from /proc (peak RSS)
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -41,6 +45,24 @@ def machine(**extra: Any) -> dict[str, Any]:
     return {**state, **extra}
 
 
+def proc_bytes(field: str, file: str = "/proc/self/status") -> int:
+    """A ``kB`` field of a Linux /proc file in bytes: ``VmRSS`` / ``VmHWM`` (resident set now / at its
+    peak, of this process) from /proc/self/status, ``Cached`` (the page cache) from /proc/meminfo."""
+    for line in Path(file).read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(f"{field} not in {file}")
+
+
+def reset_peak_rss() -> int:
+    """Hand freed heap back to the OS (``malloc_trim``), restart this process's peak-RSS counter
+    (``5 > /proc/self/clear_refs``) and return the RSS now, in bytes: ``proc_bytes("VmHWM")``
+    minus it after some work is that work's extra peak memory (Linux, glibc)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_bytes("VmRSS")
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """``data`` as indented JSON at ``path`` (relative paths go under RESULTS), written atomically."""
     path = Path(path)
@@ -61,14 +83,37 @@ def read_json(path: str | Path, default: Any = None) -> Any:
     return json.loads(path.read_text()) if path.exists() else default
 
 
-def table(rows: Iterable[Iterable[Any]], header: Iterable[Any]) -> str:
-    """Rows as a plain-text table with left-aligned columns (floats to 4 significant digits)."""
+def table(rows: Iterable[Iterable[Any]], header: Iterable[Any], markdown: bool = False) -> str:
+    """Rows as a plain-text table with left-aligned columns (floats to 4 significant digits), or
+    with ``markdown`` as a Markdown table (to paste into BENCHMARKS.md)."""
     fmt = lambda c: f"{c:.4g}" if isinstance(c, float) else str(c)  # noqa: E731
     header = [fmt(c) for c in header]
     rows = [[fmt(c) for c in r] for r in rows]
+    if markdown:
+        line = lambda r: "| " + " | ".join(r) + " |"  # noqa: E731
+        return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+class clock:
+    """``with clock() as c: ...``, then ``c.seconds``: the wall seconds of the block (``sync``
+    before and after it, e.g. ``torch.cuda.synchronize``, so queued device work is counted)."""
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self.sync, self.seconds = sync, float("nan")
+
+    def __enter__(self) -> clock:
+        if self.sync:
+            self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.sync:
+            self.sync()
+        self.seconds = time.perf_counter() - self.start
 
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
@@ -81,11 +126,38 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[
             sync()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - start)
+        with clock(sync) as c:
+            fn()
+        times.append(c.seconds)
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, order: str = "shuffle",
+                sync: Callable[[], None] | None = None,
+                after_round: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of each of ``fns`` per round, side by side: ``warmup`` untimed calls of each,
+    then ``repeats`` rounds calling each once, in an order that changes every round (``shuffle``:
+    the last round's order shuffled by ``random.Random(round)``; ``rotate``: shifted by one), so
+    drift and other jobs on the machine hit them alike. ``after_round(r, times)`` after each."""
+    if order not in ("shuffle", "rotate"):
+        raise ValueError(f"order is 'shuffle' or 'rotate', not {order!r}")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+            if sync:
+                sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        if order == "shuffle":
+            random.Random(r).shuffle(names)
+        this_round = names[r % len(names):] + names[:r % len(names)] if order == "rotate" else names
+        for name in this_round:
+            with clock(sync) as c:
+                fns[name]()
+            times[name].append(c.seconds)
+        if after_round:
+            after_round(r, times)
     return times
 
 

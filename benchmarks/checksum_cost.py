@@ -36,57 +36,32 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
-import statistics
 import struct
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
+from _common import RESULTS, clock, interleaved, machine, median, table, timed, write_json
 
-RESULTS = Path(__file__).parent / "results"
 DIM = 8192
 SHARD_ROWS = 2048
 CHUNK_ROWS = 4096
 
 
 def stats(times: list[float]) -> dict[str, float]:
-    return {"best": min(times), "median": statistics.median(times), "runs": times}
+    return {"best": min(times), "median": median(times), "runs": times}
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleave(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
-    """Seconds of each of ``fns`` per round, the order rotating every round."""
-    names = list(fns)
-    if warmup:
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(fns[name]))
-    return times
-
-
-def machine() -> dict[str, object]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    return {"cpu_count": os.cpu_count(), "cpu_model": model, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": sys.version.split()[0], "zlib": zlib.ZLIB_RUNTIME_VERSION,
-            "platform": platform.platform()}
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
 
 
 # -- (a) checksum throughput -----------------------------------------------------------------------
@@ -95,11 +70,11 @@ def checksums(megabytes: int, repeats: int) -> dict[str, dict]:
     fns = {"crc32": lambda: zlib.crc32(data),
            "sha256": lambda: hashlib.sha256(data).digest(),
            "blake2b": lambda: hashlib.blake2b(data).digest()}
-    times = interleave(fns, repeats)
+    times = interleaved(fns, repeats, order="rotate")
     out = {}
     for name, t in times.items():
         out[name] = {**stats(t), "gb_per_s_best": len(data) / min(t) / 1e9,
-                     "gb_per_s_median": len(data) / statistics.median(t) / 1e9}
+                     "gb_per_s_median": len(data) / median(t) / 1e9}
         print(f"  (a) {name:8s} {out[name]['gb_per_s_best']:5.2f} GB/s best, "
               f"{out[name]['gb_per_s_median']:5.2f} median", flush=True)
     return out
@@ -143,14 +118,14 @@ def trajectory(records: int, appends: int, repeats: int) -> dict[str, dict]:
         assert n == appends, n
 
     with tempfile.TemporaryDirectory(prefix="ftlab-checksum-", dir="/tmp") as base:
-        packs = interleave({"pack_record": pack_v2, "struct_pack": pack_v1}, repeats)
-        writes = interleave({"append": append_v2, "append_v1": append_v1}, repeats)
-        reads = interleave({"steps_read_verify": read_v2}, repeats)
+        packs = interleaved({"pack_record": pack_v2, "struct_pack": pack_v1}, repeats, order="rotate")
+        writes = interleaved({"append": append_v2, "append_v1": append_v1}, repeats, order="rotate")
+        reads = interleaved({"steps_read_verify": read_v2}, repeats)
     out = {}
     for name, t in packs.items():
-        out[name] = {**stats(t), "us_best": min(t) / records * 1e6, "us_median": statistics.median(t) / records * 1e6}
+        out[name] = {**stats(t), "us_best": min(t) / records * 1e6, "us_median": median(t) / records * 1e6}
     for name, t in {**writes, **reads}.items():
-        out[name] = {**stats(t), "us_best": min(t) / appends * 1e6, "us_median": statistics.median(t) / appends * 1e6}
+        out[name] = {**stats(t), "us_best": min(t) / appends * 1e6, "us_median": median(t) / appends * 1e6}
     for name, r in out.items():
         print(f"  (b) {name:18s} {r['us_best']:7.2f} µs best, {r['us_median']:7.2f} median", flush=True)
     return out
@@ -164,16 +139,18 @@ def datastore(size_gib: float, repeats: int) -> dict[str, object]:
     gib = rows * DIM * 2 / 2**30
     with tempfile.TemporaryDirectory(prefix="ftlab-checksum-store-", dir="/tmp") as tmp:
         path = Path(tmp) / "store"
-        start = time.perf_counter()
-        writer = DatastoreWriter(path, model="m", checkpoint="c", grad_type="adam", dim=DIM, dtype="float16",
-                                 projection=None, shard_rows=SHARD_ROWS)
-        gen = torch.Generator().manual_seed(0)
-        for lo in range(0, rows, SHARD_ROWS):
-            writer.append([str(i) for i in range(lo, lo + SHARD_ROWS)], torch.randn(SHARD_ROWS, DIM, generator=gen))
-        writer.close()
-        write_s = time.perf_counter() - start
+        with clock() as writing:
+            writer = DatastoreWriter(path, model="m", checkpoint="c", grad_type="adam", dim=DIM, dtype="float16",
+                                     projection=None, shard_rows=SHARD_ROWS)
+            gen = torch.Generator().manual_seed(0)
+            for lo in range(0, rows, SHARD_ROWS):
+                writer.append([str(i) for i in range(lo, lo + SHARD_ROWS)],
+                              torch.randn(SHARD_ROWS, DIM, generator=gen))
+            writer.close()
+        write_s = writing.seconds
         shards = Datastore.open(path).manifest.shards
-        print(f"  (c) wrote {rows} x {DIM} float16 = {gib:.3f} GiB in {len(shards)} shards ({write_s:.1f} s)", flush=True)
+        print(f"  (c) wrote {rows} x {DIM} float16 = {gib:.3f} GiB in {len(shards)} shards ({write_s:.1f} s)",
+              flush=True)
 
         def read(verify: bool) -> Callable[[], None]:
             def run() -> None:
@@ -185,14 +162,15 @@ def datastore(size_gib: float, repeats: int) -> dict[str, object]:
             for shard in shards:
                 _digest(path / shard["file"], "crc32")
 
-        times = interleave({"read_verify_true": read(True), "read_verify_false": read(False),
-                            "crc32_all_shards": crc_all,
-                            "verify_sha256": lambda: Datastore.open(path, verify=False).verify()}, repeats)
+        times = interleaved({"read_verify_true": read(True), "read_verify_false": read(False),
+                             "crc32_all_shards": crc_all,
+                             "verify_sha256": lambda: Datastore.open(path, verify=False).verify()},
+                            repeats, order="rotate")
     out: dict[str, object] = {"rows": rows, "dim": DIM, "gib": gib, "shards": len(shards), "write_s": write_s}
     for name, t in times.items():
-        out[name] = {**stats(t), "s_per_gib_best": min(t) / gib, "s_per_gib_median": statistics.median(t) / gib}
-        print(f"  (c) {name:18s} {min(t) / gib:6.3f} s/GiB best, {statistics.median(t) / gib:6.3f} median", flush=True)
-    extra_median = (statistics.median(times["read_verify_true"]) - statistics.median(times["read_verify_false"])) / gib
+        out[name] = {**stats(t), "s_per_gib_best": min(t) / gib, "s_per_gib_median": median(t) / gib}
+        print(f"  (c) {name:18s} {min(t) / gib:6.3f} s/GiB best, {median(t) / gib:6.3f} median", flush=True)
+    extra_median = (median(times["read_verify_true"]) - median(times["read_verify_false"])) / gib
     extra_best = (min(times["read_verify_true"]) - min(times["read_verify_false"])) / gib
     out["verify_extra_s_per_gib"] = {"median": extra_median, "best": extra_best}
     print(f"  (c) verification's extra cost: {extra_median:.3f} s/GiB (medians), {extra_best:.3f} (bests)", flush=True)
@@ -209,10 +187,9 @@ def mezo_step(batch: int, length: int, repeats: int) -> dict[str, object]:
     ids = torch.randint(100, len(tokenizer), (batch, length), generator=gen)
     opt = MeZO(model.parameters(), lr=1e-6)
     closure = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
-    opt.step(closure)  # warm-up
-    times = [timed(lambda: opt.step(closure)) for _ in range(repeats)]
+    times = timed(lambda: opt.step(closure), repeats)  # after one warm-up step
     out = {"batch": batch, "length": length, **stats(times)}
-    print(f"  (d) MeZO step ({batch} x {length}): {statistics.median(times):.3f} s median, {min(times):.3f} best",
+    print(f"  (d) MeZO step ({batch} x {length}): {median(times):.3f} s median, {min(times):.3f} best",
           flush=True)
     return out
 
@@ -236,15 +213,15 @@ def main() -> None:
                  "batch": 16, "length": 128}
     output = args.output or RESULTS / ("checksum_cost_quick.json" if args.quick else "checksum_cost.json")
 
-    load_start = os.getloadavg()
-    info = machine()
+    info = machine(cpu_model=cpu_model(), zlib=zlib.ZLIB_RUNTIME_VERSION, platform=platform.platform())
+    load_start = info["loadavg"]
     print(f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), torch {info['torch']}, zlib {info['zlib']}; "
           f"load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
-    started = time.perf_counter()
-    a = checksums(sizes["buffer_mb"], args.repeats)
-    b = trajectory(sizes["records"], sizes["appends"], args.repeats)
-    c = datastore(sizes["size_gib"], args.repeats)
-    d = mezo_step(sizes["batch"], sizes["length"], args.repeats)
+    with clock() as total:
+        a = checksums(sizes["buffer_mb"], args.repeats)
+        b = trajectory(sizes["records"], sizes["appends"], args.repeats)
+        c = datastore(sizes["size_gib"], args.repeats)
+        d = mezo_step(sizes["batch"], sizes["length"], args.repeats)
     load_end = os.getloadavg()
 
     step_s = d["median"]
@@ -276,22 +253,19 @@ def main() -> None:
                                       f"{summary['verify_extra_s_per_gib']:.3f} median s/GiB"),
         ("CRC-32 of all shards (mmap)", span(c["crc32_all_shards"], "s_per_gib", ".3f") + " s/GiB"),
         ("Datastore.verify() (SHA-256)", span(c["verify_sha256"], "s_per_gib", ".3f") + " s/GiB"),
-        (f"MeZO step, SmolLM2-135M, {d['batch']} x {d['length']}", f"{d['best']:.3f} best / {d['median']:.3f} median s"),
+        (f"MeZO step, SmolLM2-135M, {d['batch']} x {d['length']}",
+         f"{d['best']:.3f} best / {d['median']:.3f} median s"),
         ("append / MeZO step", f"{summary['append_fraction_of_mezo_step']:.2e}"),
         ("record CRC-32 / MeZO step", f"{summary['record_crc_fraction_of_mezo_step']:.2e}"),
     ]
     print(f"\nload average: start {load_start[0]:.2f}, end {load_end[0]:.2f} (1 min); "
-          f"{time.perf_counter() - started:.0f} s in all")
-    print("\n| what | number |\n|---|---|")
-    for what, number in rows:
-        print(f"| {what} | {number} |")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(
-        {"command": " ".join(["python", "benchmarks/checksum_cost.py", *sys.argv[1:]]), "quick": args.quick,
-         "sizes": sizes, "repeats": args.repeats,
-         "machine": {**info, "loadavg_start": load_start, "loadavg_end": load_end},
-         "checksums": a, "trajectory": b, "datastore": c, "mezo_step": d, "summary": summary},
-        indent=2, ensure_ascii=False) + "\n")
+          f"{total.seconds:.0f} s in all")
+    print("\n" + table(rows, ("what", "number"), markdown=True))
+    output = write_json(output.absolute(), {
+        "command": " ".join(["python", "benchmarks/checksum_cost.py", *sys.argv[1:]]), "quick": args.quick,
+        "sizes": sizes, "repeats": args.repeats,
+        "machine": {**info, "loadavg_start": load_start, "loadavg_end": load_end},
+        "checksums": a, "trajectory": b, "datastore": c, "mezo_step": d, "summary": summary})
     print(f"\nwrote {output}")
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
+
+from _common import clock, machine, table, write_json
 
 from ftlab.evaluate import evaluate
 from ftlab.models import load_model
 from ftlab.tasks import load_task, make_splits, prepare
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -38,22 +36,19 @@ def main() -> None:
         spec, examples = load_task(task)
         splits = make_splits(examples, seed=0, n_train=1000, n_dev=0, n_test=args.n_test)
         for k in args.k:
-            start = time.perf_counter()
-            result = evaluate(model, tokenizer, spec, splits.test, demos=splits.train, k_shot=k, seed=0,
-                              batch_size=args.batch_size, desc=f"{task} k={k}")
-            rows.append({"task": task, "k_shot": k, **result.metrics,
-                         "seconds": round(time.perf_counter() - start, 1)})
+            with clock() as c:
+                result = evaluate(model, tokenizer, spec, splits.test, demos=splits.train, k_shot=k, seed=0,
+                                  batch_size=args.batch_size, desc=f"{task} k={k}")
+            rows.append({"task": task, "k_shot": k, **result.metrics, "seconds": round(c.seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
 
     keys = ["task", "k_shot", "accuracy", "f1", "em", "n", "seconds"]
     keys = [k for k in keys if any(k in r for r in rows)]
-    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) and k != "seconds"
-                                else str(r.get(k, "")) for k in keys) + " |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"eval_baselines_{args.model}_{'-'.join(args.tasks)}.json"
-    out.write_text(json.dumps({"model": args.model, "n_test": args.n_test, "rows": rows}, indent=2) + "\n")
+    cells = [[f"{r[k]:.4f}" if isinstance(r.get(k), float) and k != "seconds" else str(r.get(k, "")) for k in keys]
+             for r in rows]
+    print("\n" + table(cells, keys, markdown=True))
+    out = write_json(f"eval_baselines_{args.model}_{'-'.join(args.tasks)}.json",
+                     {"model": args.model, "n_test": args.n_test, "rows": rows, "machine": machine()})
     print(f"\nwritten to {out}")
 
 

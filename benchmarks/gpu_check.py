@@ -10,7 +10,7 @@ loss (``--tiny``: a 2-layer, 64-wide Llama, batch 2 x 16).
 
 Per model:
   * time (median of ``repeats`` rounds in a freshly shuffled order, after one warm-up call each;
-    CUDA events around each call, ``torch.cuda.synchronize`` before and after) of one forward
+    wall clock, ``torch.cuda.synchronize`` before and after each call) of one forward
     (loss, no_grad); ftlab's MeZO step with the strided generator in exact mode (``mezo``: the
     default for bf16, perturbed inside module forwards, see ftlab.zo.mezo; on a second copy of
     the model, so its hooks do not slow the other methods' forwards) and in place
@@ -36,28 +36,23 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from _common import RESULTS, clock, machine, median, table, timed, write_json
+from mezo_scale import SHAPES, classification_batch, count_ops, make_step, random_llama
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 try:
     import ftlab  # noqa: F401
 except ImportError:  # the repository without an installed ftlab (the lent machine)
-    sys.path.insert(0, str(HERE.parent / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mezo_scale import (SHAPES, classification_batch, count_ops, machine, make_step,  # noqa: E402
-                        md_table, random_llama)
-
-OUT = Path(os.environ.get("OUT") or HERE / "results")
+OUT = Path(os.environ.get("OUT") or RESULTS).absolute()
 JSON = OUT / "gpu_check.json"
 METHODS = ["forward", "mezo", "mezo_inplace", "mezo_table", "straightforward"]
 OPS = [("strided", 1 << 16), ("table", 1 << 16), ("straightforward", None)]
@@ -72,19 +67,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device) -> float:
-    """Seconds of one call: CUDA events on a GPU (synchronised before and after), else perf_counter."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        sync(device)
-        start.record()
+def seconds(fn, device: torch.device) -> float:
+    """Wall seconds of one call, the device synchronised before and after."""
+    with clock(lambda: sync(device)) as c:
         fn()
-        end.record()
-        sync(device)
-        return start.elapsed_time(end) / 1e3
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    return c.seconds
 
 
 def peak_memory(fn, device: torch.device) -> dict:
@@ -137,7 +124,7 @@ def measure_model(shape: str, args, device: torch.device, dtype: torch.dtype, re
     times: dict[str, list[float]] = {}
     for m, fn in steps.items():  # warm-up (kernels, cuBLAS handles, the noise tables)
         try:
-            entry.setdefault("warmup_s", {})[m] = timed(fn, device)
+            entry.setdefault("warmup_s", {})[m] = seconds(fn, device)
             times[m] = []
         except Exception as e:  # noqa: BLE001
             entry.setdefault("errors", {})[m] = error(e)
@@ -146,10 +133,10 @@ def measure_model(shape: str, args, device: torch.device, dtype: torch.dtype, re
         random.Random(r).shuffle(order)
         for m in order:
             try:
-                times[m].append(timed(steps[m], device))
+                times[m].append(seconds(steps[m], device))
             except Exception as e:  # noqa: BLE001
                 entry.setdefault("errors", {})[m] = error(e)
-    med = {m: statistics.median(t) for m, t in times.items() if t}
+    med = {m: median(t) for m, t in times.items() if t}
     entry["times"], entry["seconds"] = times, med
     if "forward" in med:
         fwd = med["forward"]
@@ -194,9 +181,9 @@ def offload_check(shape: str, args, device: torch.device, dtype: torch.dtype, re
         try:
             step, cleanup = build()
             try:
-                rec = {"warmup_s": timed(step, device)}
-                rec["times"] = [timed(step, device) for _ in range(args.repeats)]
-                rec["seconds"] = statistics.median(rec["times"])
+                rec = {"warmup_s": seconds(step, device)}
+                rec["times"] = timed(step, args.repeats, warmup=0, sync=lambda: sync(device))
+                rec["seconds"] = median(rec["times"])
                 rec["memory"] = peak_memory(step, device)
             finally:
                 cleanup()
@@ -235,11 +222,6 @@ def offload_check(shape: str, args, device: torch.device, dtype: torch.dtype, re
             out["peak_vs_ordinary"] = b["memory"]["peak_mib"] / a["memory"]["peak_mib"]
 
 
-def write(res: dict) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    JSON.write_text(json.dumps(res, indent=2, default=str) + "\n")
-
-
 def report(res: dict) -> None:
     rows = []
     for shape, e in res.get("models", {}).items():
@@ -253,13 +235,13 @@ def report(res: dict) -> None:
                          f"{extra:.0f}" if extra is not None else mm.get("error", ""),
                          f"{extra / fwd_mem:.2f}" if extra is not None and fwd_mem else "",
                          f"{mm['peak_mib']:.0f}" if mm.get("peak_mib") is not None else ""))
-    print(md_table(rows, ("model", "method", "median ms", "step / forward", "extra peak MiB",
-                          "extra / forward's", "peak MiB (2 model copies)")))
+    print(table(rows, ("model", "method", "median ms", "step / forward", "extra peak MiB",
+                       "extra / forward's", "peak MiB (2 model copies)"), markdown=True))
     rows = [(shape, e.get("tensors"), *(v.get("compute", v.get("error")) for v in e.get("ops", {}).values()))
             for shape, e in res.get("models", {}).items()]
     names = next(iter(res.get("models", {}).values()), {}).get("ops", {}).keys()
     print("\ncompute ops per step (device):")
-    print(md_table(rows, ("model", "tensors", *names)))
+    print(table(rows, ("model", "tensors", *names), markdown=True))
     off = res.get("offload", {})
     print(f"\noffload ({off.get('shape')}): {off.get('status')} {off.get('error', '')}")
     for name in ("ordinary", "offloaded"):
@@ -291,9 +273,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     res: dict = {"command": " ".join(sys.argv), "device": str(device), "dtype": args.dtype}
     try:
-        res["machine"] = machine()
-        if device.type == "cuda":
-            res["machine"]["gpu"] = torch.cuda.get_device_name(device)
+        res["machine"] = machine()  # with the GPU's name when CUDA is available
     except Exception as e:  # noqa: BLE001
         res["machine"] = error(e)
     start = time.time()
@@ -303,13 +283,13 @@ def main() -> None:
             measure_model(shape, args, device, dtype, res)
         except Exception as e:  # noqa: BLE001
             res.setdefault("models", {}).setdefault(shape, {})["error"] = error(e)
-        write(res)
+        write_json(JSON, res)
     try:  # --- offload --- (ftlab.zo.offload.OffloadedMeZO, "not available" without the module)
         offload_check(args.offload_shape, args, device, dtype, res)
     except Exception as e:  # noqa: BLE001
         res.setdefault("offload", {}).update(status="failed", **error(e))
     res["wall_s"] = time.time() - start
-    write(res)
+    write_json(JSON, res)
     try:
         report(res)
     except Exception as e:  # noqa: BLE001

@@ -4,7 +4,8 @@ model, the strided design against bandwidth references, on the same weights.
     OUT=/path python benchmarks/gpu_pass.py --shape 1b            # on the lent GPU (~30 s)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gpu_pass.py --shape tiny --device cpu
 
-Times (CUDA events, median of ``repeats``), per pass over all parameters:
+Times (wall clock, the device synchronised before and after each call; median of ``repeats`` after
+one warm-up), per pass over all parameters:
   * ``strided``: ``MeZO._apply`` (views made afresh, as in the first pass of a step);
   * ``strided_cached``: the same with the step's views already made (the second and third passes);
   * ``contiguous_add``: ``p.add_(z)`` with a preallocated contiguous z per tensor (the floor of
@@ -17,42 +18,18 @@ Writes $OUT/gpu_pass.json (benchmarks/results/ when OUT is unset).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, machine, median, timed, write_json
+from mezo_scale import random_llama
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 try:
     import ftlab  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(HERE.parent / "src"))
-
-from mezo_scale import random_llama  # noqa: E402
-
-
-def timed(fn, device, repeats):
-    fn()
-    out = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            out.append(a.elapsed_time(b) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-    return statistics.median(out)
+except ImportError:  # the repository without an installed ftlab (the lent machine)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def main() -> None:
@@ -102,19 +79,18 @@ def main() -> None:
             for p in params:
                 p.mul_(1.0)
 
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     results = {}
     with torch.no_grad():
         for name, fn in [("strided", strided), ("strided_cached", strided_cached), ("contiguous_add", contiguous_add),
                          ("contiguous_addcmul", contiguous_addcmul), ("scale_only", scale_only)]:
-            s = timed(fn, args.device, args.repeats)
+            s = median(timed(fn, args.repeats, sync=sync))
             results[name] = {"s": s, "GB_per_s_of_param_rw": 2 * n_bytes / s / 1e9}
             print(f"{name:<20} {s * 1000:8.2f} ms   {2 * n_bytes / s / 1e9:8.1f} GB/s (2 x param bytes / time)")
     info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype, "param_bytes": n_bytes,
-            "tensors": len(params), "chunk": chunk, "results": results}
-    out = Path(os.environ.get("OUT") or HERE / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_pass.json").write_text(json.dumps(info, indent=2) + "\n")
+            "tensors": len(params), "chunk": chunk, "results": results, "machine": machine()}
+    write_json(Path(os.environ.get("OUT") or RESULTS).absolute() / "gpu_pass.json", info)
 
 
 if __name__ == "__main__":

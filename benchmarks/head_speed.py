@@ -15,27 +15,15 @@ same batch, and checks both give the same numbers. Prints a table, writes
 from __future__ import annotations
 
 import argparse
-import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
-from statistics import median
 from unittest.mock import patch
 
 import torch
+from _common import clock, machine, median, table, write_json
 
-from ftlab.cli.common import table
-from ftlab.io import atomic_write_json
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder, loss, option_scores
 from ftlab.tasks import load_task, make_splits
-
-RESULTS = Path(__file__).parent / "results" / "head_speed.json"
-
-
-def timed(fn) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -72,16 +60,17 @@ def main() -> None:
                 for head in seconds:
                     own = head == "transformers head"
                     ctx = patch("ftlab.objectives.output_head", _model_head) if own else nullcontext()
-                    with ctx:
-                        t, outs[head] = timed(fn)
-                    seconds[head].append(t)
+                    with ctx, clock() as c:
+                        outs[head] = fn()
+                    seconds[head].append(c.seconds)
             diff = float((outs["ftlab head"] - outs["transformers head"]).abs().max())
             own, fast = median(seconds["transformers head"]), median(seconds["ftlab head"])
             rows.append({"what": name, "batch_size": bs, "tokens": int(batch.attention_mask.sum()),
                          "transformers_head_s": own, "ftlab_head_s": fast, "speedup": own / fast,
                          "max_abs_diff": diff, "seconds": seconds})
-    atomic_write_json(RESULTS, {"model": "smollm2-135m", "task": "sentiment", "mode": "lora r=8",
-                                "threads": args.threads, "repeats": args.repeats, "rows": rows})
+    write_json("head_speed.json", {"model": "smollm2-135m", "task": "sentiment", "mode": "lora r=8",
+                                   "threads": args.threads, "repeats": args.repeats, "rows": rows,
+                                   "machine": machine()})
     print(table([(r["what"], r["batch_size"], f"{r['transformers_head_s'] * 1e3:.0f}", f"{r['ftlab_head_s'] * 1e3:.0f}",
                   f"{r['speedup']:.2f}x", f"{r['max_abs_diff']:.1e}") for r in rows],
                 ("what", "batch", "transformers head ms (median)", "ftlab head ms", "speedup", "max |diff|")))

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, clock, machine, table, write_json
 from tqdm.auto import tqdm
 
-from ftlab.cli.common import table
-from ftlab.io import atomic_write_json
 from ftlab.kernel import select_parameters
 from ftlab.kernel.chunks import plan_rows
 from ftlab.kernel.jacobians import flat, jacobians_and_outputs, vmap_jacobians_and_outputs
@@ -46,7 +44,6 @@ from ftlab.objectives import Encoder
 from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.tasks import load_task, make_splits
 
-RESULTS = Path(__file__).parent / "results" / "kernel_speed.json"
 LABELS = {"batched": "batched (library: LoRA hooks)", "vmap": "batched vmap(jacrev)", "loop": "per-example loop"}
 
 
@@ -112,7 +109,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--projection-dim", type=int, default=8192)
-    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--output", type=Path, default=RESULTS / "kernel_speed.json")
     ap.add_argument("--vmap", action="store_true", help="also time the generic vmap(jacrev) path")
     ap.add_argument("--refit", type=Path, help="only add the per-row/per-token fit to this results JSON")
     args = ap.parse_args()
@@ -120,7 +117,7 @@ def main() -> None:
         result = json.loads(args.refit.read_text())
         result["cost_fit"] = cost_fit(result["per_chunk"])
         result["by_length"] = length_groups(result["per_chunk"])
-        atomic_write_json(args.refit, result)
+        write_json(args.refit.absolute(), result)
         print_fit(result["cost_fit"], result["by_length"])
         return
     torch.set_num_threads(args.threads)
@@ -142,7 +139,7 @@ def main() -> None:
     plan = plan_rows(encoder, train, test, args.chunk_size, args.max_padding)
     rows, lengths, chunks = plan.rows, plan.lengths, plan.chunks
     trainable = [p for n, p in module.named_parameters() if n in names]
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     projector = Projector(ProjectionSpec(dim_in=n_params, dim_out=args.projection_dim, seed=0), args.device)
     methods = {"batched": lambda chunk: batched_jacobians(fn, encoder, chunk, names, list(names)),
                "loop": lambda chunk: loop_jacobians(module, encoder, chunk, trainable)}
@@ -156,10 +153,9 @@ def main() -> None:
         chunk = rows[s:e]
         took = {}
         for name, method in methods.items():
-            t = time.perf_counter()
-            jacs[name].append(method(chunk))
-            sync()
-            took[name] = time.perf_counter() - t
+            with clock(sync) as c:
+                jacs[name].append(method(chunk))
+            took[name] = c.seconds
             seconds[name] += took[name]
         per_chunk.append({"rows": e - s, "tokens": sum(lengths[s:e]), "padded_tokens": (e - s) * max(lengths[s:e]),
                           "seconds": took})
@@ -225,8 +221,9 @@ def report(args, n_params: int, n_train: int, n_test: int, done: int, seconds: d
         "cost_fit": cost_fit(per_chunk),
         "by_length": length_groups(per_chunk),
         "per_chunk": per_chunk,
+        "machine": machine(),
     }
-    atomic_write_json(args.output, result)
+    write_json(args.output.absolute(), result)
     print(table([(LABELS[m], f"{t:.1f}", f"{t / done:.3f}", f"{t / done * 564 / 60:.1f}",
                   f"{speedup[m]:.2f}x" if m in speedup else "1x") for m, t in seconds.items()],
                 ("method", f"seconds ({done} of {n_train}+{n_test} rows)", "s/row", "min for 64+500 (extrapolated)",

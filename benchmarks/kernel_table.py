@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
-from ftlab.cli.common import table
+from _common import RESULTS, clock, machine, read_json, table, write_json
+
 from ftlab.config import TrainConfig, load_config
-from ftlab.io import atomic_write_json
 from ftlab.kernel import KernelSpec, compute_kernel, readout_accuracy
 from ftlab.kernel.diagnostics import diagnose
 from ftlab.kernel.plots import accuracy_scatter
@@ -39,7 +38,6 @@ from ftlab.kernel.solvers import solve
 from ftlab.models import load_model
 from ftlab.train import build_trainer, load_run_data
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"lora-sgd": ("lora", "sgd"), "lora-adamw": ("lora", "adamw"),
             "full-sgd": ("full", "sgd"), "full-adamw": ("full", "adamw")}
 
@@ -56,7 +54,7 @@ def config(args, task: str, k: int, seed: int, mode: str, optimizer: str = "sgd"
 def run_group(args, task: str, k: int, seed: int) -> None:
     """All rows of one (task, k, seed), saving after each piece."""
     path = args.results / "kernel_table" / f"{task}_k{k}_s{seed}.json"
-    record = json.loads(path.read_text()) if path.exists() else {"task": task, "k": k, "seed": seed}
+    record = read_json(path, {"task": task, "k": k, "seed": seed})
     base = config(args, task, k, seed, "lora")
     data = load_run_data(base)
     kspec = KernelSpec(params="trainable", output=args.output, chunk_size=args.chunk_size)
@@ -65,12 +63,12 @@ def run_group(args, task: str, k: int, seed: int) -> None:
     if "kernel" not in record:
         model, tokenizer = load_model(base.model, device=args.device)
         module = build_trainer(base, model)[0].eval()
-        start = time.perf_counter()
         # Same folder, spec and identity as diagnose() uses, so the LoRA runs reuse this kernel.
-        kd = compute_kernel(module, tokenizer, data.spec, data.splits.train, data.splits.test, kspec,
-                            lora_kernels / "start", identity={"model": base.model, "mode": "lora", "seed": seed,
-                                                              **identity})
-        record["kernel"] = {"seconds": time.perf_counter() - start, "device": args.device,
+        with clock() as c:
+            kd = compute_kernel(module, tokenizer, data.spec, data.splits.train, data.splits.test, kspec,
+                                lora_kernels / "start", identity={"model": base.model, "mode": "lora", "seed": seed,
+                                                                  **identity})
+        record["kernel"] = {"seconds": c.seconds, "device": args.device, "machine": machine(),
                             "n_params": kd.manifest["n_params"],
                             "n_train": kd.n_train, "n_test": len(kd.manifest["test_ids"]),
                             "zero_shot": readout_accuracy(kd.f0_test, kd.tensors["readout"], kd.y_test)}
@@ -78,7 +76,7 @@ def run_group(args, task: str, k: int, seed: int) -> None:
             for kind in ("sgd", "sign"):
                 sol = solve(kd, method, kind)
                 record["kernel"][f"{kind}-{method}"] = {"accuracy": sol.accuracy, "ridge": sol.ridge, "note": sol.note}
-        atomic_write_json(path, record)
+        write_json(path, record)
     for name in args.ft.split(","):
         if name in record.get("finetune", {}):
             continue
@@ -89,15 +87,15 @@ def run_group(args, task: str, k: int, seed: int) -> None:
         spec_for_mode = kspec if mode == "lora" else KernelSpec(params="trainable", output=args.output,
                                                                  projection_dim=args.projection_dim,
                                                                  chunk_size=args.full_chunk_size)
-        start = time.perf_counter()
-        report, details = diagnose(cfg, data.spec, data.splits, kernel_dir, kspec=spec_for_mode, identity=identity,
-                                   progress=True)
+        with clock() as c:
+            report, details = diagnose(cfg, data.spec, data.splits, kernel_dir, kspec=spec_for_mode,
+                                       identity=identity, progress=True)
         # Re-read: another process may have added a variant of this group meanwhile.
-        record = json.loads(path.read_text())
-        record.setdefault("finetune", {})[name] = {**report.to_dict(), "seconds": time.perf_counter() - start,
+        record = read_json(path)
+        record.setdefault("finetune", {})[name] = {**report.to_dict(), "seconds": c.seconds, "machine": machine(),
                                                    "device": args.device, "zero_shot": details["zero_shot_accuracy"],
                                                    "lr": cfg.lr, "steps": cfg.steps}
-        atomic_write_json(path, record)
+        write_json(path, record)
         print(report.verdict(), flush=True)
 
 
@@ -146,7 +144,7 @@ def summary(results: Path, include: list[Path]) -> None:
     for r in records:
         for name, f in r.get("finetune", {}).items():
             print(f"{r['task']} k={r['k']} seed={r['seed']}: {f['verdict']}")
-    atomic_write_json(results / "kernel_table.json", {"rows": rows, "records": records})
+    write_json(results / "kernel_table.json", {"rows": rows, "records": records})
     if points:
         title = "SmolLM2-135M: LoRA rows vs the LoRA eNTK, full rows vs the projected eNTK"
         print(f"plot: {accuracy_scatter(points, results / 'kernel_table.png', title)}")
@@ -178,6 +176,7 @@ def main() -> None:
     ap.add_argument("--include", type=Path, action="append", default=[],
                     help="another results folder whose rows join the summary (e.g. rows run on another device)")
     args = ap.parse_args()
+    args.results = args.results.absolute()  # _common's write_json puts relative paths under RESULTS
     if not args.summary:
         # Seeds outermost: a run cut short still covers every task and k for the first seeds.
         for seed in (int(x) for x in args.seeds.split(",")):

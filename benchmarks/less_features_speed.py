@@ -15,23 +15,10 @@ Rademacher map with ``--dense``, for comparison). Writes ``benchmarks/results/le
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def timed(fn, device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+from _common import RESULTS, clock, machine, table, write_json
 
 
 def main() -> None:
@@ -67,31 +54,34 @@ def main() -> None:
     adam = AdamState({n: (torch.randn(p.shape, generator=gen).to(args.device) * 1e-3,
                           torch.rand(p.shape, generator=gen).to(args.device) * 1e-6) for n, p in params})
 
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     per_example_grads(module, collate(rows[:1], tok.pad_token_id).to(args.device))  # warm-up (allocator, kernels)
-    grads, t_batched = timed(lambda: per_example_grads(module, batch), args.device)
+    with clock(sync) as batched:
+        grads = per_example_grads(module, batch)
     vmap_per_example_grads(module, collate(rows[:1], tok.pad_token_id).to(args.device))
-    vmapped, t_vmap = timed(lambda: vmap_per_example_grads(module, batch), args.device)
+    with clock(sync) as vmap:
+        vmapped = vmap_per_example_grads(module, batch)
     # relative to the largest entry overall: fresh LoRA has B = 0, so every A gradient is exactly 0
     max_diff = (max(float((grads[n] - vmapped[n]).abs().max()) for n in grads)
                 / max(float(vmapped[n].abs().max()) for n in grads))
 
-    def loop():
+    with clock(sync) as loop:
         for row in rows:
             module.zero_grad(set_to_none=True)
             response_loss(module, collate([row], tok.pad_token_id).to(args.device)).backward()
-    _, t_loop = timed(loop, args.device)
-
-    blocks, t_adam = timed(lambda: feature_blocks(grads, "adam", adam), args.device)
-    result = {"args": vars(args), "dim_in": dim_in, "threads": torch.get_num_threads(),
-              "per_example_s": {"grads_batched": t_batched / args.n, "grads_vmap": t_vmap / args.n,
-                                "grads_loop": t_loop / args.n, "adam": t_adam / args.n},
+    with clock(sync) as precondition:
+        blocks = feature_blocks(grads, "adam", adam)
+    result = {"args": vars(args), "dim_in": dim_in, "threads": torch.get_num_threads(), "machine": machine(),
+              "per_example_s": {"grads_batched": batched.seconds / args.n, "grads_vmap": vmap.seconds / args.n,
+                                "grads_loop": loop.seconds / args.n, "adam": precondition.seconds / args.n},
               "max_relative_diff_batched_vs_vmap": max_diff}
     kinds = ("sparse", "rademacher") if args.dense else ("sparse",)
     for kind in kinds:
         projector = Projector(ProjectionSpec(dim_in=dim_in, dim_out=args.dim, seed=0, kind=kind), args.device)
         projector.project_blocks([b[:1] for b in blocks])  # builds and caches the sparse sketch once
-        _, t_proj = timed(lambda: normalise(projector.project_blocks(blocks)), args.device)
-        result["per_example_s"][f"projection_{kind}"] = t_proj / args.n
+        with clock(sync) as projection:
+            normalise(projector.project_blocks(blocks))
+        result["per_example_s"][f"projection_{kind}"] = projection.seconds / args.n
     s = result["per_example_s"]
     for kind in kinds:
         total = s["grads_batched"] + s["adam"] + s[f"projection_{kind}"]
@@ -102,24 +92,20 @@ def main() -> None:
 
     print(f"LoRA r={args.lora_r} on q,v: D = {dim_in:,} trainable entries; {args.n} examples x {args.length} tokens "
           f"({args.response} response); d = {args.dim}; {args.device}, {result['threads']} threads\n")
-    print("| stage | seconds per example | share of total (sparse projection) |")
-    print("|---|---|---|")
     total = result["total_sparse_s"]
-    for name, key in [("gradients, batched LoRA hooks (forward + backward; the pipeline's)", "grads_batched"),
-                      ("gradients, batched vmap (forward + backward)", "grads_vmap"),
-                      ("gradients, naive per-example loop", "grads_loop"),
-                      ("Adam preconditioning", "adam"), ("projection, sparse JL (default)", "projection_sparse"),
-                      ("projection, dense Rademacher", "projection_rademacher")]:
-        if key not in s:
-            continue
-        share = f"{s[key] / total:.1%}" if key in ("grads_batched", "adam", "projection_sparse") else "-"
-        print(f"| {name} | {s[key]:.4f} | {share} |")
+    names = {"grads_batched": "gradients, batched LoRA hooks (forward + backward; the pipeline's)",
+             "grads_vmap": "gradients, batched vmap (forward + backward)",
+             "grads_loop": "gradients, naive per-example loop", "adam": "Adam preconditioning",
+             "projection_sparse": "projection, sparse JL (default)",
+             "projection_rademacher": "projection, dense Rademacher"}
+    stages = [(name, f"{s[key]:.4f}",
+               f"{s[key] / total:.1%}" if key in ("grads_batched", "adam", "projection_sparse") else "-")
+              for key, name in names.items() if key in s]
+    print(table(stages, ("stage", "seconds per example", "share of total (sparse projection)"), markdown=True))
     print(f"\nspeed-up over the loop: hooks {result['batched_speedup_over_loop']:.2f}x, vmap "
           f"{result['vmap_speedup_over_loop']:.2f}x (max relative difference {max_diff:.1e}); projection share at d={args.dim}: "
           + ", ".join(f"{k} {result[f'projection_share_{k}']:.1%}" for k in kinds))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    print(f"wrote {write_json(Path(args.output).absolute(), result)}")
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ Prints a table and writes benchmarks/results/less_projection.json.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
+from _common import clock, machine, median, write_json
 
 from ftlab.grads.projection import ProjectionSpec, Projector, jl_tolerance
 
-RESULTS = Path(__file__).parent / "results"
 HIDDEN, INTERMEDIATE, KV, LAYERS, RANK = 576, 1536, 192, 30, 8  # SmolLM2-135M
 MODULES = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),
            "gate": (HIDDEN, INTERMEDIATE), "up": (HIDDEN, INTERMEDIATE), "down": (INTERMEDIATE, HIDDEN)}
@@ -56,30 +53,31 @@ def cosine_errors(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     return err.abs().max().item(), err.pow(2).mean().sqrt().item()
 
 
-def timed(projector: Projector, blocks: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+def project(projector: Projector, blocks: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
     """One projection of a batch: result, wall seconds, CPU seconds (all threads)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    y = projector.project_blocks(blocks)
-    return y, time.perf_counter() - start, time.process_time() - cpu
+    cpu = time.process_time()
+    with clock() as wall:
+        y = projector.project_blocks(blocks)
+    return y, wall.seconds, time.process_time() - cpu
 
 
 def measure(specs: list[ProjectionSpec], blocks: list[torch.Tensor], x: torch.Tensor, repeats: int) -> list[dict]:
     """Setup time, median (and min) batch time, CPU time, cache size and cosine errors of each
     projection; the sparse ones' timed calls are interleaved, so machine noise hits all alike."""
     projectors = [Projector(spec) for spec in specs]
-    first = [timed(p, blocks) for p in projectors]  # builds (and caches) the sparse matrices
+    first = [project(p, blocks) for p in projectors]  # builds (and caches) the sparse matrices
     # Nothing is cached for the dense map: its first call is its (only) timed call.
     walls = [[t] if p.spec.kind == "rademacher" else [] for p, (_, t, _) in zip(projectors, first)]
     cpus = [[c] if p.spec.kind == "rademacher" else [] for p, (_, _, c) in zip(projectors, first)]
     for _ in range(repeats):
         for k, p in enumerate(projectors):
             if p.spec.kind == "sparse":
-                _, wall, cpu = timed(p, blocks)
+                _, wall, cpu = project(p, blocks)
                 walls[k].append(wall)
                 cpus[k].append(cpu)
     rows = []
     for p, (y, first_wall, _), wall, cpu in zip(projectors, first, walls, cpus):
-        batch = statistics.median(wall)
+        batch = median(wall)
         cache = sum(m.values().numel() * 8 + m.crow_indices().numel() * 4 for m in p._tables.values())
         max_err, rms = cosine_errors(x, y)
         sparse = p.spec.kind == "sparse"
@@ -87,7 +85,7 @@ def measure(specs: list[ProjectionSpec], blocks: list[torch.Tensor], x: torch.Te
                      "setup_s": round(first_wall - batch, 3) if sparse else 0.0,
                      "batch_s": round(batch, 4), "per_example_ms": round(1000 * batch / len(x), 2),
                      "min_per_example_ms": round(1000 * min(wall) / len(x), 2),
-                     "cpu_per_example_ms": round(1000 * statistics.median(cpu) / len(x), 2),
+                     "cpu_per_example_ms": round(1000 * median(cpu) / len(x), 2),
                      "cache_mb": round(cache / 2**20, 1), "cos_err_max": round(max_err, 4),
                      "cos_err_rms_x_sqrt_d": round(rms * p.spec.dim_out**0.5, 3),
                      "all_batch_s": [round(t, 4) for t in wall]})
@@ -107,8 +105,7 @@ def main() -> None:
 
     out = {"dim_out": args.dim_out, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
            "jl_tolerance_16_points_delta_0.01": round(jl_tolerance(args.dim_out, args.batch_size), 4),
-           "dense_max_dim": args.dense_max_dim, "rows": []}
-    RESULTS.mkdir(exist_ok=True)
+           "dense_max_dim": args.dense_max_dim, "machine": machine(), "rows": []}
     rows = out["rows"]
     for target in args.targets:
         sizes = lora_block_sizes(TARGETS[target])
@@ -125,7 +122,7 @@ def main() -> None:
                   f"(min {r['min_per_example_ms']:.2f}, CPU {r['cpu_per_example_ms']:.2f})  "
                   f"cache {r['cache_mb']:6.1f} MB  cos err max {r['cos_err_max']:.4f}  "
                   f"rms*sqrt(d) {r['cos_err_rms_x_sqrt_d']:.3f}", flush=True)
-        (RESULTS / "less_projection.json").write_text(json.dumps(out, indent=2) + "\n")  # after each LoRA size
+        write_json("less_projection.json", out)  # after each LoRA size
     eps = out["jl_tolerance_16_points_delta_0.01"]
     print(f"\njl_tolerance(d={args.dim_out}, n={args.batch_size}, delta=0.01) = {eps}")
 

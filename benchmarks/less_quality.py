@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import time
 from pathlib import Path
 
-from ftlab.io import atomic_write_json
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, clock, machine, read_json, table, write_json
 
 
 def parse() -> argparse.Namespace:
@@ -165,19 +162,18 @@ def select_all(args, work: Path, out: Path, results: dict, pool, pool_path: Path
                        warmup=WarmupSettings(percentage=args.warmup_fraction, epochs=args.epochs, lr=args.lr,
                                              batch_size=max(1, min(args.batch_size, 4)), seed=args.seed))
     # Representations first (forward only), on the model before LoRA is added.
-    t0 = time.perf_counter()
     kw = dict(model_name=args.model, batch_size=args.batch_size, max_length=args.max_length)
-    rep_pool = representation_store(base, tok, pool, work / "rep" / "pool", **kw)
-    rep_seconds = time.perf_counter() - t0
+    with clock() as rep_clock:
+        rep_pool = representation_store(base, tok, pool, work / "rep" / "pool", **kw)
 
     module, tok = load_lora_model(cfg, base, tok)
-    t0 = time.perf_counter()
-    checkpoints = run_warmup(module, tok, pool, cfg.warmup, work / "less" / "warmup", max_length=args.max_length)
-    warm_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    train = gradient_features(cfg, module, tok, pool, checkpoints, "adam", "train")
-    feat_seconds = time.perf_counter() - t0
-    results["timing_s"] = {"representations": rep_seconds, "warmup": warm_seconds, "pool_features": feat_seconds,
+    with clock() as warm_clock:
+        checkpoints = run_warmup(module, tok, pool, cfg.warmup, work / "less" / "warmup", max_length=args.max_length)
+    with clock() as feat_clock:
+        train = gradient_features(cfg, module, tok, pool, checkpoints, "adam", "train")
+    feat_seconds = feat_clock.seconds
+    results["timing_s"] = {"representations": rep_clock.seconds, "warmup": warm_clock.seconds,
+                           "pool_features": feat_seconds,
                            "pool_features_per_example_per_checkpoint": feat_seconds / len(pool) / len(checkpoints)}
     ids = train.stores[0].ids
     rand_rows = select_top(random_scores(len(ids), args.seed), ids, fraction=args.fraction)
@@ -202,15 +198,14 @@ def select_all(args, work: Path, out: Path, results: dict, pool, pool_path: Path
             "n_selected": len(less_rows), "n_targets": len(target_ex),
             "less_selected_families": dict(collections.Counter(family_of[ids[r]] for r in less_rows).most_common()),
         }
-        atomic_write_json(out, results)
+        write_json(out, results)
 
 
 def print_shares(results: dict) -> None:
-    print("\n| target family | pool share (random's expectation) | LESS | random | representation | n selected |")
-    print("|---|---|---|---|---|---|")
-    for fam, r in results["share"].items():
-        print(f"| {fam} | {r['pool_share']:.3f} | {r['less']:.3f} | {r['random']:.3f} | {r['representation']:.3f} "
-              f"| {r['n_selected']} |")
+    rows = [(fam, *(f"{r[k]:.3f}" for k in ("pool_share", "less", "random", "representation")), r["n_selected"])
+            for fam, r in results["share"].items()]
+    print("\n" + table(rows, ("target family", "pool share (random's expectation)", "LESS", "random",
+                              "representation", "n selected"), markdown=True))
     print(f"\ntiming (s): {json.dumps(results.get('timing_s'))}")
 
 
@@ -238,19 +233,18 @@ def train_all(args, work: Path, out: Path, results: dict, pool, targets: dict) -
                     exs = [by_id[i] for i in results["selection"][family][method]]
                     res[key] = train_and_eval(model_name, exs, {family: eval_sets[family]},
                                               work / "train" / model_name / family / method, args)[family]
-                    atomic_write_json(out, results)
+                    write_json(out, results)
         if args.full and model_name == args.model and "full" not in res:
             res["full"] = train_and_eval(model_name, pool, eval_sets, work / "train" / model_name / "full", args,
                                          epochs=args.full_epochs)
-        atomic_write_json(out, results)
-    print("\n| model | target family | base (no training) | LESS 5% | random 5% | representation 5% | full pool |")
-    print("|---|---|---|---|---|---|---|")
+        write_json(out, results)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    for model_name, res in results["train"].items():
-        for family in targets:
-            print(f"| {model_name} | {family} | {fmt(res['base'].get(family))} | {fmt(res.get(f'{family}/less'))} | "
-                  f"{fmt(res.get(f'{family}/random'))} | {fmt(res.get(f'{family}/representation'))} | "
-                  f"{fmt(res.get('full', {}).get(family))} |")
+    rows = [(model_name, family, fmt(res["base"].get(family)),
+             *(fmt(res.get(f"{family}/{method}")) for method in ("less", "random", "representation")),
+             fmt(res.get("full", {}).get(family)))
+            for model_name, res in results["train"].items() for family in targets]
+    print("\n" + table(rows, ("model", "target family", "base (no training)", "LESS 5%", "random 5%",
+                              "representation 5%", "full pool"), markdown=True))
 
 
 def main() -> None:
@@ -258,9 +252,10 @@ def main() -> None:
     from ftlab.select.data import PoolSpec, load_instructions
 
     work = Path(args.work)
-    out = Path(args.output)
-    results = json.loads(out.read_text()) if out.exists() else {}
+    out = Path(args.output).absolute()
+    results = read_json(out, {})
     results["transfer_args" if args.transfer_model else "args"] = vars(args)  # the selecting run keeps its own
+    results["transfer_machine" if args.transfer_model else "machine"] = machine()
     paths = pool_files(work / "data", PoolSpec(per_task=args.per_task, n_target=args.n_select + args.n_eval,
                                                max_chars=args.max_chars, seed=args.seed))
     pool = load_instructions([paths["pool"]])

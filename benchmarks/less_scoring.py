@@ -19,15 +19,14 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import clock, machine, proc_bytes, table, write_json
 
 from ftlab.errors import FtlabError
 from ftlab.select import Datastore, DatastoreWriter, ProjectionSpec, less_scores
 
-RESULTS = Path(__file__).parent / "results"
 BATCH = 8192  # rows generated at a time
 
 
@@ -37,9 +36,8 @@ def fields(dim: int, grad_type: str) -> dict:
                 projection=ProjectionSpec(dim_in=460_800, dim_out=dim, seed=0))
 
 
-def write_store(path: Path, rows: int, dim: int, shard_rows: int) -> float:
-    """Write (or finish writing) the synthetic train store; seconds spent."""
-    start = time.perf_counter()
+def write_store(path: Path, rows: int, dim: int, shard_rows: int) -> None:
+    """Write (or finish writing) the synthetic train store."""
     writer = DatastoreWriter(path, **fields(dim, "adam"), dtype="float16", shard_rows=shard_rows)
     done = len(writer.done_ids())
     # Drawing 8e9 normals would dominate the run: batch b is a fixed pool of normal rows rolled
@@ -54,7 +52,6 @@ def write_store(path: Path, rows: int, dim: int, shard_rows: int) -> float:
         print(f"\rwritten {hi:,d} / {rows:,d} rows", end="", file=sys.stderr, flush=True)
     writer.close()
     print(file=sys.stderr)
-    return time.perf_counter() - start
 
 
 def write_targets(path: Path, n: int, dim: int) -> None:
@@ -66,10 +63,7 @@ def write_targets(path: Path, n: int, dim: int) -> None:
 
 def proc_mb(file: str, key: str) -> int:
     """A ``kB`` field of a /proc file (``VmHWM``: peak RSS, ``Cached``: page cache), in MB."""
-    for line in Path(file).read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return round(int(line.split()[1]) / 2**10)
-    raise KeyError(key)
+    return round(proc_bytes(key, file) / 2**20)
 
 
 def score(path: Path, targets: Path, groups: str, chunk_rows: int) -> dict:
@@ -80,19 +74,18 @@ def score(path: Path, targets: Path, groups: str, chunk_rows: int) -> dict:
     """
     rss_before = proc_mb("/proc/self/status", "VmHWM")
     cached = proc_mb("/proc/meminfo", "Cached")
-    start = time.perf_counter()
-    train, target = Datastore.open(path), Datastore.open(targets)
-    open_s = time.perf_counter() - start
+    with clock() as opening:
+        train, target = Datastore.open(path), Datastore.open(targets)
     labels = [str(j) for j in range(len(target))] if groups == "each" else None
-    start = time.perf_counter()
-    scores = less_scores([train], [target], [1.0], labels, chunk_rows=chunk_rows)
-    score_s = time.perf_counter() - start
+    with clock() as scoring:
+        scores = less_scores([train], [target], [1.0], labels, chunk_rows=chunk_rows)
+    score_s = scoring.seconds
     rows = np.random.default_rng(2).choice(len(train), 1000, replace=False)
     x = train.take(rows).astype(np.float64)
     t = target.read(0, len(target)).astype(np.float64)
     cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
     want = cos.max(1) if groups == "each" else cos.mean(1)
-    return {"groups": groups, "open_s": round(open_s, 2), "score_s": round(score_s, 2),
+    return {"groups": groups, "open_s": round(opening.seconds, 2), "score_s": round(score_s, 2),
             "rows_per_s": round(len(train) / score_s), "peak_rss_mb": proc_mb("/proc/self/status", "VmHWM"),
             "rss_after_imports_mb": rss_before, "page_cache_at_start_mb": cached,
             "max_abs_err_vs_float64": float(np.abs(scores[rows] - want).max())}
@@ -118,7 +111,11 @@ def main() -> None:
         reused = len(Datastore.open(train_path)) == args.rows
     except FtlabError:  # no store yet, or an incomplete one: (finish) writing it
         reused = False
-    write_s = None if reused else write_store(train_path, args.rows, args.dim, args.shard_rows)
+    write_s = None
+    if not reused:
+        with clock() as writing:
+            write_store(train_path, args.rows, args.dim, args.shard_rows)
+        write_s = writing.seconds
     write_targets(target_path, args.targets, args.dim)
     size = sum(f.stat().st_size for f in train_path.glob("*.bin"))
     runs = []
@@ -128,17 +125,15 @@ def main() -> None:
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
     out = {"rows": args.rows, "dim": args.dim, "dtype": "float16", "targets": args.targets,
            "shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows, "datastore_gb": round(size / 1e9, 2),
-           "write_s": None if reused else round(write_s, 1), "reused_store": reused, "runs": runs}
+           "write_s": None if reused else round(write_s, 1), "reused_store": reused, "runs": runs,
+           "machine": machine()}
     how = "reused (already complete)" if reused else f"written in {write_s:.0f} s"
     print(f"datastore: {args.rows:,d} x {args.dim} float16 = {size / 1e9:.2f} GB, {how}")
-    print(f"{'target groups':28s} {'score s':>8s} {'rows/s':>9s} {'peak RSS MB':>12s} {'RSS after imports':>18s} "
-          f"{'max err vs f64':>15s}")
-    for r in runs:
-        name = "1 group (mean of 64)" if r["groups"] == "one" else "64 groups (max of 64)"
-        print(f"{name:28s} {r['score_s']:8.1f} {r['rows_per_s']:9,d} {r['peak_rss_mb']:12,d} "
-              f"{r['rss_after_imports_mb']:18,d} {r['max_abs_err_vs_float64']:15.2e}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "less_scoring.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(table([("1 group (mean of 64)" if r["groups"] == "one" else "64 groups (max of 64)", f"{r['score_s']:.1f}",
+                  f"{r['rows_per_s']:,d}", f"{r['peak_rss_mb']:,d}", f"{r['rss_after_imports_mb']:,d}",
+                  f"{r['max_abs_err_vs_float64']:.2e}") for r in runs],
+                ("target groups", "score s", "rows/s", "peak RSS MB", "RSS after imports", "max err vs f64")))
+    write_json("less_scoring.json", out)
     if args.cleanup:
         shutil.rmtree(args.path)
 

@@ -19,19 +19,15 @@ at equal core count. Writes benchmarks/results/mezo_fsdp.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, machine, median, proc_bytes, reset_peak_rss, table, timed, write_json
 
 
 def model_135m() -> torch.nn.Module:
@@ -41,13 +37,6 @@ def model_135m() -> torch.nn.Module:
                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
-
-
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -70,16 +59,10 @@ def worker(args: argparse.Namespace) -> None:
     held = sum(local_part(p)[0].numel() * p.element_size() for p in model.parameters())
     # The whole model was built on every rank before sharding: free it, then reset the peak.
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    times = []
-    for step in range(args.steps + 1):
-        start = time.perf_counter()
-        optimizer.step(loss)
-        if step:  # the first step is a warm-up
-            times.append(time.perf_counter() - start)
-    row = {"rank": rank, "world": world, "param_bytes": held, "peak_rss": _peak_rss(),
-           "step_s": statistics.median(times), "steps_s": times,
+    reset_peak_rss()
+    times = timed(lambda: optimizer.step(loss), args.steps)  # after one warm-up step
+    row = {"rank": rank, "world": world, "param_bytes": held, "peak_rss": proc_bytes("VmHWM"),
+           "step_s": median(times), "steps_s": times,
            "grads": [s.grads for s in optimizer.history]}
     rows = [None] * world
     if world > 1:
@@ -101,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     runs = {}
     common = [__file__, "--worker", "--batch", str(args.batch), "--length", str(args.length),
               "--steps", str(args.steps)]
@@ -114,11 +97,9 @@ def main() -> None:
         runs[name] = json.loads(out.read_text())
         out.unlink()
     single = runs["single"][0]
-    print(f"{'run':<8} {'rank':>4} {'param MiB':>10} {'peak RSS MiB':>13} {'step s':>8}")
-    for name, rows in runs.items():
-        for r in rows:
-            print(f"{name:<8} {r['rank']:>4} {r['param_bytes'] / 2**20:>10.1f} {r['peak_rss'] / 2**20:>13.1f} "
-                  f"{r['step_s']:>8.2f}")
+    print(table([(name, r["rank"], f"{r['param_bytes'] / 2**20:.1f}", f"{r['peak_rss'] / 2**20:.1f}",
+                  f"{r['step_s']:.2f}") for name, rows in runs.items() for r in rows],
+                ("run", "rank", "param MiB", "peak RSS MiB", "step s")))
     fsdp = runs["fsdp"]
     summary = {
         "param_fraction_per_rank": [r["param_bytes"] / single["param_bytes"] for r in fsdp],
@@ -127,10 +108,8 @@ def main() -> None:
                                        zip(fsdp[0]["grads"], single["grads"]) for a, b in zip(sa, sb)),
     }
     print(json.dumps(summary, indent=2))
-    result = {"args": vars(args), "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                                              "loadavg_end": os.getloadavg()},
-              "runs": runs, "summary": summary}
-    (RESULTS / "mezo_fsdp.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json("mezo_fsdp.json", {"args": vars(args), "machine": machine(loadavg_end=os.getloadavg()),
+                                  "runs": runs, "summary": summary})
 
 
 if __name__ == "__main__":

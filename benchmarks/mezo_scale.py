@@ -76,28 +76,21 @@ state it ran in); ``--plot`` draws benchmarks/results/mezo_scale.png from it.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import itertools
 import json
 import os
-import platform
-import random
-import statistics
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
+from _common import RESULTS, clock, interleaved, median, package_version, read_json, table, write_json
+from _common import machine as common_machine
+from mezo_step import MALLOC_ENV, peak_extra, straightforward_mezo_step
+from mezo_step import make_step as mezo_step_make_step
+from mezo_step import setup as smollm2_setup
 
-sys.path.insert(0, str(Path(__file__).parent))
-from mezo_step import MALLOC_ENV, _status, straightforward_mezo_step  # noqa: E402
-from mezo_step import make_step as mezo_step_make_step  # noqa: E402
-from mezo_step import setup as smollm2_setup  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 JSON, PNG = RESULTS / "mezo_scale.json", RESULTS / "mezo_scale.png"
 PEER = "mezo"  # the PyPI package (0.0.1), installed in benchmarks/.venv (see the docstring)
 METHODS = ["forward", "mezo", "mezo_table", "straightforward", "mezo_pypi"]
@@ -226,29 +219,11 @@ def methods_here(methods: list[str]) -> list[str]:
 
 
 def machine() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-    return {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": ver("transformers"), "mezo_pypi": ver("mezo"), "python": sys.executable,
-            "processor": platform.processor() or platform.machine(), "loadavg": os.getloadavg(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    """_common's machine state, with the version of the PyPI peer (None without it)."""
+    return common_machine(mezo_pypi=package_version(PEER))
 
 
 # -- memory: fresh processes, mezo_step.py's protocol ------------------------------------------
-def peak_extra(fn) -> float:
-    """Bytes of peak RSS over the RSS before ``fn()`` (freed heap returned to the OS first)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS")
-    fn()
-    return _status("VmHWM") - before
-
-
 def child(mode: str, model_name: str, batch: int, length: int) -> None:
     model, loss = setup(model_name, batch, length)
     torch.no_grad()(loss)(model)  # warm-up: weights paged in, allocator primed
@@ -269,7 +244,7 @@ def memory(model_name: str, batch: int, length: int, runs: int) -> dict:
             if res.returncode:
                 raise RuntimeError(f"memory child {mode} failed:\n{res.stderr[-3000:]}")
             peaks.append(json.loads(res.stdout.strip().splitlines()[-1])["extra_peak_mib"])
-        out[mode] = {"median": statistics.median(peaks), "runs": peaks}
+        out[mode] = {"median": median(peaks), "runs": peaks}
         print(f"  memory {model_name} {mode}: {out[mode]['median']:.0f} MiB (runs: {[round(p) for p in peaks]})",
               flush=True)
     return out
@@ -279,21 +254,18 @@ def memory(model_name: str, batch: int, length: int, runs: int) -> dict:
 def speed(model_name: str, batch: int, length: int, repeats: int, methods: list[str] = METHODS) -> dict:
     model, loss = setup(model_name, batch, length)
     steps = {m: make_step(m, model, loss) for m in methods_here(methods)}
-    times: dict[str, list[float]] = {m: [] for m in steps}
     for m, s in steps.items():  # warm-up (first-call allocations, the noise tables)
-        start = time.perf_counter()
-        s()
-        print(f"  warm-up {model_name} {m}: {time.perf_counter() - start:.2f} s", flush=True)
-    order, loads = list(steps), []
-    for r in range(repeats):  # a fresh order each round, so drift does not favour one method
-        random.Random(r).shuffle(order)
+        with clock() as c:
+            s()
+        print(f"  warm-up {model_name} {m}: {c.seconds:.2f} s", flush=True)
+    loads = []
+
+    def after_round(r: int, times: dict[str, list[float]]) -> None:
         loads.append(os.getloadavg()[0])
-        for m in order:
-            start = time.perf_counter()
-            steps[m]()
-            times[m].append(time.perf_counter() - start)
         print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{m} {t[-1]:.2f}" for m, t in times.items()),
               flush=True)
+    # a fresh order each round, so drift does not favour one method
+    times = interleaved(steps, repeats, warmup=0, after_round=after_round)
     n_params = sum(p.numel() for p in model.parameters())
     return {"times": times, "round_load": loads, "params": n_params, "tensors": len(list(model.parameters()))}
 
@@ -322,17 +294,8 @@ def passes(model_name: str, batch: int, length: int, repeats: int) -> dict:
             p.mul_(1.0)
     fns = {"forward": make_step("forward", model, loss), "floor_pass": floor,
            **{f"{g}_pass": functools.partial(move, o) for g, o in opts.items()}}
-    times: dict[str, list[float]] = {m: [] for m in fns}
-    for fn in fns.values():
-        fn()
-    order = list(fns)
-    for r in range(repeats):
-        random.Random(r).shuffle(order)
-        for m in order:
-            start = time.perf_counter()
-            fns[m]()
-            times[m].append(time.perf_counter() - start)
-    med = {m: statistics.median(t) for m, t in times.items()}
+    times = interleaved(fns, repeats)
+    med = {m: median(t) for m, t in times.items()}
     out = {"times": times, "seconds": med, "load": os.getloadavg(),
            "three_passes_vs_forward": {m: 3 * med[m] / med["forward"] for m in med if m != "forward"}}
     print(f"  passes {model_name}: " + ", ".join(f"{m} {v:.2f} s" for m, v in med.items())
@@ -350,8 +313,8 @@ def focus(model_name: str, batch: int, length: int, repeats: int) -> dict:
     out = {"load_before": os.getloadavg(), "speed": speed(model_name, batch, length, repeats, FOCUS)}
     out["load_after"] = os.getloadavg()
     t = out["speed"]["times"]
-    paired = lambda a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))  # noqa: E731
-    med = {m: statistics.median(v) for m, v in t.items()}
+    paired = lambda a, b: median(x / y for x, y in zip(t[a], t[b]))  # noqa: E731
+    med = {m: median(v) for m, v in t.items()}
     out["summary"] = {"seconds": med, "mezo_vs_forward": med["mezo"] / med["forward"],
                       "mezo_vs_forward_paired": paired("mezo", "forward"),
                       "mezo_vs_two_forwards_paired": paired("mezo", "two_forwards"),
@@ -363,13 +326,13 @@ def focus(model_name: str, batch: int, length: int, repeats: int) -> dict:
 
 def summarise(entry: dict) -> dict:
     """Medians, step / forward, overhead beyond two forwards, memory / forward, the targets."""
-    med = {m: statistics.median(t) for m, t in entry["speed"]["times"].items()}
+    med = {m: median(t) for m, t in entry["speed"]["times"].items()}
     fwd = med["forward"]
     times = entry["speed"]["times"]
     out = {"seconds": med, "step_vs_forward": {m: med[m] / fwd for m in med if m != "forward"},
            # the median over rounds of (step / forward of the same round): load that changes
            # from round to round cancels out
-           "step_vs_forward_paired": {m: statistics.median(s / f for s, f in zip(times[m], times["forward"]))
+           "step_vs_forward_paired": {m: median(s / f for s, f in zip(times[m], times["forward"]))
                                       for m in med if m != "forward"},
            "overhead_s": {m: med[m] - 2 * fwd for m in med if m != "forward"}}
     if "memory" in entry:
@@ -508,9 +471,9 @@ def ops(shapes: list[str]) -> dict:
             if method == "mezo_pypi" and peer() is None:
                 continue
             name = method + (f"@{chunk}" if chunk else "")
-            start = time.perf_counter()
-            entry["ops"][name] = count_ops(model, method, chunk, "meta")
-            entry["ops"][name]["count_s"] = time.perf_counter() - start
+            with clock() as c:
+                entry["ops"][name] = count_ops(model, method, chunk, "meta")
+            entry["ops"][name]["count_s"] = c.seconds
         out["shapes"][shape] = entry
         print(f"  ops {shape}: {len(params)} tensors, " + ", ".join(
             f"{k} {v['compute']}" for k, v in entry["ops"].items()), flush=True)
@@ -518,11 +481,6 @@ def ops(shapes: list[str]) -> dict:
 
 
 # -- output ----------------------------------------------------------------------------------
-def md_table(rows: list, header: tuple) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
-
-
 def print_cpu(name: str, entry: dict) -> None:
     s = entry["summary"]
     rows = []
@@ -542,9 +500,8 @@ def print_cpu(name: str, entry: dict) -> None:
           f"{entry['batch']} x {entry['length']}, {entry['repeats']} rounds; load average before "
           f"{entry['load_before'][0]:.2f}, after {entry['load_after'][0]:.2f}; 1-min load at each round "
           f"{[round(x, 1) for x in entry['speed'].get('round_load', [])]}")
-    print(md_table(rows, ("method", "median s", "step / forward", "per-round step / forward (median)",
-                          "overhead beyond 2 forwards (s)",
-                          "extra peak MiB", "memory / forward")))
+    print(table(rows, ("method", "median s", "step / forward", "per-round step / forward (median)",
+                       "overhead beyond 2 forwards (s)", "extra peak MiB", "memory / forward"), markdown=True))
     for k, v in s["targets"].items():
         print(f"  target {k}: {'met' if v else 'MISSED'}")
     if "passes" in entry:
@@ -569,7 +526,7 @@ def print_ops(result: dict) -> None:
                      *(f"{e['ops'][m]['compute']:,} ({e['ops'][m]['per_tensor']:.1f}/tensor)" if m in e["ops"] else ""
                        for m in methods)))
     print("\ncompute ops (kernel launches on a GPU) per step, forwards excluded:")
-    print(md_table(rows, ("shape", "params", "tensors", *methods)))
+    print(table(rows, ("shape", "params", "tensors", *methods), markdown=True))
 
 
 LABELS = {"mezo": "ftlab MeZO (strided)", "mezo_table": "ftlab chunked table (64K)", "straightforward":
@@ -614,10 +571,6 @@ def plot(results: dict) -> None:
     print(f"wrote {PNG}")
 
 
-def load_results() -> dict:
-    return json.loads(JSON.read_text()) if JSON.exists() else {}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="135m,1b", help="comma-separated: 135m, 1b")
@@ -636,7 +589,7 @@ def main() -> None:
     if args.child:
         return child(args.child, models[0], args.batch, args.length)
 
-    results = load_results()
+    results = read_json(JSON, {})
     results.setdefault("cpu", {})
     if args.only == "report":  # the tables of the results JSON (nothing is measured or written)
         if "ops" in results:
@@ -672,14 +625,11 @@ def main() -> None:
             entry["params"], entry["tensors"] = entry["speed"]["params"], entry["speed"]["tensors"]
             entry["summary"] = summarise(entry)
             print_cpu(name, entry)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        JSON.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(JSON, results)
     for entry in results["cpu"].values():  # summaries of earlier runs in this script's current form
         if "speed" in entry:
             entry["summary"] = summarise(entry)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    JSON.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {JSON}")
+    print(f"wrote {write_json(JSON, results)}")
     if args.plot or args.only == "plot":
         plot(results)
 

@@ -22,19 +22,14 @@ Writes benchmarks/results/mezo_step.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import random
-import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
+from _common import interleaved, machine, median, proc_bytes, reset_peak_rss, table, write_json
 
-RESULTS = Path(__file__).parent / "results"
 # glibc's default mmap threshold adapts upwards, so freed activations stay in the heap and
 # whether a later allocation reuses them depends on fragmentation (+-30 MiB between identical
 # runs). A fixed threshold maps every allocation over 64 KiB on its own and unmaps it when freed,
@@ -109,26 +104,22 @@ def make_step(mode: str, model, loss):
     raise ValueError(mode)
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def child(mode: str, batch: int, length: int) -> None:
     model, loss = setup(batch, length)
     # A warm-up forward first: the loaded weights are paged in lazily, and that page-in (about
     # the model's size) would otherwise dominate every mode's "extra" memory.
     torch.no_grad()(loss)(model)
     step = make_step(mode, model, loss)
-    # Hand the memory the warm-up freed back to the OS: otherwise a step may or may not reuse
-    # it (unseen by RSS) depending on heap fragmentation, which made "extra" swing by +-30 MiB.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS")
-    step()
-    print(json.dumps({"mode": mode, "extra_peak_mib": (_status("VmHWM") - before) / 2**20}))
+    print(json.dumps({"mode": mode, "extra_peak_mib": peak_extra(step) / 2**20}))
+
+
+def peak_extra(fn) -> float:
+    """Bytes of peak RSS during ``fn()`` over the RSS before it. The memory freed before is handed
+    back to the OS first: otherwise a step may or may not reuse it (unseen by RSS) depending on heap
+    fragmentation, which made "extra" swing by +-30 MiB."""
+    before = reset_peak_rss()
+    fn()
+    return proc_bytes("VmHWM") - before
 
 
 def memory(batch: int, length: int, runs: int) -> dict[str, float]:
@@ -141,7 +132,7 @@ def memory(batch: int, length: int, runs: int) -> dict[str, float]:
                                   "--length", str(length)], capture_output=True, text=True, check=True,
                                  env={**os.environ, **MALLOC_ENV})
             peaks.append(json.loads(res.stdout.strip().splitlines()[-1])["extra_peak_mib"])
-        out[mode] = statistics.median(peaks)
+        out[mode] = median(peaks)
         print(f"  memory {mode}: {out[mode]:.0f} MiB (runs: {[round(p) for p in peaks]})", flush=True)
     return out
 
@@ -149,17 +140,8 @@ def memory(batch: int, length: int, runs: int) -> dict[str, float]:
 def speed(batch: int, length: int, repeats: int) -> dict[str, float]:
     model, loss = setup(batch, length)
     steps = {m: make_step(m, model, loss) for m in ("two_forwards", "mezo", "mezo_straightforward")}
-    times = {m: [] for m in steps}
-    for s in steps.values():  # warm-up
-        s()
-    order = list(steps)
-    for r in range(repeats):  # a fresh order each round, so drift does not favour one mode
-        random.Random(r).shuffle(order)
-        for m in order:
-            start = time.perf_counter()
-            steps[m]()
-            times[m].append(time.perf_counter() - start)
-    med = {m: statistics.median(t) for m, t in times.items()}
+    times = interleaved(steps, repeats)  # a fresh order each round, so drift does not favour one mode
+    med = {m: median(t) for m, t in times.items()}
     med["forward"] = med.pop("two_forwards") / 2
     print(f"  speed: {med}", flush=True)
     return med
@@ -189,14 +171,11 @@ def main() -> None:
         "overhead_ours_s": ours_over, "overhead_straightforward_s": naive_over,
         "overhead_ratio": ours_over / naive_over,
     }
-    print("\n| mode | extra peak memory (MiB) | seconds |\n|---|---|---|")
-    for m in MODES:
-        print(f"| {m} | {mem[m]:.0f} | {sec[m]:.2f} |" if m in sec else f"| {m} | {mem[m]:.0f} | |")
+    print("\n" + table([(m, f"{mem[m]:.0f}", f"{sec[m]:.2f}" if m in sec else "") for m in MODES],
+                       ("mode", "extra peak memory (MiB)", "seconds"), markdown=True))
     print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in summary.items()))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mezo_step.json").write_text(json.dumps(
-        {"batch": args.batch, "length": args.length, "threads": torch.get_num_threads(),
-         "memory_mib": mem, "seconds": sec, "summary": summary}, indent=2) + "\n")
+    write_json("mezo_step.json", {"batch": args.batch, "length": args.length, "threads": torch.get_num_threads(),
+                                  "memory_mib": mem, "seconds": sec, "summary": summary, "machine": machine()})
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ import copy
 import gc
 import json
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import machine, median, timed
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ftlab.zo.mezo import MeZO
@@ -86,18 +85,11 @@ def exactness():
                  blocks_pinned_cpu=pinned, rest_on_gpu=resident, moves=dict(opt.moves))
 
 
-def timed(step, repeats):
-    times = []
-    for i in range(repeats + 2):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        if i == 1:
-            torch.cuda.reset_peak_memory_stats()  # the peak of the steady state (after two warm-ups)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def steady(step, repeats):
+    """Median seconds of ``repeats`` steps after two warm-ups; the peak memory counts from there."""
+    timed(step, 0, warmup=2, sync=torch.cuda.synchronize)
+    torch.cuda.reset_peak_memory_stats()  # the peak of the steady state (after two warm-ups)
+    return median(timed(step, repeats, warmup=0, sync=torch.cuda.synchronize))
 
 
 def speed(layers, hidden, batch, length, repeats):
@@ -112,7 +104,7 @@ def speed(layers, hidden, batch, length, repeats):
     opt = MeZO(model.parameters(), exact=True, **kw)
     opt.attach(model)
     single, _ = closures(model, ids)
-    t = timed(lambda: opt.step(single), repeats)
+    t = steady(lambda: opt.step(single), repeats)
     emit(check="speed", mode="mezo_exact_on_gpu", params=n_params, batch=batch, length=length, s_per_step=t,
          peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     del model, opt, single
@@ -120,8 +112,8 @@ def speed(layers, hidden, batch, length, repeats):
     masters = [p.detach().pin_memory() for p in cpu_copy.model.layers.parameters()]
     nbytes = sum(m.numel() * m.element_size() for m in masters)
     devs = [torch.empty_like(m, device="cuda") for m in masters]
-    h2d = timed(lambda: [d.copy_(m, non_blocking=True) for d, m in zip(devs, masters)], 3)
-    d2h = timed(lambda: [m.copy_(d, non_blocking=True) for d, m in zip(devs, masters)], 3)
+    h2d = steady(lambda: [d.copy_(m, non_blocking=True) for d, m in zip(devs, masters)], 3)
+    d2h = steady(lambda: [m.copy_(d, non_blocking=True) for d, m in zip(devs, masters)], 3)
     emit(check="bandwidth", blocks_gib=nbytes / 2**30, h2d_gb_s=nbytes / h2d / 1e9, d2h_gb_s=nbytes / d2h / 1e9)
     del masters, devs
     for prefetch in (True, False):
@@ -130,7 +122,7 @@ def speed(layers, hidden, batch, length, repeats):
         torch.cuda.reset_peak_memory_stats()
         opt = OffloadedMeZO(off.parameters(), model=off, device="cuda", prefetch=prefetch, **kw)
         _, pair = closures(off, ids)
-        t = timed(lambda: opt.step(pair), repeats)
+        t = steady(lambda: opt.step(pair), repeats)
         opt.flush()
         emit(check="speed", mode=f"offloaded_prefetch_{prefetch}", params=n_params, batch=batch, length=length,
              s_per_step=t, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
@@ -147,7 +139,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
-    emit(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    emit(device=torch.cuda.get_device_name(), **machine())
     exactness()
     if not args.skip_speed:
         speed(args.big_layers, args.big_hidden, args.batch, args.length, args.repeats)

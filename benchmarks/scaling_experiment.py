@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
-from ftlab.cli.common import table
-from ftlab.config import TrainConfig, load_config
-from ftlab.io import atomic_write_json
-from ftlab.scaling.experiment import ScalingExperimentConfig, noise_line, run_experiment
+from _common import RESULTS, clock, machine, table, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ftlab.config import TrainConfig, load_config
+from ftlab.scaling.experiment import ScalingExperimentConfig, noise_line, run_experiment
 
 
 def main() -> None:
@@ -49,9 +46,9 @@ def main() -> None:
         "eval_batch_size=32"])
     exp = ScalingExperimentConfig(train=train, kappa=args.kappa, variants=args.variants, n_probe=args.n_probe,
                                   output_dir=args.output_dir)
-    start = time.perf_counter()
-    result = run_experiment(exp)
-    seconds = time.perf_counter() - start
+    with clock() as c:
+        result = run_experiment(exp)
+    seconds = c.seconds
     rows = []
     for name, h in result["hyperparameters"].items():
         c, d = result["curves"][name], result["distance"].get(name)
@@ -68,8 +65,7 @@ def main() -> None:
         if isinstance(n, dict):
             print(f"noise check at {where}: {noise_line(n)}")
     print(f"{seconds:.0f} s")
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results / f"{args.name}.json", {**result, "seconds": seconds})
+    write_json(args.results.absolute() / f"{args.name}.json", {**result, "seconds": seconds, "machine": machine()})
     shutil.copyfile(Path(args.output_dir) / "experiment.png", args.results / f"{args.name}.png")
 
 

@@ -13,17 +13,13 @@ and writes benchmarks/results/scoring_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import torch
+from _common import clock, machine, table, write_json
 
 from ftlab.evaluate import evaluate
 from ftlab.models import load_model
 from ftlab.tasks import load_task, make_splits, prepare
-
-RESULTS = Path(__file__).parent / "results"
 
 
 @torch.no_grad()
@@ -56,22 +52,20 @@ def main() -> None:
     test = make_splits(examples, seed=0, n_train=0, n_dev=0, n_test=args.n).test
     times = {"naive": [], "ftlab": []}
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        start = time.perf_counter()
-        naive = naive_predictions(model, tokenizer, spec, test)
-        times["naive"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ours = evaluate(model, tokenizer, spec, test, batch_size=args.batch_size, progress=False).predictions
-        times["ftlab"].append(time.perf_counter() - start)
+        with clock() as c:
+            naive = naive_predictions(model, tokenizer, spec, test)
+        times["naive"].append(c.seconds)
+        with clock() as c:
+            ours = evaluate(model, tokenizer, spec, test, batch_size=args.batch_size, progress=False).predictions
+        times["ftlab"].append(c.seconds)
     agree = sum(a == b for a, b in zip(naive, ours)) / len(test)
     best = {k: min(v) for k, v in times.items()}
     row = {"model": args.model, "task": args.task, "n": len(test), "batch_size": args.batch_size,
            "naive_s": round(best["naive"], 2), "ftlab_s": round(best["ftlab"], 2),
            "speedup": round(best["naive"] / best["ftlab"], 2), "prediction_agreement": agree,
            "threads": torch.get_num_threads()}
-    print("| " + " | ".join(row) + " |\n|" + "---|" * len(row))
-    print("| " + " | ".join(str(v) for v in row.values()) + " |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scoring_speed.json").write_text(json.dumps({**row, "all_times_s": times}, indent=2) + "\n")
+    print(table([[str(v) for v in row.values()]], row, markdown=True))
+    write_json("scoring_speed.json", {**row, "all_times_s": times, "machine": machine()})
 
 
 if __name__ == "__main__":

@@ -9,42 +9,34 @@ The ceiling any batched eNTK / per-example-gradient path can approach. Prints a 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-
-from ftlab.cli.common import table
-from ftlab.io import atomic_write_json
-
-RESULTS = Path(__file__).parent / "results" / "sgemm_peak.json"
+from _common import RESULTS, machine, table, timed, write_json
 
 
 def gflops(rows: int, k: int, n: int, repeats: int) -> float:
-    """GFLOP/s of ``(rows x k) @ (k x n)`` in float32, best of 3 timed blocks after a warm-up."""
+    """GFLOP/s of ``(rows x k) @ (k x n)`` in float32, best of 3 timed blocks of ``repeats``
+    products after a warm-up block."""
     a, w = torch.randn(rows, k), torch.randn(k, n)
-    for _ in range(3):
-        a @ w
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
+
+    def block() -> None:
         for _ in range(repeats):
             a @ w
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * k * n * repeats / best / 1e9
+    return 2 * rows * k * n * repeats / min(timed(block, 3)) / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--output", type=Path, default=RESULTS / "sgemm_peak.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = {"30 x 576 x 1536 (one prompt)": (30, 576, 1536, 400),
               "2048 x 576 x 1536 (a batch)": (2048, 576, 1536, 20)}
     result = {name: gflops(*shape) for name, shape in shapes.items()}
     print(table([(name, f"{g:.0f}") for name, g in result.items()], ("fp32 matmul", "GFLOP/s")))
-    atomic_write_json(args.output, {"threads": args.threads, "gflops": result})
+    write_json(args.output.absolute(), {"threads": args.threads, "gflops": result, "machine": machine()})
 
 
 if __name__ == "__main__":
