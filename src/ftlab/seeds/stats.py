@@ -17,23 +17,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from ftlab.bootstrap import Interval, multi_bootstrap, multi_bootstrap_samples  # noqa: F401 (re-exported)
 from ftlab.errors import FtlabError
-
-
-@dataclass
-class Interval:
-    """A point estimate with a bootstrap confidence interval ``[low, high]`` at ``level``."""
-
-    estimate: float
-    low: float
-    high: float
-    std: float
-    level: float
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -41,44 +30,6 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     v = _vector(values, "values")
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
             "min": float(v.min()), "max": float(v.max()), "n": len(v)}
-
-
-def multi_bootstrap_samples(scores: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                            baseline: np.ndarray | None = None) -> np.ndarray:
-    """``n_boot`` multi-bootstrap replicates of the mean score (or of the difference of means
-    with ``baseline``). ``scores``: (runs, test examples) per-example scores (1/0 correctness)."""
-    scores = _matrix(scores, "scores")
-    rng = np.random.default_rng(seed)
-    n_examples = scores.shape[1]
-    # Counts of each example (and each seed) in a replicate: the resampled grid's mean is then
-    # a weighted mean, without materialising the (n_boot, runs, examples) grid.
-    examples = rng.multinomial(n_examples, np.full(n_examples, 1 / n_examples), size=n_boot)
-    stat = _grid_mean(scores, examples, rng)
-    if baseline is not None:
-        baseline = _matrix(baseline, "baseline")
-        if baseline.shape[1] != n_examples:
-            raise FtlabError(f"baseline has {baseline.shape[1]} test examples, scores {n_examples}: "
-                             "compare runs evaluated on the same test set")
-        stat = stat - _grid_mean(baseline, examples, rng)
-    return stat
-
-
-def _grid_mean(scores: np.ndarray, example_counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    runs, n_examples = scores.shape
-    seed_counts = rng.multinomial(runs, np.full(runs, 1 / runs), size=len(example_counts))
-    return np.einsum("br,re,be->b", seed_counts, scores, example_counts) / (runs * n_examples)
-
-
-def multi_bootstrap(scores: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                    baseline: np.ndarray | None = None) -> Interval:
-    """The mean score over runs and test examples (minus ``baseline``'s) with a percentile
-    multi-bootstrap interval at ``level``; ``std`` is the replicates' standard deviation."""
-    if not 0 < level < 1:
-        raise FtlabError(f"confidence level must lie in (0, 1), got {level}")
-    samples = multi_bootstrap_samples(scores, n_boot, seed, baseline)
-    estimate = float(np.mean(scores)) - (float(np.mean(baseline)) if baseline is not None else 0.0)
-    low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(estimate, float(low), float(high), float(samples.std(ddof=1)), level)
 
 
 def expected_max_curve(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +81,3 @@ def _vector(values: Sequence[float], name: str) -> np.ndarray:
     if v.ndim != 1 or len(v) == 0 or not np.all(np.isfinite(v)):
         raise FtlabError(f"{name}: expected a non-empty list of finite numbers, got {values!r}")
     return v
-
-
-def _matrix(values: np.ndarray, name: str) -> np.ndarray:
-    m = np.asarray(values, dtype=np.float64)
-    if m.ndim != 2 or 0 in m.shape or not np.all(np.isfinite(m)):
-        raise FtlabError(f"{name}: expected a (runs x test examples) matrix of finite scores, "
-                         f"got shape {m.shape}")
-    return m

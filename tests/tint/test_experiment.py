@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ftlab.errors import FtlabError
+from ftlab.tasks.base import Example, TaskSpec
+from ftlab.tint.experiment import (TintEvalConfig, classify, encode_context, method_name, report_markdown,
+                                   run_task, single_token_options, summarize_lm, summarize_task)
+from ftlab.tint.inner import forward, inner_from_hf
+from ftlab.tint.reference import Approximations, approximate_step, exact_step
+
+SPEC = TaskSpec(name="toy", template="Review: {text} It was", options=[" negative", " positive"])
+TEXTS = ["the movie was great", "a terrible plot", "good acting and a good story", "bad and boring",
+         "the film was good", "the acting was bad", "great story", "terrible film"]
+EXAMPLES = [Example(id=f"toy:{i}", fields={"text": t}, label=int(i % 2 == 0)) for i, t in enumerate(TEXTS)]
+
+
+@pytest.fixture
+def setup(tiny_model, tiny_tokenizer):
+    return inner_from_hf(tiny_model, torch.float64), tiny_tokenizer
+
+
+def test_context_marks_the_positions_before_label_words(setup):
+    _, tok = setup
+    opts = single_token_options(tok, SPEC)
+    ctx = encode_context(tok, SPEC, EXAMPLES[:3], EXAMPLES[3], 512, opts)
+    ids = ctx.ids.tolist()
+    marked = ctx.label_mask.nonzero().squeeze(-1).tolist()
+    assert [ids[p + 1] for p in marked] == [opts[e.label] for e in EXAMPLES[:3]]
+    assert max(marked) < ctx.n_train - 1
+    assert ids[ctx.n_train:] == ctx.query.tolist()
+    short = encode_context(tok, SPEC, EXAMPLES[:3], EXAMPLES[3], len(ids) - 2, opts)  # first demo dropped
+    assert int(short.label_mask.sum()) == 2
+    with pytest.raises(FtlabError, match="no room for a demonstration"):
+        encode_context(tok, SPEC, EXAMPLES[:3], EXAMPLES[3], len(ctx.query), opts)
+
+
+def test_multi_token_label_words_are_refused(tiny_tokenizer):
+    spec = TaskSpec(name="toy", template="{text}", options=[" positive review", " negative"])
+    with pytest.raises(FtlabError, match="one token"):
+        single_token_options(tiny_tokenizer, spec)
+
+
+def test_classify_runs_every_method_consistently(setup):
+    inner, tok = setup
+    opts = single_token_options(tok, SPEC)
+    ctx = encode_context(tok, SPEC, EXAMPLES[:3], EXAMPLES[3], 512, opts)
+    cfg = TintEvalConfig(layers=[1, 2], lrs=[0.1], losses=["label", "context"], tasks=["toy"])
+    out = classify(inner, ctx, opts, cfg)
+    assert set(out) == {"zero-shot", "ICL"} | {method_name(m, k, loss, 0.1) for m in ("exact", "approx")
+                                                for k in (1, 2) for loss in ("label", "context")}
+    torch.testing.assert_close(out["ICL"], forward(inner, ctx.ids)[0][-1, opts])
+    ref = approximate_step(inner, ctx.ids, ctx.n_train, ctx.label_mask, 2, 0.1, Approximations(True, 100.0, True))
+    torch.testing.assert_close(out[method_name("approx", 2, "label", 0.1)], ref.test_logits[-1, opts])
+    ex = exact_step(inner, ctx.ids, ctx.n_train, ctx.label_mask, 1, 0.1, sum_over_tokens=True)
+    torch.testing.assert_close(out[method_name("exact", 1, "label", 0.1)], ex.test_logits[-1, opts])
+
+
+def test_run_task_checks_the_tint_forward(setup):
+    inner, tok = setup
+    cfg = TintEvalConfig(layers=[1], lrs=[0.1], losses=["label"], tasks=["toy"], shots=2, seeds=[0],
+                         tint_examples=2, n_prefixes=8)
+    part = run_task(inner, tok, SPEC, EXAMPLES[:4], EXAMPLES[4:], cfg, seed=0)
+    assert len(part["tint_check"]) == 2
+    assert all(r["max_abs_diff"] < 1e-9 and r["same_prediction"] for r in part["tint_check"])
+    assert all(len(v) == 4 for v in part["correct"].values())
+    json.dumps(part)  # stored as JSON
+
+
+def test_summary_intervals():
+    rng = np.random.default_rng(0)
+    icl = rng.integers(0, 2, (2, 50)).tolist()
+    better = [[1] * 50, [1] * 50]
+    parts = [{"correct": {"zero-shot": icl[s], "ICL": icl[s], "m": better[s]},
+              "loss": {"zero-shot": [0.5] * 50, "ICL": [0.5] * 50, "m": [0.1] * 50}} for s in range(2)]
+    rows = summarize_task(parts)
+    d = rows["m"]["vs_ICL"]
+    assert d["estimate"] == pytest.approx(1 - np.mean(icl)) and d["low"] <= d["estimate"] <= d["high"]
+    assert d["low"] > 0
+    assert "vs_ICL" not in rows["ICL"]
+    same = rows["zero-shot"]["vs_ICL"]  # identical predictions: a paired difference of exactly 0
+    assert same["estimate"] == same["low"] == same["high"] == 0.0
+    lm = summarize_lm({"base": [2.0, 2.2, 2.1], "exact": [1.9, 2.0, 2.0]})
+    assert lm["exact"]["vs_base_loss"]["estimate"] == pytest.approx(-0.1333333, abs=1e-6)
+    text = report_markdown({"tasks": {"toy": rows}, "lm": lm})
+    assert "| m | 1.000 |" in text and "language modelling" in text
+
+
+def test_config_is_checked():
+    with pytest.raises(FtlabError, match="losses"):
+        TintEvalConfig(losses=["tokens"])
+    with pytest.raises(FtlabError, match="shots"):
+        TintEvalConfig(shots=0)
+
+
+def test_figure_is_a_png(tmp_path):
+    from ftlab.tint.figure import draw_tint
+    path = draw_tint(tmp_path / "tint.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
