@@ -81,7 +81,7 @@ def main() -> None:
     rows = [(s["label"], str(s["test"]["n"]), f"{s['test']['mean']:.4f}", f"{s['test']['std']:.4f}",
              f"[{s['multi_bootstrap']['low']:.4f}, {s['multi_bootstrap']['high']:.4f}]",
              f"{s['expected_max']['mean'][-1]:.4f}") for s in report["studies"]]
-    print(table(rows, ("method", "runs", "test mean", "std", "multi-bootstrap 95% CI", f"E[max dev] n=N")))
+    print(table(rows, ("method", "runs", "test mean", "std", "multi-bootstrap 95% CI", "E[max dev] n=N")))
     print((out / "report.md").read_text())
     seconds = time.perf_counter() - start
     print(f"{seconds:.0f} s")

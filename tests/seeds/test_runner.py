@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,37 @@ def test_ranks_split_the_runs(tmp_path, tiny_model_dir, cue_task):
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == names[rank::2]
     assert [r["name"] for r in json.loads((tmp_path / "study" / "results.json").read_text())["runs"]] == sorted(names)
+
+
+def test_every_run_is_evaluated_out_of_distribution(tmp_path, tiny_model_dir, cue_task):
+    from study_fixtures import write_cue_task
+
+    ood_a = write_cue_task(tmp_path / "ood_a.jsonl", n=40, seed=1)
+    ood_b = write_cue_task(tmp_path / "ood_b.jsonl", n=30, seed=2)
+    study = _study(tmp_path, tiny_model_dir, cue_task, "kinds=[init]", "runs_all=0", f"ood_tasks=[{ood_a}]",
+                   "ood_n_test=16")
+    records = run_study(study, progress=False)
+    ids = {tuple(r["ood"][ood_a]["ids"]) for r in records}
+    assert len(ids) == 1 and len(next(iter(ids))) == 16  # the same 16 OOD examples for every run
+    for r in records:
+        res = r["ood"][ood_a]
+        assert set(res["scores"]) <= {0.0, 1.0} and res["metrics"]["accuracy"] == pytest.approx(np.mean(res["scores"]))
+    # A task added later is evaluated on the finished runs without retraining them.
+    models = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "runs").glob("*/model/*")}
+    trained = []
+    bigger = _study(tmp_path, tiny_model_dir, cue_task, "kinds=[init]", "runs_all=0", f"ood_tasks=[{ood_a}, {ood_b}]",
+                    "ood_n_test=16")
+    records = run_study(bigger, progress=False, on_run=lambda run, record: trained.append(run.name))
+    assert trained == [] and all(set(r["ood"]) == {ood_a, ood_b} for r in records)
+    assert all(p.stat().st_mtime_ns == t for p, t in models.items())
+
+
+def test_ood_task_with_other_label_words_is_refused(tmp_path, tiny_model_dir, cue_task):
+    # The built-in entailment tasks answer " Yes"/" No"; the study's cue task " terrible"/" great".
+    study = _study(tmp_path, tiny_model_dir, cue_task, "kinds=[init]", "runs_all=0",
+                   "ood_tasks=[epistemic_reasoning]")
+    with pytest.raises(FtlabError, match="label words"):
+        run_study(study, progress=False)
+    assert not (tmp_path / "study" / "runs").exists()  # refused before any training
+    with pytest.raises(FtlabError, match="distinct tasks other than"):
+        run_study(_study(tmp_path, tiny_model_dir, cue_task, f"ood_tasks=[{cue_task}]"), progress=False)

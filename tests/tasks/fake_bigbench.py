@@ -39,8 +39,21 @@ SQUAD = {"version": "1.1", "data": [{"title": "Super_Bowl_50", "paragraphs": [
     {"context": "It was played in 2016.",
      "qas": [{"id": "c", "question": "When?", "answers": [{"answer_start": 17, "text": "2016"}]}]}]}]}
 
+EPISTEMIC = {"examples": [
+    {"input": "Premise: Amelia assumes that Joseph knows that a dog runs. Hypothesis: Joseph knows that a dog runs.",
+     "target_scores": {"entailment": 0, "non-entailment": 1}},
+    {"input": "Premise: Evelyn sees that a dog runs. Hypothesis: A dog runs.",
+     "target_scores": {"entailment": 1, "non-entailment": 0}},
+]}
+ANALYTIC = {"examples": [
+    {"input": "Lina met two nurses. So, Lina met at least one woman.", "target_scores": {"entailment": 0, "no-entailment": 1}},
+    {"input": "Fido is a dog. Therefore Fido is a mammal.", "target_scores": {"entailment": 1, "no-entailment": 0}},
+]}
+
 TASK_FILES = {
     "multiemo/all_sentence_en/task.json": json.dumps(SENTIMENT).encode(),
+    "epistemic_reasoning/task.json": json.dumps(EPISTEMIC).encode(),
+    "analytic_entailment/task.json": json.dumps(ANALYTIC).encode(),
     "strategyqa/task.json": json.dumps(STRATEGYQA).encode(),
     "presuppositions_as_nli/task.json": json.dumps(NLI).encode(),
     "squad_shifts/squaddev_v1.1.json": json.dumps(SQUAD).encode(),

@@ -76,7 +76,8 @@ def test_unprepared_data_says_run_prepare(cache):
 
 def test_list_tasks_returns_copies():
     specs = list_tasks()
-    assert [s.name for s in specs] == ["sentiment", "strategyqa", "nli", "squad"]
+    assert [s.name for s in specs] == ["sentiment", "strategyqa", "nli", "squad", "nli_binary", "epistemic_reasoning",
+                                       "analytic_entailment"]
     specs[0].options.append(" neutral")
     assert list_tasks()[0].options == [" negative", " positive"]
     assert all(s.description for s in specs)

@@ -10,8 +10,16 @@ Folder of a study::
 
     study.json             the study config (a rerun with another config refuses to continue)
     runs/<name>/           one ftlab training run (see :mod:`ftlab.train`) plus
-    runs/<name>/seed_run.json  its seeds, dev score and per-example test scores (marks it done)
+    runs/<name>/seed_run.json  its seeds, dev score and per-example test scores (marks it done),
+                           and per-example scores on each out-of-distribution task (``ood``)
     results.json           all runs' records, written once every run is done
+
+Out-of-distribution tests (``ood_tasks``: built-in task names or files) are evaluated on every
+run's best model beside the test set, on a subset of ``ood_n_test`` examples drawn with
+``data.data_seed`` (the same for every run). An OOD task must use the study's label words (a
+model trained to answer " Yes"/" No" is scored on those words); files are read with the study's
+template and label words. A finished run missing an OOD task (added later) is evaluated on it
+without retraining.
 
 Resumable: a run with ``seed_run.json`` is never redone; a killed run resumes from its checkpoint.
 Under ``torchrun`` rank ``r`` of ``w`` takes runs ``r::w``, each trained by that process alone,
@@ -38,7 +46,8 @@ from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.runs import writes_run_dir
 from ftlab.models import load_trained
-from ftlab.tasks import Example, Splits, TaskSpec
+from ftlab.tasks import Example, Splits, TaskSpec, get_spec, load_task, make_splits
+from ftlab.tasks.registry import is_builtin
 from ftlab.train import RunData, load_run_data, train
 
 SEED_KINDS: tuple[str, ...] = ("order", "init", "zo")
@@ -54,6 +63,10 @@ class SeedStudyConfig:
     runs_per_kind: int = 5  # seed values 0..n-1 of each kind (0 is the shared base run)
     runs_all: int = 5  # runs varying every kind at once (seeds s, s, s for s = 0..n-1)
     output_dir: str = "runs/seeds"
+    # Out-of-distribution test tasks (built-in names or .jsonl/.csv files), each evaluated on
+    # every run; ood_n_test examples of each (a subset drawn with data.data_seed; 0: all).
+    ood_tasks: list[str] = field(default_factory=list)
+    ood_n_test: int = 500
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,32 @@ def _validate(study: SeedStudyConfig) -> None:
                          "perturbations (drop 'zo' from kinds, or use optimizer=mezo)")
     if study.runs_per_kind < 2 and study.runs_all < 2:
         raise FtlabError("a seed study needs runs_per_kind >= 2 or runs_all >= 2 to measure any variance")
+    if study.ood_n_test < 0:
+        raise FtlabError(f"ood_n_test: must be >= 0 (0: every example), got {study.ood_n_test}")
+    if len(set(study.ood_tasks)) != len(study.ood_tasks) or study.train.data.task in study.ood_tasks:
+        raise FtlabError(f"ood_tasks {study.ood_tasks!r}: list distinct tasks other than the training task "
+                         f"{study.train.data.task!r}")
+
+
+def ood_sets(study: SeedStudyConfig, spec: TaskSpec) -> dict[str, tuple[TaskSpec, list[Example]]]:
+    """The study's out-of-distribution tests: task -> (spec, examples), checked to share the
+    label words of ``spec`` (the study's task), each cut to ``ood_n_test`` examples drawn with
+    ``data.data_seed``. Built-in tasks are checked before their data are read."""
+    out = {}
+    for task in study.ood_tasks:
+        if is_builtin(task):
+            ood_spec = get_spec(task)
+            if ood_spec.kind != "classification" or ood_spec.options != spec.options:
+                raise FtlabError(f"ood_tasks: {task!r} has label words {ood_spec.options!r} but the study's task "
+                                 f"{spec.name!r} has {spec.options!r}; an OOD test must ask for the same words "
+                                 "(pick a task variant with matching words, or set train.data.options)")
+            ood_spec, examples = load_task(task)
+        else:  # a file: read with the study's template and label words
+            ood_spec, examples = load_task(task, template=spec.template, options=spec.options)
+        n = len(examples) if study.ood_n_test == 0 else min(study.ood_n_test, len(examples))
+        out[task] = (ood_spec, make_splits(examples, seed=0, n_train=0, n_dev=0, n_test=n,
+                                           data_seed=study.train.data.data_seed).test)
+    return out
 
 
 def run_config(study: SeedStudyConfig, run: RunSpec) -> TrainConfig:
@@ -162,15 +201,22 @@ def run_study(study: SeedStudyConfig, *, progress: bool = True,
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     runs = plan_runs(study)
     out = _prepare_study(study, rank == 0)
-    data = None
+    data, ood = None, None
     with _single_process():
         for run in runs[rank::world]:
-            if (out / "runs" / run.name / RUN_RECORD).exists():
+            path = out / "runs" / run.name / RUN_RECORD
+            record = json.loads(path.read_text()) if path.exists() else None
+            if record is not None and not study.ood_tasks:
                 continue
-            data = data or load_run_data(study.train)
-            record = _run_one(study, run, data, progress)
-            if on_run:
-                on_run(run, record)
+            if data is None:
+                data = load_run_data(study.train)
+                ood = ood_sets(study, data.spec)
+            if record is None:
+                record = _run_one(study, run, data, ood, progress)
+                if on_run:
+                    on_run(run, record)
+            elif _missing_ood(record, ood):
+                _evaluate_ood(run_config(study, run), record, ood, path)
     if world > 1:
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo")
@@ -181,9 +227,10 @@ def run_study(study: SeedStudyConfig, *, progress: bool = True,
     return records
 
 
-def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, progress: bool) -> dict[str, Any]:
+def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, ood: dict[str, tuple[TaskSpec, list[Example]]],
+             progress: bool) -> dict[str, Any]:
     """Train one run (resuming if it was cut), score its best model on every test example and
-    write ``seed_run.json``."""
+    on every OOD example, and write ``seed_run.json``."""
     cfg = run_config(study, run)
     # The loop's own test evaluation keeps only the aggregate; the multi-bootstrap needs the
     # per-example scores, so the test set is scored here instead.
@@ -196,9 +243,38 @@ def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, progress: bool
     record = {"name": run.name, "seeds": dict(run.seeds), "groups": list(run.groups),
               "mode": cfg.mode, "optimizer": cfg.optimizer, "best_dev": results["best_dev"],
               "best_step": results["best_step"], "test": test.metrics,
-              "test_scores": example_scores(data.spec, data.splits.test, test.predictions)}
+              "test_scores": example_scores(data.spec, data.splits.test, test.predictions),
+              "ood": _ood_results(module, tokenizer, cfg, ood)}
     atomic_write_json(Path(cfg.output_dir) / RUN_RECORD, record)
     return record
+
+
+def _missing_ood(record: dict[str, Any], ood: dict[str, tuple[TaskSpec, list[Example]]]) -> bool:
+    """Whether ``record`` lacks an OOD task, or holds it for other examples (ood_n_test changed)."""
+    have = record.get("ood", {})
+    return any(task not in have or have[task]["ids"] != [ex.id for ex in examples]
+               for task, (_, examples) in ood.items())
+
+
+def _ood_results(module, tokenizer, cfg: TrainConfig, ood: dict[str, tuple[TaskSpec, list[Example]]]
+                 ) -> dict[str, dict[str, Any]]:
+    """Per OOD task: metrics, example ids and per-example scores (like the test set's)."""
+    out = {}
+    for task, (spec, examples) in ood.items():
+        result = evaluate(module, tokenizer, spec, examples, batch_size=cfg.eval_batch_size,
+                          max_length=cfg.data.max_length, progress=False)
+        out[task] = {"metrics": result.metrics, "ids": [ex.id for ex in examples],
+                     "scores": example_scores(spec, examples, result.predictions)}
+    return out
+
+
+def _evaluate_ood(cfg: TrainConfig, record: dict[str, Any], ood: dict[str, tuple[TaskSpec, list[Example]]],
+                  path: Path) -> None:
+    """Add the OOD results a finished run lacks to its record (no retraining)."""
+    module, tokenizer = load_trained(cfg.model, Path(cfg.output_dir) / "model", dtype=cfg.dtype, device=cfg.device)
+    missing = {t: v for t, v in ood.items() if _missing_ood(record, {t: v})}
+    record["ood"] = {**record.get("ood", {}), **_ood_results(module, tokenizer, cfg, missing)}
+    atomic_write_json(path, record)
 
 
 def example_scores(spec: TaskSpec, examples: list[Example], predictions: list) -> list[float]:

@@ -21,6 +21,18 @@ SENTIMENT_FILE = "multiemo/all_sentence_en/task.json"
 STRATEGYQA_FILE = "strategyqa/task.json"
 NLI_FILE = "presuppositions_as_nli/task.json"
 SQUAD_FILE = "squad_shifts/squaddev_v1.1.json"
+EPISTEMIC_FILE = "epistemic_reasoning/task.json"
+ANALYTIC_FILE = "analytic_entailment/task.json"
+
+# Entailment vs not (the binary NLI view of presuppositions_as_nli, and two out-of-distribution
+# entailment tests): one template and one pair of label words, so a model trained on one is
+# evaluated on the others with the same prompt. Label 0: entailment, 1: not entailment.
+ENTAILMENT_TEMPLATE = "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis?\nAnswer:"
+ENTAILMENT_OPTIONS = (" Yes", " No")
+# epistemic_reasoning inputs are "Premise: <premise> Hypothesis: <hypothesis>"; analytic_entailment
+# inputs are "<premise>. So[,] <hypothesis>" or "<premise>. Therefore <hypothesis>".
+_EPISTEMIC_INPUT = re.compile(r"\APremise:(?P<premise>.*?)\s*Hypothesis:(?P<hypothesis>.*)\Z", re.DOTALL)
+_ANALYTIC_INPUT = re.compile(r"\A(?P<premise>.+?[.!?])\s+(?:So,?|Therefore)\s+(?P<hypothesis>.+)\Z", re.DOTALL)
 
 # presuppositions_as_nli inputs are "Sentence 1: <premise> \nSentence 2: <hypothesis>\n\nThe answer is: ".
 _NLI_INPUT = re.compile(r"\ASentence 1:(?P<premise>.*?)\nSentence 2:(?P<hypothesis>.*?)\n\nThe answer is:\s*\Z",
@@ -104,6 +116,31 @@ def _load_nli() -> list[Example]:
     return out
 
 
+def _load_nli_binary() -> list[Example]:
+    """presuppositions_as_nli as entailment (0) vs not entailment (1: neutral or contradiction)."""
+    return [dataclasses.replace(ex, id=f"nli_binary:{ex.id.split(':')[1]}", label=int(ex.label != 0))
+            for ex in _load_nli()]
+
+
+def _entailment_loader(rel: str, name: str, pattern: re.Pattern, labels: tuple[str, str]
+                       ) -> Callable[[], list[Example]]:
+    """Loader of a BIG-bench entailment task: ``input`` split into premise and hypothesis by
+    ``pattern``, ``labels`` = (entailment word, non-entailment word) of its ``target_scores``."""
+    def load() -> list[Example]:
+        out = []
+        for i, ex in enumerate(_bigbench_examples(rel)):
+            where = f"{rel}:{i}"
+            parsed = pattern.match(str(ex.get("input", "")).strip())
+            label = _gold(ex, labels, where)
+            if parsed is None or label is None:
+                raise FtlabError(f"{where}: field 'input' does not split into premise and hypothesis "
+                                 f"or 'target_scores' is not {'/'.join(labels)}")
+            fields = {k: v.strip() for k, v in parsed.groupdict().items()}
+            out.append(Example(id=f"{name}:{i}", fields=fields, label=label, source=where))
+        return out
+    return load
+
+
 def _squad_questions(data: Any) -> Iterator[tuple[str, str, dict]]:
     """(title, context, qa) for every question of a SQuAD v1.1 file, in file order."""
     for article in data["data"]:
@@ -147,6 +184,20 @@ _TASKS: tuple[BuiltinTask, ...] = (
                  metric="f1", max_new_tokens=32,
                  description="Extractive QA, SQuAD v1.1 dev (BIG-bench squad_shifts); F1 and EM"),
         (SQUAD_FILE,), _load_squad, aliases=("squad_v1.1",)),
+    BuiltinTask(
+        TaskSpec(name="nli_binary", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
+                 description="Entailment vs not (neutral or contradiction), BIG-bench presuppositions_as_nli"),
+        (NLI_FILE,), _load_nli_binary, aliases=("presuppositions_as_nli_binary",)),
+    BuiltinTask(
+        TaskSpec(name="epistemic_reasoning", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
+                 description="Entailment vs not, premises built from syntactic heuristics (BIG-bench; OOD NLI)"),
+        (EPISTEMIC_FILE,), _entailment_loader(EPISTEMIC_FILE, "epistemic_reasoning", _EPISTEMIC_INPUT,
+                                              ("entailment", "non-entailment"))),
+    BuiltinTask(
+        TaskSpec(name="analytic_entailment", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
+                 description="Entailment vs not from word meaning, 70 pairs (BIG-bench; OOD NLI)"),
+        (ANALYTIC_FILE,), _entailment_loader(ANALYTIC_FILE, "analytic_entailment", _ANALYTIC_INPUT,
+                                             ("entailment", "no-entailment"))),
 )
 _BY_NAME = {name: task for task in _TASKS for name in (task.spec.name, *task.aliases)}
 
