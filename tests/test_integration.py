@@ -49,9 +49,9 @@ def test_in_context_prompts_run_on_every_classification_task(smollm2):
 
 
 def test_lora_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
-    cfg = load_config(TrainConfig, Path(__file__).parents[1] / "configs" / "demo.yaml", [
-        f"output_dir={tmp_path}", "steps=16", "eval_every=8", "checkpoint_every=8",
-        "data.n_train=64", "data.n_dev=32", "data.n_test=32"])
+    cfg = load_config(TrainConfig, Path(__file__).parents[1] / "src" / "ftlab" / "configs" / "sentiment-lora.yaml", [
+        f"output_dir={tmp_path}", "steps=16", "eval_every=8", "checkpoint_every=8", "lr=2e-3",
+        "data.n_train=64", "data.n_dev=32", "data.n_test=32", "data.max_length=128", "eval_batch_size=32"])
     results = train(cfg, progress=False)
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
               if r["split"] == "train"]

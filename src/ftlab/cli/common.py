@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+from ftlab.configs import packaged_config, packaged_configs
+from ftlab.errors import FtlabError
 
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -16,10 +17,19 @@ def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 
 
 def config_path(config: Optional[str]) -> Optional[Path]:
-    """A config given by path, or by the name of a file in configs/ (``demo`` -> configs/demo.yaml)."""
+    """A config given by path (an existing file wins), or by the name of a config packaged with
+    ftlab (``demo`` -> ftlab/configs/demo.yaml, see :mod:`ftlab.configs`)."""
     if config is None:
         return None
     path = Path(config)
-    if not path.exists() and (CONFIGS / f"{config}.yaml").exists():
-        return CONFIGS / f"{config}.yaml"
-    return path
+    if path.exists():
+        return path
+    packaged = packaged_config(config)
+    if packaged is None:
+        stem = config.removesuffix(".yaml")
+        old = Path(__file__).resolve().parents[3] / "configs" / f"{stem}.yaml"  # before configs were packaged
+        hint = (f" ({old} is in the checkout's old configs/ folder: pass its path, or move it into "
+                f"src/ftlab/configs/ to package it)" if old.is_file() else "")
+        raise FtlabError(f"config file {config} not found; give a YAML path or a packaged config: "
+                         f"{', '.join(packaged_configs())}{hint}")
+    return packaged

@@ -13,7 +13,7 @@ from ftlab.cli.common import config_path, table
 app = typer.Typer(help="Targeted data selection (LESS) from low-rank gradient features, and baselines.",
                   no_args_is_help=True)
 
-CONFIG = typer.Option(None, "--config", "-c", help="YAML config: a path or a name in configs/ (e.g. less-smollm2).")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged config's name (e.g. less-smollm2).")
 OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. percentage=0.1 warmup.epochs=2 "
                                       "'pool=[a.jsonl,b.jsonl]'")
 
