@@ -1,5 +1,5 @@
-"""MeZO-paper Table 1 on the embedded model: zero-shot, in-context, MeZO (full/LoRA/prefix) and
-first-order fine-tuning (full/LoRA), per task, with steps, wall time and peak memory per row.
+"""MeZO-paper Table 1 on the embedded model: zero-shot, in-context, linear probing, MeZO (full/LoRA/prefix)
+and first-order fine-tuning (full/LoRA), per task, with steps, wall time and peak memory per row.
 
     python benchmarks/quality.py --tasks sentiment --mezo-steps 200 --ft-steps 100
     python benchmarks/quality.py --device cuda --jobs 8 --mezo-steps 4000 --ft-steps 400 --results DIR
@@ -9,7 +9,7 @@ saved to ``<results>/quality/<task>_<method>.json`` as soon as it finishes; a re
 skips rows already there, and a killed training row resumes from its run folder
 (``runs/quality/...``). Prints a markdown table, writes ``benchmarks/results/quality.json`` and
 a bar chart ``<results>/quality.png`` (``<results>`` is ``benchmarks/results`` unless ``--results``
-says otherwise). ``--jobs N`` runs N rows at once (on a GPU, where one small model leaves it idle). Every row uses the same splits: 1000 training
+says otherwise). ``--jobs N`` runs N rows at once (on a GPU, where one small model leaves it idle). Every row uses the same splits: ``--n-train`` (1000) training
 examples (data seed 0), ``--n-dev`` dev examples for checkpoint selection, ``--n-test`` test.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 # method -> (mode, optimizer, settings). MeZO: the paper's lr/eps per mode, except LoRA, whose lr
-# is raised 10x for runs this short; first order: AdamW as in configs/sentiment-{full,lora}.yaml.
+# is raised 10x for runs this short; first order: AdamW as in src/ftlab/configs/sentiment-{full,lora}.yaml.
 METHODS = {
     "mezo-full": ("full", "mezo", ["lr=1e-6", "zo.eps=1e-3"]),
     "mezo-lora": ("lora", "mezo", ["lr=1e-3", "zo.eps=1e-2", "lora.r=8", "lora.alpha=16"]),
@@ -35,6 +35,9 @@ METHODS = {
     "ft-lora": ("lora", "adamw", ["lr=5e-4", "lora.r=8", "lora.alpha=16"]),
 }
 BASELINES = {"zero-shot": 0, "in-context": 4}
+# Linear probing (LP, MeZO Table 1): logistic regression on the frozen last hidden state f(s) at the
+# prompt's end (ftlab.probe), C chosen on the dev split; classification tasks only.
+PROBES = {"linear-probe": "f"}
 
 
 def _peak_mib(device: str) -> float:
@@ -52,11 +55,28 @@ def run_row(task: str, method: str, args: argparse.Namespace) -> dict:
     from ftlab.models import load_model
     from ftlab.train import load_run_data, train
 
-    common = [f"model={args.model}", f"device={args.device}", f"data.task={task}", "data.n_train=1000",
+    common = [f"model={args.model}", f"device={args.device}", f"data.task={task}", f"data.n_train={args.n_train}",
               f"data.n_dev={args.n_dev}", f"data.n_test={args.n_test}", f"data.max_length={args.max_length}",
               f"batch_size={args.batch_size}", f"seed={args.seed}", "eval_batch_size=32"]
     start = time.perf_counter()
-    if method in BASELINES:
+    if method in PROBES:
+        from ftlab.probe.cache import split_features
+        from ftlab.probe.features import FeatureSpec
+        from ftlab.probe.probes import fit_probe
+
+        cfg = load_config(TrainConfig, None, common)
+        model, tokenizer = load_model(cfg.model, device=cfg.device)
+        data, kind = load_run_data(cfg), PROBES[method]
+        feats = {name: split_features(model, tokenizer, data.spec, examples, name, FeatureSpec((kind,)),
+                                      max_length=cfg.data.max_length)[kind]
+                 for name, examples in (("train", data.splits.train), ("dev", data.splits.dev),
+                                        ("test", data.splits.test))}
+        labels = {name: [e.label for e in getattr(data.splits, name)] for name in feats}
+        r = fit_probe(feats["train"], labels["train"], feats["test"], labels["test"], feats["dev"], labels["dev"],
+                      seed=args.seed)
+        metrics, steps = {"accuracy": r.accuracy, "n": r.n_test, "ci_low": r.ci_low, "ci_high": r.ci_high,
+                          "C": r.C}, 0
+    elif method in BASELINES:
         cfg = load_config(TrainConfig, None, common)
         model, tokenizer = load_model(cfg.model, device=cfg.device)
         data = load_run_data(cfg)
@@ -112,6 +132,17 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _is_generation(task: str) -> bool:
+    """A generation task (no probe row): a built-in task's kind, else guessed from the name."""
+    from ftlab.errors import FtlabError
+    from ftlab.tasks import get_spec
+
+    try:
+        return get_spec(task).kind == "generation"
+    except FtlabError:
+        return False
+
+
 def _row_in_child(task: str, method: str, folder: Path) -> dict:
     """Run one row in a fresh process (its own peak memory), unless its result is already saved."""
     path = folder / f"{task}_{method}.json"
@@ -129,10 +160,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tasks", nargs="+", default=["sentiment", "strategyqa", "nli", "squad"])
-    parser.add_argument("--methods", nargs="+", default=[*BASELINES, *METHODS])
+    parser.add_argument("--methods", nargs="+", default=[*BASELINES, *PROBES, *METHODS])
     parser.add_argument("--mezo-steps", type=int, default=200)
     parser.add_argument("--ft-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-dev", type=int, default=100)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=128)
@@ -151,7 +183,8 @@ def main() -> None:
         return
     results = Path(args.results)
     (results / "quality").mkdir(parents=True, exist_ok=True)
-    todo = [(task, method) for task in args.tasks for method in args.methods]
+    todo = [(task, method) for task in args.tasks for method in args.methods
+            if not (method in PROBES and _is_generation(task))]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(lambda row: _row_in_child(*row, results / "quality"), todo))
     print("\n" + _table(rows))

@@ -214,6 +214,33 @@ def loss(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Te
     return -target_logprobs(model, batch).mean()
 
 
+def quad_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Saunshi et al.'s Quad objective on logits ``z = Phi^T f(s)`` (``(rows, [L,] V)``) and next
+    words ``targets`` (``(rows, [L])``, -100 = ignore): per position ``-z_w + 1/2 ||z||^2``
+    (``-f(s)^T phi_w + 1/2 ||Phi^T f(s)||^2``), averaged over each row's positions, then over rows
+    (as :func:`loss` reduces the cross-entropy). Its minimiser over z is ``p*(s)`` itself."""
+    if targets.dim() == 1:
+        logits, targets = logits[:, None], targets[:, None]
+    valid = targets != -100
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    per = -picked + 0.5 * logits.pow(2).sum(-1)
+    return ((per * valid).sum(-1) / valid.sum(-1)).mean()
+
+
+def quad(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Tensor:
+    """:func:`quad_loss` of the batch's next words: the answer tokens (generation, language
+    modelling) or the gold label word (classification with single-token label words)."""
+    if batch.gold is None:
+        assert batch.labels is not None
+        span = batch.labels.shape[1]
+        return quad_loss(_last_logits(model, batch, span + 1)[:, :-1], batch.labels)
+    if batch.labels is not None:
+        raise FtlabError("objective quad needs single-token label words (it scores the next word); "
+                         "pick options that are one token each, or objective=loss")
+    words = torch.tensor([option_ids[g][0] for g in batch.gold.tolist()], device=batch.gold.device)
+    return quad_loss(_last_logits(model, batch, 1)[:, -1], words)
+
+
 def doubled(batch: ModelBatch) -> ModelBatch:
     """``batch`` concatenated with itself along the rows (for lockstep forwards)."""
     two = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
@@ -283,6 +310,9 @@ def objective_fn(name: str, model: nn.Module, tokenizer, encoder: Encoder, examp
     if name == "loss":
         batch = training_batch(encoder, examples).to(device)
         return lambda: loss(model, batch, encoder.option_ids)
+    if name == "quad":
+        batch = training_batch(encoder, examples).to(device)
+        return lambda: quad(model, batch, encoder.option_ids)
     if name == "accuracy" and spec.kind == "classification":
         batch = encoder.classification(examples, [spec.prompt(ex) for ex in examples]).to(device)
         return lambda: -(option_scores(model, batch, encoder.option_ids).argmax(-1) == batch.gold).double().mean()
@@ -295,7 +325,7 @@ def objective_fn(name: str, model: nn.Module, tokenizer, encoder: Encoder, examp
             return -torch.tensor([best_over_answers(f1_score, p, ex.answers)
                                   for p, ex in zip(predictions, examples)], dtype=torch.float64).mean()
         return minus_f1
-    raise FtlabError(f"objective {name!r} does not fit {spec.kind} task {spec.name!r}; choose loss, "
+    raise FtlabError(f"objective {name!r} does not fit {spec.kind} task {spec.name!r}; choose loss, quad, "
                      f"or {'accuracy' if spec.kind == 'classification' else 'f1'}")
 
 
