@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
 from _common import RESULTS, clock, interleaved, machine, median, table, timed, write_json
 
 DIM = 8192

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from _common import clock, machine, table, write_json
-
 from ftlab.evaluate import evaluate
 from ftlab.models import load_model
 from ftlab.tasks import load_task, make_splits, prepare
+
+from _common import clock, machine, table, write_json
 
 
 def main() -> None:

@@ -44,8 +44,9 @@ import traceback
 from pathlib import Path
 
 import torch
-from _common import RESULTS, clock, machine, median, table, timed, write_json
 from mezo_scale import SHAPES, classification_batch, count_ops, make_step, random_llama
+
+from _common import RESULTS, clock, machine, median, table, timed, write_json
 
 try:
     import ftlab  # noqa: F401
@@ -230,7 +231,8 @@ def report(res: dict) -> None:
         for m in METHODS:
             s, mm = sec.get(m), (mem.get(m) or {})
             extra = mm.get("extra_mib")
-            rows.append((shape, m, f"{s * 1e3:.1f}" if s is not None else (e.get("errors", {}).get(m, {}).get("error", "")),
+            rows.append((shape, m,
+                         f"{s * 1e3:.1f}" if s is not None else (e.get("errors", {}).get(m, {}).get("error", "")),
                          f"{e.get('step_vs_forward', {}).get(m, 1 if m == 'forward' else float('nan')):.2f}",
                          f"{extra:.0f}" if extra is not None else mm.get("error", ""),
                          f"{extra / fwd_mem:.2f}" if extra is not None and fwd_mem else "",

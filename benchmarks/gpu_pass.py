@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import RESULTS, machine, median, timed, write_json
 from mezo_scale import random_llama
+
+from _common import RESULTS, machine, median, timed, write_json
 
 try:
     import ftlab  # noqa: F401

@@ -13,9 +13,9 @@ The task examples come from ``benchmarks/data/seed_study_examples.json`` (export
 BIG-bench cache with ``--export``); the model from ``--model`` (an embedded name where the ftlab
 cache holds it, else a local Hugging Face folder of SmolLM2-135M).
 
-    PYTHONPATH=src python benchmarks/gpu_seed_study.py --model /path/to/smollm2-135m     # on the GPU, JSON/PNG under $OUT
-    PYTHONPATH=src python benchmarks/gpu_seed_study.py --tiny --device cpu                # smoke test on a CPU
-    PYTHONPATH=src python benchmarks/gpu_seed_study.py --export                           # rewrite the examples file
+    PYTHONPATH=src python benchmarks/gpu_seed_study.py --model /path/to/smollm2-135m   # on the GPU, JSON/PNG under $OUT
+    PYTHONPATH=src python benchmarks/gpu_seed_study.py --tiny --device cpu              # smoke test on a CPU
+    PYTHONPATH=src python benchmarks/gpu_seed_study.py --export                         # rewrite the examples file
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def export(path: Path, n_epistemic: int = 400) -> None:
                      "examples": [{**ex.fields, "label": ex.label, "id": ex.id} for ex in examples]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=0) + "\n")
-    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB): " + ", ".join(f"{k} {len(v['examples'])}" for k, v in out.items()))
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB): "
+          + ", ".join(f"{k} {len(v['examples'])}" for k, v in out.items()))
 
 
 def write_tasks(data: dict, folder: Path) -> dict[str, str]:
@@ -127,11 +128,11 @@ def main() -> None:
     timings["topography"] = time.perf_counter() - start
     # The pairwise paths of the first runs: the straightforward loop against ftlab's grouped paths.
     import numpy as np
+    from seed_paths_speed import loop, shared
 
     from ftlab.seeds.basins import barrier_matrix_from_means
     from ftlab.seeds.interpolation import run_config
     from ftlab.train import load_run_data
-    from seed_paths_speed import loop, shared
 
     names = [r["name"] for r in records][:args.speed_runs]
     runs = {n: study_dir / "runs" / n for n in names}
@@ -156,7 +157,8 @@ def main() -> None:
              f"{r['p']:.3g}") for r in report["prediction"]]
     print(table(rows, ("target", "predictor", "estimate", "95% CI", "p")))
     print(report["verdict"])
-    print(f"paths of {len(names)} runs: loop {speed['loop']['seconds']:.1f} s, grouped {speed['grouped']['seconds']:.1f} s "
+    print(f"paths of {len(names)} runs: loop {speed['loop']['seconds']:.1f} s, "
+          f"grouped {speed['grouped']['seconds']:.1f} s "
           f"({speed['loop']['seconds'] / speed['grouped']['seconds']:.1f}x), max barrier difference "
           f"{speed['max_barrier_difference']:.1e}")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -19,11 +19,12 @@ from contextlib import contextmanager, nullcontext
 from unittest.mock import patch
 
 import torch
-from _common import clock, machine, median, table, write_json
 
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder, loss, option_scores
 from ftlab.tasks import load_task, make_splits
+
+from _common import clock, machine, median, table, write_json
 
 
 def main() -> None:
@@ -45,11 +46,11 @@ def main() -> None:
         batch = encoder.classification(exs, [spec.prompt(ex) for ex in exs])
         trainable = [p for p in module.parameters() if p.requires_grad]
 
-        def step():  # the training loss's forward and backward
+        def step(batch=batch, trainable=trainable):  # the training loss's forward and backward
             value = loss(module, batch, encoder.option_ids)
             return torch.cat([g.flatten() for g in torch.autograd.grad(value, trainable)])
 
-        def scores():
+        def scores(batch=batch):
             with torch.no_grad():
                 return option_scores(module, batch, encoder.option_ids)
 

@@ -32,17 +32,18 @@ import json
 from pathlib import Path
 
 import torch
-from _common import RESULTS, clock, machine, table, write_json
 from tqdm.auto import tqdm
 
+from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.kernel import select_parameters
 from ftlab.kernel.chunks import plan_rows
 from ftlab.kernel.jacobians import flat, jacobians_and_outputs, vmap_jacobians_and_outputs
 from ftlab.kernel.outputs import OutputFunction, eager_attention, encode_rows, label_word_ids
 from ftlab.models import LoraSettings, load_model, prepare_model
 from ftlab.objectives import Encoder
-from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.tasks import load_task, make_splits
+
+from _common import RESULTS, clock, machine, table, write_json
 
 LABELS = {"batched": "batched (library: LoRA hooks)", "vmap": "batched vmap(jacrev)", "loop": "per-example loop"}
 
@@ -57,7 +58,8 @@ def loop_jacobians(model, encoder, rows, params) -> torch.Tensor:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits[0, -1, label_ids]
         out.append(torch.stack([
-            torch.cat([g.flatten() for g in torch.autograd.grad(logits[c], params, retain_graph=c + 1 < len(label_ids))])
+            torch.cat([g.flatten()
+                       for g in torch.autograd.grad(logits[c], params, retain_graph=c + 1 < len(label_ids))])
             for c in range(len(label_ids))]))
     return torch.stack(out)
 

@@ -28,8 +28,6 @@ import json
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, clock, machine, read_json, table, write_json
-
 from ftlab.config import TrainConfig, load_config
 from ftlab.kernel import KernelSpec, compute_kernel, readout_accuracy
 from ftlab.kernel.diagnostics import diagnose
@@ -37,6 +35,8 @@ from ftlab.kernel.plots import accuracy_scatter
 from ftlab.kernel.solvers import solve
 from ftlab.models import load_model
 from ftlab.train import build_trainer, load_run_data
+
+from _common import RESULTS, clock, machine, read_json, table, write_json
 
 VARIANTS = {"lora-sgd": ("lora", "sgd"), "lora-adamw": ("lora", "adamw"),
             "full-sgd": ("full", "sgd"), "full-adamw": ("full", "adamw")}
@@ -126,23 +126,25 @@ def summary(results: Path, include: list[Path]) -> None:
         kern = [r["kernel"] for r in with_kernel]
         rows.append((task, str(k), seeds, "zero-shot", mean_std([x["zero_shot"] for x in kern]), "", "", "", ""))
         for key in ("sgd-regression", "sgd-svm", "sign-regression", "sign-svm"):
-            rows.append((task, str(k), seeds, f"eNTK-{key}", mean_std([x[key]["accuracy"] for x in kern]), "", "", "", ""))
+            rows.append((task, str(k), seeds, f"eNTK-{key}", mean_std([x[key]["accuracy"] for x in kern]),
+                         "", "", "", ""))
         for name in VARIANTS:
             done = [r for r in recs if name in r.get("finetune", {})]
             if not done:
                 continue
             fts = [r["finetune"][name] for r in done]
-            pick = lambda key: [f[key] for f in fts if f.get(key) is not None]  # noqa: E731
+            pick = lambda key, fts=fts: [f[key] for f in fts if f.get(key) is not None]  # noqa: E731
             rows.append((task, str(k), ",".join(str(r["seed"]) for r in done), f"FT {name}",
                          mean_std(pick("finetuned_accuracy")),
                          mean_std(pick("kernel_accuracy")), mean_std(pick("agreement")),
                          mean_std(pick("linearisation_error")), mean_std(pick("kernel_change"))))
             points += [{"task": task, "label": name, "kernel_accuracy": f["kernel_accuracy"],
-                        "finetuned_accuracy": f["finetuned_accuracy"]} for f in fts if f.get("kernel_accuracy") is not None]
+                        "finetuned_accuracy": f["finetuned_accuracy"]}
+                       for f in fts if f.get("kernel_accuracy") is not None]
     print(table(rows, ("task", "k", "seeds", "method", "test acc", "kernel acc", "agreement", "lin. error",
                        "kernel change")))
     for r in records:
-        for name, f in r.get("finetune", {}).items():
+        for _name, f in r.get("finetune", {}).items():
             print(f"{r['task']} k={r['k']} seed={r['seed']}: {f['verdict']}")
     write_json(results / "kernel_table.json", {"rows": rows, "records": records})
     if points:

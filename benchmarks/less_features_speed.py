@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 import torch
+
 from _common import RESULTS, clock, machine, table, write_json
 
 
@@ -35,11 +36,10 @@ def main() -> None:
     p.add_argument("--output", default=str(RESULTS / "less_features_speed.json"))
     args = p.parse_args()
 
+    from ftlab.grads.projection import ProjectionSpec, Projector
     from ftlab.models import LoraSettings, load_model, trainable_parameters
     from ftlab.select.data import collate
-    from ftlab.select.features import (AdamState, feature_blocks, normalise, per_example_grads,
-                                       vmap_per_example_grads)
-    from ftlab.grads.projection import ProjectionSpec, Projector
+    from ftlab.select.features import AdamState, feature_blocks, normalise, per_example_grads, vmap_per_example_grads
     from ftlab.select.pipeline import SelectConfig, load_lora_model
     from ftlab.select.warmup import response_loss
 
@@ -103,7 +103,8 @@ def main() -> None:
               for key, name in names.items() if key in s]
     print(table(stages, ("stage", "seconds per example", "share of total (sparse projection)"), markdown=True))
     print(f"\nspeed-up over the loop: hooks {result['batched_speedup_over_loop']:.2f}x, vmap "
-          f"{result['vmap_speedup_over_loop']:.2f}x (max relative difference {max_diff:.1e}); projection share at d={args.dim}: "
+          f"{result['vmap_speedup_over_loop']:.2f}x (max relative difference {max_diff:.1e}); "
+          f"projection share at d={args.dim}: "
           + ", ".join(f"{k} {result[f'projection_share_{k}']:.1%}" for k in kinds))
     print(f"wrote {write_json(Path(args.output).absolute(), result)}")
 

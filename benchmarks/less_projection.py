@@ -21,9 +21,10 @@ import argparse
 import time
 
 import torch
-from _common import clock, machine, median, write_json
 
 from ftlab.grads.projection import ProjectionSpec, Projector, jl_tolerance
+
+from _common import clock, machine, median, write_json
 
 HIDDEN, INTERMEDIATE, KV, LAYERS, RANK = 576, 1536, 192, 30, 8  # SmolLM2-135M
 MODULES = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),

@@ -126,17 +126,16 @@ def eval_loss(module, tokenizer, examples, max_length: int) -> float:
 def train_and_eval(model_name: str, train_examples, eval_sets: dict, out: Path, args,
                    epochs: int | None = None) -> dict[str, float]:
     """LoRA (via the warm-up trainer, on 100% of ``train_examples``) then held-out losses."""
+    from ftlab.models import load_model
     from ftlab.select.pipeline import SelectConfig, load_lora_model
     from ftlab.select.warmup import WarmupSettings, run_warmup
-
-    from ftlab.models import load_model
 
     base, tok = load_model(model_name, device=args.device)
     cfg = SelectConfig(model=model_name, device=args.device, seed=args.seed,
                        lora=lora_settings(args, base.config.num_hidden_layers))
     module, tok = load_lora_model(cfg, base, tok)
-    settings = WarmupSettings(percentage=1.0, epochs=epochs or args.train_epochs, lr=args.lr, batch_size=args.batch_size,
-                              seed=args.seed)
+    settings = WarmupSettings(percentage=1.0, epochs=epochs or args.train_epochs, lr=args.lr,
+                              batch_size=args.batch_size, seed=args.seed)
     run_warmup(module, tok, train_examples, settings, out, max_length=args.max_length, progress=True)
     return {fam: eval_loss(module, tok, exs, args.max_length) for fam, exs in eval_sets.items()}
 

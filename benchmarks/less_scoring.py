@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import clock, machine, proc_bytes, table, write_json
 
 from ftlab.errors import FtlabError
 from ftlab.select import Datastore, DatastoreWriter, ProjectionSpec, less_scores
+
+from _common import clock, machine, proc_bytes, table, write_json
 
 BATCH = 8192  # rows generated at a time
 

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from _common import RESULTS, machine, median, proc_bytes, reset_peak_rss, table, timed, write_json
 
 

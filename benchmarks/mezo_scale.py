@@ -85,11 +85,12 @@ import sys
 from contextlib import contextmanager
 
 import torch
-from _common import RESULTS, clock, interleaved, median, package_version, read_json, table, write_json
-from _common import machine as common_machine
 from mezo_step import MALLOC_ENV, peak_extra, straightforward_mezo_step
 from mezo_step import make_step as mezo_step_make_step
 from mezo_step import setup as smollm2_setup
+
+from _common import RESULTS, clock, interleaved, median, package_version, read_json, table, write_json
+from _common import machine as common_machine
 
 JSON, PNG = RESULTS / "mezo_scale.json", RESULTS / "mezo_scale.png"
 PEER = "mezo"  # the PyPI package (0.0.1), installed in benchmarks/.venv (see the docstring)

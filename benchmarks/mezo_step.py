@@ -28,6 +28,7 @@ import subprocess
 import sys
 
 import torch
+
 from _common import interleaved, machine, median, proc_bytes, reset_peak_rss, table, write_json
 
 # glibc's default mmap threshold adapts upwards, so freed activations stay in the heap and

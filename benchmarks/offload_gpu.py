@@ -22,11 +22,12 @@ import os
 
 import torch
 import torch.nn.functional as F
-from _common import machine, median, timed
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ftlab.zo.mezo import MeZO
 from ftlab.zo.offload import OffloadedMeZO
+
+from _common import machine, median, timed
 
 LINES = []
 
@@ -104,7 +105,7 @@ def speed(layers, hidden, batch, length, repeats):
     opt = MeZO(model.parameters(), exact=True, **kw)
     opt.attach(model)
     single, _ = closures(model, ids)
-    t = steady(lambda: opt.step(single), repeats)
+    t = steady(lambda opt=opt, single=single: opt.step(single), repeats)
     emit(check="speed", mode="mezo_exact_on_gpu", params=n_params, batch=batch, length=length, s_per_step=t,
          peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     del model, opt, single
@@ -112,8 +113,8 @@ def speed(layers, hidden, batch, length, repeats):
     masters = [p.detach().pin_memory() for p in cpu_copy.model.layers.parameters()]
     nbytes = sum(m.numel() * m.element_size() for m in masters)
     devs = [torch.empty_like(m, device="cuda") for m in masters]
-    h2d = steady(lambda: [d.copy_(m, non_blocking=True) for d, m in zip(devs, masters)], 3)
-    d2h = steady(lambda: [m.copy_(d, non_blocking=True) for d, m in zip(devs, masters)], 3)
+    h2d = steady(lambda devs=devs, masters=masters: [d.copy_(m, non_blocking=True) for d, m in zip(devs, masters)], 3)
+    d2h = steady(lambda devs=devs, masters=masters: [m.copy_(d, non_blocking=True) for d, m in zip(devs, masters)], 3)
     emit(check="bandwidth", blocks_gib=nbytes / 2**30, h2d_gb_s=nbytes / h2d / 1e9, d2h_gb_s=nbytes / d2h / 1e9)
     del masters, devs
     for prefetch in (True, False):
@@ -122,7 +123,7 @@ def speed(layers, hidden, batch, length, repeats):
         torch.cuda.reset_peak_memory_stats()
         opt = OffloadedMeZO(off.parameters(), model=off, device="cuda", prefetch=prefetch, **kw)
         _, pair = closures(off, ids)
-        t = steady(lambda: opt.step(pair), repeats)
+        t = steady(lambda opt=opt, pair=pair: opt.step(pair), repeats)
         opt.flush()
         emit(check="speed", mode=f"offloaded_prefetch_{prefetch}", params=n_params, batch=batch, length=length,
              s_per_step=t, peak_gib=torch.cuda.max_memory_allocated() / 2**30)

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, table, write_json  # noqa: E402
-
 from ftlab.models import load_model  # noqa: E402
 from ftlab.objectives import Encoder, build_prompts  # noqa: E402
 from ftlab.probe.features import FeatureSpec, extract  # noqa: E402
 from ftlab.tasks import load_task, make_splits  # noqa: E402
+
+from _common import machine, table, write_json  # noqa: E402
 
 
 @torch.no_grad()

@@ -27,8 +27,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, table, write_json  # noqa: E402
-
 from ftlab import objectives  # noqa: E402
 from ftlab.config import TrainConfig, load_config  # noqa: E402
 from ftlab.models import load_model  # noqa: E402
@@ -41,6 +39,8 @@ from ftlab.tasks.base import Example, TaskSpec  # noqa: E402
 from ftlab.tasks.registry import SENTIMENT_FILE, _bigbench_examples  # noqa: E402
 from ftlab.tasks.splits import Splits  # noqa: E402
 from ftlab.train import RunData, train  # noqa: E402
+
+from _common import machine, table, write_json  # noqa: E402
 
 LM = TaskSpec(name="multiemo-lm", template="{start}", metric="f1",
               description="language modelling: each sentence's first word is the prompt, the rest the target")
@@ -98,7 +98,7 @@ def heldout(model, tokenizer, texts: list[Example], batch_size: int = 32) -> dic
         span = batch.labels.shape[1]
         z = objectives._last_logits(model, batch, span + 1)[:, :-1].double()
         valid, labels = batch.labels != -100, batch.labels.clamp(min=0)
-        per_row = lambda v: ((v * valid).sum(-1) / valid.sum(-1)).tolist()  # noqa: E731
+        per_row = lambda v, valid=valid: ((v * valid).sum(-1) / valid.sum(-1)).tolist()  # noqa: E731
         ce += per_row(-torch.log_softmax(z, -1).gather(-1, labels[..., None])[..., 0])
         quad += per_row(-z.gather(-1, labels[..., None])[..., 0] + 0.5 * z.pow(2).sum(-1))
         p = z.clamp(min=1e-6)
@@ -145,7 +145,8 @@ def main() -> None:
         for objective in ("loss", "quad"):
             out = Path(args.runs) / f"{objective}-h{args.hidden}-l{args.layers}-v{args.vocab}-seed{seed}"
             cfg = load_config(TrainConfig, None, [
-                f"model=scratch-llama-h{args.hidden}-l{args.layers}-v{args.vocab}", f"objective={objective}", "optimizer=adamw", f"lr={args.lr}",
+                f"model=scratch-llama-h{args.hidden}-l{args.layers}-v{args.vocab}", f"objective={objective}",
+                "optimizer=adamw", f"lr={args.lr}",
                 f"steps={args.steps}", f"batch_size={args.batch_size}", "schedule=cosine", "warmup_steps=20",
                 "eval_every=0", f"checkpoint_every={max(1, args.steps // 3)}", f"seed={seed}",
                 "data.max_length=128", f"output_dir={out}"])

@@ -30,7 +30,8 @@ PAPER = {}
 def task_table(res: dict, quality: list[dict]) -> tuple[list[str], list[dict]]:
     lines = [f"**{res['task']}** ({res['model']}; train/dev/test {res['splits']['train']}/{res['splits']['dev']}/"
              f"{res['splits']['test']}; label words {res['words']})", "",
-             "| method | k per class | test accuracy | spread over seeds | seeds | paper (GPT-2) |", "|---|---|---|---|---|---|"]
+             "| method | k per class | test accuracy | spread over seeds | seeds | paper (GPT-2) |",
+             "|---|---|---|---|---|---|"]
     rows = []
     by = {(r["k"], r["kind"], r["seed"]): r for r in res["rows"]}
     for s in res["summary"]:
@@ -50,7 +51,8 @@ def task_table(res: dict, quality: list[dict]) -> tuple[list[str], list[dict]]:
         rows.append({"method": "zero-shot", "k": 0, "accuracy": z["accuracy"]})
     for q in quality:
         score = q.get("accuracy")
-        lines.append(f"| {q['method']} ({q['source']}, test n={q['n']}) | - | {score:.3f} | other run, larger test set | 1 | n/a |")
+        lines.append(f"| {q['method']} ({q['source']}, test n={q['n']}) | - | {score:.3f} | "
+                     "other run, larger test set | 1 | n/a |")
         rows.append({"method": q["method"], "source": q["source"], "accuracy": score, "n": q["n"]})
     if theory:
         lines += ["", f"R^2 (held out) of f(s) from Phi p_f(s): {theory['r2_f_from_phi_p']:.3f}; "

@@ -9,7 +9,8 @@ saved to ``<results>/quality/<task>_<method>.json`` as soon as it finishes; a re
 skips rows already there, and a killed training row resumes from its run folder
 (``runs/quality/...``). Prints a markdown table, writes ``benchmarks/results/quality.json`` and
 a bar chart ``<results>/quality.png`` (``<results>`` is ``benchmarks/results`` unless ``--results``
-says otherwise). ``--jobs N`` runs N rows at once (on a GPU, where one small model leaves it idle). Every row uses the same splits: ``--n-train`` (1000) training
+says otherwise). ``--jobs N`` runs N rows at once (on a GPU, where one small model leaves it idle).
+Every row uses the same splits: ``--n-train`` (1000) training
 examples (data seed 0), ``--n-dev`` dev examples for checkpoint selection, ``--n-test`` test.
 """
 

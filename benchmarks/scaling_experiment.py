@@ -15,10 +15,10 @@ import argparse
 import shutil
 from pathlib import Path
 
-from _common import RESULTS, clock, machine, table, write_json
-
 from ftlab.config import TrainConfig, load_config
 from ftlab.scaling.experiment import ScalingExperimentConfig, noise_line, run_experiment
+
+from _common import RESULTS, clock, machine, table, write_json
 
 
 def main() -> None:

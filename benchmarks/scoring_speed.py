@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import clock, machine, table, write_json
 
 from ftlab.evaluate import evaluate
 from ftlab.models import load_model
 from ftlab.tasks import load_task, make_splits, prepare
+
+from _common import clock, machine, table, write_json
 
 
 @torch.no_grad()

@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import machine, table, write_json
 from ftlab.models import load_model, prepare_model
 from ftlab.objectives import Encoder
 from ftlab.seeds.basins import barrier_matrix_from_means
-from ftlab.seeds.interpolation import accuracy_and_loss, interpolate_
+from ftlab.seeds.interpolation import accuracy_and_loss, interpolate_, run_config
 from ftlab.seeds.paths import PointEvaluator, path_results
 from ftlab.seeds.runner import load_records, load_study
-from ftlab.seeds.interpolation import run_config
 from ftlab.seeds.topography import run_weights
 from ftlab.train import load_run_data
+
+from _common import machine, table, write_json
 
 
 def loop(names, runs, cfg, spec, examples, alphas, batch_size):

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 import torch
+
 from _common import RESULTS, machine, table, timed, write_json
 
 

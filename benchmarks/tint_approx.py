@@ -47,7 +47,7 @@ def main() -> None:
                 for name, rs in acc.items():
                     if fd != 100.0 and name not in ("finite_diff", "all (TinT)"):
                         continue
-                    mean = lambda f: float(np.mean([r.get(f, np.nan) for r in rs]))  # noqa: E731
+                    mean = lambda f, rs=rs: float(np.mean([r.get(f, np.nan) for r in rs]))  # noqa: E731
                     rows.append((key, name, mean("update_rel_error"), mean("update_cosine"), mean("test_loss")))
     print(table(rows, ("setting", "approximation", "update rel. error", "update cosine", "test-part loss")))
     write_json("tint_approx.json", {"machine_before": before, "machine_after": machine(), "lr": lr,

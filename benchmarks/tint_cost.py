@@ -38,11 +38,12 @@ def main() -> None:
         results[f"P={p} k={k}"] = json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
     first = next(iter(results.values()))
-    rows.append(("inner SmolLM2-135M", f"{first['inner']['parameters']:,}", "", "", f"{first['inner']['peak_mib_growth']:.0f}",
-                 f"{first['inner']['seconds']:.2f}", ""))
+    rows.append(("inner SmolLM2-135M", f"{first['inner']['parameters']:,}", "", "",
+                 f"{first['inner']['peak_mib_growth']:.0f}", f"{first['inner']['seconds']:.2f}", ""))
     for name, r in results.items():
         t = r["tint"]
-        rows.append((f"TinT {name} (H={t['hidden_size']})", f"{t['prefix'] + t['buffers']:,}", f"{t['dense_equivalent']:,}",
+        rows.append((f"TinT {name} (H={t['hidden_size']})", f"{t['prefix'] + t['buffers']:,}",
+                     f"{t['dense_equivalent']:,}",
                      f"{t['prefix_tokens']:,}", f"{t['peak_mib_growth']:.0f}", f"{t['seconds']:.2f}",
                      f"{r['check']['max_abs_diff']:.1e} / {r['check']['logit_scale']:.0f}"))
     print(table(rows, ("model", "parameters", "dense-equivalent", "prefix tokens", "peak MiB added",

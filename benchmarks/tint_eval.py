@@ -24,7 +24,8 @@ def main() -> None:
     cfg = load_config(TintEvalConfig, packaged_config("tint-eval"), sys.argv[1:])
     before = machine()
     t0 = time.perf_counter()
-    summary = run_eval(cfg, progress=lambda what, i, n: print(f"{time.strftime('%H:%M:%S')} {what}: {i}/{n}", flush=True))
+    summary = run_eval(cfg, progress=lambda what, i, n: print(f"{time.strftime('%H:%M:%S')} {what}: {i}/{n}",
+                                                              flush=True))
     write_json("tint_eval.json", {"config": vars(cfg), "machine_before": before, "machine_after": machine(),
                                   "wall_seconds": time.perf_counter() - t0, "summary": summary})
     print(open(f"{cfg.output_dir}/report.md").read())

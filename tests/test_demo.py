@@ -4,13 +4,14 @@ folders, the rows file a rerun reuses, the plot; the packaged demo config is val
 import json
 
 import pytest
-from run_fixtures import tiny_run_data
 
 from ftlab.config import load_config
 from ftlab.configs import packaged_config
 from ftlab.demo import QUICK, DemoConfig, method_config, plot_demo, run_demo
 from ftlab.evaluate import evaluate
 from ftlab.zo.trajectory import TrajectoryLog
+
+from run_fixtures import tiny_run_data
 
 
 def _cfg(out, *extra):

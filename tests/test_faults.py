@@ -13,8 +13,8 @@ from ftlab.errors import FtlabError
 from ftlab.objectives import Encoder, prompt_ids
 from ftlab.tasks import TaskSpec, load_file
 from ftlab.train import train
-from run_fixtures import SPEC, tiny_run_cfg, tiny_run_data
 
+from run_fixtures import SPEC, tiny_run_cfg, tiny_run_data
 
 
 def _data():

@@ -28,7 +28,7 @@ def _tiny_llama(hidden=64) -> torch.nn.Module:
 
 
 def _run(ids, sharded, optimizer_name="mezo"):
-    from ftlab.zo import ZOMomentum, MeZO
+    from ftlab.zo import MeZO, ZOMomentum
 
     model = _tiny_llama()
     if sharded:

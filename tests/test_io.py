@@ -50,7 +50,6 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
 
 import os  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 
 import ftlab.io as fio  # noqa: E402
 from ftlab.io import atomic_path, fsync_dir, recover_dir  # noqa: E402

@@ -8,14 +8,15 @@ import subprocess
 import sys
 
 import pytest
+from seeds.study_fixtures import cue_task, tiny_model_dir  # noqa: F401  (fixtures)
 
 from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.runs import LOCK, MARKER, RunLock, claim_dir, new_dir, overwrite_dir, read_marker, run_dir
 from ftlab.tasks.base import Example, TaskSpec
 from ftlab.train import train
+
 from run_fixtures import tiny_run_cfg, tiny_run_data
-from seeds.study_fixtures import cue_task, tiny_model_dir  # noqa: F401  (fixtures)
 
 
 def _user_folder(path):

@@ -5,13 +5,13 @@ import random
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
+
 from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
+from ftlab.models import load_model
 from ftlab.tasks import Splits
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.models import load_model
 from ftlab.train import RunData, batch_indices, lr_factor, param_groups, replay_run, train
 from ftlab.zo.trajectory import RECORD, TrajectoryLog, pack_record
 

@@ -64,7 +64,7 @@ def fsync_file(path: str | Path) -> None:
 
 def fsync_tree(path: str | Path) -> None:
     """fsync every file and folder under ``path`` (files first, each folder after its entries)."""
-    for root, dirs, files in os.walk(path, topdown=False):
+    for root, _dirs, files in os.walk(path, topdown=False):
         for name in files:
             full = os.path.join(root, name)
             if not os.path.islink(full):

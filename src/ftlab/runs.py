@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover
 
 MARKER = ".ftlab-run.json"
 LOCK = ".ftlab.lock"
-KINDS = ("train", "replay", "select", "kernel", "seeds", "scale", "probe")
+KINDS = ("train", "replay", "select", "kernel", "seeds", "scale", "probe", "tint")
 
 # What ftlab versions before the marker wrote into a folder of each kind: a folder holding only
 # these names (and ftlab's hidden temporaries) is recognised as ftlab's own.
@@ -61,6 +61,7 @@ _KNOWN_NAMES: dict[str, frozenset[str]] = {
     "kernel": frozenset({"manifest.json", "partial.safetensors", "kernel.safetensors"}),
     "replay": frozenset(),
     "probe": frozenset(),  # new with the marker: no folders of older versions to recognise
+    "tint": frozenset(),  # new with the marker
 }
 # A lock file without a readable record (its writer died between creating and filling it) is
 # treated as in use for this long, then as stale.

@@ -24,7 +24,9 @@ def test_probe_run_then_a_multi_token_word_is_a_one_line_error(tmp_path, tiny_mo
     assert result.exit_code == 0, (result.output, result.exception)
     assert "Phi p_f(s)" in result.output and "zero-shot (label words)" in result.output
     assert (tmp_path / "out" / "results.json").is_file()
-    bad = subprocess.run([sys.executable, "-m", "ftlab.cli", "probe", "run", *args, "words=[' great', ' not good at all']"],
+    bad = subprocess.run([sys.executable, "-m", "ftlab.cli", "probe", "run", *args,
+                          "words=[' great', ' not good at all']"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
-    assert bad.stderr.strip().startswith("error: word ' not good at all' is") and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.strip().startswith("error: word ' not good at all' is")
+    assert len(bad.stderr.strip().splitlines()) == 1

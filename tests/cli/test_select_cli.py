@@ -61,5 +61,6 @@ def test_bad_input_is_a_one_line_error(tmp_path, setup):
                                            (["baseline", "magic"], "unknown baseline"),
                                            (["pipeline", "method=magic"], "unknown selection method")])
 def test_bad_config_raises_ftlab_error(setup, args, message):
-    result = CliRunner().invoke(app, [args[0], *args[1:], *setup] if args[0] == "baseline" else [args[0], *setup, *args[1:]])
+    result = CliRunner().invoke(app, [args[0], *args[1:], *setup] if args[0] == "baseline"
+                                else [args[0], *setup, *args[1:]])
     assert isinstance(result.exception, FtlabError) and message in str(result.exception)

@@ -57,7 +57,8 @@ def test_a_built_wheel_holds_the_configs_and_the_cli_finds_them_outside_the_chec
     # With setuptools at hand, build offline in this environment; else pip fetches it to build.
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", *isolation,
-                            "-q", "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300, check=False)
+                            "-q", "-w", str(tmp_path / "wheel")],
+                           capture_output=True, text=True, timeout=300, check=False)
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "wheel").glob("ftlab-*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -68,7 +69,8 @@ def test_a_built_wheel_holds_the_configs_and_the_cli_finds_them_outside_the_chec
     outside.mkdir()
     script = ("import sys, ftlab.cli; print(ftlab.cli.__file__); "
               "sys.argv = ['ftlab', 'train', '-c', 'sentiment-lora', 'lr=3e-4', '--show-config']; ftlab.cli.main()")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=outside, timeout=300, check=False,
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=outside, timeout=300,
+                         check=False,
                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
     assert run.returncode == 0, run.stderr
     first, shown = run.stdout.split("\n", 1)

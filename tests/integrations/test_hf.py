@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from run_fixtures import tiny_run_cfg, tiny_run_data
 from torch.utils.data import Sampler
 from transformers import TrainerCallback, TrainingArguments
 
@@ -16,6 +15,8 @@ from ftlab.models import load_model
 from ftlab.train import batch_indices, replay_run, train
 from ftlab.zo import ZOSettings
 from ftlab.zo.trajectory import TrajectoryLog
+
+from run_fixtures import tiny_run_cfg, tiny_run_data
 
 STEPS, BATCH, SEED, LR = 6, 2, 3, 5e-3
 ZO = ["optimizer=mezo", "zo.eps=1e-2", "zo.n_perturbations=2", "weight_decay=0.01", f"lr={LR}", f"seed={SEED}"]

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from kernel_helpers import SPEC, examples
 from typer.testing import CliRunner
 
 from ftlab.cli.kernel import app
@@ -14,6 +13,8 @@ from ftlab.errors import FtlabError
 from ftlab.kernel import KernelSpec, compute_kernel, load_kernel
 from ftlab.kernel.plots import accuracy_scatter, kernel_heatmap
 from ftlab.kernel.solvers import solve
+
+from kernel_helpers import SPEC, examples
 
 
 @pytest.fixture

@@ -7,17 +7,25 @@ import random
 
 import pytest
 import torch
-from kernel_helpers import SPEC, examples, explicit_jacobians
 
 from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.kernel import KernelSpec, readout_matrix, select_parameters
-from ftlab.kernel.diagnostics import (RegimeReport, agreement, diagnose, kernel_change, kernel_kind_for,
-                                      linearisation_error, linearised_outputs)
+from ftlab.kernel.diagnostics import (
+    RegimeReport,
+    agreement,
+    diagnose,
+    kernel_change,
+    kernel_kind_for,
+    linearisation_error,
+    linearised_outputs,
+)
 from ftlab.kernel.outputs import OutputFunction, label_word_ids
 from ftlab.objectives import Encoder
 from ftlab.tasks import Splits, TaskSpec
 from ftlab.tasks.base import Example
+
+from kernel_helpers import SPEC, examples, explicit_jacobians
 
 
 def _perturbed(params, scale, seed=0):

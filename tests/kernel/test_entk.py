@@ -12,9 +12,10 @@ from ftlab.kernel.chunks import length_chunks, plan_rows
 from ftlab.kernel.outputs import encode_rows, label_word_ids
 from ftlab.kernel.store import PARTIAL
 from ftlab.objectives import Encoder
+from ftlab.tasks.base import TaskSpec
 
 from kernel_helpers import SPEC, examples, explicit_jacobians
-from ftlab.tasks.base import TaskSpec
+
 
 @pytest.mark.parametrize("output", ["logits", "contrast"])
 def test_exact_kernel_equals_gram_of_explicit_gradients(gpt2_64, tiny_tokenizer, tmp_path, output):

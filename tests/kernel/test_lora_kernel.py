@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ftlab.grads.lora import lora_layers
 from ftlab.kernel import KernelSpec, compute_kernel, readout_matrix, select_parameters
 from ftlab.kernel.jacobians import jacobians_and_outputs, vmap_jacobians_and_outputs
 from ftlab.kernel.outputs import OutputFunction, eager_attention, encode_rows, label_word_ids
-from ftlab.grads.lora import lora_layers
 from ftlab.models import LoraSettings, apply_lora
 from ftlab.objectives import Encoder
 
@@ -54,7 +54,7 @@ def test_lora_kernel_equals_gram_of_explicit_gradients(tiny_model_factory, tiny_
 
 def test_hook_path_matches_vmap_path_and_leaves_the_model_as_it_was(tiny_model_factory, tiny_tokenizer):
     model = _lora(tiny_model_factory("llama"))
-    for n, p in model.named_parameters():  # frozen adapters must still get their Jacobians
+    for _name, p in model.named_parameters():  # frozen adapters must still get their Jacobians
         p.requires_grad_(False)
     encoder = Encoder(tiny_tokenizer, SPEC)
     fn = OutputFunction(model, label_word_ids(encoder), readout_matrix(3, "logits"))

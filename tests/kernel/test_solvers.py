@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kernel_helpers import SPEC, examples, explicit_jacobians
 
 from ftlab.errors import FtlabError
 from ftlab.kernel import KernelData, KernelSpec, compute_kernel, readout_matrix, select_parameters
 from ftlab.kernel.solvers import kernel_regression, regularised_solve, solve, targets, trace_kernel
+
+from kernel_helpers import SPEC, examples, explicit_jacobians
 
 
 def synthetic(n_train=6, n_test=5, n_classes=3, output="logits", dim=40, seed=0, jac=None):

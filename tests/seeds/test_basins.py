@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from ftlab.errors import FtlabError
-from ftlab.seeds.basins import (bootstrap_barrier_matrices, check_matrix, cluster_runs, plot_heatmap, run_subsets,
-                                stability)
+from ftlab.seeds.basins import (
+    bootstrap_barrier_matrices,
+    check_matrix,
+    cluster_runs,
+    plot_heatmap,
+    run_subsets,
+    stability,
+)
 
 
 def planted(sizes=(4, 5, 3), seed=0, within=0.1, between=1.0):
@@ -14,7 +20,8 @@ def planted(sizes=(4, 5, 3), seed=0, within=0.1, between=1.0):
     truth = np.repeat(np.arange(len(sizes)), sizes)
     rng.shuffle(truth)
     n = len(truth)
-    m = np.where(truth[:, None] == truth[None, :], rng.uniform(0, within, (n, n)), between + rng.uniform(0, 0.2, (n, n)))
+    m = np.where(truth[:, None] == truth[None, :], rng.uniform(0, within, (n, n)),
+                 between + rng.uniform(0, 0.2, (n, n)))
     m = np.triu(m, 1)
     return m + m.T, truth, [f"run{i}" for i in range(n)]
 

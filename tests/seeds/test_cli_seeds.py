@@ -5,6 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from ftlab.cli.study import seeds_app
+
 from study_fixtures import task_overrides
 
 

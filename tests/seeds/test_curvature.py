@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from test_paths import SPEC, cue_examples
 from torch import nn
 
 from ftlab import objectives
 from ftlab.models import LoraSettings, prepare_model, trainable_parameters
 from ftlab.objectives import Encoder
 from ftlab.seeds.curvature import epsilon_sharpness, hessian_vector_product, hutchinson_trace, set_loss
-from test_paths import SPEC, cue_examples
 
 
 @pytest.fixture

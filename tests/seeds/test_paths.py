@@ -20,7 +20,8 @@ ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 def cue_examples(n: int, seed: int = 0) -> list[Example]:
     rng = random.Random(seed)
     words = ["the", "movie", "story", "was", "a", "film", "and", "plot"]
-    return [Example(id=f"cue:{i}", fields={"text": " ".join(rng.sample(words, 1 + i % 4) + [["terrible", "great"][i % 2]])},
+    return [Example(id=f"cue:{i}",
+                    fields={"text": " ".join(rng.sample(words, 1 + i % 4) + [["terrible", "great"][i % 2]])},
                     label=i % 2) for i in range(n)]
 
 

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 
 from ftlab.errors import FtlabError
-from ftlab.seeds.prediction import (correlation, correlation_interval, permutation_test_correlation,
-                                    permutation_test_difference)
+from ftlab.seeds.prediction import (
+    correlation,
+    correlation_interval,
+    permutation_test_correlation,
+    permutation_test_difference,
+)
 
 
 def test_difference_permutation_test_by_hand():

@@ -16,6 +16,7 @@ from ftlab.seeds import SeedStudyConfig, run_study
 from ftlab.seeds.interpolation import interpolation_curve
 from ftlab.seeds.report import build_report
 from ftlab.train import load_run_data
+
 from study_fixtures import task_overrides
 
 

@@ -12,6 +12,7 @@ from ftlab.errors import FtlabError
 from ftlab.models import trainable_parameters
 from ftlab.seeds import SeedStudyConfig, check_comparable, plan_runs, run_config, run_study
 from ftlab.train import batch_indices, build_trainer
+
 from study_fixtures import task_overrides
 
 

@@ -14,6 +14,7 @@ from ftlab.seeds import SeedStudyConfig, run_study
 from ftlab.seeds.interpolation import interpolation_curve
 from ftlab.seeds.topography import TopographyConfig, topography
 from ftlab.train import load_run_data
+
 from study_fixtures import task_overrides, write_cue_task
 
 ALPHAS = [0.0, 0.5, 1.0]

@@ -7,8 +7,15 @@ import json
 import pytest
 
 from ftlab.errors import FtlabError
-from ftlab.select.data import (InstructionExample, PoolSpec, build_bigbench_pool, collate, encode, load_instructions,
-                               subtask_family)
+from ftlab.select.data import (
+    InstructionExample,
+    PoolSpec,
+    build_bigbench_pool,
+    collate,
+    encode,
+    load_instructions,
+    subtask_family,
+)
 
 from less_fixtures import write_jsonl
 

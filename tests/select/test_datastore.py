@@ -187,7 +187,8 @@ def test_ids_file_must_match_rows(tmp_path):
 def test_reopening_with_other_features_is_refused(tmp_path):
     ids = _ids(4)
     _write(tmp_path / "s", ids, _features(ids))
-    with pytest.raises(FtlabError, match=r"holds a datastore written with other settings .*'checkpoint': \('epoch-1', 'epoch-2'\)"):
+    with pytest.raises(FtlabError,
+                       match=r"holds a datastore written with other settings .*'checkpoint': \('epoch-1', 'epoch-2'\)"):
         DatastoreWriter(tmp_path / "s", **{**FIELDS, "checkpoint": "epoch-2"})
     with pytest.raises(FtlabError, match="dtype"):
         DatastoreWriter(tmp_path / "s", **FIELDS, dtype="float32")

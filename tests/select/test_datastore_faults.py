@@ -57,7 +57,8 @@ def test_every_flipped_byte_of_a_shard_is_caught_before_it_is_read(tmp_path):
         shard.write_bytes(bytes(bad))
         store = Datastore.open(tmp_path / "s")  # sizes and ids still agree: opening is fine
         assert np.array_equal(store.read(0, 4), want[:4])  # shard 0 is intact and readable
-        for read in (lambda: store.read(2, 6), lambda: store.take([9, 5]), lambda: list(store.iter_chunks(3))):
+        for read in (lambda store=store: store.read(2, 6), lambda store=store: store.take([9, 5]),
+                     lambda store=store: list(store.iter_chunks(3))):
             with pytest.raises(FtlabError, match=r"shard-00001.bin does not match its checksum \(crc32; "
                                                  r"corrupted on disk or in a copy\); delete .* and rewrite it") as e:
                 read()

@@ -10,12 +10,18 @@ import pytest
 import torch
 
 from ftlab.errors import FtlabError
+from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.models import trainable_parameters
 from ftlab.select.data import InstructionExample, collate, encode
 from ftlab.select.datastore import Datastore
-from ftlab.select.features import (AdamState, adam_precondition, collect_features, feature_blocks,
-                                   per_example_grads, vmap_per_example_grads)
-from ftlab.grads.projection import ProjectionSpec, Projector
+from ftlab.select.features import (
+    AdamState,
+    adam_precondition,
+    collect_features,
+    feature_blocks,
+    per_example_grads,
+    vmap_per_example_grads,
+)
 from ftlab.select.warmup import response_loss
 
 from less_fixtures import tiny_lora

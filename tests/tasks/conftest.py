@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
-from fake_bigbench import TASK_FILES, make_tarball
 
 from ftlab.tasks import bigbench
+
+from fake_bigbench import TASK_FILES, make_tarball
 
 
 @pytest.fixture

@@ -9,11 +9,15 @@ from ftlab.tasks import bigbench
 
 # Small stand-ins for the real files, in the real formats (see the real-data test for counts).
 SENTIMENT = {"examples": [
-    {"input": "Great doctor, very kind.", "target_scores": {"ambivalent": 0, "positive": 1, "negative": 0, "neutral": 0}},
-    {"input": "The taxi arrives on time.", "target_scores": {"ambivalent": 0, "positive": 0, "negative": 0, "neutral": 1}},
-    {"input": "Rude staff and dirty rooms. ", "target_scores": {"ambivalent": 0, "positive": 0, "negative": 1, "neutral": 0}},
+    {"input": "Great doctor, very kind.",
+     "target_scores": {"ambivalent": 0, "positive": 1, "negative": 0, "neutral": 0}},
+    {"input": "The taxi arrives on time.",
+     "target_scores": {"ambivalent": 0, "positive": 0, "negative": 0, "neutral": 1}},
+    {"input": "Rude staff and dirty rooms. ",
+     "target_scores": {"ambivalent": 0, "positive": 0, "negative": 1, "neutral": 0}},
     {"input": "Nice view but noisy.", "target_scores": {"ambivalent": 1, "positive": 0, "negative": 0, "neutral": 0}},
-    {"input": "Great doctor, very kind.", "target_scores": {"ambivalent": 0, "positive": 1, "negative": 0, "neutral": 0}},
+    {"input": "Great doctor, very kind.",
+     "target_scores": {"ambivalent": 0, "positive": 1, "negative": 0, "neutral": 0}},
     {"input": "  ", "target_scores": {"ambivalent": 0, "positive": 1, "negative": 0, "neutral": 0}},
     {"input": "Never again.", "target_scores": {"ambivalent": 0, "positive": 0, "negative": 1, "neutral": 0}},
 ]}
@@ -46,7 +50,8 @@ EPISTEMIC = {"examples": [
      "target_scores": {"entailment": 1, "non-entailment": 0}},
 ]}
 ANALYTIC = {"examples": [
-    {"input": "Lina met two nurses. So, Lina met at least one woman.", "target_scores": {"entailment": 0, "no-entailment": 1}},
+    {"input": "Lina met two nurses. So, Lina met at least one woman.",
+     "target_scores": {"entailment": 0, "no-entailment": 1}},
     {"input": "Fido is a dog. Therefore Fido is a mammal.", "target_scores": {"entailment": 1, "no-entailment": 0}},
 ]}
 

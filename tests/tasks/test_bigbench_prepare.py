@@ -5,11 +5,12 @@ import json
 import subprocess
 
 import pytest
-from fake_bigbench import TASK_FILES, make_tarball
 
 from ftlab.errors import FtlabError
 from ftlab.tasks import bigbench, default_patterns
 from ftlab.tasks.registry import required_files
+
+from fake_bigbench import TASK_FILES, make_tarball
 
 NI = "natural_instructions/*/task.json"
 WANTED = ["strategyqa/task.json", NI]

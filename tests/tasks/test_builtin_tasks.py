@@ -26,7 +26,8 @@ def test_sentiment_keeps_positive_and_negative_once(prepared):
 def test_strategyqa_labels_follow_options(prepared):
     spec, examples = load_task("strategyqa")
     assert [spec.target(e) for e in examples] == [" Yes", " No"]
-    assert spec.prompt(examples[1]) == "Question: Hydrogen's atomic number squared exceeds number of Spice Girls?\nAnswer:"
+    assert spec.prompt(examples[1]) == ("Question: Hydrogen's atomic number squared exceeds number of Spice Girls?"
+                                        "\nAnswer:")
 
 
 def test_nli_parses_premise_and_hypothesis(prepared):

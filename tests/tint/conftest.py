@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ftlab.tint.inner import inner_from_hf
+
 from tint_helpers import tiny_llama
 
 

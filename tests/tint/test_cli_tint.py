@@ -22,7 +22,8 @@ def test_build_prints_costs_and_the_check(tmp_path, tiny_model, tiny_tokenizer):
     assert "TinT (H=" in result.output and "same argmax: True" in result.output
     data = json.loads(out.read_text())
     assert data["check"]["max_abs_diff"] < 1e-4 * data["check"]["logit_scale"]
-    assert data["tint"]["prefix_tokens"] == 2 * 7 * 8 and data["tint"]["hidden_size"] == 128 * 64 // 8  # gate: 16 rows of 64 per prefix
+    assert data["tint"]["prefix_tokens"] == 2 * 7 * 8
+    assert data["tint"]["hidden_size"] == 128 * 64 // 8  # gate: 16 rows of 64 per prefix
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model, tiny_model_factory, tiny_tokenizer):

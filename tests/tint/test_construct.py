@@ -2,13 +2,31 @@ import pytest
 import torch
 
 from ftlab.errors import FtlabError
-from ftlab.tint.construct import (LinearBackward, LinearDescent, LinearForward, LossGradient, RMSNormBackward,
-                                  SelfAttentionBackward, SelfAttentionForward, SwiGLUBackward, TintConfig,
-                                  TintState, build_tint, prefix_layout)
+from ftlab.tint.construct import (
+    LinearBackward,
+    LinearDescent,
+    LinearForward,
+    LossGradient,
+    RMSNormBackward,
+    SelfAttentionBackward,
+    SelfAttentionForward,
+    SwiGLUBackward,
+    TintConfig,
+    TintState,
+    build_tint,
+    prefix_layout,
+)
 from ftlab.tint.inner import forward as inner_forward
 from ftlab.tint.inner import inner_from_hf, layer_forward
-from ftlab.tint.reference import (Approximations, _jvp_rms, _jvp_silu, approximate_step, loss_gradient,
-                                  whole_context_mask)
+from ftlab.tint.reference import (
+    Approximations,
+    _jvp_rms,
+    _jvp_silu,
+    approximate_step,
+    loss_gradient,
+    whole_context_mask,
+)
+
 from tint_helpers import tiny_llama
 
 G = torch.Generator().manual_seed(0)

@@ -6,8 +6,17 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.tint.experiment import (TintEvalConfig, classify, encode_context, method_name, report_markdown,
-                                   run_task, single_token_options, summarize_lm, summarize_task)
+from ftlab.tint.experiment import (
+    TintEvalConfig,
+    classify,
+    encode_context,
+    method_name,
+    report_markdown,
+    run_task,
+    single_token_options,
+    summarize_lm,
+    summarize_task,
+)
 from ftlab.tint.inner import forward, inner_from_hf
 from ftlab.tint.reference import Approximations, approximate_step, exact_step
 

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from ftlab.errors import FtlabError
-from ftlab.tint.reference import (Approximations, approximate_step, approximation_costs, exact_step,
-                                  whole_context_mask)
+from ftlab.tint.reference import Approximations, approximate_step, approximation_costs, exact_step, whole_context_mask
 
 LR = 0.05
 

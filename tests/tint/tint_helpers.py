@@ -6,7 +6,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-
 def tiny_llama(seed: int = 0, *, hidden: int = 32, intermediate: int = 64, layers: int = 3, heads: int = 4,
                kv_heads: int = 2, vocab: int = 61, tied: bool = False, std: float = 0.15,
                dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:

@@ -25,7 +25,8 @@ def run_cmd(
                                                                "'kinds=[f,phi_p,layer]' 'words=[\" good\", \" bad\"]'"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a name in configs/ "
                                                                       "(e.g. probe-sentiment)."),
-    overwrite: bool = typer.Option(False, help="Delete output_dir first (only a folder ftlab wrote), features included."),
+    overwrite: bool = typer.Option(False, help="Delete output_dir first (only a folder ftlab wrote), "
+                                               "features included."),
     show_config: bool = typer.Option(False, help="Print the resolved config and exit."),
 ) -> None:
     """Extract features (resumable store in <output_dir>/features), fit the probes, write

@@ -13,7 +13,8 @@ from ftlab.cli.common import config_path, table
 app = typer.Typer(help="Targeted data selection (LESS) from low-rank gradient features, and baselines.",
                   no_args_is_help=True)
 
-CONFIG = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged config's name (e.g. less-smollm2).")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged config's name "
+                                                   "(e.g. less-smollm2).")
 OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. percentage=0.1 warmup.epochs=2 "
                                       "'pool=[a.jsonl,b.jsonl]'")
 
@@ -81,7 +82,8 @@ def warmup_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[str]
         module, tokenizer = load_lora_model(cfg)
         ckpts = run_warmup(module, tokenizer, pool, cfg.warmup, Path(cfg.output_dir) / "warmup",
                            max_length=cfg.max_length)
-    typer.echo(table([(str(c.epoch), f"{c.mean_lr:.3g}", str(c.path)) for c in ckpts], ("epoch", "mean lr", "checkpoint")))
+    typer.echo(table([(str(c.epoch), f"{c.mean_lr:.3g}", str(c.path)) for c in ckpts],
+                     ("epoch", "mean lr", "checkpoint")))
 
 
 @app.command("features")
@@ -98,7 +100,8 @@ def features_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[st
         module, tokenizer = load_lora_model(cfg)
         train = gradient_features(cfg, module, tokenizer, pool, ckpts, "adam", "train")
         target = gradient_features(cfg, module, tokenizer, targets, ckpts, "sgd", "target")
-    rows = [(s.manifest.checkpoint, s.manifest.grad_type, str(len(s)), str(s.path)) for s in train.stores + target.stores]
+    rows = [(s.manifest.checkpoint, s.manifest.grad_type, str(len(s)), str(s.path))
+            for s in train.stores + target.stores]
     typer.echo(table(rows, ("checkpoint", "type", "rows", "datastore")))
     skipped = train.skipped + target.skipped
     if skipped:

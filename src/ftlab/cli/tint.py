@@ -95,7 +95,8 @@ def eval_cmd(
                          ("method", "accuracy", "vs ICL [95% CI]", "vs zero-shot [95% CI]")))
     if "lm" in summary:
         typer.echo("\nlanguage modelling (second half)")
-        typer.echo(table([(m, f"{r['perplexity']:.2f}", _iv(r.get("vs_base_loss"), 4)) for m, r in summary["lm"].items()],
+        typer.echo(table([(m, f"{r['perplexity']:.2f}", _iv(r.get("vs_base_loss"), 4))
+                          for m, r in summary["lm"].items()],
                          ("method", "perplexity", "loss vs base [95% CI]")))
     checks = [row for rows in summary["tint_check"].values() for row in rows]
     if checks:

@@ -31,8 +31,14 @@ from ftlab.config import TrainConfig
 from ftlab.errors import FtlabError
 from ftlab.evaluate import evaluate
 from ftlab.kernel.entk import KernelSpec, compute_kernel
-from ftlab.kernel.outputs import (OutputFunction, eager_attention, encode_rows, label_word_ids, readout_accuracy,
-                                  readout_matrix)
+from ftlab.kernel.outputs import (
+    OutputFunction,
+    eager_attention,
+    encode_rows,
+    label_word_ids,
+    readout_accuracy,
+    readout_matrix,
+)
 from ftlab.kernel.solvers import Solution, solve
 from ftlab.models import load_model, trainable_parameters
 from ftlab.objectives import Encoder
@@ -97,7 +103,7 @@ def linearised_outputs(fn: OutputFunction, start: dict[str, Tensor], end: dict[s
     with eager_attention(fn.module):
         for s in range(0, len(examples), chunk_size):
             batch = encode_rows(encoder, examples[s:s + chunk_size]).to(device)
-            f0, df = jvp(lambda p: fn.batch(p, batch), (start,), (delta,))
+            f0, df = jvp(lambda p: fn.batch(p, batch), (start,), (delta,))  # noqa: B023 (called within the iteration)
             with torch.no_grad():
                 f_end = fn.batch({n: t.to(start[n]) for n, t in end.items()}, batch)
             f0s.append(f0.detach().double().cpu())

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from ftlab.errors import FtlabError
-from ftlab.runs import check_settings
 from ftlab.io import atomic_file, atomic_write_json
+from ftlab.runs import check_settings
 
 FORMAT = "ftlab-kernel/1"
 MANIFEST, PARTIAL, KERNEL = "manifest.json", "partial.safetensors", "kernel.safetensors"

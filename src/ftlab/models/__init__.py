@@ -13,11 +13,26 @@ from typing import TYPE_CHECKING, Any
 from ftlab.models.settings import LoraSettings, PrefixSettings
 
 if TYPE_CHECKING:
-    from ftlab.models.loading import (DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel, is_converted,
-                                      load_model, parse_device, parse_dtype)
+    from ftlab.models.loading import (
+        DEFAULT_MODEL,
+        EMBEDDED_MODELS,
+        EmbeddedModel,
+        is_converted,
+        load_model,
+        parse_device,
+        parse_dtype,
+    )
     from ftlab.models.lora import DEFAULT_TARGET_MODULES, apply_lora
-    from ftlab.models.modes import (MODES, Mode, load_trained, mode_of, prepare_model, save_trained,
-                                    trainable_parameters, trained_mode)
+    from ftlab.models.modes import (
+        MODES,
+        Mode,
+        load_trained,
+        mode_of,
+        prepare_model,
+        save_trained,
+        trainable_parameters,
+        trained_mode,
+    )
     from ftlab.models.prefix import PrefixModel
 
 _LAZY = {

@@ -2,7 +2,8 @@
 
 Transformers computes ``lm_head(hidden_states[:, -k:, :])``. On a batch of more than one row that
 slice is not contiguous, and ``F.linear`` then runs as a batched matmul against a broadcast copy
-of the whole ``V x H`` weight per row, forward and backward, which is memory-bound. Inside :func:`output_head` the head makes its input contiguous, and, given ``rows``, it
+of the whole ``V x H`` weight per row, forward and backward, which is memory-bound. Inside
+:func:`output_head` the head makes its input contiguous, and, given ``rows``, it
 computes only those vocabulary rows (the eNTK needs the label words' logits only, not 49,152 of
 them). The numbers are the head's own; only the matmul's shape changes.
 """

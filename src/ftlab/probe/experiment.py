@@ -8,7 +8,6 @@ every stored feature; a folder of another model or split is refused.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -119,7 +118,8 @@ def run_probe(cfg: ProbeConfig, *, model_and_tokenizer: tuple[Any, Any] | None =
             # k per class: a seeded balanced draw from the training split (and at most k per class
             # from dev), so the stored features serve every k and seed without another forward pass.
             tr = balanced_rows(y_train, k, seed, "train") if k else np.arange(len(y_train))
-            dv = None if y_dev is None else (balanced_rows(y_dev, k, seed, "dev", at_most=True) if k else np.arange(len(y_dev)))
+            dv = None if y_dev is None else (balanced_rows(y_dev, k, seed, "dev", at_most=True) if k
+                                             else np.arange(len(y_dev)))
             for kind in cfg.kinds:
                 r = fit_probe(x_train[kind][tr], y_train[tr], x_test[kind], y_test,
                               None if dv is None else x_dev[kind][dv], None if dv is None else y_dev[dv],
@@ -189,11 +189,13 @@ def markdown(result: dict[str, Any]) -> str:
              f"template `{result['template']!r}`, words {result['words']}; splits {result['splits']}", "",
              "| k per class | feature | test accuracy (mean over seeds) | std | seeds |", "|---|---|---|---|---|"]
     for s in result["summary"]:
-        lines.append(f"| {s['k'] or 'all'} | {KIND_NAMES[s['kind']]} | {s['mean']:.3f} | {s['std']:.3f} | {s['seeds']} |")
+        lines.append(f"| {s['k'] or 'all'} | {KIND_NAMES[s['kind']]} | {s['mean']:.3f} | {s['std']:.3f} | "
+                     f"{s['seeds']} |")
     theory = result.get("theory", {})
     if "zero_shot" in theory:
         z = theory["zero_shot"]
-        lines.append(f"| - | zero-shot (label words) | {z['accuracy']:.3f} [{z['ci_low']:.3f}, {z['ci_high']:.3f}] | | |")
+        lines.append(f"| - | zero-shot (label words) | {z['accuracy']:.3f} "
+                     f"[{z['ci_low']:.3f}, {z['ci_high']:.3f}] | | |")
     if theory:
         lines += ["", f"R^2 of f(s) from Phi p_f(s) (linear, held out): {theory['r2_f_from_phi_p']:.3f}; "
                       f"of Phi p_f(s) from f(s): {theory['r2_phi_p_from_f']:.3f}"]

@@ -2,10 +2,26 @@
 new parameters, MeZO's perturbations), and the statistics that say how far one run can be
 trusted (multi-bootstrap, expected maximum performance, variance shares, interpolation barriers)."""
 
-from ftlab.seeds.runner import (SEED_KINDS, RunSpec, SeedStudyConfig, check_comparable, load_records, load_study,
-                                plan_runs, run_config, run_study)
-from ftlab.seeds.stats import (Interval, barrier, expected_max_curve, multi_bootstrap, multi_bootstrap_samples,
-                               summary, variance_shares)
+from ftlab.seeds.runner import (
+                                SEED_KINDS,
+                                RunSpec,
+                                SeedStudyConfig,
+                                check_comparable,
+                                load_records,
+                                load_study,
+                                plan_runs,
+                                run_config,
+                                run_study,
+)
+from ftlab.seeds.stats import (
+                                Interval,
+                                barrier,
+                                expected_max_curve,
+                                multi_bootstrap,
+                                multi_bootstrap_samples,
+                                summary,
+                                variance_shares,
+)
 
 __all__ = ["SEED_KINDS", "RunSpec", "SeedStudyConfig", "check_comparable", "load_records", "load_study",
            "plan_runs", "run_config", "run_study", "Interval", "barrier", "expected_max_curve",

@@ -172,7 +172,7 @@ def _lora_linears(module: nn.Module, params: Mapping[str, nn.Parameter]) -> dict
     owners = {}
     for mod_name, mod in module.named_modules():
         if isinstance(mod, nn.Linear) and mod.bias is None:
-            for p_name, p in mod.named_parameters(recurse=False):
+            for p_name, _param in mod.named_parameters(recurse=False):
                 owners[f"{mod_name}.{p_name}" if mod_name else p_name] = mod
     if not params or any(n not in owners for n in params):
         return None

@@ -44,8 +44,8 @@ from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.errors import FtlabError
 from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
-from ftlab.runs import writes_run_dir
 from ftlab.models import load_trained
+from ftlab.runs import writes_run_dir
 from ftlab.tasks import Example, Splits, TaskSpec, get_spec, load_task, make_splits
 from ftlab.tasks.registry import is_builtin
 from ftlab.train import RunData, load_run_data, train

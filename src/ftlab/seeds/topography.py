@@ -220,10 +220,10 @@ def _first_examples(evaluator: PointEvaluator, set_name: str, n: int):
     for batch, idx in zip(evaluator.batches[set_name], evaluator.orders[set_name]):
         keep = [j for j, i in enumerate(idx) if i < n]
         if keep:
-            pick = lambda t: None if t is None else t[keep]  # noqa: E731
+            pick = lambda t, keep=keep: None if t is None else t[keep]  # noqa: E731
             rows = keep if batch.n_options == 1 or batch.labels is None else \
                 [j * batch.n_options + o for j in keep for o in range(batch.n_options)]
-            pick_rows = lambda t: None if t is None else t[rows]  # noqa: E731
+            pick_rows = lambda t, rows=rows: None if t is None else t[rows]  # noqa: E731
             out.append(ModelBatch(pick_rows(batch.input_ids), pick_rows(batch.attention_mask),
                                   pick_rows(batch.position_ids), pick_rows(batch.labels), batch.n_options,
                                   pick(batch.gold)))
@@ -246,7 +246,8 @@ def _pair_paths(evaluator: PointEvaluator, points, pairs: Sequence[tuple[str, st
             record: dict[str, Any] = {"key": key, "rank": rank, "a": a, "b": b, "alphas": interior}
             for set_name, res in results.items():
                 mine = res[k * len(interior):(k + 1) * len(interior)]
-                record[set_name] = {"loss": [r.loss.tolist() for r in mine], "correct": [r.correct.tolist() for r in mine]}
+                record[set_name] = {"loss": [r.loss.tolist() for r in mine],
+                                    "correct": [r.correct.tolist() for r in mine]}
             atomic_write_json(cache / "pairs" / f"{a}--{b}.json", record)
             bar.update()
     bar.close()
@@ -324,7 +325,8 @@ def _analyse(study, records, names, measures, cache, cfg: TopographyConfig, eval
     first_ood = study.ood_tasks[0] if study.ood_tasks else None
     values = ({r["name"]: r["ood"][first_ood]["metrics"]["accuracy"] for r in records} if first_ood else None)
     basins.plot_heatmap(matrix, clustering, out / "heatmap.png",
-                        f"{cfg.cluster_on.replace('_', ' ')} barrier" + (f" (ticks: {first_ood} accuracy)" if values else ""),
+                        f"{cfg.cluster_on.replace('_', ' ')} barrier"
+                        + (f" (ticks: {first_ood} accuracy)" if values else ""),
                         values)
     _plot_surface(surface, out / "surface.png")
     _plot_prediction(report, out / "prediction.png")

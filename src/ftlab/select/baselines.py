@@ -47,7 +47,8 @@ def representation_store(model: nn.Module, tokenizer: Any, examples: Sequence[In
     seqs = [encode(tokenizer, ex, max_length)[0] for ex in examples]
     pad = pad_id(tokenizer)
     model.eval()
-    return write_distributed(path, [ex.id for ex in examples], lambda idx: mean_hidden(model, [seqs[i] for i in idx], pad),
+    return write_distributed(path, [ex.id for ex in examples],
+                             lambda idx: mean_hidden(model, [seqs[i] for i in idx], pad),
                              batch_size=batch_size, device=str(next(model.parameters()).device), progress=progress,
                              model=model_name, checkpoint="base", grad_type="representation",
                              dim=model.config.hidden_size, dtype="float32")

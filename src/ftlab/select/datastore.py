@@ -44,9 +44,9 @@ from tqdm.auto import tqdm
 
 from ftlab.distributed import barrier, init_from_env
 from ftlab.errors import FtlabError
-from ftlab.runs import check_settings
-from ftlab.io import atomic_file, atomic_write_json
 from ftlab.grads.projection import ProjectionSpec
+from ftlab.io import atomic_file, atomic_write_json
+from ftlab.runs import check_settings
 
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32")

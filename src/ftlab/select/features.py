@@ -4,7 +4,8 @@ For every example, the gradient of its mean response-token loss with respect to 
 tensors is computed for a whole batch at once: for plain LoRA weights from one batched forward
 and one backward with the per-example gradient trick (:mod:`ftlab.grads.lora`), for
 any other trainable tensors with ``torch.func.vmap(grad(functional_call))`` (each row is an
-independent function of the shared parameters, so padding never leaks between examples). The ``"adam"`` feature of a pool example preconditions it with the checkpoint's
+independent function of the shared parameters, so padding never leaks between examples). The
+``"adam"`` feature of a pool example preconditions it with the checkpoint's
 AdamW moments as one more (bias-uncorrected) Adam step would:
 
     m = b1 * exp_avg + (1 - b1) * g,   v = b2 * exp_avg_sq + (1 - b2) * g^2,   feature = m / sqrt(v + eps)
@@ -28,13 +29,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ftlab.errors import FtlabError
-from ftlab.models import trainable_parameters
 from ftlab.grads.lora import lora_jacobians, lora_layers
 from ftlab.grads.masks import batch_attention_mask, row_attention_mask
+from ftlab.grads.projection import Projector
+from ftlab.models import trainable_parameters
 from ftlab.objectives import ModelBatch, target_logprobs
 from ftlab.select.data import InstructionExample, collate, encode, pad_id
 from ftlab.select.datastore import Datastore, write_distributed
-from ftlab.grads.projection import Projector
 
 GradType = Literal["adam", "sgd"]
 GRAD_TYPES = ("adam", "sgd")

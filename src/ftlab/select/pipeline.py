@@ -30,18 +30,24 @@ from torch import nn
 
 from ftlab.distributed import barrier, init_from_env, is_main, rank_device
 from ftlab.errors import FtlabError
+from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.io import atomic_file, atomic_write_json
-from ftlab.runs import writes_run_dir
 from ftlab.models import LoraSettings, load_model, prepare_model, trainable_parameters
 from ftlab.plots import pyplot, save_figure
+from ftlab.runs import writes_run_dir
 from ftlab.select.baselines import random_scores, representation_scores, representation_store
 from ftlab.select.data import InstructionExample, load_instructions
 from ftlab.select.datastore import Datastore
 from ftlab.select.features import AdamState, collect_features
-from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.select.scoring import less_scores, select_top, write_selection
-from ftlab.select.warmup import (WarmupCheckpoint, WarmupSettings, list_checkpoints, load_adam_state,
-                                 load_checkpoint_into, run_warmup)
+from ftlab.select.warmup import (
+    WarmupCheckpoint,
+    WarmupSettings,
+    list_checkpoints,
+    load_adam_state,
+    load_checkpoint_into,
+    run_warmup,
+)
 
 METHODS = ("less", "random", "representation")
 
@@ -135,7 +141,8 @@ def gradient_features(cfg: SelectConfig, module: nn.Module, tokenizer: Any, exam
         load_checkpoint_into(module, ckpt)
         state = json.loads((ckpt.path / "state.json").read_text())
         adam = AdamState(load_adam_state(ckpt.path), tuple(state["betas"]), state["eps"])
-        result = collect_features(module, tokenizer, examples, Path(cfg.output_dir) / "features" / name / ckpt.path.name,
+        result = collect_features(module, tokenizer, examples,
+                                  Path(cfg.output_dir) / "features" / name / ckpt.path.name,
                                   grad_type=grad_type, adam=adam, projector=projector, model_name=cfg.model,
                                   checkpoint=ckpt.path.name, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                   dtype=cfg.feature_dtype, extra={"mean_lr": ckpt.mean_lr}, progress=progress)

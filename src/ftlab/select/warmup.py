@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 
 from ftlab.checkpoint import load_trainable, trainable_state
 from ftlab.errors import FtlabError
-from ftlab.runs import check_settings
 from ftlab.io import atomic_dir, atomic_write_json
 from ftlab.models import trainable_parameters
 from ftlab.objectives import target_logprobs
+from ftlab.runs import check_settings
 from ftlab.select.data import InstructionExample, collate, encode, pad_id
 from ftlab.train import lr_factor, param_groups
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from ftlab.errors import FtlabError
-from ftlab.tasks.base import Example, TaskSpec
 from ftlab.tasks import bigbench
+from ftlab.tasks.base import Example, TaskSpec
 from ftlab.tasks.bigbench import EXTRA_PATTERNS, bigbench_file
 from ftlab.tasks.files import SUFFIXES, load_file, load_hf
 from ftlab.tasks.registry import get_spec, is_builtin, list_tasks, load_examples, required_files, unknown_task

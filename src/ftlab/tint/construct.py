@@ -47,7 +47,6 @@ from ftlab.tint.inner import InnerModel, rms_normalize, rotate
 from ftlab.tint.reference import check_split
 
 
-
 @dataclass
 class TintConfig:
     """How a TinT is built: ``n_prefixes`` prefix tokens per weight bank, ``k`` simulated
@@ -89,7 +88,8 @@ def prefix_layout(inner: InnerModel, cfg: TintConfig) -> tuple[int, dict[str, in
         dout, din = inner.spec.shape(name)
         if dout % cfg.n_prefixes:
             raise FtlabError(f"tint.n_prefixes={cfg.n_prefixes} does not divide the {dout} rows of the inner "
-                             f"{name} weight; pick a common divisor of {sorted({inner.spec.shape(n)[0] for n in ('q', 'k', 'o', 'gate')})}")
+                             f"{name} weight; pick a common divisor of "
+                             f"{sorted({inner.spec.shape(n)[0] for n in ('q', 'k', 'o', 'gate')})}")
         rows[name] = dout // cfg.n_prefixes
         need = max(need, rows[name] * din)
     if cfg.hidden_size is not None and cfg.hidden_size < need:
@@ -243,7 +243,8 @@ class SelfAttentionForward(nn.Module):
     def __init__(self, heads: int, kv_heads: int, head_dim: int, q: str, k: str, v: str, dst: str,
                  mem: str, inner: InnerModel) -> None:
         super().__init__()
-        self.heads, self.kv, self.hd, self.q, self.k, self.v, self.dst, self.mem = heads, kv_heads, head_dim, q, k, v, dst, mem
+        self.heads, self.kv, self.hd = heads, kv_heads, head_dim
+        self.q, self.k, self.v, self.dst, self.mem = q, k, v, dst, mem
         self.register_buffer("inv_freq", inner.inv_freq.clone())
 
     def tables(self, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -341,7 +342,7 @@ class Tint(nn.Module):
                 self.banks[f"L{li}_{name}"] = nn.Parameter(emb, requires_grad=False)
         self.register_buffer("embed", inner.embed.detach().clone())
         self.register_buffer("out_embed", inner.lm_head.detach().clone())
-        self.bottom = nn.ModuleList(self._layer_forward(inner, li, f"b") for li in range(spec.n_layers - cfg.k))
+        self.bottom = nn.ModuleList(self._layer_forward(inner, li, "b") for li in range(spec.n_layers - cfg.k))
         top = range(spec.n_layers - cfg.k, spec.n_layers)
         self.forward1 = nn.ModuleList(self._layer_forward(inner, li, f"L{li}") for li in top)
         self.loss_grad = LossGradient(inner, f"L{spec.n_layers - 1}.out", "grad", cfg.finite_diff_n)
@@ -378,7 +379,8 @@ class Tint(nn.Module):
         return f"L{li}.h" if first else f"F{li - 1}.out"  # the second forward starts from memory
 
     def _layer_backward(self, inner: InnerModel, li: int) -> nn.Sequential:
-        spec, p, n, lr, eps, tag = self.spec, self.cfg.n_prefixes, self.cfg.finite_diff_n, self.cfg.inner_lr, self.spec.eps, f"L{li}"
+        spec, p, n, lr = self.spec, self.cfg.n_prefixes, self.cfg.finite_diff_n, self.cfg.inner_lr
+        eps, tag = self.spec.eps, f"L{li}"
         layer = inner.layers[li]
         back = lambda w, g, d, add=False: LinearBackward(f"L{li}_{w}", *spec.shape(w), p, g, d, add)  # noqa: E731
         desc = lambda w, g, x: LinearDescent(f"L{li}_{w}", *spec.shape(w), p, g, x, lr)  # noqa: E731

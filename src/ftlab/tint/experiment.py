@@ -240,8 +240,10 @@ def run_lm(inner: InnerModel, texts: list[list[int]], cfg: TintEvalConfig, progr
             for lr in cfg.lrs:
                 ex = exact_step(inner, ids, n_train, mask, k, lr, sum_over_tokens=True, h0=inputs[n - k])
                 ap = approximate_step(inner, ids, n_train, mask, k, lr, approx, h0=inputs[n - k])
-                out.setdefault(method_name("exact", k, "context", lr), []).append(test_part_loss(ids, n_train, ex.test_logits))
-                out.setdefault(method_name("approx", k, "context", lr), []).append(test_part_loss(ids, n_train, ap.test_logits))
+                out.setdefault(method_name("exact", k, "context", lr), []).append(
+                    test_part_loss(ids, n_train, ex.test_logits))
+                out.setdefault(method_name("approx", k, "context", lr), []).append(
+                    test_part_loss(ids, n_train, ap.test_logits))
         if progress:
             progress("language modelling", i + 1, len(texts))
     return out
@@ -285,8 +287,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
         lines += [f"### {task}", "", "| method | accuracy | vs ICL (95% CI) | vs zero-shot (95% CI) |",
                   "|---|---|---|---|"]
         for m, r in rows.items():
-            fmt = lambda key: (f"{r[key]['estimate']:+.3f} [{r[key]['low']:+.3f}, {r[key]['high']:+.3f}]"  # noqa: E731
-                               if key in r else "")
+            fmt = lambda key, r=r: (  # noqa: E731
+                f"{r[key]['estimate']:+.3f} [{r[key]['low']:+.3f}, {r[key]['high']:+.3f}]" if key in r else "")
             lines.append(f"| {m} | {r['accuracy']:.3f} | {fmt('vs_ICL')} | {fmt('vs_zero-shot')} |")
         lines.append("")
     if summary.get("lm"):

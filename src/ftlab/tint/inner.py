@@ -104,7 +104,7 @@ def check_supported(model: nn.Module) -> None:
         raise _fail(f"{type(model).__name__} has no Llama-style decoder layers (model.model.layers); "
                     "GPT-2/OPT layouts (LayerNorm, GELU MLP, learned positions) are not implemented")
     layer = layers[0]
-    for key, path in _HF_LINEAR.items():
+    for _key, path in _HF_LINEAR.items():
         mod = layer.get_submodule(path) if _has(layer, path) else None
         if not isinstance(mod, nn.Linear):
             raise _fail(f"decoder layer has no linear {path} ({type(model).__name__})")

@@ -38,8 +38,16 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ftlab.errors import FtlabError
-from ftlab.tint.inner import (LINEAR_NAMES, InnerLayer, InnerModel, LayerCache, layer_forward, logits_of,
-                              rms_normalize, unrotate)
+from ftlab.tint.inner import (
+    LINEAR_NAMES,
+    InnerLayer,
+    InnerModel,
+    LayerCache,
+    layer_forward,
+    logits_of,
+    rms_normalize,
+    unrotate,
+)
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,7 @@ def exact_step(model: InnerModel, ids: Tensor, n_train: int, loss_mask: Tensor, 
     top = model.layers[model.spec.n_layers - k:]
     params = [{name: layer.w[name].detach().clone().requires_grad_(True) for name in LINEAR_NAMES} for layer in top]
     with torch.enable_grad():
-        h, _ = _top_forward(model, [l.with_weights(p) for l, p in zip(top, params)], h0, cos, sin,
+        h, _ = _top_forward(model, [layer.with_weights(p) for layer, p in zip(top, params)], h0, cos, sin,
                             stop_attention_grad)
         rows = loss_mask.nonzero().squeeze(-1)
         loss = F.cross_entropy(logits_of(model, h[rows]), ids[rows + 1], reduction="sum" if sum_over_tokens else "mean")

@@ -51,8 +51,17 @@ import torch
 from torch import Tensor, nn
 
 from ftlab.errors import FtlabError
-from ftlab.zo.directions import (DISTRIBUTIONS, GENERATORS, TABLE_SIZE, Piece, add_z, add_z_into, chunked_pieces,
-                                 local_part, param_seed, strided_pieces)
+from ftlab.zo.directions import (
+    DISTRIBUTIONS,
+    GENERATORS,
+    TABLE_SIZE,
+    Piece,
+    add_z,
+    add_z_into,
+    chunked_pieces,
+    local_part,
+    strided_pieces,
+)
 from ftlab.zo.settings import CHUNK
 
 TEMP_ELEMENTS = 1 << 22  # the largest temporary (entries) a variant makes from one piece of z
