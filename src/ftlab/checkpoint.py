@@ -51,14 +51,19 @@ def load_trainable(module: nn.Module, path: str | Path) -> None:
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any]) -> None:
+                    scheduler: Any, state: dict[str, Any], *, extra: Any = None,
+                    trainable: dict[str, torch.Tensor] | None = None, optimizer_state: Any = None) -> None:
     """Save everything needed to continue a run exactly where it stopped (one atomic folder
     replace: a kill at any point leaves the previous or the new checkpoint, see
-    :func:`ftlab.io.atomic_dir`)."""
+    :func:`ftlab.io.atomic_dir`). ``extra`` (tensors and plain values, e.g. every rank's state
+    under Local SGD) goes to ``extra.pt``; ``trainable`` and ``optimizer_state`` replace the
+    module's and optimizer's own (gathered in advance from sharded ranks)."""
     with atomic_dir(path) as tmp:
-        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+        save_file(trainable if trainable is not None else trainable_state(module), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        if extra is not None:
+            torch.save(extra, tmp / "extra.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -79,3 +84,14 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
         return json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise damaged(path / "state.json", e) from None
+
+
+def load_extra(path: str | Path) -> Any:
+    """The ``extra`` a checkpoint was saved with (None if it has none)."""
+    path = Path(path) / "extra.pt"
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling and zip errors have no common base
+        raise damaged(path, e) from None

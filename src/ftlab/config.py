@@ -38,6 +38,19 @@ class DataConfig:
 
 
 @dataclass
+class LocalSGDSettings:
+    """Local SGD for first-order data parallelism (see :mod:`ftlab.local_sgd`): ``period`` is H,
+    the local steps between weight averages (H_base for the quadratic rule; null: synchronous
+    DDP), ``rule`` constant or quadratic (QSR: H = max(H_base, floor((alpha / lr) ** 2)) at the
+    start of each round), and ``switch_step``: synchronous steps before Local SGD starts (post-local SGD)."""
+
+    period: int | None = None
+    rule: Literal["constant", "quadratic"] = "constant"
+    alpha: float | None = None
+    switch_step: int = 0
+
+
+@dataclass
 class TrainConfig:
     """One fine-tuning run. ``mode`` picks what is trained; ``optimizer`` how."""
 
@@ -52,7 +65,8 @@ class TrainConfig:
     zo: ZOSettings = field(default_factory=ZOSettings)
     # What the optimizer minimises: "loss" (differentiable), or minus the batch's "accuracy"
     # (classification) or "f1" (generation, greedy decoding): zeroth-order optimizers only.
-    objective: Literal["loss", "accuracy", "f1"] = "loss"
+    # "quad": Saunshi et al.'s squared-loss alternative to cross-entropy (ftlab.objectives.quad).
+    objective: Literal["loss", "accuracy", "f1", "quad"] = "loss"
     lr: float = 1e-5
     weight_decay: float = 0.0
     momentum: float = 0.0
@@ -79,6 +93,11 @@ class TrainConfig:
     fsdp: bool = False
     device_map: str | None = None
     offload: bool = False
+    # First-order training: Local SGD across torchrun processes (null period: synchronous DDP),
+    # bf16 autocast of the forwards (float32 weights), and activation checkpointing.
+    local_sgd: LocalSGDSettings = field(default_factory=LocalSGDSettings)
+    autocast: bool = False
+    gradient_checkpointing: bool = False
     eval_every: int = 50
     eval_batch_size: int = 32
     checkpoint_every: int = 50
@@ -225,14 +244,14 @@ def _distinct_words(v: list[str]) -> bool:
 
 
 def _objective_needs_zo(obj: Any, where: str) -> None:
-    if obj.objective != "loss" and obj.optimizer in ("adamw", "sgd"):
+    if obj.objective not in ("loss", "quad") and obj.optimizer in ("adamw", "sgd"):
         raise FtlabError(f"{where}.objective: {obj.objective!r} has no gradient; use a zeroth-order optimizer "
                          f"(e.g. optimizer=mezo) or objective=loss (got optimizer={obj.optimizer})")
 
 
 def _scale_options(obj: Any, where: str) -> None:
-    """grad_accum must divide the batch; fsdp / device_map / offload are zeroth-order features
-    and exclusive of one another."""
+    """grad_accum must divide the batch; device_map / offload are zeroth-order features (fsdp
+    serves both), and the three are exclusive of one another."""
     if obj.batch_size % obj.grad_accum:
         raise FtlabError(f"{where}.grad_accum: {obj.grad_accum} does not divide batch_size={obj.batch_size} "
                          f"(micro-batches must be equal); use a divisor of {obj.batch_size}")
@@ -240,9 +259,33 @@ def _scale_options(obj: Any, where: str) -> None:
                                     ("offload", obj.offload)) if on]
     if len(chosen) > 1:
         raise FtlabError(f"{where}: {' and '.join(chosen)} cannot be combined; choose one way to place the model")
-    if chosen and obj.optimizer in ("adamw", "sgd"):
-        raise FtlabError(f"{where}.{chosen[0]}: implemented for zeroth-order optimizers (e.g. optimizer=mezo); "
+    placed = [name for name in chosen if name != "fsdp"]  # fsdp also shards first-order training
+    if placed and obj.optimizer in ("adamw", "sgd"):
+        raise FtlabError(f"{where}.{placed[0]}: implemented for zeroth-order optimizers (e.g. optimizer=mezo); "
                          f"got optimizer={obj.optimizer}")
+
+
+def _first_order_options(obj: Any, where: str) -> None:
+    """Local SGD, autocast and activation checkpointing are first-order features."""
+    zo = obj.optimizer not in ("adamw", "sgd")
+    if obj.local_sgd.period is not None and zo:
+        raise FtlabError(f"{where}.local_sgd: Local SGD averages first-order models; {obj.optimizer} is zeroth order "
+                         f"and its data parallelism (plain torchrun) already exchanges one scalar per step: "
+                         f"set local_sgd.period=null, or use optimizer=sgd or adamw")
+    if obj.local_sgd.period is not None and obj.fsdp:
+        raise FtlabError(f"{where}.local_sgd: Local SGD keeps a whole model per rank; it cannot be combined with fsdp")
+    if obj.autocast and zo:
+        raise FtlabError(f"{where}.autocast: bf16 autocast is for first-order training; for {obj.optimizer} "
+                         f"use dtype=bfloat16 (exact MeZO in bf16)")
+    if obj.autocast and obj.dtype not in ("float32", "fp32"):
+        raise FtlabError(f"{where}.autocast: autocast runs float32 weights in bf16; use dtype=float32 "
+                         f"(got dtype={obj.dtype})")
+    if obj.gradient_checkpointing and obj.mode == "prefix":
+        raise FtlabError(f"{where}.gradient_checkpointing: prefix tuning feeds its prefix through the layers' key/value "
+                         f"cache, which transformers' checkpointing drops; use mode=lora or full, or set it to false")
+    if obj.gradient_checkpointing and zo:
+        raise FtlabError(f"{where}.gradient_checkpointing: saves activations for a backward pass, and "
+                         f"{obj.optimizer} runs none; set gradient_checkpointing=false")
 
 
 # Value rules by class name (types and choices come from the annotations). A field a class
@@ -268,6 +311,7 @@ RULES: dict[str, list[typing.Callable[[Any, str], None]]] = {
         _rule("output_dir", lambda v: bool(v.strip()), "a folder path"),
         _objective_needs_zo,
         _scale_options,
+        _first_order_options,
     ],
     "DataConfig": [
         _rule("task", lambda v: bool(v.strip()), "a task name or a .jsonl/.csv file"),
@@ -285,6 +329,13 @@ RULES: dict[str, list[typing.Callable[[Any, str], None]]] = {
         _rule("target_modules", lambda v: len(v) > 0, "a non-empty list of module names (or null: the default)"),
     ],
     "PrefixSettings": [_rule("num_tokens", _ge(1), ">= 1")],
+    "LocalSGDSettings": [
+        _rule("period", _ge(1), ">= 1 (H, the local steps between averages; null: synchronous DDP)"),
+        _rule("alpha", _gt(0), "> 0"),
+        _rule("alpha", lambda v: v is not None, "set (> 0) for rule=quadratic: H = max(period, floor((alpha/lr)^2))",
+              when=lambda o: o.rule == "quadratic" and o.period is not None, skip_none=False),
+        _rule("switch_step", _ge(0), ">= 0"),
+    ],
     "ZOSettings": [
         _rule("eps", _gt(0), "> 0"),
         _rule("n_perturbations", _ge(1), ">= 1"),
@@ -383,7 +434,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FtlabError(f"config file {path} not found (see configs/ for examples)")
+            raise FtlabError(f"config file {path} not found (examples: src/ftlab/configs/, `ftlab train -c NAME`)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -11,15 +11,18 @@ Output folder of a run::
     model/           save_pretrained output of the best model
     results.json     dev/test metrics of the best model (its presence marks a finished run)
 
-Data parallel (zeroth-order optimizers, launched with ``torchrun``; see :mod:`ftlab.distributed`):
-``batch_size`` is the global batch, each rank trains on its equal slice of it, and only rank 0
-writes the folder. Every rank runs the dev and test evaluations on the whole splits: the ranks
-hold identical weights, so they get identical results and keep the same best step without
-communicating (simple; the evaluations are not sped up).
+Data parallel (launched with ``torchrun``; see :mod:`ftlab.distributed`): ``batch_size`` is the
+global batch, each rank trains on its equal slice of it, and only rank 0 writes the folder.
+Zeroth-order optimizers all-reduce one scalar per perturbation; first-order ones run through
+PyTorch's DistributedDataParallel (gradients all-reduced every step) or Local SGD
+(:mod:`ftlab.local_sgd`: weights averaged every H steps). Dev and test evaluations are split
+over the ranks and gathered, so every rank gets the same metrics and keeps the same best step
+(with ``fsdp``, whose forwards need every rank, each rank evaluates the whole split).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,11 +37,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftlab import objectives
-from ftlab.checkpoint import load_checkpoint, load_trainable, save_checkpoint, save_trainable
+from ftlab.checkpoint import (load_checkpoint, load_extra, load_trainable, save_checkpoint, save_trainable,
+                              trainable_state)
 from ftlab.config import TrainConfig, from_dict, to_dict
-from ftlab.distributed import barrier, init_from_env, rank_device, shard, shard_model
+from ftlab.distributed import (DataParallel, all_gather, barrier, gather_to_main, init_from_env, rank_device, shard,
+                               shard_model, split_evenly)
 from ftlab.errors import FtlabError, damaged
-from ftlab.evaluate import EvalResult, evaluate, model_device
+from ftlab.evaluate import EvalResult, _metrics, evaluate, model_device
 from ftlab.io import atomic_write_json, atomic_write_text, recover_dir
 from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
@@ -128,13 +133,19 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
 
 
 def make_closure(optimizer: torch.optim.Optimizer, objectives: Callable[[], torch.Tensor]
-                 | list[Callable[[], torch.Tensor]], max_grad_norm: float | None) -> Callable[[], torch.Tensor]:
+                 | list[Callable[[], torch.Tensor]], max_grad_norm: float | None, *,
+                 no_sync: Callable[[], Any] | None = None,
+                 autocast: Callable[[], Any] | None = None) -> Callable[[], torch.Tensor]:
     """The closure passed to ``optimizer.step``: the mean of ``objectives`` (one per
     micro-batch of equal size, evaluated one after the other, so only one micro-batch's
     activations are alive at a time), with backward (first order: each micro-batch's loss / k
     is backpropagated and the gradients accumulate) or forward only under ``no_grad``
     (optimizers flagged ``zeroth_order``: each perturbation is evaluated on every micro-batch).
-    The mean of equal micro-batches' mean losses is the whole batch's mean loss."""
+    The mean of equal micro-batches' mean losses is the whole batch's mean loss.
+
+    First order only: ``no_sync()`` is entered around every micro-batch but the last (data
+    parallel: gradients are communicated once, after the last backward), and ``autocast()``
+    around every forward (bf16 autocast; the backward runs outside it, as PyTorch recommends)."""
     parts = objectives if isinstance(objectives, list) else [objectives]
     k = len(parts)
     if getattr(optimizer, "zeroth_order", False):
@@ -149,9 +160,11 @@ def make_closure(optimizer: torch.optim.Optimizer, objectives: Callable[[], torc
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for part in parts:
-            loss = part()
-            (loss / k if k > 1 else loss).backward()
+        for i, part in enumerate(parts):
+            with (no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext()):
+                with (autocast() if autocast is not None else contextlib.nullcontext()):
+                    loss = part()
+                (loss / k if k > 1 else loss).backward()
             total = total + loss.detach()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(
@@ -232,6 +245,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     main = rank == 0  # the only process that writes to the run folder
     # Fail fast on a batch the ranks, then the micro-batches, cannot split.
     micro_batches(shard(list(range(cfg.batch_size)), rank, world), cfg.grad_accum)
+    autocast = bf16_autocast(rank_device(cfg.device)) if cfg.autocast else None  # refused where bf16 is not
     out = Path(cfg.output_dir)
     if main:  # the folder exists: @writes_run_dir claimed it
         _prepare_output(cfg, out)
@@ -248,10 +262,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         device_map=cfg.device_map)
     data = data or load_run_data(cfg)
     module, optimizer, scheduler = build_trainer(cfg, model)
+    zeroth_order = getattr(optimizer, "zeroth_order", False)
     # The ranks' loss differences are averaged in MeZO._estimate (its variants inherit it).
-    if world > 1 and not isinstance(optimizer, MeZO):
-        raise FtlabError(f"data-parallel training is implemented for zeroth-order optimizers (MeZO) "
-                         f"only; run optimizer={cfg.optimizer} in a single process")
+    if world > 1 and zeroth_order and not isinstance(optimizer, MeZO):
+        raise FtlabError(f"data-parallel training is not implemented for optimizer={cfg.optimizer}; "
+                         f"run it in a single process")
     # The log's header records how z is made (a replay with other settings is refused) and the
     # run (a hash of its config: deterministic, so identical runs write identical logs).
     log = TrajectoryLog(out, run_id=_run_id(cfg), z=optimizer.z_spec()) \
@@ -262,21 +277,32 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     if not train_set:
         raise FtlabError(f"task {data.spec.name!r}: the training split is empty")
 
-    state = _resume(out, module, optimizer, scheduler, log, main)
+    state = _resume(out, module, optimizer, scheduler, log, main, sharded_first_order=cfg.fsdp and not zeroth_order)
     if main:
         _truncate_metrics(out / "metrics.jsonl", state["step"])
+    # First order: DDP (or the FSDP2 module) for the forwards, Local SGD, communication rounds.
+    dp = None if zeroth_order else DataParallel(
+        module, world, rank_device(cfg.device), cfg.local_sgd if cfg.local_sgd.period is not None else None,
+        cfg.steps, state["step"], sharded=cfg.fsdp)
+    if dp is not None:
+        dp.load_state_dict(state.get("dp"))
+        if dp.per_rank_state and state["step"] > 0:
+            _load_rank_state(module, optimizer, load_extra(out / "checkpoint"), rank)
+        dp.start(optimizer.param_groups[0]["lr"])
+    forward_module = dp.forward_module if dp is not None else module
 
     def dev_eval(step: int) -> None:
         _flush(optimizer)
-        result = evaluate(module, tokenizer, data.spec, data.splits.dev, batch_size=cfg.eval_batch_size,
-                          max_length=cfg.data.max_length, progress=False)
-        score = result.metrics[metric]
-        if main:
-            _log(out / "metrics.jsonl", {"step": step, "split": "dev", **result.metrics})
-        if state["best_score"] is None or score > state["best_score"]:
-            state.update(best_score=score, best_step=step)
-            if main or cfg.fsdp:  # sharded: every rank takes part in gathering the tensors
-                save_trainable(module, out / "best.safetensors", write=main)
+        # Local SGD: the ranks' average weights are evaluated (and saved as the best).
+        with dp.averaged() if dp is not None else contextlib.nullcontext():
+            result = _evaluate(module, tokenizer, data.spec, data.splits.dev, cfg, rank, world)
+            score = result.metrics[metric]
+            if main:
+                _log(out / "metrics.jsonl", {"step": step, "split": "dev", **result.metrics})
+            if state["best_score"] is None or score > state["best_score"]:
+                state.update(best_score=score, best_step=step)
+                if main or cfg.fsdp:  # sharded: every rank takes part in gathering the tensors
+                    save_trainable(module, out / "best.safetensors", write=main)
 
     if state["step"] == 0 and data.splits.dev and cfg.eval_every:
         dev_eval(0)
@@ -287,20 +313,29 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     for step in range(state["step"], cfg.steps):
         batch = shard(batch_indices(len(train_set), cfg.batch_size, cfg.seed_of("order"), step), rank, world)
         examples = [train_set[i] for i in batch]
-        parts = [objectives.objective_fn(cfg.objective, module, tokenizer, encoder, micro, model_device(module),
-                                         lockstep=cfg.offload)  # offload: +eps and -eps halves in one pass
+        parts = [objectives.objective_fn(cfg.objective, forward_module, tokenizer, encoder, micro,
+                                         model_device(module), lockstep=cfg.offload)  # offload: +eps/-eps in one pass
                  for micro in micro_batches(examples, cfg.grad_accum)]
-        closure = make_closure(optimizer, parts, cfg.max_grad_norm)
+        closure = make_closure(optimizer, parts, cfg.max_grad_norm, autocast=autocast,
+                               no_sync=dp.no_sync if dp is not None and world > 1 else None)
         lr = optimizer.param_groups[0]["lr"]
-        # Dropout draws from the global RNG: seed it per step so a resumed run matches exactly.
+        # Dropout draws from the global RNG: seed it per step (and per rank: each holds other
+        # examples) so a resumed run matches exactly.
+        seed = cfg.seed_of("order") * 1_000_003 + step
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed_of("order") * 1_000_003 + step)
-            loss = float(optimizer.step(closure).detach())
+            torch.manual_seed(seed * world + rank if dp is not None else seed)
+            result = optimizer.step(closure)
+        loss = dp.mean_loss(result) if dp is not None else float(result.detach())
         skipped = _check_finite(loss, step, lr, optimizer, cfg, state, out)
         scheduler.step()
         state["step"] = step + 1
+        if dp is not None:
+            dp.after_step(optimizer.param_groups[0]["lr"])  # Local SGD: averages at the end of a round
+            state["dp"] = dp.state_dict()
         record = {"step": step + 1, "split": "train", "loss": None if skipped else loss, "lr": lr,
-                  **({"skipped": "non-finite loss"} if skipped else {})}
+                  **({"skipped": "non-finite loss"} if skipped else {}),
+                  **({"comm_rounds": dp.rounds} if dp is not None and dp.counted else {}),
+                  **({"H": dp.period} if dp is not None and dp.local else {})}
         if main:
             _log(out / "metrics.jsonl", record)
         if cfg.eval_every and data.splits.dev and ((step + 1) % cfg.eval_every == 0
@@ -310,15 +345,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
             done = optimizer.history.pop()
             if main:
                 log.append(step, done)
-        if main and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-                     or step + 1 == cfg.steps):
-            _checkpoint(out, module, optimizer, scheduler, state, log)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == cfg.steps:
+            if dp is not None and (dp.per_rank_state or cfg.fsdp):  # every rank takes part
+                _checkpoint(out, module, optimizer, scheduler, state, log, dp=dp, main=main)
+            elif main:
+                _checkpoint(out, module, optimizer, scheduler, state, log)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", best=state["best_score"])
         if callback:
             callback(step + 1, record)
     bar.close()
-    return _finish(cfg, out, module, tokenizer, data, state, progress, main, optimizer)
+    return _finish(cfg, out, module, tokenizer, data, state, progress, main, optimizer, rank, world)
 
 
 def _check_finite(loss: float, step: int, lr: float, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -341,18 +378,105 @@ def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.
     with torch.random.fork_rng(devices=[]):  # adapter inits (peft) draw from the global RNG
         torch.manual_seed(cfg.seed_of("init"))
         module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed_of("init"))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(module)
     if cfg.fsdp:
         _check_shardable(cfg)
         shard_model(module, rank_device(cfg.device))  # parameters become DTensor shards, before MeZO sees them
     optimizer = build_offloaded(cfg, module) if cfg.offload else build_optimizer(cfg, module)
     if hasattr(optimizer, "attach"):
         optimizer.attach(module)  # exact-mode MeZO perturbs inside the module's forwards
-    if cfg.objective != "loss" and not getattr(optimizer, "zeroth_order", False):
+    if cfg.objective not in ("loss", "quad") and not getattr(optimizer, "zeroth_order", False):
         raise FtlabError(f"objective {cfg.objective!r} has no gradient; use optimizer=mezo "
                          "(or objective=loss)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, cfg.steps, cfg.warmup_steps))
     return module, optimizer, scheduler
+
+
+def _evaluate(module: nn.Module, tokenizer, spec: TaskSpec, examples: list, cfg: TrainConfig, rank: int,
+              world: int, progress: bool = False, desc: str = "eval") -> EvalResult:
+    """:func:`ftlab.evaluate.evaluate` of ``examples``, split over the ranks and gathered: each
+    rank evaluates its contiguous part, the predictions are gathered in order and the metrics
+    computed over all of them (the same numbers as one process, up to the rounding of the
+    summed losses and of the batches' padding). Under FSDP every rank evaluates everything (its
+    forwards need every rank)."""
+    kw = dict(batch_size=cfg.eval_batch_size, max_length=cfg.data.max_length)
+    if world == 1 or cfg.fsdp:
+        return evaluate(module, tokenizer, spec, examples, progress=progress, desc=desc, **kw)
+    part = split_evenly(list(examples), rank, world)
+    mine = evaluate(module, tokenizer, spec, part, progress=progress, desc=desc, **kw) if part else None
+    gathered = all_gather(([], 0.0) if mine is None else (mine.predictions, mine.metrics.get("loss", 0.0) * len(part)))
+    predictions = [p for preds, _ in gathered for p in preds]
+    metrics = _metrics(spec, examples, predictions)
+    if spec.kind == "classification":
+        metrics["loss"] = sum(loss_sum for _, loss_sum in gathered) / len(examples)
+    return EvalResult(metrics, predictions)
+
+
+def bf16_autocast(device: str) -> Callable[[], Any]:
+    """A factory of bf16 autocast contexts for ``device``, after checking that it runs bf16
+    (one-line error otherwise: a GPU older than Ampere, or a device type without autocast)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise FtlabError(f"autocast=true on device={device}, but CUDA is not available; use device=cpu")
+        if not torch.cuda.is_bf16_supported():
+            raise FtlabError(f"autocast=true needs bf16, which {torch.cuda.get_device_name()} does not support "
+                             f"(compute capability 8.0+ needed); set autocast=false to train in float32")
+    elif not torch.amp.is_autocast_available(kind):
+        raise FtlabError(f"autocast=true: device type {kind!r} has no bf16 autocast; set autocast=false")
+    return lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> None:
+    """Activation checkpointing of the transformer blocks (recomputed in the backward), through
+    transformers' own switch on the model (under peft: its base model), non-reentrant."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise FtlabError(f"gradient_checkpointing=true: {type(base).__name__} does not support it; set it to false")
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5 (the old name is deprecated)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _load_rank_state(module: nn.Module, optimizer: torch.optim.Optimizer, extra: Any, rank: int) -> None:
+    """Restore this rank's own weights and optimizer state from a Local SGD checkpoint."""
+    from ftlab.distributed import copy_full_into
+
+    if not extra or "ranks" not in extra or rank >= len(extra["ranks"]):
+        raise FtlabError("the checkpoint holds no per-rank Local SGD state for this number of processes; "
+                         "resume with the same torchrun --nproc_per_node, or start afresh with --overwrite")
+    mine = extra["ranks"][rank]
+    with torch.no_grad():
+        for name, p in trainable_parameters(module):
+            copy_full_into(p, mine["trainable"][name])
+    optimizer.load_state_dict(mine["optimizer"])
+
+
+def _load_sharded_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
+                             scheduler: Any) -> dict[str, Any]:
+    """Restore a first-order FSDP run: whole tensors and the whole optimizer state (saved by
+    rank 0, see :func:`_full_optimizer_state`), each rank keeping its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    load_trainable(module, path / "trainable.safetensors")
+    try:
+        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling and zip errors have no common base
+        raise damaged(path / "optimizer.pt", e) from None
+    set_optimizer_state_dict(module, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(saved["scheduler"])
+    return _check_state(_read_json(path / "state.json"), path / "state.json")
+
+
+def _full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of an FSDP2-sharded module, whole (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def build_offloaded(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
@@ -393,7 +517,10 @@ def _flush(optimizer: torch.optim.Optimizer | None) -> None:
 def _check_shardable(cfg: TrainConfig) -> None:
     """What sharded MeZO supports: in-place perturbation (float32 master weights; exact mode
     perturbs inside module forwards, which FSDP runs on gathered copies) and per-tensor rules
-    that do not need the whole tensor (sparse MeZO's magnitude quantile does)."""
+    that do not need the whole tensor (sparse MeZO's magnitude quantile does). First-order
+    training shards with no such limits (FSDP2 reduce-scatters the gradients)."""
+    if cfg.optimizer in ("adamw", "sgd"):
+        return
     if cfg.optimizer == "sparse-mezo":
         raise FtlabError("fsdp=true: sparse-mezo's per-tensor magnitude threshold needs whole tensors; "
                          "use mezo, zo-sign, zo-momentum or zo-adam")
@@ -406,11 +533,23 @@ def _check_shardable(cfg: TrainConfig) -> None:
 
 
 def _checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                state: dict[str, Any], log: TrajectoryLog | None) -> None:
+                state: dict[str, Any], log: TrajectoryLog | None, dp: DataParallel | None = None,
+                main: bool = True) -> None:
     """Save resumable state. A zeroth-order run's checkpoint is its trajectory log (KBs) and
-    the loop counters; other runs save trainable tensors and optimizer state."""
+    the loop counters; other runs save trainable tensors and optimizer state. Called by every
+    rank when ``dp`` holds per-rank state (Local SGD: each rank's weights and optimizer state
+    are gathered into ``extra.pt``) or sharded tensors (FSDP: gathered whole); rank 0 writes."""
     _flush(optimizer)
-    if log is None:
+    if dp is not None and dp.per_rank_state:
+        ranks = gather_to_main({"trainable": trainable_state(module), "optimizer": optimizer.state_dict()})
+        if main:
+            save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state, extra={"ranks": ranks})
+    elif dp is not None and dp.sharded:
+        trainable, optimizer_state = trainable_state(module), _full_optimizer_state(module, optimizer)
+        if main:
+            save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state, trainable=trainable,
+                            optimizer_state=optimizer_state)
+    elif log is None:
         save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state)
     else:
         log.sync()
@@ -418,7 +557,7 @@ def _checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            log: TrajectoryLog | None, main: bool = True) -> dict[str, Any]:
+            log: TrajectoryLog | None, main: bool = True, sharded_first_order: bool = False) -> dict[str, Any]:
     """Restore the last checkpoint, if any; returns the loop counters. Every rank restores
     from rank 0's files; only rank 0 (``main``) rewrites them."""
     state_path = out / "checkpoint" / "state.json"
@@ -426,6 +565,9 @@ def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, sche
     if main:
         recover_dir(out / "checkpoint")  # finish or undo a checkpoint replace a kill interrupted
     barrier()
+    if sharded_first_order:
+        return _load_sharded_checkpoint(out / "checkpoint", module, optimizer, scheduler) \
+            if state_path.exists() else fresh
     if log is None:
         return _check_state(load_checkpoint(out / "checkpoint", module, optimizer, scheduler), state_path) \
             if state_path.exists() else fresh
@@ -484,6 +626,8 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     cfg = dataclasses.replace(cfg, fsdp=False, device_map=None, offload=False, zo=zo)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     module, optimizer, scheduler = build_trainer(cfg, model)
+    if (run_dir / "init.safetensors").exists():  # a run whose adapters were initialised elsewhere (ZOTrainer)
+        load_trainable(module, run_dir / "init.safetensors")
     # A finished run's log must hold every step (a cut log is an error, not a shorter replay).
     expect = steps if steps is not None else (cfg.steps if (run_dir / "results.json").exists() else None)
     replay(TrajectoryLog(run_dir), optimizer, scheduler, steps=steps, expect_steps=expect)
@@ -492,7 +636,7 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
 
 def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: RunData,
             state: dict[str, Any], progress: bool, main: bool = True,
-            optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+            optimizer: torch.optim.Optimizer | None = None, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Load the best weights, evaluate them on test, save the model and the results (the
     saving on rank 0 only; every rank returns the same results)."""
     _flush(optimizer)  # offload: queued updates land before best.safetensors is copied in
@@ -503,8 +647,8 @@ def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: Run
         state.update(best_step=cfg.steps)
     test: EvalResult | None = None
     if data.splits.test:
-        test = evaluate(module, tokenizer, data.spec, data.splits.test, batch_size=cfg.eval_batch_size,
-                        max_length=cfg.data.max_length, progress=progress and main, desc="test")
+        test = _evaluate(module, tokenizer, data.spec, data.splits.test, cfg, rank, world,
+                         progress=progress and main, desc="test")
     sp = data.splits
     results = {"best_step": state["best_step"], "best_dev": state["best_score"],
                "test": test.metrics if test else None, "steps": cfg.steps,

@@ -26,3 +26,13 @@ def test_scale_bad_input_is_an_ftlab_error():
     for args in (["--kappa", "0"], ["--kappa", "16", "--optimizer", "adam"], [ "--kappa", "2", "--betas", "x"]):
         result = CliRunner().invoke(scale_app, args)
         assert isinstance(result.exception, FtlabError), args
+
+
+def test_experiment_commands_refuse_bad_input_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = CliRunner().invoke(scale_app, ["momentum", "train.optimizer=adamw", f"output_dir={tmp_path / 'm'}"])
+    assert isinstance(result.exception, FtlabError) and "set train.optimizer=sgd" in str(result.exception)
+    result = CliRunner().invoke(scale_app, ["local-sgd", "alpha=0.5", "train.optimizer=sgd", f"output_dir={tmp_path / 'l'}"])
+    assert isinstance(result.exception, FtlabError) and "launch it with torchrun" in str(result.exception)
+    result = CliRunner().invoke(scale_app, ["local-sgd", "period=0", "alpha=0.5", f"output_dir={tmp_path / 'l'}"])
+    assert isinstance(result.exception, FtlabError) and "local_sgd.period: must be >= 1" in str(result.exception)

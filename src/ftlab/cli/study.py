@@ -67,7 +67,7 @@ def _fmt(value) -> str:
 @scale_app.command("experiment")
 def experiment_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a name in configs/ "
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged config's name "
                                                                      "(e.g. scale-adam-lora)."),
 ) -> None:
     """Train at batch B and kappa x B (the rule, lr unchanged, linear lr) and compare the curves
@@ -90,11 +90,71 @@ def experiment_cmd(
     typer.echo(f"curves in {Path(exp.output_dir) / 'experiment.png'}")
 
 
+@scale_app.command("momentum")
+def momentum_cmd(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides as key=value, e.g. beta=0.9 "
+                                                             "'lrs=[1e-3, 1e-1]' 'seeds=[0, 1]' train.steps=64"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged name "
+                                                                     "(e.g. scale-momentum)."),
+) -> None:
+    """SGD with momentum beta at lr eta against plain SGD at eta / (1 - beta) and at eta, for each
+    lr and seed; prints the curve distances and the dev/test metrics with intervals. Resumable."""
+    from ftlab.config import load_config
+    from ftlab.scaling.compare import fmt_ci
+    from ftlab.scaling.momentum import VARIANTS, MomentumExperimentConfig, run_momentum_experiment
+
+    exp = load_config(MomentumExperimentConfig, config_path(config), overrides or [])
+    result = run_momentum_experiment(exp)
+    rows = []
+    for name, entry in result["lrs"].items():
+        d = entry["distance"]
+        for v in VARIANTS:
+            dist = d.get(f"momentum_to_{v}", {}).get("dev_loss_mean_abs")
+            rows.append((name, v, f"{entry['lr'][v]:.3g}", "-" if dist is None else fmt_ci(dist, 4),
+                         fmt_ci(entry["best_dev"][v]), fmt_ci(entry["test"][v])))
+        ratio = entry["ratio_dev_loss"]
+        rows.append((name, "ratio", "", "-" if ratio is None else f"{ratio:.3f}", "", ""))
+    typer.echo(table(rows, ("eta", "run", "lr", "dev-loss distance to momentum", "best dev", "test")))
+    typer.echo(f"ratio = distance(momentum, effective) / distance(momentum, plain): small means momentum "
+               f"trains like SGD at eta / (1 - beta). Curves in {Path(exp.output_dir) / 'momentum.png'}")
+
+
+@scale_app.command("local-sgd")
+def local_sgd_cmd(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides as key=value, e.g. period=4 alpha=0.2 "
+                                                             "'seeds=[0, 1, 2]' train.steps=96"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged name "
+                                                                     "(e.g. scale-local-sgd)."),
+) -> None:
+    """Local SGD (constant H and the quadratic synchronization rule) against synchronous
+    data-parallel SGD at equal samples; run under torchrun (2+ processes). Resumable."""
+    from ftlab.config import load_config
+    from ftlab.distributed import shutdown
+    from ftlab.scaling.compare import fmt_ci
+    from ftlab.scaling.local_sgd import LocalSGDExperimentConfig, run_local_sgd_experiment
+
+    exp = load_config(LocalSGDExperimentConfig, config_path(config), overrides or [])
+    result = run_local_sgd_experiment(exp)
+    shutdown()
+    if result is None:  # not rank 0
+        return
+    rows = []
+    for v, rounds in result["comm_rounds"].items():
+        dist = result["distance_to_sync"].get(v, {}).get("dev_loss_mean_abs")
+        rows.append((v, f"{rounds['mean']:.0f}", f"{result['rounds_vs_sync'][v]:.3f}",
+                     fmt_ci(result["final_dev_loss"][v], 4) if v in result["final_dev_loss"] else "-",
+                     fmt_ci(result["best_dev"][v]), fmt_ci(result["test"][v]), "-" if dist is None else fmt_ci(dist, 4)))
+    typer.echo(table(rows, ("run", "comm rounds", "vs sync", "final dev loss", "best dev", "test",
+                            "dev-loss distance to sync")))
+    typer.echo(f"{result['world']} processes, {result['samples']} samples each run; curves in "
+               f"{Path(exp.output_dir) / 'local_sgd.png'}")
+
+
 @seeds_app.command("run")
 def seeds_run_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help="Overrides as key=value, e.g. runs_per_kind=3 "
                                                              "train.steps=40 train.device=cuda"),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a name in configs/ "
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged config's name "
                                                                      "(e.g. seeds-lora)."),
 ) -> None:
     """Train every run of the seed grid not finished yet (resumable; under torchrun each rank
@@ -127,3 +187,26 @@ def seeds_report_cmd(
     report = build_report(studies, output, n_boot=n_boot, seed=seed, barrier_pairs=pairs, progress=True)
     typer.echo((output / "report.md").read_text())
     typer.echo(f"report in {output} ({len(report['studies'])} studies)")
+
+
+@seeds_app.command("topography")
+def seeds_topography_cmd(
+    study: Path = typer.Argument(..., help="A seed-study folder (ftlab seeds run), e.g. runs/seeds-nli-basins."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="TopographyConfig overrides as key=value, e.g. "
+                                                             "alphas=[0,0.5,1] n_train=32 n_clusters=2"),
+    output: Optional[Path] = typer.Option(None, help="Folder for report.md/.json and the PNGs "
+                                                     "(default: STUDY/topography)."),
+) -> None:
+    """Pairwise barriers (cached per pair, resumable; under torchrun ranks take pairs), basins,
+    sharpness, the loss surface through three runs, and whether they predict OOD accuracy."""
+    from ftlab.config import load_config
+    from ftlab.distributed import shutdown
+    from ftlab.seeds.topography import TopographyConfig, topography
+
+    cfg = load_config(TopographyConfig, None, overrides or [])
+    report = topography(study, cfg, output, progress=True)
+    shutdown()
+    if report is not None:
+        out = output or study / "topography"
+        typer.echo((out / "report.md").read_text())
+        typer.echo(f"report in {out}")
