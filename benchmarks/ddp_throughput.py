@@ -66,7 +66,8 @@ def run(mode: str, procs: int, extra: list[str], args: argparse.Namespace, folde
     stamps = json.loads(out.read_text())
     steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup - 1:]
     median = statistics.median(steps)
-    return {"mode": mode, "processes": procs, "variant": "Local SGD H=4" if extra else ("DDP" if procs > 1 else "single"),
+    variant = "Local SGD H=4" if extra else ("DDP" if procs > 1 else "single")
+    return {"mode": mode, "processes": procs, "variant": variant,
             "median_step_s": median, "examples_per_s": args.batch / median, "steps_timed": len(steps),
             "wall_s": time.perf_counter() - started}
 

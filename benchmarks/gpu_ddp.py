@@ -107,7 +107,8 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 r = rows[-1]
-                print(f"{mode:5s} {r['precision']:13s} ckpt={checkpointing!s:5s} {r['median_step_s'] * 1e3:8.1f} ms/step "
+                print(f"{mode:5s} {r['precision']:13s} ckpt={checkpointing!s:5s} "
+                      f"{r['median_step_s'] * 1e3:8.1f} ms/step "
                       f"{r['examples_per_s']:8.1f} ex/s  peak {r['peak_mem_gib'] or 0:.2f} GiB", flush=True)
             except Exception as e:  # keep the other rows; the error is recorded
                 errors.append({"mode": mode, "autocast": autocast, "checkpointing": checkpointing,

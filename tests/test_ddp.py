@@ -221,7 +221,7 @@ def test_local_sgd_with_h2_equals_two_replicas_averaged_every_two_steps(runs, ti
     encoder = Encoder(tiny_tokenizer, data.spec, max_length=cfg.data.max_length)
     for step in range(cfg.steps):
         batch = batch_indices(len(data.splits.train), cfg.batch_size, cfg.seed, step)
-        for rank, (module, params, opt) in enumerate(replicas):
+        for rank, (module, _params, opt) in enumerate(replicas):
             examples = [data.splits.train[i] for i in shard(batch, rank, WORLD)]
             opt.zero_grad()
             objectives.objective_fn("loss", module, tiny_tokenizer, encoder, examples, "cpu")().backward()

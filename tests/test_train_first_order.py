@@ -98,11 +98,11 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_keeps_the_gradients(ti
     for checkpointing in (False, True):
         model = tiny_model_factory("llama").double()
         calls = []
-        model.model.layers[1].mlp.act_fn.register_forward_hook(lambda m, i, o: calls.append(1))
+        model.model.layers[1].mlp.act_fn.register_forward_hook(lambda m, i, o, calls=calls: calls.append(1))
         module, optimizer = _module(model, mode, [f"gradient_checkpointing={str(checkpointing).lower()}"])
         saved = []  # bytes autograd keeps from the forward for the backward
 
-        def pack(t):
+        def pack(t, saved=saved):
             saved.append(t.numel() * t.element_size())
             return t
         encoder = Encoder(tiny_tokenizer, SPEC)

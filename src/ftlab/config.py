@@ -281,8 +281,9 @@ def _first_order_options(obj: Any, where: str) -> None:
         raise FtlabError(f"{where}.autocast: autocast runs float32 weights in bf16; use dtype=float32 "
                          f"(got dtype={obj.dtype})")
     if obj.gradient_checkpointing and obj.mode == "prefix":
-        raise FtlabError(f"{where}.gradient_checkpointing: prefix tuning feeds its prefix through the layers' key/value "
-                         f"cache, which transformers' checkpointing drops; use mode=lora or full, or set it to false")
+        raise FtlabError(f"{where}.gradient_checkpointing: prefix tuning feeds its prefix through the layers' "
+                         "key/value cache, which transformers' checkpointing drops; use mode=lora or full, or set "
+                         "it to false")
     if obj.gradient_checkpointing and zo:
         raise FtlabError(f"{where}.gradient_checkpointing: saves activations for a backward pass, and "
                          f"{obj.optimizer} runs none; set gradient_checkpointing=false")

@@ -136,8 +136,7 @@ def register_post_local_hook(ddp: nn.Module, settings: LocalSGDSettings, step: i
     """PyTorch's post-local SGD hook on the DDP module: gradients all-reduced over every rank
     before ``settings.switch_step``, not communicated after it (``post_local_gradient_allreduce
     =False``: every rank is its own group). ``step`` is where training (re)starts."""
-    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (PostLocalSGDState,
-                                                                                post_localSGD_hook)
+    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
 
     state = PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=settings.switch_step,
                               post_local_gradient_allreduce=False)

@@ -37,11 +37,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftlab import objectives
-from ftlab.checkpoint import (load_checkpoint, load_extra, load_trainable, save_checkpoint, save_trainable,
-                              trainable_state)
+from ftlab.checkpoint import (
+    load_checkpoint,
+    load_extra,
+    load_trainable,
+    save_checkpoint,
+    save_trainable,
+    trainable_state,
+)
 from ftlab.config import TrainConfig, from_dict, to_dict
-from ftlab.distributed import (DataParallel, all_gather, barrier, gather_to_main, init_from_env, rank_device, shard,
-                               shard_model, split_evenly)
+from ftlab.distributed import (
+    DataParallel,
+    all_gather,
+    barrier,
+    gather_to_main,
+    init_from_env,
+    rank_device,
+    shard,
+    shard_model,
+    split_evenly,
+)
 from ftlab.errors import FtlabError, damaged
 from ftlab.evaluate import EvalResult, _metrics, evaluate, model_device
 from ftlab.io import atomic_write_json, atomic_write_text, recover_dir

@@ -4,12 +4,17 @@ import json
 
 import pytest
 import torch
+from seeds.study_fixtures import task_overrides
 
 from ftlab.config import load_config
 from ftlab.errors import FtlabError
-from ftlab.scaling.experiment import (ScalingExperimentConfig, curve_distance, noise_statistics, run_experiment,
-                                      variant_configs)
-from seeds.study_fixtures import task_overrides
+from ftlab.scaling.experiment import (
+    ScalingExperimentConfig,
+    curve_distance,
+    noise_statistics,
+    run_experiment,
+    variant_configs,
+)
 
 
 def _exp(tmp_path, model="m", task="t", *extra):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from seeds.study_fixtures import task_overrides
 
 from ftlab.config import load_config
 from ftlab.errors import FtlabError
 from ftlab.scaling.local_sgd import LocalSGDExperimentConfig, run_configs, run_local_sgd_experiment
-from seeds.study_fixtures import task_overrides
 
 
 def _exp(out, model="m", task="t", *extra):

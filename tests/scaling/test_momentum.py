@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from seeds.study_fixtures import task_overrides
 
 from ftlab.config import load_config
 from ftlab.errors import FtlabError
 from ftlab.scaling.compare import mean_ci
 from ftlab.scaling.momentum import MomentumExperimentConfig, run_configs, run_momentum_experiment
-from seeds.study_fixtures import task_overrides
 
 
 def _exp(tmp_path, model="m", task="t", *extra):

@@ -11,11 +11,18 @@ from typing import Optional
 
 import typer
 
+# Sub-commands of the other parts of ftlab live in their own modules of this package, each
+# exposing a Typer app; they are registered at the end of this file, one line each.
+from ftlab.cli.common import config_path, table
+from ftlab.cli.kernel import app as kernel_app
+from ftlab.cli.probe import app as probe_app
+from ftlab.cli.select import app as select_app
+from ftlab.cli.study import scale_app, seeds_app
+from ftlab.cli.tint import app as tint_app
+from ftlab.errors import FtlabError
+
 # peft 0.21 calls a transformers method deprecated in 5.x on every LoRA setup; not actionable here.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-from ftlab.cli.common import config_path, table
-from ftlab.errors import FtlabError
 
 app = typer.Typer(
     help="ftlab: prompt-based evaluation and fine-tuning of causal language models.\n\n"
@@ -110,9 +117,10 @@ def eval_cmd(
 def train_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c",
-                                         help="YAML config: a path, or the name of a packaged config (e.g. sentiment-lora)."),
-    optimizer: Optional[str] = typer.Option(None, help="adamw, sgd, or zeroth-order: mezo, zo-momentum, zo-adam, zo-sign, "
-                                                   "sparse-mezo (same as optimizer=...)."),
+                                         help="YAML config: a path, or the name of a packaged config "
+                                              "(e.g. sentiment-lora)."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw, sgd, or zeroth-order: mezo, zo-momentum, zo-adam, "
+                                                   "zo-sign, sparse-mezo (same as optimizer=...)."),
     mode: Optional[str] = typer.Option(None, help="full, lora or prefix (same as mode=...)."),
     overwrite: bool = typer.Option(False, help="Delete output_dir first instead of resuming from it (only a "
                                                "folder ftlab wrote; others are refused, never deleted)."),
@@ -154,9 +162,8 @@ def replay_cmd(
     """Rebuild a MeZO run's weights from its base model and trajectory log (bitwise identical
     to the weights the run had), without running any forward pass."""
     from ftlab.models import save_trained
-    from ftlab.train import replay_run
-
     from ftlab.runs import new_dir
+    from ftlab.train import replay_run
 
     # Refused before the replay if --output is not free (or an earlier replay, with --overwrite);
     # written to a temporary folder, renamed into place at the end.
@@ -210,11 +217,9 @@ def main() -> None:
         sys.exit(2)
 
 
-# Sub-commands of the other parts of ftlab live in their own modules of this package, each
-# exposing a Typer ``app``; they are registered here, one line each.
-from ftlab.cli.study import scale_app; app.add_typer(scale_app, name="scale")  # noqa: E402
-from ftlab.cli.study import seeds_app; app.add_typer(seeds_app, name="seeds")  # noqa: E402
-from ftlab.cli.select import app as select_app; app.add_typer(select_app, name="select")  # noqa: E402
-from ftlab.cli.kernel import app as kernel_app; app.add_typer(kernel_app, name="kernel")  # noqa: E402
-from ftlab.cli.probe import app as probe_app; app.add_typer(probe_app, name="probe")  # noqa: E402
-from ftlab.cli.tint import app as tint_app; app.add_typer(tint_app, name="tint")  # noqa: E402
+app.add_typer(scale_app, name="scale")
+app.add_typer(seeds_app, name="seeds")
+app.add_typer(select_app, name="select")
+app.add_typer(kernel_app, name="kernel")
+app.add_typer(probe_app, name="probe")
+app.add_typer(tint_app, name="tint")

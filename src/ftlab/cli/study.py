@@ -143,7 +143,8 @@ def local_sgd_cmd(
         dist = result["distance_to_sync"].get(v, {}).get("dev_loss_mean_abs")
         rows.append((v, f"{rounds['mean']:.0f}", f"{result['rounds_vs_sync'][v]:.3f}",
                      fmt_ci(result["final_dev_loss"][v], 4) if v in result["final_dev_loss"] else "-",
-                     fmt_ci(result["best_dev"][v]), fmt_ci(result["test"][v]), "-" if dist is None else fmt_ci(dist, 4)))
+                     fmt_ci(result["best_dev"][v]), fmt_ci(result["test"][v]),
+                     "-" if dist is None else fmt_ci(dist, 4)))
     typer.echo(table(rows, ("run", "comm rounds", "vs sync", "final dev loss", "best dev", "test",
                             "dev-loss distance to sync")))
     typer.echo(f"{result['world']} processes, {result['samples']} samples each run; curves in "

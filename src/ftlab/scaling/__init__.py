@@ -4,8 +4,7 @@ checks a rule by training at both batch sizes; two more recipes compare optimize
 ``momentum`` (SGD with momentum vs SGD at eta / (1 - beta)) and ``local_sgd`` (Local SGD, constant
 H and the quadratic synchronization rule, vs synchronous data parallelism)."""
 
-from ftlab.scaling.rules import (OPTIMIZERS, OptimizerHParams, ScaledHParams, from_train_config, scale,
-                                 to_train_config)
+from ftlab.scaling.rules import OPTIMIZERS, OptimizerHParams, ScaledHParams, from_train_config, scale, to_train_config
 from ftlab.scaling.svag import SVAG, svag_coefficients
 
 __all__ = ["OPTIMIZERS", "OptimizerHParams", "ScaledHParams", "from_train_config", "scale", "to_train_config",

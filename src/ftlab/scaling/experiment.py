@@ -51,10 +51,10 @@ from ftlab.config import TrainConfig, to_dict
 from ftlab.errors import FtlabError
 from ftlab.evaluate import model_device
 from ftlab.io import atomic_write_json
-from ftlab.runs import writes_run_dir
 from ftlab.models import load_model, trainable_parameters
 from ftlab.objectives import Encoder
 from ftlab.plots import pyplot, save_figure
+from ftlab.runs import writes_run_dir
 from ftlab.scaling.rules import from_train_config, scale, to_train_config
 from ftlab.train import RunData, build_trainer, load_run_data, train
 

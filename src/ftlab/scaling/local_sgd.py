@@ -89,7 +89,7 @@ def run_local_sgd_experiment(exp: LocalSGDExperimentConfig, *, progress: bool = 
         raise FtlabError("the Local SGD experiment needs several processes: launch it with "
                          "torchrun --standalone --nproc_per_node 2 -m ftlab.cli scale local-sgd ...")
     data = {seed: load_run_data(dataclasses.replace(exp.train, seed=seed)) for seed in exp.seeds}
-    for (variant, seed), cfg in configs.items():
+    for (_variant, seed), cfg in configs.items():
         train(cfg, progress=progress, data=data[seed])
     barrier()
     if not is_main():

@@ -81,7 +81,7 @@ def run_momentum_experiment(exp: MomentumExperimentConfig, *, progress: bool = T
     """Train every run not finished yet, compare, write ``momentum.json`` and ``momentum.png``."""
     configs = run_configs(exp)
     data = {seed: load_run_data(dataclasses.replace(exp.train, seed=seed)) for seed in exp.seeds}
-    for (lr, variant, seed), cfg in configs.items():
+    for (_lr, _variant, seed), cfg in configs.items():
         train(cfg, progress=progress, data=data[seed])
     window = exp.train.eval_every * exp.train.batch_size
     summaries = {key: run_summary(cfg.output_dir, window) for key, cfg in configs.items()}
@@ -108,9 +108,10 @@ def run_momentum_experiment(exp: MomentumExperimentConfig, *, progress: bool = T
         result["lrs"][_lr_name(lr)] = entry
         row = f"eta = {lr:g}"
         rows[row] = entry["mean_curves"]
+        dist = {v: entry["distance"]["momentum_to_" + v].get("dev_loss_mean_abs", {}).get("mean", float("nan"))
+                for v in VARIANTS if v != "momentum"}
         labels[row] = {v: f"{v} (lr {entry['lr'][v]:.3g}{', beta ' + str(exp.beta) if v == 'momentum' else ''})"
-                       + ("" if v == "momentum" else
-                          f", dist to momentum: dev loss {entry['distance']['momentum_to_' + v].get('dev_loss_mean_abs', {}).get('mean', float('nan')):.4f}")
+                       + ("" if v == "momentum" else f", dist to momentum: dev loss {dist[v]:.4f}")
                        for v in VARIANTS}
     out = Path(exp.output_dir)
     atomic_write_json(out / "momentum.json", result)
