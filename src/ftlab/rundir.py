@@ -47,6 +47,12 @@ class RunDir:
     NAMES = ("config.json", "metrics.jsonl", "checkpoint", "best.safetensors", "trajectory.bin", "model",
              "results.json", "training.png")
 
+    def started(self) -> bool:
+        """Whether training (or evaluating) began here: a folder with none of these files holds at
+        most the config.json of a start that failed (bad model name, data file...), which a
+        corrected config may replace."""
+        return any((self.path / name).exists() for name in self.NAMES if name not in ("config.json", "training.png"))
+
     def finished(self) -> bool:
         return self.results.is_file()
 

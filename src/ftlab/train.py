@@ -2,14 +2,8 @@
 ``step(closure)`` takes a closure returning the loss (zeroth-order optimizers set
 ``zeroth_order = True`` and get a closure that only runs forwards, without gradients).
 
-Output folder of a run::
-
-    config.json      the full config (a rerun with another config refuses to resume)
-    metrics.jsonl    one JSON line per log/eval event
-    checkpoint/      resumable state (trainable tensors, optimizer, scheduler, counters)
-    best.safetensors trainable tensors at the best dev score
-    model/           save_pretrained output of the best model
-    results.json     dev/test metrics of the best model (its presence marks a finished run)
+The run folder's layout is :class:`ftlab.rundir.RunDir`'s; optimizers, their parameter groups and
+the lr schedule are :mod:`ftlab.optim`'s.
 
 Data parallel (launched with ``torchrun``; see :mod:`ftlab.distributed`): ``batch_size`` is the
 global batch, each rank trains on its equal slice of it, and only rank 0 writes the folder.
@@ -62,6 +56,8 @@ from ftlab.evaluate import EvalResult, _metrics, evaluate, model_device
 from ftlab.io import atomic_write_json, atomic_write_text, recover_dir
 from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
+from ftlab.optim import build_optimizer, is_zeroth_order, lr_factor, no_decay, param_groups  # noqa: F401
+from ftlab.rundir import RunDir
 from ftlab.runs import check_settings, writes_run_dir
 from ftlab.tasks import Splits, TaskSpec, load_task, make_splits
 from ftlab.zo.mezo import MeZO
@@ -85,52 +81,6 @@ def load_run_data(cfg: TrainConfig) -> RunData:
     splits = make_splits(examples, seed=cfg.seed, n_train=d.n_train, n_dev=d.n_dev,
                          n_test=d.n_test, k_per_class=d.k_per_class, data_seed=d.data_seed)
     return RunData(spec, splits)
-
-
-def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and normalisation weights (all 1-D tensors) get no weight decay."""
-    return param.ndim < 2 or "bias" in name or "norm" in name.lower()
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into a decayed and a non-decayed group."""
-    named = trainable_parameters(module)
-    if not named:
-        raise FtlabError("nothing to train: the model has no trainable parameters")
-    return [
-        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.optimizer`` over the trainable parameters."""
-    groups = param_groups(module, cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        betas = tuple(cfg.adam_betas) if cfg.adam_betas is not None else (0.9, 0.999)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas,
-                                 eps=1e-8 if cfg.adam_eps is None else cfg.adam_eps)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    from ftlab.zo import ZO_OPTIMIZERS, build_zo_optimizer
-
-    if cfg.optimizer in ZO_OPTIMIZERS:
-        return build_zo_optimizer(cfg.optimizer, groups, cfg.lr, cfg.zo, cfg.seed_of("zo"))
-    raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, sgd, {', '.join(ZO_OPTIMIZERS)}")
-
-
-def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
-    """Multiplier of the base lr at ``step``: linear warm-up, then constant/linear/cosine."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise FtlabError(f"unknown lr schedule {schedule!r}; choose constant, linear or cosine")
 
 
 @lru_cache(maxsize=4)
@@ -163,7 +113,7 @@ def make_closure(optimizer: torch.optim.Optimizer, objectives: Callable[[], torc
     around every forward (bf16 autocast; the backward runs outside it, as PyTorch recommends)."""
     parts = objectives if isinstance(objectives, list) else [objectives]
     k = len(parts)
-    if getattr(optimizer, "zeroth_order", False):
+    if is_zeroth_order(optimizer):
         @torch.no_grad()
         def zo_closure() -> torch.Tensor:
             total = parts[0]()
@@ -201,18 +151,12 @@ def _metric_name(spec: TaskSpec) -> str:
     return "accuracy" if spec.kind == "classification" else "f1"
 
 
-# What a run writes once it has started training (or evaluating): a folder without any of them
-# holds only the config.json of a start that failed (bad model name, data file...), and takes a
-# corrected config instead of refusing it as "a different config".
-_PROGRESS = ("checkpoint", "metrics.jsonl", "best.safetensors", "results.json", "trajectory.bin", "model")
-
-
 def _prepare_output(cfg: TrainConfig, out: Path) -> None:
     """Write the run's config.json, or check that an existing one is this same config (a
     folder in which nothing was trained yet takes the new config)."""
-    config_path = out / "config.json"
+    config_path = RunDir(out).config
     new = json.loads(json.dumps(to_dict(cfg)))
-    if config_path.exists() and any((out / name).exists() for name in _PROGRESS):
+    if config_path.exists() and RunDir(out).started():
         try:
             old = json.loads(config_path.read_text(encoding="utf-8"))
             if not isinstance(old, dict):
@@ -265,8 +209,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     if main:  # the folder exists: @writes_run_dir claimed it
         _prepare_output(cfg, out)
     barrier()  # the other ranks read the folder (results, checkpoint) only once rank 0 checked it
-    if (out / "results.json").exists():
-        return _read_json(out / "results.json")
+    if (RunDir(out).results).exists():
+        return RunDir(out).read_results()
 
     # FSDP loads on the CPU and shards onto the device; offload keeps the weights in CPU memory
     # (checked to fit first); device_map places the model itself.
@@ -277,7 +221,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         device_map=cfg.device_map)
     data = data or load_run_data(cfg)
     module, optimizer, scheduler = build_trainer(cfg, model)
-    zeroth_order = getattr(optimizer, "zeroth_order", False)
+    zeroth_order = is_zeroth_order(optimizer)
     # The ranks' loss differences are averaged in MeZO._estimate (its variants inherit it).
     if world > 1 and zeroth_order and not isinstance(optimizer, MeZO):
         raise FtlabError(f"data-parallel training is not implemented for optimizer={cfg.optimizer}; "
@@ -285,7 +229,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     # The log's header records how z is made (a replay with other settings is refused) and the
     # run (a hash of its config: deterministic, so identical runs write identical logs).
     log = TrajectoryLog(out, run_id=_run_id(cfg), z=optimizer.z_spec()) \
-        if getattr(optimizer, "zeroth_order", False) else None
+        if is_zeroth_order(optimizer) else None
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
     metric = _metric_name(data.spec)
     train_set = data.splits.train
@@ -294,7 +238,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
 
     state = _resume(out, module, optimizer, scheduler, log, main, sharded_first_order=cfg.fsdp and not zeroth_order)
     if main:
-        _truncate_metrics(out / "metrics.jsonl", state["step"])
+        _truncate_metrics(RunDir(out).metrics, state["step"])
     # First order: DDP (or the FSDP2 module) for the forwards, Local SGD, communication rounds.
     dp = None if zeroth_order else DataParallel(
         module, world, rank_device(cfg.device), cfg.local_sgd if cfg.local_sgd.period is not None else None,
@@ -302,7 +246,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     if dp is not None:
         dp.load_state_dict(state.get("dp"))
         if dp.per_rank_state and state["step"] > 0:
-            _load_rank_state(module, optimizer, load_extra(out / "checkpoint"), rank)
+            _load_rank_state(module, optimizer, load_extra(RunDir(out).checkpoint), rank)
         dp.start(optimizer.param_groups[0]["lr"])
     forward_module = dp.forward_module if dp is not None else module
 
@@ -313,18 +257,18 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
             result = _evaluate(module, tokenizer, data.spec, data.splits.dev, cfg, rank, world)
             score = result.metrics[metric]
             if main:
-                _log(out / "metrics.jsonl", {"step": step, "split": "dev", **result.metrics})
+                _log(RunDir(out).metrics, {"step": step, "split": "dev", **result.metrics})
             if state["best_score"] is None or score > state["best_score"]:
                 state.update(best_score=score, best_step=step)
                 if main or cfg.fsdp:  # sharded: every rank takes part in gathering the tensors
-                    save_trainable(module, out / "best.safetensors", write=main)
+                    save_trainable(module, RunDir(out).best, write=main)
 
     if state["step"] == 0 and data.splits.dev and cfg.eval_every:
         dev_eval(0)
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {cfg.mode}/{cfg.optimizer}",
                disable=not (progress and main), unit="step")
     # Zeroth-order forwards run in eval mode (no dropout noise in the loss difference).
-    module.train(not getattr(optimizer, "zeroth_order", False))
+    module.train(not is_zeroth_order(optimizer))
     for step in range(state["step"], cfg.steps):
         batch = shard(batch_indices(len(train_set), cfg.batch_size, cfg.seed_of("order"), step), rank, world)
         examples = [train_set[i] for i in batch]
@@ -352,7 +296,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
                   **({"comm_rounds": dp.rounds} if dp is not None and dp.counted else {}),
                   **({"H": dp.period} if dp is not None and dp.local else {})}
         if main:
-            _log(out / "metrics.jsonl", record)
+            _log(RunDir(out).metrics, record)
         if cfg.eval_every and data.splits.dev and ((step + 1) % cfg.eval_every == 0
                                                    or step + 1 == cfg.steps):
             dev_eval(step + 1)
@@ -381,10 +325,10 @@ def _check_finite(loss: float, step: int, lr: float, optimizer: torch.optim.Opti
     if math.isfinite(loss):
         return False
     state["skipped"] = state.get("skipped", 0) + 1
-    if getattr(optimizer, "zeroth_order", False) and state["skipped"] <= cfg.max_skipped_steps:
+    if is_zeroth_order(optimizer) and state["skipped"] <= cfg.max_skipped_steps:
         return True
     raise FtlabError(f"loss became {loss} at step {step} ({state['skipped']} non-finite step(s)): lower "
-                     f"the lr (now {lr:g}) or use float32; the last good checkpoint is in {out / 'checkpoint'}")
+                     f"the lr (now {lr:g}) or use float32; the last good checkpoint is in {RunDir(out).checkpoint}")
 
 
 def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -401,7 +345,7 @@ def build_trainer(cfg: TrainConfig, model: nn.Module) -> tuple[nn.Module, torch.
     optimizer = build_offloaded(cfg, module) if cfg.offload else build_optimizer(cfg, module)
     if hasattr(optimizer, "attach"):
         optimizer.attach(module)  # exact-mode MeZO perturbs inside the module's forwards
-    if cfg.objective not in ("loss", "quad") and not getattr(optimizer, "zeroth_order", False):
+    if cfg.objective not in ("loss", "quad") and not is_zeroth_order(optimizer):
         raise FtlabError(f"objective {cfg.objective!r} has no gradient; use optimizer=mezo "
                          "(or objective=loss)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -558,33 +502,33 @@ def _checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, 
     if dp is not None and dp.per_rank_state:
         ranks = gather_to_main({"trainable": trainable_state(module), "optimizer": optimizer.state_dict()})
         if main:
-            save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state, extra={"ranks": ranks})
+            save_checkpoint(RunDir(out).checkpoint, module, optimizer, scheduler, state, extra={"ranks": ranks})
     elif dp is not None and dp.sharded:
         trainable, optimizer_state = trainable_state(module), _full_optimizer_state(module, optimizer)
         if main:
-            save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state, trainable=trainable,
+            save_checkpoint(RunDir(out).checkpoint, module, optimizer, scheduler, state, trainable=trainable,
                             optimizer_state=optimizer_state)
     elif log is None:
-        save_checkpoint(out / "checkpoint", module, optimizer, scheduler, state)
+        save_checkpoint(RunDir(out).checkpoint, module, optimizer, scheduler, state)
     else:
         log.sync()
-        atomic_write_json(out / "checkpoint" / "state.json", state)
+        atomic_write_json(RunDir(out).checkpoint_state, state)
 
 
 def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
             log: TrajectoryLog | None, main: bool = True, sharded_first_order: bool = False) -> dict[str, Any]:
     """Restore the last checkpoint, if any; returns the loop counters. Every rank restores
     from rank 0's files; only rank 0 (``main``) rewrites them."""
-    state_path = out / "checkpoint" / "state.json"
+    state_path = RunDir(out).checkpoint_state
     fresh = {"step": 0, "best_score": None, "best_step": None}
     if main:
-        recover_dir(out / "checkpoint")  # finish or undo a checkpoint replace a kill interrupted
+        recover_dir(RunDir(out).checkpoint)  # finish or undo a checkpoint replace a kill interrupted
     barrier()
     if sharded_first_order:
-        return _load_sharded_checkpoint(out / "checkpoint", module, optimizer, scheduler) \
+        return _load_sharded_checkpoint(RunDir(out).checkpoint, module, optimizer, scheduler) \
             if state_path.exists() else fresh
     if log is None:
-        return _check_state(load_checkpoint(out / "checkpoint", module, optimizer, scheduler), state_path) \
+        return _check_state(load_checkpoint(RunDir(out).checkpoint, module, optimizer, scheduler), state_path) \
             if state_path.exists() else fresh
     state = _check_state(_read_json(state_path), state_path) if state_path.exists() else fresh
     # Replay (which checks the log against this run's seeds) before touching the file, so a
@@ -627,13 +571,9 @@ def _check_state(state: Any, path: Path) -> dict[str, Any]:
 def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module, Any]:
     """Rebuild a MeZO run's weights from its base model and trajectory log (first ``steps``
     steps, default all): bitwise the weights the run had after those steps."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise FtlabError(f"{run_dir / 'config.json'} not found: not a training run folder")
-    cfg = from_dict(TrainConfig, _read_json(run_dir / "config.json"), str(run_dir / "config.json"))
-    from ftlab.zo import ZO_OPTIMIZERS
-
-    if cfg.optimizer not in ZO_OPTIMIZERS:
+    run = RunDir(run_dir)
+    cfg = from_dict(TrainConfig, run.read_config(), str(run.config))
+    if not is_zeroth_order(cfg.optimizer):
         raise FtlabError(f"{run_dir} is a {cfg.optimizer} run; only zeroth-order runs can be replayed")
     # A sharded run replays in one process: z is indexed by the global element.
     # An offloaded run was exact (its CPU master never perturbed): replay with exact arithmetic.
@@ -641,11 +581,11 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     cfg = dataclasses.replace(cfg, fsdp=False, device_map=None, offload=False, zo=zo)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     module, optimizer, scheduler = build_trainer(cfg, model)
-    if (run_dir / "init.safetensors").exists():  # a run whose adapters were initialised elsewhere (ZOTrainer)
-        load_trainable(module, run_dir / "init.safetensors")
+    if (run.path / "init.safetensors").exists():  # a run whose adapters were initialised elsewhere (ZOTrainer)
+        load_trainable(module, run.path / "init.safetensors")
     # A finished run's log must hold every step (a cut log is an error, not a shorter replay).
-    expect = steps if steps is not None else (cfg.steps if (run_dir / "results.json").exists() else None)
-    replay(TrajectoryLog(run_dir), optimizer, scheduler, steps=steps, expect_steps=expect)
+    expect = steps if steps is not None else (cfg.steps if run.finished() else None)
+    replay(TrajectoryLog(run.path), optimizer, scheduler, steps=steps, expect_steps=expect)
     return module, tokenizer
 
 
@@ -656,8 +596,8 @@ def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: Run
     saving on rank 0 only; every rank returns the same results)."""
     _flush(optimizer)  # offload: queued updates land before best.safetensors is copied in
     barrier()  # every rank then loads the last best.safetensors rank 0 wrote, not an older one
-    if (out / "best.safetensors").exists() and data.splits.dev and cfg.eval_every:
-        load_trainable(module, out / "best.safetensors")
+    if (RunDir(out).best).exists() and data.splits.dev and cfg.eval_every:
+        load_trainable(module, RunDir(out).best)
     else:
         state.update(best_step=cfg.steps)
     test: EvalResult | None = None
@@ -671,8 +611,8 @@ def _finish(cfg: TrainConfig, out: Path, module: nn.Module, tokenizer, data: Run
     if cfg.fsdp:
         module = _unsharded_copy(cfg, module, main)
     if main:
-        save_trained(module, tokenizer, out / "model")
-        atomic_write_json(out / "results.json", results)
+        save_trained(module, tokenizer, RunDir(out).model)
+        atomic_write_json(RunDir(out).results, results)
     return results
 
 

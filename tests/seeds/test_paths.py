@@ -8,7 +8,7 @@ import torch
 
 from ftlab.errors import FtlabError
 from ftlab.models import LoraSettings, prepare_model, trainable_parameters
-from ftlab.seeds import barrier
+from ftlab.seeds import interpolation_barrier
 from ftlab.seeds.basins import barrier_matrix_from_means
 from ftlab.seeds.paths import PointEvaluator, mix, path_results
 from ftlab.tasks import Example, TaskSpec
@@ -61,14 +61,14 @@ def test_barrier_of_a_model_with_itself_is_zero_and_paths_are_symmetric(lora_poi
     module, (a, b, _) = lora_points
     ev = PointEvaluator(module, tiny_tokenizer, SPEC, {"train": cue_examples(16)}, batch_size=8)
     self_path = [r.mean()["loss"] for r in path_results(ev, a, a, ALPHAS, "train")]
-    assert barrier(ALPHAS, self_path, higher_is_better=False) == 0.0
+    assert interpolation_barrier(ALPHAS, self_path, higher_is_better=False) == 0.0
     assert len(set(self_path)) == 1  # every point of the path is the model itself
     forward = path_results(ev, a, b, ALPHAS, "train")
     backward = path_results(ev, b, a, ALPHAS, "train")
     for f, r in zip(forward, backward[::-1]):
         np.testing.assert_allclose(f.loss, r.loss, rtol=1e-6)
     fl, bl = [r.mean()["loss"] for r in forward], [r.mean()["loss"] for r in backward]
-    assert barrier(ALPHAS, fl, False) == pytest.approx(barrier(ALPHAS, bl, False), abs=1e-7)
+    assert interpolation_barrier(ALPHAS, fl, False) == pytest.approx(interpolation_barrier(ALPHAS, bl, False), abs=1e-7)
     # The endpoints of a path are the runs' own evaluations, reused when given.
     ends = (ev.evaluate(a, "train"), ev.evaluate(b, "train"))
     assert np.array_equal(path_results(ev, a, b, ALPHAS, "train", ends)[0].loss, ends[0].loss)
@@ -81,10 +81,10 @@ def test_vectorised_barrier_matrix_matches_the_scalar_barrier():
     m = barrier_matrix_from_means(means, np.array(ALPHAS), higher_is_better=False)
     for i in range(4):
         for j in range(4):
-            want = 0.0 if i == j else barrier(ALPHAS, means[i, j], higher_is_better=False)
+            want = 0.0 if i == j else interpolation_barrier(ALPHAS, means[i, j], higher_is_better=False)
             assert m[i, j] == pytest.approx(want)
     acc = barrier_matrix_from_means(means, np.array(ALPHAS), higher_is_better=True)
-    assert acc[0, 1] == pytest.approx(barrier(ALPHAS, means[0, 1], higher_is_better=True))
+    assert acc[0, 1] == pytest.approx(interpolation_barrier(ALPHAS, means[0, 1], higher_is_better=True))
 
 
 def test_points_of_another_trainable_set_are_refused(lora_points, tiny_tokenizer):

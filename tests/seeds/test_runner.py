@@ -10,7 +10,7 @@ import torch
 from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.models import trainable_parameters
-from ftlab.seeds import SeedStudyConfig, check_comparable, plan_runs, run_config, run_study
+from ftlab.seeds import SeedStudyConfig, check_comparable, plan_runs, run_study, study_train_config
 from ftlab.train import batch_indices, build_trainer
 
 from study_fixtures import task_overrides
@@ -108,7 +108,7 @@ def test_a_study_folder_refuses_another_study(tmp_path, tiny_model_dir, cue_task
 def test_run_config_sets_seeds_and_folder(tmp_path):
     study = SeedStudyConfig(output_dir=str(tmp_path))
     run = plan_runs(study)[-1]
-    cfg = run_config(study, run)
+    cfg = study_train_config(study, run)
     assert cfg.output_dir == str(tmp_path / "runs" / run.name)
     assert (cfg.order_seed, cfg.init_seed, cfg.zo_seed, cfg.seed) == (4, 4, None, 0)
 

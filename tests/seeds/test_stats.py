@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from ftlab.errors import FtlabError
-from ftlab.seeds import barrier, expected_max_curve, multi_bootstrap, multi_bootstrap_samples, summary, variance_shares
+from ftlab.seeds import (
+    expected_max_curve,
+    interpolation_barrier,
+    multi_bootstrap,
+    multi_bootstrap_samples,
+    summary,
+    variance_shares,
+)
 
 
 def test_summary():
@@ -71,11 +78,11 @@ def test_variance_shares():
 
 def test_barrier():
     alphas = [0.0, 0.5, 1.0]
-    assert barrier(alphas, [0.8, 0.5, 0.6], higher_is_better=True) == pytest.approx(0.2)  # line at 0.7
-    assert barrier(alphas, [0.4, 1.5, 0.6], higher_is_better=False) == pytest.approx(1.0)  # line at 0.5
-    assert barrier(alphas, [0.8, 0.9, 0.6], higher_is_better=True) == 0.0  # above the line: endpoints
+    assert interpolation_barrier(alphas, [0.8, 0.5, 0.6], higher_is_better=True) == pytest.approx(0.2)  # line at 0.7
+    assert interpolation_barrier(alphas, [0.4, 1.5, 0.6], higher_is_better=False) == pytest.approx(1.0)  # line at 0.5
+    assert interpolation_barrier(alphas, [0.8, 0.9, 0.6], higher_is_better=True) == 0.0  # above the line: endpoints
     with pytest.raises(FtlabError, match="alpha = 0 and alpha = 1"):
-        barrier([0.0, 0.5], [1.0, 1.0], higher_is_better=True)
+        interpolation_barrier([0.0, 0.5], [1.0, 1.0], higher_is_better=True)
 
 
 @pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [[1.0]]])

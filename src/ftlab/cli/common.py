@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ftlab.configs import packaged_config, packaged_configs
 from ftlab.errors import FtlabError
@@ -33,3 +33,45 @@ def config_path(config: Optional[str]) -> Optional[Path]:
         raise FtlabError(f"config file {config} not found; give a YAML path or a packaged config: "
                          f"{', '.join(packaged_configs())}{hint}")
     return packaged
+
+
+def resolved_config(cls: type, config: Optional[str], overrides: Optional[list[str]], *, show: bool = False,
+                    overwrite_kind: Optional[str] = None) -> Any:
+    """The config of a command: ``cls`` from defaults <- ``config`` (a path or packaged name) <-
+    ``key=value`` overrides, validated. ``show``: print it as YAML and return None (``--show-config``).
+    ``overwrite_kind``: first delete its ``output_dir``, a folder ftlab wrote for that kind of
+    command (``--overwrite``; anything else is refused, never deleted)."""
+    import typer
+    import yaml
+
+    from ftlab.config import load_config, to_dict
+
+    cfg = load_config(cls, config_path(config), list(overrides or []))
+    if show:
+        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return None
+    if overwrite_kind is not None:
+        from ftlab.runs import overwrite_dir
+
+        overwrite_dir(cfg.output_dir, overwrite_kind)
+    return cfg
+
+
+class ProgressBars:
+    """One tqdm bar per named stage, fed ``(name, done, total)`` by a library progress callback
+    (``absolute``: ``done`` is the count so far, else the increment)."""
+
+    def __init__(self, unit: str = "ex", absolute: bool = False) -> None:
+        self.unit, self.absolute, self.bars = unit, absolute, {}
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if name not in self.bars:
+            self.bars[name] = tqdm(total=total, desc=name, unit=self.unit, leave=False)
+        bar = self.bars[name]
+        bar.update(done - bar.n if self.absolute else done)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()

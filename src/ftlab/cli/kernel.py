@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ftlab.cli.common import config_path, table
+from ftlab.cli.common import resolved_config, table
 
 app = typer.Typer(help="Empirical NTK of prompt-based fine-tuning: compute kernels, solve them, "
                        "and check whether fine-tuning is in the kernel regime.", no_args_is_help=True)
@@ -21,16 +21,9 @@ SHOW = typer.Option(False, help="Print the resolved config and exit.")
 
 def _config(config: Optional[str], overrides: Optional[list[str]], show: bool):
     """The resolved :class:`~ftlab.kernel.config.KernelConfig`, or None after printing it (``--show-config``)."""
-    import yaml
-
-    from ftlab.config import load_config, to_dict
     from ftlab.kernel.config import KernelConfig
 
-    cfg = load_config(KernelConfig, config_path(config), list(overrides or []))
-    if show:
-        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return None
-    return cfg
+    return resolved_config(KernelConfig, config, overrides, show=show)
 
 
 @app.command("compute")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ftlab.cli.common import config_path, table
+from ftlab.cli.common import ProgressBars, resolved_config, table
 
 app = typer.Typer(help="Linear probes on language-model features: f(s), the conditional mean Phi p_f(s), "
                        "p_f(s) on a word subset; zero-shot beside them, and how linear f(s) is in Phi p_f(s).",
@@ -31,30 +31,15 @@ def run_cmd(
 ) -> None:
     """Extract features (resumable store in <output_dir>/features), fit the probes, write
     results.json / results.md / probe.png. Rerunning reuses every stored feature."""
-    import yaml
-    from tqdm.auto import tqdm
-
-    from ftlab.config import load_config, to_dict
     from ftlab.probe.experiment import KIND_NAMES, ProbeConfig, run_probe
 
-    cfg = load_config(ProbeConfig, config_path(config), overrides or [])
-    if show_config:
-        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cfg = resolved_config(ProbeConfig, config, overrides, show=show_config,
+                          overwrite_kind="probe" if overwrite else None)
+    if cfg is None:
         return
-    if overwrite:
-        from ftlab.runs import overwrite_dir
-
-        overwrite_dir(cfg.output_dir, "probe")
-    bars: dict[str, tqdm] = {}
-
-    def progress(split: str, n: int, total: int) -> None:
-        if split not in bars:
-            bars[split] = tqdm(total=total, desc=f"features {split}", unit="ex", leave=False)
-        bars[split].update(n)
-
-    result = run_probe(cfg, progress=progress)
-    for bar in bars.values():
-        bar.close()
+    bars = ProgressBars()
+    result = run_probe(cfg, progress=lambda split, n, total: bars(f"features {split}", n, total))
+    bars.close()
     rows = [(str(s["k"] or "all"), KIND_NAMES[s["kind"]], f"{s['mean']:.3f}", f"{s['std']:.3f}", str(s["seeds"]))
             for s in result["summary"]]
     theory = result.get("theory", {})

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ftlab.cli.common import config_path, table
+from ftlab.cli.common import ProgressBars, resolved_config, table
 
 app = typer.Typer(help="TinT (Panigrahi et al., 2023): a transformer that simulates and fine-tunes an inner "
                        "Llama-style model in one forward pass.", no_args_is_help=True)
@@ -29,15 +29,12 @@ def build_cmd(
 ) -> None:
     """Build a TinT from the model's weights, run one forward pass on a random context, check it
     against the reference step, and print parameters, peak memory and seconds beside the inner model's."""
-    import yaml
-
-    from ftlab.config import load_config, to_dict
+    from ftlab.config import to_dict
     from ftlab.io import atomic_write_json
     from ftlab.tint.costs import TintBuildConfig, measure
 
-    cfg = load_config(TintBuildConfig, config_path(config), overrides or [])
-    if show_config:
-        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cfg = resolved_config(TintBuildConfig, config, overrides, show=show_config)
+    if cfg is None:
         return
     res = measure(cfg)
     t, i = res["tint"], res["inner"]
@@ -64,30 +61,15 @@ def eval_cmd(
     """Zero-shot, ICL, exact and approximate dynamic evaluation, and TinT, per task, with
     improvements over ICL and zero-shot (multi-bootstrap 95% intervals), and the
     language-modelling variant. Resumable: finished (task, seed) parts are kept."""
-    import yaml
-    from tqdm.auto import tqdm
-
-    from ftlab.config import load_config, to_dict
     from ftlab.tint.experiment import TintEvalConfig, run_eval
 
-    cfg = load_config(TintEvalConfig, config_path(config), overrides or [])
-    if show_config:
-        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cfg = resolved_config(TintEvalConfig, config, overrides, show=show_config,
+                          overwrite_kind="tint" if overwrite else None)
+    if cfg is None:
         return
-    if overwrite:
-        from ftlab.runs import overwrite_dir
-
-        overwrite_dir(cfg.output_dir, "tint")
-    bars: dict[str, tqdm] = {}
-
-    def progress(what: str, n: int, total: int) -> None:
-        if what not in bars:
-            bars[what] = tqdm(total=total, desc=what, unit="ex", leave=False)
-        bars[what].update(n - bars[what].n)
-
-    summary = run_eval(cfg, progress=progress)
-    for bar in bars.values():
-        bar.close()
+    bars = ProgressBars(absolute=True)
+    summary = run_eval(cfg, progress=bars)
+    bars.close()
     for task, rows in summary["tasks"].items():
         typer.echo(f"\n{task}")
         typer.echo(table([(m, f"{r['accuracy']:.3f}",

@@ -10,13 +10,13 @@ from ftlab.seeds.runner import (
                                 load_records,
                                 load_study,
                                 plan_runs,
-                                run_config,
                                 run_study,
+                                study_train_config,
 )
 from ftlab.seeds.stats import (
                                 Interval,
-                                barrier,
                                 expected_max_curve,
+                                interpolation_barrier,
                                 multi_bootstrap,
                                 multi_bootstrap_samples,
                                 summary,
@@ -24,5 +24,5 @@ from ftlab.seeds.stats import (
 )
 
 __all__ = ["SEED_KINDS", "RunSpec", "SeedStudyConfig", "check_comparable", "load_records", "load_study",
-           "plan_runs", "run_config", "run_study", "Interval", "barrier", "expected_max_curve",
+           "plan_runs", "study_train_config", "run_study", "Interval", "interpolation_barrier", "expected_max_curve",
            "multi_bootstrap", "multi_bootstrap_samples", "summary", "variance_shares"]

@@ -173,7 +173,7 @@ def bootstrap_barrier_matrices(curves: np.ndarray, alphas: Sequence[float], high
 
 
 def barrier_matrix_from_means(means: np.ndarray, alphas: np.ndarray, higher_is_better: bool) -> np.ndarray:
-    """Barriers (see :func:`ftlab.seeds.stats.barrier`) of every path of an (n, n, alphas) array
+    """Barriers (see :func:`ftlab.seeds.stats.interpolation_barrier`) of every path of an (n, n, alphas) array
     of mean metric values, vectorised; 0 on the diagonal."""
     start = means[..., [np.flatnonzero(alphas == 0.0)[0]]]
     end = means[..., [np.flatnonzero(alphas == 1.0)[0]]]

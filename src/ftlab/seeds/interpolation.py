@@ -5,7 +5,6 @@ model is shared by both runs; for LoRA the adapters' A and B are interpolated, n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +19,8 @@ from ftlab.errors import FtlabError
 from ftlab.evaluate import model_device
 from ftlab.models import load_model, prepare_model, trainable_parameters
 from ftlab.objectives import Encoder
-from ftlab.seeds.stats import barrier
+from ftlab.rundir import RunDir
+from ftlab.seeds.stats import interpolation_barrier
 from ftlab.tasks import Example, TaskSpec
 
 ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -61,20 +61,18 @@ def interpolate_(module: nn.Module, a: dict[str, torch.Tensor], b: dict[str, tor
             p.copy_(mixed.to(p.dtype))
 
 
-def run_config(run_dir: str | Path) -> TrainConfig:
+def saved_train_config(run_dir: str | Path) -> TrainConfig:
     """The training config saved in a run folder."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FtlabError(f"{path} not found: is {run_dir} a training run folder?")
-    return from_dict(TrainConfig, json.loads(path.read_text()), str(path))
+    run = RunDir(run_dir)
+    return from_dict(TrainConfig, run.read_config(), str(run.config))
 
 
 def interpolation_curve(run_a: str | Path, run_b: str | Path, spec: TaskSpec, examples: Sequence[Example],
                         alphas: Sequence[float] = ALPHAS, progress: bool = False) -> dict[str, Any]:
     """Accuracy and loss along the straight line between the best weights of two runs of the
-    same model and mode, and the barriers (see :func:`ftlab.seeds.stats.barrier`)."""
-    cfg = run_config(run_a)
-    cfg_b = run_config(run_b)
+    same model and mode, and the barriers (see :func:`ftlab.seeds.stats.interpolation_barrier`)."""
+    cfg = saved_train_config(run_a)
+    cfg_b = saved_train_config(run_b)
     if (cfg.model, cfg.mode, cfg.lora, cfg.prefix) != (cfg_b.model, cfg_b.mode, cfg_b.lora, cfg_b.prefix):
         raise FtlabError(f"{run_a} and {run_b} train different models or modes; interpolate runs of one kind")
     for run in (run_a, run_b):
@@ -89,5 +87,5 @@ def interpolation_curve(run_a: str | Path, run_b: str | Path, spec: TaskSpec, ex
         interpolate_(module, a, b, alpha)
         points.append({"alpha": alpha, **accuracy_and_loss(module, encoder, examples, cfg.eval_batch_size)})
     return {"points": points,
-            "accuracy_barrier": barrier(alphas, [p["accuracy"] for p in points], higher_is_better=True),
-            "loss_barrier": barrier(alphas, [p["loss"] for p in points], higher_is_better=False)}
+            "accuracy_barrier": interpolation_barrier(alphas, [p["accuracy"] for p in points], higher_is_better=True),
+            "loss_barrier": interpolation_barrier(alphas, [p["loss"] for p in points], higher_is_better=False)}

@@ -45,6 +45,7 @@ from ftlab.errors import FtlabError
 from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.models import load_trained
+from ftlab.optim import is_zeroth_order
 from ftlab.runs import writes_run_dir
 from ftlab.tasks import Example, Splits, TaskSpec, get_spec, load_task, make_splits
 from ftlab.tasks.registry import is_builtin
@@ -98,9 +99,7 @@ def _validate(study: SeedStudyConfig) -> None:
     unknown = [k for k in study.kinds if k not in SEED_KINDS]
     if unknown or not study.kinds or len(set(study.kinds)) != len(study.kinds):
         raise FtlabError(f"kinds {study.kinds!r}: list distinct seed kinds among {list(SEED_KINDS)}")
-    from ftlab.zo import ZO_OPTIMIZERS
-
-    if "zo" in study.kinds and study.train.optimizer not in ZO_OPTIMIZERS:
+    if "zo" in study.kinds and not is_zeroth_order(study.train.optimizer):
         raise FtlabError(f"seed kind 'zo' needs a zeroth-order optimizer; {study.train.optimizer} has no "
                          "perturbations (drop 'zo' from kinds, or use optimizer=mezo)")
     if study.runs_per_kind < 2 and study.runs_all < 2:
@@ -133,7 +132,7 @@ def ood_sets(study: SeedStudyConfig, spec: TaskSpec) -> dict[str, tuple[TaskSpec
     return out
 
 
-def run_config(study: SeedStudyConfig, run: RunSpec) -> TrainConfig:
+def study_train_config(study: SeedStudyConfig, run: RunSpec) -> TrainConfig:
     """The training config of one run: the base config with the run's seeds and folder."""
     seeds = {f"{k}_seed": v for k, v in run.seeds}
     return dataclasses.replace(study.train, **seeds,
@@ -216,7 +215,7 @@ def run_study(study: SeedStudyConfig, *, progress: bool = True,
                 if on_run:
                     on_run(run, record)
             elif _missing_ood(record, ood):
-                _evaluate_ood(run_config(study, run), record, ood, path)
+                _evaluate_ood(study_train_config(study, run), record, ood, path)
     if world > 1:
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo")
@@ -231,7 +230,7 @@ def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, ood: dict[str,
              progress: bool) -> dict[str, Any]:
     """Train one run (resuming if it was cut), score its best model on every test example and
     on every OOD example, and write ``seed_run.json``."""
-    cfg = run_config(study, run)
+    cfg = study_train_config(study, run)
     # The loop's own test evaluation keeps only the aggregate; the multi-bootstrap needs the
     # per-example scores, so the test set is scored here instead.
     results = train(cfg, progress=progress, data=RunData(data.spec, Splits(data.splits.train,

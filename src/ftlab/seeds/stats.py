@@ -11,7 +11,7 @@
   ``E[max of n] = sum_i v_(i) ((i/N)^n - ((i-1)/N)^n)`` over the sorted values ``v_(1..N)``.
 - :func:`variance_shares`: how much of the variance each seed kind causes, from groups of runs
   that vary one kind at a time.
-- :func:`barrier`: the linear-interpolation barrier of a metric along
+- :func:`interpolation_barrier`: the linear-interpolation barrier of a metric along
   ``theta(alpha) = (1 - alpha) theta_a + alpha theta_b`` (see :mod:`ftlab.seeds.interpolation`).
 """
 
@@ -63,7 +63,7 @@ def variance_shares(groups: Mapping[str, Sequence[float]]) -> dict[str, dict[str
     return out
 
 
-def barrier(alphas: Sequence[float], values: Sequence[float], higher_is_better: bool) -> float:
+def interpolation_barrier(alphas: Sequence[float], values: Sequence[float], higher_is_better: bool) -> float:
     """Largest gap between the straight line joining the endpoints' metric values and the metric
     along the path, ``max_alpha`` of ``line(alpha) - value(alpha)`` for a metric to maximise
     (accuracy), ``value(alpha) - line(alpha)`` for one to minimise (loss). ``alphas`` must

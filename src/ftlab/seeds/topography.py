@@ -45,7 +45,7 @@ from ftlab.models import load_model, prepare_model
 from ftlab.plots import pyplot, save_figure
 from ftlab.runs import run_dir
 from ftlab.seeds import basins, curvature, prediction, stats
-from ftlab.seeds.interpolation import run_config
+from ftlab.seeds.interpolation import saved_train_config
 from ftlab.seeds.paths import PointEvaluator, combine, mix
 from ftlab.seeds.runner import RunSpec, check_comparable, load_records, load_study, ood_sets
 from ftlab.train import load_run_data
@@ -145,7 +145,7 @@ def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path
     if len(names) < 3:
         raise FtlabError(f"{study_dir} has {len(names)} finished run(s); clustering needs at least 3 runs")
     runs = {n: study_dir / "runs" / n for n in names}
-    configs = {n: run_config(p) for n, p in runs.items()}
+    configs = {n: saved_train_config(p) for n, p in runs.items()}
     check_same_kind(configs)
     rank, world = _dist()
     train_cfg = configs[names[0]]
