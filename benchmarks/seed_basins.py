@@ -23,15 +23,15 @@ import shutil
 import time
 from pathlib import Path
 
-from ftlab.cli.common import config_path
 from ftlab.config import load_config
+from ftlab.configs import packaged_config
 from ftlab.distributed import shutdown
 from ftlab.seeds import SeedStudyConfig, run_study
 from ftlab.seeds.topography import TopographyConfig, topography
 
 from _common import RESULTS, machine, table, write_json
 
-CONFIG = config_path("seeds-nli-basins")
+CONFIG = packaged_config("seeds-nli-basins")
 
 
 def main() -> None:

@@ -18,11 +18,12 @@ import shutil
 import time
 from pathlib import Path
 
-from ftlab.cli.common import table
 from ftlab.config import load_config
 from ftlab.io import atomic_write_json
 from ftlab.seeds import SeedStudyConfig, run_study
 from ftlab.seeds.report import build_report
+
+from _common import table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
