@@ -131,12 +131,12 @@ def main() -> None:
     from seed_paths_speed import loop, shared
 
     from ftlab.seeds.basins import barrier_matrix_from_means
-    from ftlab.seeds.interpolation import run_config
+    from ftlab.seeds.interpolation import saved_train_config
     from ftlab.train import load_run_data
 
     names = [r["name"] for r in records][:args.speed_runs]
     runs = {n: study_dir / "runs" / n for n in names}
-    run_cfg = run_config(runs[names[0]])
+    run_cfg = saved_train_config(runs[names[0]])
     examples = load_run_data(study.train).splits.train[:args.n_path]
     speed = {}
     for name, fn in (("loop", lambda: loop(names, runs, run_cfg, report_spec(study), examples, alphas, 32)),

@@ -27,7 +27,7 @@ import torch
 from ftlab.models import load_model, prepare_model
 from ftlab.objectives import Encoder
 from ftlab.seeds.basins import barrier_matrix_from_means
-from ftlab.seeds.interpolation import accuracy_and_loss, interpolate_, run_config
+from ftlab.seeds.interpolation import accuracy_and_loss, interpolate_, saved_train_config
 from ftlab.seeds.paths import PointEvaluator, path_results
 from ftlab.seeds.runner import load_records, load_study
 from ftlab.seeds.topography import run_weights
@@ -83,7 +83,7 @@ def main() -> None:
     study = load_study(args.study)
     names = [r["name"] for r in load_records(args.study)][:args.runs]
     runs = {n: args.study / "runs" / n for n in names}
-    cfg = run_config(runs[names[0]])
+    cfg = saved_train_config(runs[names[0]])
     if args.device:
         cfg.device = args.device
     data = load_run_data(study.train)

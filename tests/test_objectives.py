@@ -167,3 +167,17 @@ def test_eval_loss_is_the_training_loss_over_all_examples(tiny_model, tiny_token
     # evaluate() batches by length (batch 2 here): the mean of per-example losses must not depend on it
     metrics = evaluate(tiny_model, tiny_tokenizer, spec, exs, batch_size=2, progress=False).metrics
     assert metrics["loss"] == pytest.approx(train_loss().item(), rel=1e-5)
+
+
+def test_generation_rows_fit_the_window_and_every_target_has_a_context(tiny_model, tiny_tokenizer):
+    """An answer longer than max_length is cut to leave one conditioning token, and with an empty
+    prompt its first token becomes the context: the loss is finite and the rows fit the window
+    (this used to index past the logits)."""
+    spec = TaskSpec(name="lm", template="{text}", metric="f1")
+    encoder = Encoder(tiny_tokenizer, spec, max_length=8)
+    long_answer = " ".join(["word"] * 40)
+    batch = encoder.generation(["", "a b"], [long_answer, "c d"])
+    assert batch.input_ids.shape[1] <= 8 and batch.labels.shape[1] < batch.input_ids.shape[1]
+    with torch.no_grad():
+        value = objectives.loss(tiny_model.double(), batch, [])
+    assert torch.isfinite(value)

@@ -153,8 +153,17 @@ class Encoder:
         if answers is None:
             rows = [prompt_ids(self.tokenizer, p, self.max_length - max_new_tokens) for p in prompts]
             return self._pad(rows, None, n_options=1, gold=None)
-        targets = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + self.end_ids for a in answers]
-        rows = [prompt_ids(self.tokenizer, p, self.max_length - len(t)) + t for p, t in zip(prompts, targets)]
+        rows, targets = [], []
+        for prompt, answer in zip(prompts, answers):
+            # An answer is cut to leave room for one conditioning token; when the prompt gives none
+            # (an empty prompt: plain language modelling), the answer's first token becomes it.
+            target = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + self.end_ids
+            target = target[:self.max_length - 1]
+            context = prompt_ids(self.tokenizer, prompt, self.max_length - len(target))
+            if not context:
+                context, target = target[:1], target[1:]
+            rows.append(context + target)
+            targets.append(target)
         return self._pad(rows, targets, n_options=1, gold=None)
 
     def _pad(self, rows: list[list[int]], targets: list[list[int]] | None, n_options: int,
