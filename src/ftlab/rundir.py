@@ -22,6 +22,14 @@ from typing import Any
 from ftlab.errors import FtlabError, damaged
 
 
+def read_written_json(path: Path) -> Any:
+    """A JSON file ftlab wrote; one that cannot be read or parsed is a one-line error naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise damaged(path, e) from None
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A training run's folder; the properties are its files (which may not exist yet)."""
@@ -60,10 +68,7 @@ class RunDir:
         """A JSON file of the run, or a one-line error naming it (missing or damaged)."""
         if not path.is_file():
             raise FtlabError(f"{path} not found: is {self.path} a (finished) training run folder?")
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise damaged(path, e) from None
+        return read_written_json(path)
 
     def read_config(self) -> dict[str, Any]:
         return self.read_json(self.config)

@@ -57,7 +57,7 @@ from ftlab.io import atomic_write_json, atomic_write_text, recover_dir
 from ftlab.models import load_model, prepare_model, save_trained, trainable_parameters
 from ftlab.objectives import Encoder
 from ftlab.optim import build_optimizer, is_zeroth_order, lr_factor, no_decay, param_groups  # noqa: F401
-from ftlab.rundir import RunDir
+from ftlab.rundir import RunDir, read_written_json
 from ftlab.runs import check_settings, writes_run_dir
 from ftlab.tasks import Splits, TaskSpec, load_task, make_splits
 from ftlab.zo.mezo import MeZO
@@ -154,19 +154,16 @@ def _metric_name(spec: TaskSpec) -> str:
 def _prepare_output(cfg: TrainConfig, out: Path) -> None:
     """Write the run's config.json, or check that an existing one is this same config (a
     folder in which nothing was trained yet takes the new config)."""
-    config_path = RunDir(out).config
+    run = RunDir(out)
     new = json.loads(json.dumps(to_dict(cfg)))
-    if config_path.exists() and RunDir(out).started():
-        try:
-            old = json.loads(config_path.read_text(encoding="utf-8"))
-            if not isinstance(old, dict):
-                raise ValueError(f"expected a JSON object, got {type(old).__name__}")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise damaged(config_path, e) from None
+    if run.config.exists() and run.started():
+        old = read_written_json(run.config)
+        if not isinstance(old, dict):
+            raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
         # A key the old config lacks (written before the field existed) had its default value.
         check_settings(out, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
     else:
-        atomic_write_json(config_path, new)
+        atomic_write_json(run.config, new)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -428,7 +425,7 @@ def _load_sharded_checkpoint(path: Path, module: nn.Module, optimizer: torch.opt
         raise damaged(path / "optimizer.pt", e) from None
     set_optimizer_state_dict(module, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(saved["scheduler"])
-    return _check_state(_read_json(path / "state.json"), path / "state.json")
+    return _check_state(read_written_json(path / "state.json"), path / "state.json")
 
 
 def _full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -530,7 +527,7 @@ def _resume(out: Path, module: nn.Module, optimizer: torch.optim.Optimizer, sche
     if log is None:
         return _check_state(load_checkpoint(RunDir(out).checkpoint, module, optimizer, scheduler), state_path) \
             if state_path.exists() else fresh
-    state = _check_state(_read_json(state_path), state_path) if state_path.exists() else fresh
+    state = _check_state(read_written_json(state_path), state_path) if state_path.exists() else fresh
     # Replay (which checks the log against this run's seeds) before touching the file, so a
     # corrupted or foreign log is reported and left as it is. Up to the checkpoint only: another
     # rank may read the log before or after rank 0 truncates it.
@@ -550,14 +547,6 @@ def _run_id(cfg: TrainConfig) -> str:
 
     identity = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file the run wrote; a damaged one is a one-line error naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise damaged(path, e) from None
 
 
 def _check_state(state: Any, path: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import typer
 
 # Sub-commands of the other parts of ftlab live in their own modules of this package, each
 # exposing a Typer app; they are registered at the end of this file, one line each.
-from ftlab.cli.common import config_path, table
+from ftlab.cli.common import config_path, resolved_config, table
 from ftlab.cli.kernel import app as kernel_app
 from ftlab.cli.probe import app as probe_app
 from ftlab.cli.select import app as select_app
@@ -129,16 +129,13 @@ def train_cmd(
     """Fine-tune a model (full, LoRA or prefix; AdamW, SGD or MeZO) with dev-based checkpoint selection.
 
     Rerunning the same command resumes a killed run from its last checkpoint."""
-    import yaml
-
-    from ftlab.config import TrainConfig, load_config, to_dict
+    from ftlab.config import TrainConfig
     from ftlab.distributed import is_main, shutdown
     from ftlab.train import train
 
     shortcuts = [f"{k}={v}" for k, v in (("optimizer", optimizer), ("mode", mode)) if v is not None]
-    cfg = load_config(TrainConfig, config_path(config), [*(overrides or []), *shortcuts])
-    if show_config:
-        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cfg = resolved_config(TrainConfig, config, [*(overrides or []), *shortcuts], show=show_config)
+    if cfg is None:
         return
     # Under torchrun only rank 0 touches the run folder (train() makes the others wait for it).
     if overwrite and is_main():
@@ -184,15 +181,11 @@ def demo_cmd(
 ) -> None:
     """Zero-shot vs MeZO (LoRA) vs AdamW (LoRA) on the embedded model: test accuracy, peak memory
     of training and time in one table, and a plot. Prepares the data first; reruns reuse finished rows."""
-    from ftlab.config import load_config, to_dict
     from ftlab.demo import QUICK, DemoConfig, plot_demo, run_demo
     from ftlab.tasks import prepare
 
-    cfg = load_config(DemoConfig, config_path(config), [*(QUICK if quick else []), *(overrides or [])])
-    if show_config:
-        import yaml
-
-        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cfg = resolved_config(DemoConfig, config, [*(QUICK if quick else []), *(overrides or [])], show=show_config)
+    if cfg is None:
         return
     prepare()
     rows = run_demo(cfg)

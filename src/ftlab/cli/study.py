@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ftlab.cli.common import config_path, table
+from ftlab.cli.common import resolved_config, table
 
 OVERRIDES_HELP = "Overrides as key=value (YAML values), e.g. kappa=8 train.lr=1e-3 train.steps=96"
 
@@ -72,10 +72,9 @@ def experiment_cmd(
 ) -> None:
     """Train at batch B and kappa x B (the rule, lr unchanged, linear lr) and compare the curves
     against samples seen; prints the distances and the SDE noise check. Resumable."""
-    from ftlab.config import load_config
     from ftlab.scaling.experiment import ScalingExperimentConfig, noise_line, run_experiment
 
-    exp = load_config(ScalingExperimentConfig, config_path(config), overrides or [])
+    exp = resolved_config(ScalingExperimentConfig, config, overrides)
     result = run_experiment(exp)
     rows = [(name, str(h["batch_size"]), f"{h['lr']:.3g}", str(h["betas"]), f"{c['dev'][-1]:.4f}",
              *((f"{result['distance'][name]['dev_mean_abs']:.4f}", f"{result['distance'][name]['loss_mean_abs']:.4f}")
@@ -99,11 +98,10 @@ def momentum_cmd(
 ) -> None:
     """SGD with momentum beta at lr eta against plain SGD at eta / (1 - beta) and at eta, for each
     lr and seed; prints the curve distances and the dev/test metrics with intervals. Resumable."""
-    from ftlab.config import load_config
     from ftlab.scaling.compare import fmt_ci
     from ftlab.scaling.momentum import VARIANTS, MomentumExperimentConfig, run_momentum_experiment
 
-    exp = load_config(MomentumExperimentConfig, config_path(config), overrides or [])
+    exp = resolved_config(MomentumExperimentConfig, config, overrides)
     result = run_momentum_experiment(exp)
     rows = []
     for name, entry in result["lrs"].items():
@@ -128,12 +126,11 @@ def local_sgd_cmd(
 ) -> None:
     """Local SGD (constant H and the quadratic synchronization rule) against synchronous
     data-parallel SGD at equal samples; run under torchrun (2+ processes). Resumable."""
-    from ftlab.config import load_config
     from ftlab.distributed import shutdown
     from ftlab.scaling.compare import fmt_ci
     from ftlab.scaling.local_sgd import LocalSGDExperimentConfig, run_local_sgd_experiment
 
-    exp = load_config(LocalSGDExperimentConfig, config_path(config), overrides or [])
+    exp = resolved_config(LocalSGDExperimentConfig, config, overrides)
     result = run_local_sgd_experiment(exp)
     shutdown()
     if result is None:  # not rank 0
@@ -160,11 +157,10 @@ def seeds_run_cmd(
 ) -> None:
     """Train every run of the seed grid not finished yet (resumable; under torchrun each rank
     takes its share of the runs)."""
-    from ftlab.config import load_config
     from ftlab.distributed import is_main, shutdown
     from ftlab.seeds import SeedStudyConfig, run_study
 
-    study = load_config(SeedStudyConfig, config_path(config), overrides or [])
+    study = resolved_config(SeedStudyConfig, config, overrides)
     records = run_study(study)
     shutdown()
     if is_main():
