@@ -8,6 +8,8 @@ from ftlab.errors import FtlabError
 from ftlab.tasks.base import Example, TaskSpec
 from ftlab.tint.experiment import (
     TintEvalConfig,
+    choose_lrs,
+    chosen_steps,
     classify,
     encode_context,
     method_name,
@@ -97,6 +99,27 @@ def test_summary_intervals():
     assert "| m | 1.000 |" in text and "language modelling" in text
 
 
+def test_lr_is_chosen_on_dev_queries_by_accuracy_then_loss():
+    cfg = TintEvalConfig(layers=[1], lrs=[0.01, 0.1, 1.0], losses=["label"], tasks=["toy"])
+    dev = {"correct": {"zero-shot": [0, 0], "ICL": [1, 0],
+                       "exact k=1 label lr=0.01": [1, 0], "exact k=1 label lr=0.1": [1, 1],
+                       "exact k=1 label lr=1": [1, 1],
+                       "approx k=1 label lr=0.01": [1, 0], "approx k=1 label lr=0.1": [1, 0],
+                       "approx k=1 label lr=1": [0, 0]},
+           "loss": {"zero-shot": [1.0, 1.0], "ICL": [0.5, 0.5],
+                    "exact k=1 label lr=0.01": [0.1, 0.1], "exact k=1 label lr=0.1": [0.5, 0.5],
+                    "exact k=1 label lr=1": [0.3, 0.4],
+                    "approx k=1 label lr=0.01": [0.2, 0.2], "approx k=1 label lr=0.1": [0.2, 0.2],
+                    "approx k=1 label lr=1": [0.0, 0.0]}}
+    chosen = choose_lrs(dev, cfg)
+    # exact: 0.1 and 1 tie on accuracy, 1 has the lower loss; approx: 0.01 and 0.1 tie on both -> smaller lr
+    assert chosen == {"exact k=1 label": 1.0, "approx k=1 label": 0.01}
+    assert chosen_steps(chosen, cfg) == [(1, "label", 0.01), (1, "label", 1.0)]
+    rows = summarize_task([dev])
+    text = report_markdown({"tasks": {"toy": rows}, "chosen_lr": {"toy": chosen}, "dev": {"toy": rows}})
+    assert "exact k=1 label 1 (1.000)" in text and "approx k=1 label 0.01 (0.500)" in text
+
+
 def test_config_is_checked():
     with pytest.raises(FtlabError, match="losses"):
         TintEvalConfig(losses=["tokens"])
@@ -108,3 +131,23 @@ def test_figure_is_a_png(tmp_path):
     from ftlab.tint.figure import draw_tint
     path = draw_tint(tmp_path / "tint.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_run_eval_chooses_lrs_on_dev_and_resumes(tmp_path, tiny_model, tiny_tokenizer):
+    from ftlab.tint.experiment import run_eval
+    cfg = TintEvalConfig(tasks=["sentiment"], shots=2, n_test=3, n_dev=2, seeds=[0, 1], layers=[1], lrs=[0.01, 1.0],
+                         losses=["label"], tint_examples=1, n_prefixes=8, lm_texts=0, max_length=256,
+                         output_dir=str(tmp_path / "run"))
+    summary = run_eval(cfg, model=tiny_model.double(), tokenizer=tiny_tokenizer)
+    dev = json.loads((tmp_path / "run/parts/sentiment-dev.json").read_text())
+    assert {len(v) for v in dev["correct"].values()} == {2} and dev["tint_check"] == []
+    chosen = summary["chosen_lr"]["sentiment"]
+    assert chosen == choose_lrs(dev, cfg)
+    tested = {m for m in summary["tasks"]["sentiment"] if m not in ("zero-shot", "ICL")}
+    assert tested == {method_name(kind, 1, "label", lr) for kind in ("exact", "approx") for lr in set(chosen.values())}
+    part = tmp_path / "run/parts/sentiment-seed0.json"
+    assert len(json.loads(part.read_text())["tint_check"]) == 1
+    stamp = part.stat().st_mtime_ns
+    again = run_eval(cfg, model=tiny_model, tokenizer=tiny_tokenizer)  # resumed: nothing recomputed
+    assert part.stat().st_mtime_ns == stamp and again["chosen_lr"] == summary["chosen_lr"]
+    assert "inner lr chosen on the dev queries" in (tmp_path / "run/report.md").read_text()

@@ -12,8 +12,11 @@ highest logit after the query (every built-in task here has one-token label word
   the first seed (it returns the ``approx`` logits; the run records the largest difference).
 
 The loss is on the demonstrations' label words (``label``) or on every token of the training
-part (``context``). Seeds draw the demonstrations. Improvements over ICL and over zero-shot come
-with a multi-bootstrap interval over seeds and test examples (:mod:`ftlab.bootstrap`).
+part (``context``). Seeds draw the demonstrations. With ``n_dev > 0`` each method's inner learning
+rate is chosen per task on ``n_dev`` held-out *dev* queries (first seed, every lr of ``lrs``: best
+accuracy, ties to the lower option loss), and the test queries run only the chosen rates.
+Improvements over ICL and over zero-shot come with a multi-bootstrap interval over seeds and
+test examples (:mod:`ftlab.bootstrap`).
 
 Language modelling: held-out paragraphs (SQuAD contexts) cut to ``lm_length`` tokens; one step
 on the first half (``context`` loss), perplexity of the second half.
@@ -52,6 +55,7 @@ class TintEvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["sentiment", "strategyqa", "presuppositions_as_nli"])
     shots: int = 4
     n_test: int = 100
+    n_dev: int = 0  # dev queries that choose each method's lr (0: every lr of ``lrs`` on the test queries)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     layers: list[int] = field(default_factory=lambda: [1, 4])
     lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
@@ -75,7 +79,7 @@ class TintEvalConfig:
         for name in ("n_test", "max_length", "lm_length"):
             if getattr(self, name) < 2:
                 raise bad(name, ">= 2")
-        for name in ("tint_examples", "lm_texts"):
+        for name in ("tint_examples", "lm_texts", "n_dev"):
             if getattr(self, name) < 0:
                 raise bad(name, ">= 0")
         if not self.seeds or not self.layers or not self.lrs or not self.losses:
@@ -142,16 +146,42 @@ def draw_demos(pool: Sequence[Example], query: Example, shots: int, seed: int) -
 
 # ------------------------------------------------------------------------- the methods
 
-def _settings(cfg: TintEvalConfig) -> list[tuple[int, str, float]]:
+Step = tuple[int, str, float]  # (top layers k, loss, inner lr)
+
+
+def _settings(cfg: TintEvalConfig) -> list[Step]:
     return [(k, loss, lr) for k in cfg.layers for loss in cfg.losses for lr in cfg.lrs]
+
+
+def choose_lrs(dev: dict[str, Any], cfg: TintEvalConfig) -> dict[str, float]:
+    """Per method family (``"exact k=1 label"``...), the lr of ``cfg.lrs`` with the best dev
+    accuracy; ties go to the lower mean option loss, then to the smaller lr."""
+    chosen = {}
+    for kind in ("exact", "approx"):
+        for k in cfg.layers:
+            for loss in cfg.losses:
+                def score(lr: float, kind=kind, k=k, loss=loss) -> tuple[float, float, float]:
+                    m = method_name(kind, k, loss, lr)
+                    return (-float(np.mean(dev["correct"][m])), float(np.mean(dev["loss"][m])), lr)
+                chosen[f"{kind} k={k} {loss}"] = min(cfg.lrs, key=score)
+    return chosen
+
+
+def chosen_steps(chosen: dict[str, float], cfg: TintEvalConfig) -> list[Step]:
+    """The (k, loss, lr) steps the test queries need: every chosen lr (both kinds run at each, so
+    exact and approx stay paired)."""
+    return [(k, loss, lr) for k in cfg.layers for loss in cfg.losses for lr in cfg.lrs
+            if lr in (chosen[f"exact k={k} {loss}"], chosen[f"approx k={k} {loss}"])]
 
 
 def method_name(kind: str, k: int, loss: str, lr: float) -> str:
     return f"{kind} k={k} {loss} lr={lr:g}"
 
 
-def classify(inner: InnerModel, ctx: Context, option_ids: list[int], cfg: TintEvalConfig) -> dict[str, torch.Tensor]:
-    """Option logits after the query for every method (but TinT)."""
+def classify(inner: InnerModel, ctx: Context, option_ids: list[int], cfg: TintEvalConfig,
+             steps: list[Step] | None = None) -> dict[str, torch.Tensor]:
+    """Option logits after the query for every method (but TinT): zero-shot, ICL and, for each
+    step (default: every setting of ``cfg``), its exact and approximate update."""
     opts = torch.tensor(option_ids)
     approx = Approximations(True, cfg.finite_diff_n, True)
     with torch.no_grad():
@@ -159,7 +189,7 @@ def classify(inner: InnerModel, ctx: Context, option_ids: list[int], cfg: TintEv
         logits, inputs = forward(inner, ctx.ids, last_only=True)
         out["ICL"] = logits[-1, opts]
     n = inner.spec.n_layers
-    for k, loss, lr in _settings(cfg):
+    for k, loss, lr in _settings(cfg) if steps is None else steps:
         mask = ctx.label_mask if loss == "label" else whole_context_mask(ctx.ids, ctx.n_train)
         h0 = inputs[n - k]
         ex = exact_step(inner, ctx.ids, ctx.n_train, mask, k, lr, sum_over_tokens=True, h0=h0, last_only=True)
@@ -170,22 +200,25 @@ def classify(inner: InnerModel, ctx: Context, option_ids: list[int], cfg: TintEv
 
 
 def run_task(inner: InnerModel, tokenizer, spec: TaskSpec, pool: Sequence[Example], test: Sequence[Example],
-             cfg: TintEvalConfig, seed: int, progress: Progress | None = None) -> dict[str, Any]:
-    """Per-example correctness and option loss of every method on one task and seed; on the first
-    seed, the TinT check on the first ``tint_examples`` queries."""
+             cfg: TintEvalConfig, seed: int, progress: Progress | None = None, steps: list[Step] | None = None,
+             tint_check: bool = True, label: str = "") -> dict[str, Any]:
+    """Per-example correctness and option loss of every method on one task and seed (``steps``:
+    the updates to run, default every setting); on the first seed, the TinT check on the first
+    ``tint_examples`` queries, at the first step's setting."""
+    steps = _settings(cfg) if steps is None else steps
     option_ids = single_token_options(tokenizer, spec)
     correct: dict[str, list[int]] = {}
     losses: dict[str, list[float]] = {}
     tint_rows = []
     tint = None
-    if seed == cfg.seeds[0] and cfg.tint_examples:
-        k, loss, lr = _settings(cfg)[0]
+    if tint_check and seed == cfg.seeds[0] and cfg.tint_examples:
+        k, loss, lr = steps[0]
         tint = (build_tint(inner, TintConfig(cfg.n_prefixes, k, lr, cfg.finite_diff_n)), k, loss, lr)
     started = time.perf_counter()
     for i, query in enumerate(test):
         ctx = encode_context(tokenizer, spec, draw_demos(pool, query, cfg.shots, seed), query, cfg.max_length,
                              option_ids)
-        scores = classify(inner, ctx, option_ids, cfg)
+        scores = classify(inner, ctx, option_ids, cfg, steps)
         if tint is not None and i < cfg.tint_examples:
             model, k, loss, lr = tint
             mask = ctx.label_mask if loss == "label" else whole_context_mask(ctx.ids, ctx.n_train)
@@ -200,7 +233,7 @@ def run_task(inner: InnerModel, tokenizer, spec: TaskSpec, pool: Sequence[Exampl
             correct.setdefault(name, []).append(int(int(s.argmax()) == query.label))
             losses.setdefault(name, []).append(float(F.cross_entropy(s.double()[None], gold[None])))
         if progress:
-            progress(f"{spec.name} seed {seed}", i + 1, len(test))
+            progress(f"{spec.name}{label} seed {seed}", i + 1, len(test))
     return {"correct": correct, "loss": losses, "tint_check": tint_rows,
             "seconds": time.perf_counter() - started, "n": len(test)}
 
@@ -284,8 +317,13 @@ def summarize_lm(losses: dict[str, list[float]], n_boot: int = 1000) -> dict[str
 def report_markdown(summary: dict[str, Any]) -> str:
     lines = []
     for task, rows in summary["tasks"].items():
-        lines += [f"### {task}", "", "| method | accuracy | vs ICL (95% CI) | vs zero-shot (95% CI) |",
-                  "|---|---|---|---|"]
+        lines += [f"### {task}", ""]
+        chosen = summary.get("chosen_lr", {}).get(task)
+        if chosen:
+            dev = summary["dev"][task]
+            lines += ["inner lr chosen on the dev queries (dev accuracy): " + ", ".join(
+                f"{m} {lr:g} ({dev[f'{m} lr={lr:g}']['accuracy']:.3f})" for m, lr in chosen.items()), ""]
+        lines += ["| method | accuracy | vs ICL (95% CI) | vs zero-shot (95% CI) |", "|---|---|---|---|"]
         for m, r in rows.items():
             fmt = lambda key, r=r: (  # noqa: E731
                 f"{r[key]['estimate']:+.3f} [{r[key]['low']:+.3f}, {r[key]['high']:+.3f}]" if key in r else "")
@@ -348,14 +386,26 @@ def run_eval(cfg: TintEvalConfig, progress: Progress | None = None, model=None, 
     summary: dict[str, Any] = {"tasks": {}, "tint_check": {}, "seconds": {}}
     for task in cfg.tasks:
         spec, examples = load_task(task)
-        splits = make_splits(examples, seed=0, n_train=max(200, 4 * cfg.shots), n_dev=0, n_test=cfg.n_test,
-                             data_seed=cfg.data_seed)
+        splits = make_splits(examples, seed=0, n_train=max(200, 4 * cfg.shots), n_dev=cfg.n_dev,
+                             n_test=cfg.n_test, data_seed=cfg.data_seed)
+        steps = None
+        if cfg.n_dev:
+            path = out / "parts" / f"{task}-dev.json"
+            dev = _read(path)
+            if dev is None:
+                dev = run_task(inner, tokenizer, spec, splits.train, splits.dev, cfg, cfg.seeds[0], progress,
+                               tint_check=False, label=" (dev, lr choice)")
+                atomic_write_json(path, dev)
+            chosen = choose_lrs(dev, cfg)
+            summary.setdefault("chosen_lr", {})[task] = chosen
+            summary.setdefault("dev", {})[task] = summarize_task([dev])
+            steps = chosen_steps(chosen, cfg)
         parts = []
         for seed in cfg.seeds:
             path = out / "parts" / f"{task}-seed{seed}.json"
             part = _read(path)
             if part is None:
-                part = run_task(inner, tokenizer, spec, splits.train, splits.test, cfg, seed, progress)
+                part = run_task(inner, tokenizer, spec, splits.train, splits.test, cfg, seed, progress, steps)
                 atomic_write_json(path, part)
             parts.append(part)
         summary["tasks"][task] = summarize_task(parts)
