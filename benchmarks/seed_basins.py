@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--n-path", type=int, default=24, help="train and OOD examples per path point")
     p.add_argument("--group", type=int, default=4, help="points per forward")
     p.add_argument("--surface-points", type=int, default=5, help="loss-surface grid points per axis")
+    p.add_argument("--n-curvature", type=int, default=16, help="training examples for sharpness and the trace")
+    p.add_argument("--hutchinson-samples", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "seed_basins")
     args = p.parse_args()
     study = load_config(SeedStudyConfig, CONFIG, [])
@@ -49,7 +51,8 @@ def main() -> None:
     trained = time.perf_counter() - start
     cfg = TopographyConfig(alphas=[float(x) for x in args.alphas.split(",")], n_train=args.n_path, n_ood=args.n_path,
                            batch_size=24, group=args.group, surface_points=args.surface_points, sharpness_steps=3,
-                           hutchinson_samples=2, n_curvature=16, n_boot=1000, n_perm=5000)
+                           hutchinson_samples=args.hutchinson_samples, n_curvature=args.n_curvature, n_boot=1000,
+                           n_perm=5000)
     start = time.perf_counter()
     report = topography(study.output_dir, cfg, Path(study.output_dir) / "topography", progress=True)
     measured = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""The pairwise barrier matrix: N(N-1)/2 interpolation paths. Three ways, side by side on the same
+"""The pairwise barrier matrix: N(N-1)/2 interpolation paths. Four ways, side by side on the same
 runs, examples and alphas:
 
 - ``loop``: the straightforward loop, pair by pair (the way ``ftlab seeds report`` measures its few
@@ -8,9 +8,11 @@ runs, examples and alphas:
   are tokenised once into fixed batches, and each run's own evaluation is reused as the endpoints
   of its N - 1 paths (a path costs its interior alphas only);
 - ``grouped``: the same with all interior alphas of a path in one forward (LoRA: the batch is
-  repeated and each copy runs through its own point's adapter weights).
+  repeated and each copy runs through its own point's adapter weights);
+- ``cached``: the same, with the frozen layers below the lowest adapter run once per batch and
+  their output reused by every point (the default of ftlab.seeds.paths).
 
-The three barrier matrices must agree; the table shows seconds and the speed-up.
+The barrier matrices must agree; the table shows seconds and the speed-up.
 
     python benchmarks/seed_paths_speed.py runs/seeds-nli-basins --runs 4 --n 16
 """
@@ -52,11 +54,11 @@ def loop(names, runs, cfg, spec, examples, alphas, batch_size):
     return means
 
 
-def shared(names, runs, cfg, spec, examples, alphas, batch_size, group):
+def shared(names, runs, cfg, spec, examples, alphas, batch_size, group, cache_bottom):
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=0)
     ev = PointEvaluator(module, tokenizer, spec, {"train": examples}, batch_size=batch_size,
-                        max_length=cfg.data.max_length, group=group)
+                        max_length=cfg.data.max_length, group=group, cache_bottom=cache_bottom)
     points = {n: run_weights(runs[n], cfg) for n in names}
     own = {n: ev.evaluate(points[n], "train") for n in names}  # each run once: the endpoints of its paths
     means = np.zeros((len(names), len(names), len(alphas)))
@@ -92,9 +94,12 @@ def main() -> None:
     interior = len([a for a in alphas if a not in (0.0, 1.0)])
     timings, results = {}, {}
     for name, fn in (("loop", lambda: loop(names, runs, cfg, data.spec, examples, alphas, args.batch_size)),
-                     ("shared", lambda: shared(names, runs, cfg, data.spec, examples, alphas, args.batch_size, 1)),
+                     ("shared", lambda: shared(names, runs, cfg, data.spec, examples, alphas, args.batch_size, 1,
+                                               False)),
                      ("grouped", lambda: shared(names, runs, cfg, data.spec, examples, alphas, args.batch_size,
-                                                interior))):
+                                                interior, False)),
+                     ("cached", lambda: shared(names, runs, cfg, data.spec, examples, alphas, args.batch_size,
+                                               interior, True))):
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -107,7 +112,7 @@ def main() -> None:
     agree = {k: float(np.abs(barriers[k] - barriers["loop"]).max()) for k in barriers}
     pairs = len(names) * (len(names) - 1) // 2
     forwards = {"loop": pairs * len(alphas), "shared": len(names) + pairs * interior,
-                "grouped": len(names) + pairs * interior}
+                "grouped": len(names) + pairs * interior, "cached": len(names) + pairs * interior}
     rows = [(k, f"{timings[k]:.1f}", forwards[k] * args.n, f"{timings['loop'] / timings[k]:.2f}x", f"{agree[k]:.1e}")
             for k in timings]
     print(f"{len(names)} runs, {pairs} pairs, alphas {alphas}, {args.n} examples per point, device {cfg.device}")

@@ -101,3 +101,38 @@ def test_full_fine_tuning_falls_back_to_one_point_per_forward(tiny_model_factory
     module = prepare_model(tiny_model_factory("llama"), "full")
     ev = PointEvaluator(module, tiny_tokenizer, SPEC, {"train": cue_examples(4)}, group=4)
     assert ev.linears is None and ev.group == 1
+
+
+def test_frozen_bottom_layers_run_once_and_change_nothing(tiny_model_factory, tiny_tokenizer):
+    model = tiny_model_factory("llama")
+    top = model.config.num_hidden_layers - 1
+    assert top >= 1
+    module = prepare_model(model, "lora", lora=LoraSettings(r=2, target_modules=[f"layers.{top}.self_attn.q_proj",
+                                                                                  f"layers.{top}.self_attn.v_proj"]))
+    base = {n: p.detach().clone() for n, p in trainable_parameters(module)}
+    points = [{n: t + 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(s)) for n, t in base.items()}
+              for s in range(3)]
+    sets = {"train": cue_examples(13), "ood": cue_examples(5, seed=1)}
+    plain = PointEvaluator(module, tiny_tokenizer, SPEC, sets, batch_size=4, group=1, cache_bottom=False)
+    assert plain.bottom is None
+    want = {name: plain.evaluate_many(points, name) for name in sets}
+    calls = []
+    layer0 = next(m for n, m in module.named_modules() if n.endswith("layers.0"))
+    handle = layer0.register_forward_hook(lambda *a: calls.append(1))
+    cached = PointEvaluator(module, tiny_tokenizer, SPEC, sets, batch_size=4, group=3)
+    assert cached.bottom is not None and cached.bottom.first == top
+    captured = len(calls)
+    assert captured == 4 + 2  # once per fixed batch while caching
+    for group in (1, 3):
+        cached.group = group
+        for name in sets:
+            for a, b in zip(want[name], cached.evaluate_many(points, name)):
+                np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+                assert np.array_equal(a.correct, b.correct)
+    assert len(calls) == captured  # the bottom layer never ran again
+    handle.remove()
+    # The model is whole again afterwards: its own forward equals the uncached evaluator.
+    assert all(type(m).__name__ != "_Passthrough" for m in module.modules())
+    # A trainable tensor outside the decoder layers (or in layer 0) means nothing can be skipped.
+    full = prepare_model(tiny_model_factory("llama"), "lora", lora=LoraSettings(r=2))
+    assert PointEvaluator(full, tiny_tokenizer, SPEC, {"train": cue_examples(4)}).bottom is None

@@ -10,6 +10,10 @@ times and a forward hook on each adapter matrix applies the ``k``-th point's wei
 ``k``-th copy, so the frozen model's matmuls run on ``K x B`` rows at once. Other modes evaluate
 one point after the other.
 
+Layers below the first one holding a trainable tensor are the same for every point (LoRA on the
+top layers, as in the seed studies): their output for each fixed batch is computed once and cached,
+and every later forward skips them (``cache_bottom``; measured in benchmarks/seed_paths_speed.py).
+
 Straight-line paths reuse their endpoints: ``theta(0)`` and ``theta(1)`` are the runs
 themselves, evaluated once per run (:meth:`PointEvaluator.evaluate`), so a path costs only its
 interior alphas.
@@ -68,7 +72,7 @@ class PointEvaluator:
     example sets, each tokenised once. ``group``: points per forward (LoRA only; 1: one by one)."""
 
     def __init__(self, module: nn.Module, tokenizer, spec: TaskSpec, sets: Mapping[str, Sequence[Example]], *,
-                 batch_size: int = 16, max_length: int = 256, group: int = 4) -> None:
+                 batch_size: int = 16, max_length: int = 256, group: int = 4, cache_bottom: bool = True) -> None:
         if spec.kind != "classification":
             raise FtlabError(f"loss surfaces need a classification task; {spec.name!r} is not")
         self.module = module.eval()
@@ -89,6 +93,10 @@ class PointEvaluator:
         self.sizes = {name: len(examples) for name, examples in sets.items()}
         self.linears = _lora_linears(module, self.params)
         self.group = group if self.linears is not None else 1
+        self.bottom = _FrozenBottom.find(module, self.params) if cache_bottom else None
+        if self.bottom is not None:
+            self.bottom_cache = {name: [self.bottom.capture(module, b) for b in batches]
+                                 for name, batches in self.batches.items()}
 
     def check_point(self, point: Point, where: str) -> None:
         """Raise unless ``point`` holds exactly this module's trainable tensors, with their shapes."""
@@ -124,8 +132,10 @@ class PointEvaluator:
         k, n = len(points), self.sizes[set_name]
         losses, correct = np.zeros((k, n)), np.zeros((k, n))
         chunks = self.orders[set_name]
-        with self._grouped(points):
-            for batch, idx in zip(self.batches[set_name], chunks):
+        with self._grouped(points), self._skipping_bottom():
+            for j, (batch, idx) in enumerate(zip(self.batches[set_name], chunks)):
+                if self.bottom is not None:
+                    self.bottom.hidden = self.bottom_cache[set_name][j].repeat(k, 1, 1)
                 scores = objectives.option_scores(self.module, _repeat(batch, k) if k > 1 else batch,
                                                   self.encoder.option_ids).float()
                 gold = batch.gold.repeat(k)
@@ -134,6 +144,14 @@ class PointEvaluator:
                 losses[:, idx] = loss.double().cpu().numpy()
                 correct[:, idx] = hit.double().cpu().numpy()
         return [SetResult(losses[i], correct[i]) for i in range(k)]
+
+    @contextlib.contextmanager
+    def _skipping_bottom(self) -> Iterator[None]:
+        if self.bottom is None:
+            yield
+        else:
+            with self.bottom.skipped():
+                yield
 
     @contextlib.contextmanager
     def _grouped(self, points: Sequence[Point]) -> Iterator[None]:
@@ -164,6 +182,88 @@ def _group_hook(stacked: torch.Tensor):
         y = torch.einsum("kb...i,koi->kb...o", xs.to(stacked.dtype), stacked)
         return y.reshape(*x.shape[:-1], stacked.shape[1]).to(output.dtype)
     return hook
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a skipped decoder layer: returns its input hidden states (as a 1-tuple for
+    the transformers versions whose layers return tuples)."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+class _FrozenBottom:
+    """The decoder layers below ``first`` (the lowest layer holding a trainable tensor): their
+    output is captured once per batch, and while :meth:`skipped` they are replaced by
+    passthroughs and a pre-hook on layer ``first`` substitutes the captured hidden states."""
+
+    def __init__(self, layers: nn.ModuleList, first: int, as_tuple: bool) -> None:
+        self.layers, self.first, self.as_tuple = layers, first, as_tuple
+        self.hidden: torch.Tensor | None = None
+
+    @classmethod
+    def find(cls, module: nn.Module, params: Mapping[str, nn.Parameter]) -> "_FrozenBottom | None":
+        """The stack's frozen bottom, or None when there is nothing to skip (a trainable tensor
+        outside the decoder layers, e.g. a prefix or the embeddings, or one in the first layer)."""
+        for list_name, layers in module.named_modules():
+            if not (isinstance(layers, nn.ModuleList) and list_name.endswith("layers") and len(layers) > 1):
+                continue
+            index = []
+            for name in params:
+                head, _, rest = name.partition(list_name + ".")
+                if head or not rest:
+                    return None  # a trainable tensor outside the stack
+                index.append(int(rest.split(".")[0]))
+            first = min(index)
+            return cls(layers, first, as_tuple=False) if first > 0 else None
+        return None
+
+    def capture(self, module: nn.Module, batch: ModelBatch) -> torch.Tensor:
+        """The hidden states entering layer ``first`` for ``batch`` (the forward stops there)."""
+        got: list[torch.Tensor] = []
+
+        def grab(_m, args, kwargs):
+            got.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+            raise _Stop
+
+        def kind(_m, _args, output):
+            self.as_tuple = isinstance(output, tuple)
+
+        handles = [self.layers[self.first].register_forward_pre_hook(grab, with_kwargs=True),
+                   self.layers[0].register_forward_hook(kind)]
+        try:
+            with torch.no_grad(), contextlib.suppress(_Stop):
+                objectives.option_scores(module, batch, [])
+        finally:
+            for h in handles:
+                h.remove()
+        return got[0]
+
+    @contextlib.contextmanager
+    def skipped(self) -> Iterator[None]:
+        def feed(_m, args, kwargs):
+            if args:
+                return (self.hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self.hidden}
+
+        originals = [self.layers[i] for i in range(self.first)]
+        for i in range(self.first):
+            self.layers[i] = _Passthrough(self.as_tuple)
+        handle = self.layers[self.first].register_forward_pre_hook(feed, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
 
 
 def _lora_linears(module: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, nn.Linear] | None:
