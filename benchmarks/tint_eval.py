@@ -3,16 +3,19 @@
     nice -n 10 .venv/bin/python benchmarks/tint_eval.py [key=value ...]   # overrides of configs tint-eval
 
 Runs ``ftlab.tint.experiment.run_eval`` (resumable, into output_dir) and copies the summary with
-the machine's state into benchmarks/results/tint_eval.json."""
+the machine's state, the report and the figure into benchmarks/results/<output folder name>.{json,md,png}
+(runs/tint-eval -> tint_eval.*)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch  # noqa: E402
 
-from _common import machine, write_json
+from _common import RESULTS, machine, write_json
 
 
 def main() -> None:
@@ -26,9 +29,12 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = run_eval(cfg, progress=lambda what, i, n: print(f"{time.strftime('%H:%M:%S')} {what}: {i}/{n}",
                                                               flush=True))
-    write_json("tint_eval.json", {"config": vars(cfg), "machine_before": before, "machine_after": machine(),
-                                  "wall_seconds": time.perf_counter() - t0, "summary": summary})
-    print(open(f"{cfg.output_dir}/report.md").read())
+    name = Path(cfg.output_dir).name.replace("-", "_")  # runs/tint-eval -> tint_eval.json, .md, .png
+    write_json(f"{name}.json", {"config": vars(cfg), "machine_before": before, "machine_after": machine(),
+                                "wall_seconds": time.perf_counter() - t0, "summary": summary})
+    shutil.copyfile(Path(cfg.output_dir) / "report.md", RESULTS / f"{name}.md")
+    shutil.copyfile(Path(cfg.output_dir) / "tint_eval.png", RESULTS / f"{name}.png")
+    print((Path(cfg.output_dir) / "report.md").read_text())
 
 
 if __name__ == "__main__":
