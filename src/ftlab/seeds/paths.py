@@ -132,7 +132,8 @@ class PointEvaluator:
         k, n = len(points), self.sizes[set_name]
         losses, correct = np.zeros((k, n)), np.zeros((k, n))
         chunks = self.orders[set_name]
-        with self._grouped(points), self._skipping_bottom():
+        skipping = self.bottom.skipped() if self.bottom is not None else contextlib.nullcontext()
+        with self._grouped(points), skipping:
             for j, (batch, idx) in enumerate(zip(self.batches[set_name], chunks)):
                 if self.bottom is not None:
                     self.bottom.hidden = self.bottom_cache[set_name][j].repeat(k, 1, 1)
@@ -144,14 +145,6 @@ class PointEvaluator:
                 losses[:, idx] = loss.double().cpu().numpy()
                 correct[:, idx] = hit.double().cpu().numpy()
         return [SetResult(losses[i], correct[i]) for i in range(k)]
-
-    @contextlib.contextmanager
-    def _skipping_bottom(self) -> Iterator[None]:
-        if self.bottom is None:
-            yield
-        else:
-            with self.bottom.skipped():
-                yield
 
     @contextlib.contextmanager
     def _grouped(self, points: Sequence[Point]) -> Iterator[None]:
@@ -205,8 +198,9 @@ class _FrozenBottom:
     output is captured once per batch, and while :meth:`skipped` they are replaced by
     passthroughs and a pre-hook on layer ``first`` substitutes the captured hidden states."""
 
-    def __init__(self, layers: nn.ModuleList, first: int, as_tuple: bool) -> None:
-        self.layers, self.first, self.as_tuple = layers, first, as_tuple
+    def __init__(self, layers: nn.ModuleList, first: int) -> None:
+        self.layers, self.first = layers, first
+        self.as_tuple = False  # whether the layers return tuples (older transformers): set by capture()
         self.hidden: torch.Tensor | None = None
 
     @classmethod
@@ -223,7 +217,7 @@ class _FrozenBottom:
                     return None  # a trainable tensor outside the stack
                 index.append(int(rest.split(".")[0]))
             first = min(index)
-            return cls(layers, first, as_tuple=False) if first > 0 else None
+            return cls(layers, first) if first > 0 else None
         return None
 
     def capture(self, module: nn.Module, batch: ModelBatch) -> torch.Tensor:

@@ -160,10 +160,12 @@ def choose_lrs(dev: dict[str, Any], cfg: TintEvalConfig) -> dict[str, float]:
     for kind in ("exact", "approx"):
         for k in cfg.layers:
             for loss in cfg.losses:
-                def score(lr: float, kind=kind, k=k, loss=loss) -> tuple[float, float, float]:
-                    m = method_name(kind, k, loss, lr)
+                family = family_name(kind, k, loss)
+
+                def score(lr: float, family=family) -> tuple[float, float, float]:
+                    m = with_lr(family, lr)
                     return (-float(np.mean(dev["correct"][m])), float(np.mean(dev["loss"][m])), lr)
-                chosen[f"{kind} k={k} {loss}"] = min(cfg.lrs, key=score)
+                chosen[family] = min(cfg.lrs, key=score)
     return chosen
 
 
@@ -171,11 +173,20 @@ def chosen_steps(chosen: dict[str, float], cfg: TintEvalConfig) -> list[Step]:
     """The (k, loss, lr) steps the test queries need: every chosen lr (both kinds run at each, so
     exact and approx stay paired)."""
     return [(k, loss, lr) for k in cfg.layers for loss in cfg.losses for lr in cfg.lrs
-            if lr in (chosen[f"exact k={k} {loss}"], chosen[f"approx k={k} {loss}"])]
+            if lr in (chosen[family_name("exact", k, loss)], chosen[family_name("approx", k, loss)])]
+
+
+def family_name(kind: str, k: int, loss: str) -> str:
+    """A method without its lr (``"exact k=1 label"``): what an lr is chosen for."""
+    return f"{kind} k={k} {loss}"
+
+
+def with_lr(family: str, lr: float) -> str:
+    return f"{family} lr={lr:g}"
 
 
 def method_name(kind: str, k: int, loss: str, lr: float) -> str:
-    return f"{kind} k={k} {loss} lr={lr:g}"
+    return with_lr(family_name(kind, k, loss), lr)
 
 
 def classify(inner: InnerModel, ctx: Context, option_ids: list[int], cfg: TintEvalConfig,
@@ -322,7 +333,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         if chosen:
             dev = summary["dev"][task]
             lines += ["inner lr chosen on the dev queries (dev accuracy): " + ", ".join(
-                f"{m} {lr:g} ({dev[f'{m} lr={lr:g}']['accuracy']:.3f})" for m, lr in chosen.items()), ""]
+                f"{m} {lr:g} ({dev[with_lr(m, lr)]['accuracy']:.3f})" for m, lr in chosen.items()), ""]
         lines += ["| method | accuracy | vs ICL (95% CI) | vs zero-shot (95% CI) |", "|---|---|---|---|"]
         for m, r in rows.items():
             fmt = lambda key, r=r: (  # noqa: E731
