@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab import objectives
+from ftlab.distributed import blocks_of
 from ftlab.errors import FtlabError
 from ftlab.evaluate import model_device
 from ftlab.models import trainable_parameters
@@ -205,20 +206,22 @@ class _FrozenBottom:
 
     @classmethod
     def find(cls, module: nn.Module, params: Mapping[str, nn.Parameter]) -> "_FrozenBottom | None":
-        """The stack's frozen bottom, or None when there is nothing to skip (a trainable tensor
-        outside the decoder layers, e.g. a prefix or the embeddings, or one in the first layer)."""
-        for list_name, layers in module.named_modules():
-            if not (isinstance(layers, nn.ModuleList) and list_name.endswith("layers") and len(layers) > 1):
-                continue
-            index = []
-            for name in params:
-                head, _, rest = name.partition(list_name + ".")
-                if head or not rest:
-                    return None  # a trainable tensor outside the stack
-                index.append(int(rest.split(".")[0]))
-            first = min(index)
-            return cls(layers, first) if first > 0 else None
-        return None
+        """The stack's frozen bottom (the blocks are :func:`ftlab.distributed.blocks_of`), or None
+        when there is nothing to skip (no blocks, a trainable tensor outside them, e.g. a prefix or
+        the embeddings, or one in the first block)."""
+        try:
+            layers = blocks_of(module)
+        except FtlabError:
+            return None
+        list_name = next(n for n, m in module.named_modules() if m is layers)
+        index = []
+        for name in params:
+            head, _, rest = name.partition(list_name + ".")
+            if head or not rest:
+                return None  # a trainable tensor outside the stack
+            index.append(int(rest.split(".")[0]))
+        first = min(index)
+        return cls(layers, first) if first > 0 else None
 
     def capture(self, module: nn.Module, batch: ModelBatch) -> torch.Tensor:
         """The hidden states entering layer ``first`` for ``batch`` (the forward stops there)."""
