@@ -112,13 +112,3 @@ def smollm2():
     from ftlab.models import load_model
 
     return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="session")
-def bigbench():
-    """The real BIG-bench task files in the ftlab cache (fetched and extracted on first use, as on
-    a fresh CI machine; later sessions only verify checksums)."""
-    from ftlab.tasks import prepare
-
-    return prepare(progress=False)
-

@@ -160,7 +160,7 @@ def test_default_patterns_cover_the_registry_and_natural_instructions():
 
 
 def test_bigbench_file_and_extracted_files(cache, fake_tarball):
-    with pytest.raises(FtlabError, match="run `ftlab data prepare`"):
+    with pytest.raises(FtlabError, match="run `ftlab data prepare --tarball PATH`"):
         bigbench.bigbench_file("strategyqa/task.json")
     with pytest.raises(FtlabError, match="not prepared"):
         bigbench.extracted_files([NI])

@@ -1,24 +1,24 @@
-"""The registry's loaders and load_task's dispatch, on small fake BIG-bench files."""
+"""The BIG-bench loaders (an optional source) and load_task's dispatch, on small fake BIG-bench files."""
 
 import pytest
 
 from ftlab.errors import FtlabError
-from ftlab.tasks import get_spec, list_tasks, load_task, prepare
+from ftlab.tasks import get_spec, list_tasks, load_task, prepare_bigbench
 from ftlab.tasks.registry import required_files
 
 
 @pytest.fixture
 def prepared(cache, fake_tarball):
-    prepare(required_files(), tarball=fake_tarball, progress=False)
+    prepare_bigbench(required_files(), tarball=fake_tarball, progress=False)
 
 
-def test_sentiment_keeps_positive_and_negative_once(prepared):
-    spec, examples = load_task("sentiment")
+def test_multiemo_keeps_positive_and_negative_once(prepared):
+    spec, examples = load_task("multiemo")
     # source order: 0 pos, 1 neutral, 2 neg, 3 ambivalent, 4 repeat of 0, 5 blank, 6 neg
     assert [(e.id, e.fields["text"], e.label) for e in examples] == [
-        ("sentiment:0", "Great doctor, very kind.", 1),
-        ("sentiment:2", "Rude staff and dirty rooms.", 0),
-        ("sentiment:6", "Never again.", 0)]
+        ("multiemo:0", "Great doctor, very kind.", 1),
+        ("multiemo:2", "Rude staff and dirty rooms.", 0),
+        ("multiemo:6", "Never again.", 0)]
     assert examples[1].source == "multiemo/all_sentence_en/task.json:2"
     assert spec.demonstration(examples[0]) == "Review: Great doctor, very kind.\nSentiment: positive"
 
@@ -48,10 +48,10 @@ def test_squad_questions_with_all_gold_answers(prepared):
 
 
 def test_aliases_and_overrides(prepared):
-    spec, examples = load_task("multiemo", template="{text} It was", options=[" terrible", " great"])
-    assert spec.name == "sentiment" and len(examples) == 3
+    spec, examples = load_task("bigbench_sentiment", template="{text} It was", options=[" terrible", " great"])
+    assert spec.name == "multiemo" and len(examples) == 3
     assert spec.demonstration(examples[0]) == "Great doctor, very kind. It was great"
-    assert get_spec("sentiment").options == [" negative", " positive"]  # registry untouched
+    assert get_spec("multiemo").options == [" negative", " positive"]  # registry untouched
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -66,19 +66,22 @@ def test_bad_overrides_are_refused(kwargs, match):
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(FtlabError, match=r"unknown task 'sst9'; built-in tasks: sentiment, strategyqa, nli, squad"):
+    with pytest.raises(FtlabError,
+                       match=r"unknown task 'sst9'; built-in tasks: sentiment, sentiment_tweets, .*, strategyqa, nli"):
         load_task("sst9")
 
 
-def test_unprepared_data_says_run_prepare(cache):
-    with pytest.raises(FtlabError, match="ftlab data prepare"):
+def test_unprepared_bigbench_says_pass_the_tarball(cache):
+    with pytest.raises(FtlabError, match=r"no longer on PyPI\): run `ftlab data prepare --tarball PATH`"):
         load_task("strategyqa")
 
 
 def test_list_tasks_returns_copies():
     specs = list_tasks()
-    assert [s.name for s in specs] == ["sentiment", "strategyqa", "nli", "squad", "nli_binary", "epistemic_reasoning",
-                                       "analytic_entailment"]
+    assert [s.name for s in specs] == [
+        "sentiment", "sentiment_tweets", "sentiment_amazon", "sentiment_nyt", "trec", "boolq", "piqa", "siqa",
+        "openbookqa", "commonsenseqa", "disflqa", "factual_summary", "corr2cause", "corr2cause_binary",
+        "multiemo", "strategyqa", "nli", "squad", "nli_binary", "epistemic_reasoning", "analytic_entailment"]
     specs[0].options.append(" neutral")
     assert list_tasks()[0].options == [" negative", " positive"]
     assert all(s.description for s in specs)

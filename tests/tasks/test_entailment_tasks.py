@@ -1,19 +1,21 @@
 """The entailment-vs-not tasks of the seed topography (nli_binary and two OOD tests), on small fake
-BIG-bench files: one prompt and one pair of label words for all three."""
+BIG-bench files: one prompt and one pair of label words for them and the default entailment tasks."""
 
 import pytest
 
-from ftlab.tasks import load_task, prepare
-from ftlab.tasks.registry import ENTAILMENT_OPTIONS, required_files
+from ftlab.tasks import load_task, prepare_bigbench
+from ftlab.tasks.parsers import ENTAILMENT_OPTIONS
+from ftlab.tasks.registry import required_files
 
 
 @pytest.fixture
 def prepared(cache, fake_tarball):
-    prepare(required_files(), tarball=fake_tarball, progress=False)
+    prepare_bigbench(required_files(), tarball=fake_tarball, progress=False)
 
 
 def test_three_tasks_share_prompt_and_label_words(prepared):
-    specs = {name: load_task(name)[0] for name in ("nli_binary", "epistemic_reasoning", "analytic_entailment")}
+    specs = {name: load_task(name)[0] for name in ("nli_binary", "epistemic_reasoning", "analytic_entailment",
+                                                    "factual_summary", "corr2cause_binary")}
     assert {tuple(s.options) for s in specs.values()} == {ENTAILMENT_OPTIONS}
     assert len({s.template for s in specs.values()}) == 1
 
@@ -38,14 +40,3 @@ def test_ood_tasks_split_premise_and_hypothesis(prepared):
     assert [e.label for e in an] == [1, 0]
     assert spec.prompt(an[1]) == ("Premise: Fido is a dog.\nHypothesis: Fido is a mammal.\n"
                                   "Does the premise entail the hypothesis?\nAnswer:")
-
-
-@pytest.mark.slow
-def test_real_bigbench_counts(bigbench):
-    from collections import Counter
-
-    counts = {name: Counter(e.label for e in load_task(name)[1])
-              for name in ("nli_binary", "epistemic_reasoning", "analytic_entailment")}
-    # label 0 = entailment: 301 of presuppositions_as_nli's 735; 741 of epistemic's 2,000; 30 of analytic's 70
-    assert counts == {"nli_binary": {0: 301, 1: 434}, "epistemic_reasoning": {0: 741, 1: 1259},
-                      "analytic_entailment": {0: 30, 1: 40}}
