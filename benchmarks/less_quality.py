@@ -1,22 +1,26 @@
-"""LESS quality on the real BIG-bench pool: does the selection come from the target's own family?
+"""LESS quality on the real evals pool: what does LESS select for a target family held out of the pool?
 
     python benchmarks/less_quality.py                        # CPU-sized defaults (see --help)
     python benchmarks/less_quality.py --device cuda --per-task 40 --lora-layers 0 --max-length 256 --train-epochs 2
 
-Builds the pool (``natural_instructions`` subtasks + strategyqa/nli/sentiment) with
-``ftlab.select.data.build_bigbench_pool``; per subtask, the first ``--n-select`` held-out target
-examples define the target set and the next ``--n-eval`` are the held-out evaluation examples.
-One warm-up and one pool-feature pass serve every target (they do not depend on it); then for
-each target family: (a) the share of the selected ``--fraction`` drawn from that family, for
-LESS, random and representation similarity (and the family's share of the pool: random's
-expectation); (b) with ``--train-epochs N``: LoRA trained on the LESS / random selection (and
-``--full`` the whole pool), scored by the mean response NLL on the family's held-out examples
-(beside the untrained base); the selections are saved in the JSON, so a rerun there (e.g. with
-``--transfer-model gemma3-270m`` on another machine) repeats (b) on that model with SmolLM2's
-selection without recomputing it.
+Builds the pool with ``ftlab.select.pool.build_evals_pool`` from the registry data of the pinned
+``evals`` wheel (the data sets its LICENSE.md restricts left out), holding the ``--families`` out:
+they are never in the pool, and per task of theirs the first ``--n-select`` drawn examples define
+the target set and the next ``--n-eval`` are the held-out evaluation examples. One warm-up and one
+pool-feature pass serve every target (they do not depend on it); then for each target family:
+(a) the pool families the selected ``--fraction`` comes from, for LESS, random and
+representation similarity, and how much the LESS and representation selections overlap (the
+family itself is never in the pool, so what matters is which related tasks are picked, e.g.
+other multiple-choice or other-language tasks); (b) with ``--train-epochs N``: LoRA trained on the
+LESS / random selection (and ``--full`` the whole pool), scored by the mean response NLL on the
+family's held-out examples (beside the untrained base); the selections are saved in the JSON, so a
+rerun there (e.g. with ``--transfer-model gemma3-270m`` on another machine) repeats (b) on that
+model with SmolLM2's selection without recomputing it.
 
-Resumable: warm-up, datastores and finished stages are reused (``--work``). Writes
-``benchmarks/results/less_quality.json`` and prints markdown tables.
+Resumable: the pool (kept while its spec is unchanged, so a machine without the wheel can run from
+a copied ``--work`` folder), warm-up, datastores and finished stages are reused (``--work``).
+Writes ``benchmarks/results/less_quality_evals.json`` and prints markdown tables (the earlier
+BIG-bench pool's results stay in ``less_quality.json``).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--families", default="winogrande,qasc,multirc", help="target task families")
-    p.add_argument("--per-task", type=int, default=2, help="pool examples per subtask")
-    p.add_argument("--n-select", type=int, default=2, help="target examples per subtask (selection)")
-    p.add_argument("--n-eval", type=int, default=2, help="held-out examples per subtask (evaluation)")
+    p.add_argument("--families", default="exams-qa,lexicon,sarcasm",
+                   help="target families, held out of the pool (see ftlab.select.pool.evals_family)")
+    p.add_argument("--per-task", type=int, default=2, help="pool examples per registry task")
+    p.add_argument("--n-select", type=int, default=2, help="target examples per task of a target family (selection)")
+    p.add_argument("--n-eval", type=int, default=2, help="held-out examples per task of a target family (evaluation)")
     p.add_argument("--max-chars", type=int, default=400)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lora-layers", type=int, default=4, help="LoRA on q,v of the last N layers (0: all)")
@@ -53,8 +58,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--full-epochs", type=int, default=None, help="epochs on the whole pool (default: --train-epochs)")
     p.add_argument("--transfer-model", default=None, help="(b) on this model with the selection made by --model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", default="runs/less_quality")
-    p.add_argument("--output", default=str(RESULTS / "less_quality.json"))
+    p.add_argument("--work", default="runs/less_quality_evals")
+    p.add_argument("--output", default=str(RESULTS / "less_quality_evals.json"),
+                   help="results JSON (less_quality.json holds the earlier BIG-bench pool's run)")
     return p.parse_args()
 
 
@@ -69,23 +75,20 @@ def lora_settings(args: argparse.Namespace, n_layers: int):
 
 
 def pool_files(folder: Path, spec) -> dict[str, Path]:
-    """The pool and target files for ``spec``: built from BIG-bench once, then reused while the
-    spec is unchanged (so a machine without the BIG-bench data can run from a copied folder)."""
-    import dataclasses
+    """The pool and target files for ``spec``: built from the evals wheel once, then kept while
+    the spec is unchanged (the builder's manifest records it; no wheel is needed then)."""
+    from ftlab.select.pool import build_evals_pool
 
-    from ftlab.select.data import build_bigbench_pool
-
-    stamp = folder / "spec.json"
-    wanted = json.dumps(dataclasses.asdict(spec), sort_keys=True)
-    if not (stamp.exists() and stamp.read_text() == wanted):
-        build_bigbench_pool(folder, spec)
-        stamp.write_text(wanted)
-    return {"pool": folder / "pool.jsonl",
-            **{p.stem: p for p in sorted((folder / "targets").glob("*.jsonl"))}}
+    built = build_evals_pool(folder, spec, progress=True)
+    counts = built.manifest.get("counts", {})
+    if counts:
+        print(f"pool from {built.manifest['source']['requirement']}: {counts['tasks_kept']} tasks, licence-excluded "
+              f"{', '.join(counts['licence_excluded'])} ({built.seconds:.1f} s)")
+    return {"pool": built.pool, **built.targets}
 
 
 def split_targets(work: Path, paths: dict, args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
-    """Per family: a selection target file and an evaluation file, split per subtask."""
+    """Per family: a selection target file and an evaluation file, split per task."""
     from ftlab.select.data import load_instructions
 
     out = {}
@@ -102,8 +105,9 @@ def split_targets(work: Path, paths: dict, args: argparse.Namespace) -> dict[str
     return out
 
 
-def share(ids: list[str], rows: list[int], family_of: dict[str, str], family: str) -> float:
-    return sum(family_of[ids[r]] == family for r in rows) / len(rows)
+def top_families(ids: list[str], rows: list[int], family_of: dict[str, str], n: int = 5) -> dict[str, int]:
+    """The ``n`` pool families most selected, with their counts."""
+    return dict(collections.Counter(family_of[ids[r]] for r in rows).most_common(n))
 
 
 def eval_loss(module, tokenizer, examples, max_length: int) -> float:
@@ -143,9 +147,7 @@ def train_and_eval(model_name: str, train_examples, eval_sets: dict, out: Path, 
 def select_all(args, work: Path, out: Path, results: dict, pool, pool_path: Path, targets: dict,
                family_of: dict[str, str]) -> None:
     """One warm-up and one pool-feature pass, then per target family the LESS, random and
-    representation selections: their ids (``results["selection"]``) and family shares."""
-    import numpy as np
-
+    representation selections: their ids (``results["selection"]``) and the families they draw."""
     from ftlab.models import load_model
     from ftlab.select.baselines import random_scores, representation_scores, representation_store
     from ftlab.select.data import load_instructions
@@ -189,22 +191,26 @@ def select_all(args, work: Path, out: Path, results: dict, pool, pool_path: Path
         results.setdefault("selection", {})[family] = {
             "less": [ids[r] for r in less_rows], "random": [ids[r] for r in rand_rows],
             "representation": [rep_ids[r] for r in rep_rows]}
-        results.setdefault("share", {})[family] = {
-            "pool_share": float(np.mean([family_of[i] == family for i in ids])),
-            "less": share(ids, less_rows, family_of, family),
-            "random": share(ids, rand_rows, family_of, family),
-            "representation": share(rep_ids, rep_rows, family_of, family),
+        less_ids, rep_ids_sel = {ids[r] for r in less_rows}, {rep_ids[r] for r in rep_rows}
+        results.setdefault("composition", {})[family] = {
+            "held_out": not any(family_of[i] == family for i in ids),
+            "less": top_families(ids, less_rows, family_of),
+            "random": top_families(ids, rand_rows, family_of),
+            "representation": top_families(rep_ids, rep_rows, family_of),
+            "less_representation_jaccard": len(less_ids & rep_ids_sel) / max(1, len(less_ids | rep_ids_sel)),
             "n_selected": len(less_rows), "n_targets": len(target_ex),
+            "less_n_families": len({family_of[ids[r]] for r in less_rows}),
             "less_selected_families": dict(collections.Counter(family_of[ids[r]] for r in less_rows).most_common()),
         }
         write_json(out, results)
 
 
-def print_shares(results: dict) -> None:
-    rows = [(fam, *(f"{r[k]:.3f}" for k in ("pool_share", "less", "random", "representation")), r["n_selected"])
-            for fam, r in results["share"].items()]
-    print("\n" + table(rows, ("target family", "pool share (random's expectation)", "LESS", "random",
-                              "representation", "n selected"), markdown=True))
+def print_composition(results: dict) -> None:
+    fmt = lambda top: ", ".join(f"{f} {n}" for f, n in list(top.items())[:3])  # noqa: E731
+    rows = [(fam, fmt(r["less"]), fmt(r["representation"]), fmt(r["random"]), f"{r['less_representation_jaccard']:.2f}",
+             r["n_selected"]) for fam, r in results.get("composition", {}).items()]
+    print("\n" + table(rows, ("held-out target family", "LESS: top pool families", "representation", "random",
+                              "LESS/rep. overlap (Jaccard)", "n selected"), markdown=True))
     print(f"\ntiming (s): {json.dumps(results.get('timing_s'))}")
 
 
@@ -248,7 +254,8 @@ def train_all(args, work: Path, out: Path, results: dict, pool, targets: dict) -
 
 def main() -> None:
     args = parse()
-    from ftlab.select.data import PoolSpec, load_instructions
+    from ftlab.select.data import load_instructions
+    from ftlab.select.pool import PoolSpec
 
     work = Path(args.work)
     out = Path(args.output).absolute()
@@ -256,7 +263,8 @@ def main() -> None:
     results["transfer_args" if args.transfer_model else "args"] = vars(args)  # the selecting run keeps its own
     results["transfer_machine" if args.transfer_model else "machine"] = machine()
     paths = pool_files(work / "data", PoolSpec(per_task=args.per_task, n_target=args.n_select + args.n_eval,
-                                               max_chars=args.max_chars, seed=args.seed))
+                                               max_chars=args.max_chars, seed=args.seed,
+                                               target_families=args.families.split(",")))
     pool = load_instructions([paths["pool"]])
     targets = split_targets(work, paths, args)
     family_of = {ex.id: ex.family for ex in pool}
@@ -267,7 +275,7 @@ def main() -> None:
         print("reusing the selections saved in", out)  # e.g. the transfer run on another machine
     else:
         select_all(args, work, out, results, pool, paths["pool"], targets, family_of)
-    print_shares(results)
+    print_composition(results)
 
     if args.train_epochs:
         train_all(args, work, out, results, pool, targets)

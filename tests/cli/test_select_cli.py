@@ -64,3 +64,42 @@ def test_bad_config_raises_ftlab_error(setup, args, message):
     result = CliRunner().invoke(app, [args[0], *args[1:], *setup] if args[0] == "baseline"
                                 else [args[0], *setup, *args[1:]])
     assert isinstance(result.exception, FtlabError) and message in str(result.exception)
+
+
+def test_prepare_pool_on_a_fake_evals_wheel(tmp_path, monkeypatch):
+    """prepare-pool end to end on a small evals-like wheel standing in for the pinned one."""
+    import zipfile
+
+    import ftlab.tasks.sources as sources
+    from ftlab.cli.select import DEFAULT_TARGETS
+    from ftlab.select.data import load_instructions
+    from ftlab.select.pool import DEFAULT_TARGET_FAMILIES
+
+    assert DEFAULT_TARGETS == DEFAULT_TARGET_FAMILIES
+    chat = lambda task, i: {"input": [{"role": "system", "content": task}, {"role": "user", "content": f"q{i}"}],  # noqa: E731
+                            "ideal": f"a{i}"}
+    wheel = tmp_path / "evals-0.0.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("evals-0.0.2.dist-info/LICENSE.md", "- **Location**: evals/registry/data/closed\n")
+        for task in ("french-lexicon", "dutch-lexicon", "algebra", "trivia", "closed"):
+            zf.writestr(f"evals/registry/data/{task}/samples.jsonl",
+                        "".join(json.dumps(chat(task, i)) + "\n" for i in range(6)))
+    fake = sources.Source("evals", "0.0.2", wheel.name, sources.sha256_of(wheel), wheel.stat().st_size, "test")
+    monkeypatch.setattr(sources, "EVALS", fake)
+    monkeypatch.setattr(sources, "SOURCES", (fake,))  # --archive recognises it by its sha256
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FTLAB_ARCHIVES", raising=False)
+    out = tmp_path / "less"
+    args = ["prepare-pool", "--out", str(out), "--targets", "lexicon", "--per-task", "3", "--n-target", "2",
+            "--archive", str(wheel)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "excluded by the wheel's LICENSE.md: closed" in result.output
+    assert "4 of 5 registry tasks used (2 pool families)" in result.output
+    pool, target = load_instructions([out / "pool.jsonl"]), load_instructions([out / "targets" / "lexicon.jsonl"])
+    assert sorted(ex.task for ex in pool) == ["algebra"] * 3 + ["trivia"] * 3
+    assert sorted(ex.task for ex in target) == ["dutch-lexicon"] * 2 + ["french-lexicon"] * 2
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "kept the files of an identical earlier build" in again.output
+    result = CliRunner().invoke(app, [*args[:4], "lexcon"])
+    assert isinstance(result.exception, FtlabError) and "did you mean lexicon" in str(result.exception)

@@ -1,21 +1,11 @@
-"""Instruction data: JSONL formats, ids across files, response-only labels, the BIG-bench pool."""
+"""Instruction data: JSONL formats, ids across files, response-only labels."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from ftlab.errors import FtlabError
-from ftlab.select.data import (
-    InstructionExample,
-    PoolSpec,
-    build_bigbench_pool,
-    collate,
-    encode,
-    load_instructions,
-    subtask_family,
-)
+from ftlab.select.data import InstructionExample, collate, encode, load_instructions
 
 from less_fixtures import write_jsonl
 
@@ -120,35 +110,4 @@ def test_chat_template_is_used_when_present(tiny_tokenizer):
     assert templated.decode(ids[:-n]) == "<user>Hi<assistant>"
 
 
-def test_subtask_family():
-    assert subtask_family("subtask002_quoref_answer_generation") == "quoref"
-    assert subtask_family("subtask046_miscellaenous_question_typing") == "misc"
-    assert subtask_family("subtask043_essential_terms_answering_incomplete_questions") == "essential_terms"
-    with pytest.raises(FtlabError, match="not a natural_instructions subtask"):
-        subtask_family("strategyqa")
-
-
-def test_bigbench_pool_from_fake_files(tmp_path, monkeypatch):
-    """The pool builder on a fake extracted BIG-bench: disjoint pool/targets, families, sizes."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FTLAB_CACHE", str(root))
-    for name in ("subtask001_alpha_question_generation", "subtask002_alpha_answer_generation", "subtask003_beta_x"):
-        folder = root / "bigbench" / "natural_instructions" / name
-        folder.mkdir(parents=True)
-        examples = [{"input": f"{name} input {i}", "target": [f"answer {i}"]} for i in range(10)]
-        examples.append({"input": "x" * 2000, "target": ["too long"]})
-        folder.joinpath("task.json").write_text(json.dumps(
-            {"task_prefix": f"Definition: Do {name}. More details here.", "examples": examples}))
-    paths = build_bigbench_pool(tmp_path / "out", PoolSpec(per_task=5, n_target=2, max_chars=500, other_tasks=[]))
-    assert sorted(paths) == ["alpha", "beta", "pool"]
-    pool = load_instructions([paths["pool"]])
-    alpha = load_instructions([paths["alpha"]])
-    assert len(pool) == 15 and len(alpha) == 4 and len(load_instructions([paths["beta"]])) == 2
-    assert {ex.family for ex in pool} == {"alpha", "beta"}
-    assert {ex.task for ex in alpha} == {"subtask001_alpha_question_generation", "subtask002_alpha_answer_generation"}
-    pool_texts = {ex.messages[0]["content"] for ex in pool}
-    assert not pool_texts & {ex.messages[0]["content"] for ex in alpha}  # targets held out
-    assert all(ex.messages[0]["content"].startswith(f"Do {ex.task}.\n\n") for ex in pool)  # first sentence only
-    assert all("too long" != ex.response for ex in pool)
-    again = build_bigbench_pool(tmp_path / "again", PoolSpec(per_task=5, n_target=2, max_chars=500, other_tasks=[]))
-    assert again["pool"].read_text() == paths["pool"].read_text()  # seeded
+# -- the pool from the evals wheel ----------------------------------------------------------------

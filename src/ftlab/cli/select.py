@@ -10,6 +10,8 @@ import typer
 
 from ftlab.cli.common import config_path, table
 
+DEFAULT_TARGETS = ("exams-qa", "lexicon", "sarcasm")  # ftlab.select.pool.DEFAULT_TARGET_FAMILIES (imported late)
+
 app = typer.Typer(help="Targeted data selection (LESS) from low-rank gradient features, and baselines.",
                   no_args_is_help=True)
 
@@ -52,21 +54,54 @@ def _report(cfg: Any, summary: dict) -> None:
                f"{out / 'selected.jsonl'}, {out / 'scores.csv'}, {out / 'selection.png'}")
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 @app.command("prepare-pool")
 def prepare_pool(
-    out: Path = typer.Option(Path("data/less"), help="Folder for pool.jsonl and targets/<family>.jsonl."),
-    per_task: int = typer.Option(40, help="Pool examples per BIG-bench subtask."),
-    n_target: int = typer.Option(4, help="Held-out target examples per subtask."),
-    max_chars: int = typer.Option(1000, help="Skip examples longer than this (prompt + response)."),
+    out: Path = typer.Option(Path("data/less"), help="Folder for pool.jsonl, targets/<family>.jsonl and "
+                                                     "manifest.json (files ftlab wrote there are replaced, "
+                                                     "no others)."),
+    targets: str = typer.Option(",".join(DEFAULT_TARGETS), help="Target families, comma-separated: held out "
+                                                               "of the pool, each gets targets/<family>.jsonl."),
+    per_task: int = typer.Option(40, help="Pool examples per registry task (folder) of the other families."),
+    n_target: int = typer.Option(4, help="Target examples per task of a target family."),
+    max_chars: int = typer.Option(1000, help="Skip examples longer than this (messages + response)."),
+    exclude: Optional[str] = typer.Option(None, help="Registry folders to leave out, comma-separated "
+                                                     "(default: those ftlab's built-in tasks read, corr2cause)."),
+    scan: int = typer.Option(1000, help="Rows parsed per task at most: a uniform sample of its lines."),
     seed: int = typer.Option(0),
+    archive: Optional[Path] = typer.Option(None, help="A local copy of the evals wheel to use (checked against "
+                                                      "its pinned sha256) instead of downloading it."),
 ) -> None:
-    """Build the instruction pool and per-family target sets from the extracted BIG-bench files
-    (natural_instructions subtasks + strategyqa, nli, sentiment; run `ftlab data prepare` first)."""
-    from ftlab.select.data import PoolSpec, build_bigbench_pool
+    """Build the instruction pool and held-out target sets from the registry data of the pinned
+    evals==3.0.1.post1 wheel (OpenAI evals; fetched from PyPI and sha256-checked on first use,
+    read without extracting it). The data sets its LICENSE.md puts under other licences are
+    left out; the target families never appear in the pool."""
+    from ftlab.errors import FtlabError
+    from ftlab.select.pool import PoolSpec, build_evals_pool
+    from ftlab.tasks import sources
 
-    paths = build_bigbench_pool(out, PoolSpec(per_task=per_task, n_target=n_target, max_chars=max_chars, seed=seed))
-    rows = [(name, str(path), str(sum(1 for _ in path.open()))) for name, path in paths.items()]
+    if archive is not None and (given := sources.add_archive(archive)) != sources.EVALS:
+        raise FtlabError(f"{archive} is {given.requirement}'s artefact, not {sources.EVALS.requirement}'s")
+    spec = PoolSpec(per_task=per_task, n_target=n_target, max_chars=max_chars, target_families=_names(targets),
+                    scan=scan, seed=seed)
+    if exclude is not None:
+        spec.exclude_tasks = _names(exclude)
+    built = build_evals_pool(out, spec, progress=True)
+    files, counts = built.manifest["files"], built.manifest.get("counts", {})
+    rows = [(name, str(path), str(files[str(path.relative_to(out))]["rows"]))
+            for name, path in [("pool", built.pool), *built.targets.items()]]
     typer.echo(table(rows, ("set", "file", "examples")))
+    if built.reused:
+        typer.echo(f"kept the files of an identical earlier build ({out / 'manifest.json'})")
+    else:
+        typer.echo(f"{counts['tasks_kept']} of {counts['tasks_in_registry']} registry tasks used "
+                   f"({counts['pool_families']} pool families); excluded by the wheel's LICENSE.md: "
+                   f"{', '.join(counts['licence_excluded']) or 'none'}; left out: "
+                   f"{', '.join(counts['spec_excluded']) or 'none'}; without usable rows: "
+                   f"{len(counts['tasks_without_usable_rows'])}; {built.seconds:.1f} s")
 
 
 @app.command("warmup")

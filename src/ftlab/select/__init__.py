@@ -10,9 +10,10 @@ from ftlab.grads.projection import ProjectionSpec, Projector, jl_tolerance
 from ftlab.select.baselines import random_scores, representation_scores, representation_store
 
 # Model side: instruction data, LoRA warm-up, gradient features, baselines, the end-to-end recipe.
-from ftlab.select.data import InstructionExample, PoolSpec, build_bigbench_pool, load_instructions
+from ftlab.select.data import InstructionExample, load_instructions
 from ftlab.select.datastore import Datastore, DatastoreManifest, DatastoreWriter, merge_datastores, write_distributed
 from ftlab.select.features import adam_precondition, collect_features, per_example_grads
 from ftlab.select.pipeline import SelectConfig, run_pipeline
+from ftlab.select.pool import PoolSpec, build_evals_pool
 from ftlab.select.scoring import less_scores, make_id, select_top, split_id, write_selection
 from ftlab.select.warmup import WarmupCheckpoint, WarmupSettings, run_warmup

@@ -1,5 +1,5 @@
-"""Instruction examples for data selection: loading, tokenising with a response-only loss, and
-the real BIG-bench pool and target sets.
+"""Instruction examples for data selection: loading and tokenising with a response-only loss
+(the real pool and its held-out target sets are built by :mod:`ftlab.select.pool`).
 
 An example is one line of a JSONL file, either ``{"messages": [{"role", "content"}, ...]}``
 (the last message is the assistant's response) or ``{"prompt": ..., "response": ...}``; an
@@ -14,25 +14,15 @@ the mean log-probability of the response tokens only.
 
 from __future__ import annotations
 
-import json
-import random
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ftlab.errors import FtlabError
-from ftlab.io import atomic_file
 from ftlab.objectives import CHARS_PER_TOKEN_BOUND, ModelBatch, prompt_ids
 from ftlab.tasks.files import jsonl_rows
-
-#: The registered BIG-bench tasks added to the pool beside ``natural_instructions`` (task -> family).
-OTHER_BIGBENCH_TASKS = ("strategyqa", "nli", "sentiment")
-_NI_DIR = "natural_instructions"
-# Subtask name words that spell one family in several ways.
-_FAMILY_ALIASES = {"miscellaneous": "misc", "miscellaenous": "misc", "essential": "essential_terms"}
 
 
 @dataclass(frozen=True)
@@ -171,97 +161,3 @@ def pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 def pad_id(tokenizer: Any) -> int:
     """The tokenizer's padding id (EOS when it has none)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-# ---------------------------------------------------------------------------------------------
-# The real pool: BIG-bench natural_instructions subtasks plus a few registered BIG-bench tasks.
-
-
-@dataclass
-class PoolSpec:
-    """How the BIG-bench pool and target sets are drawn.
-
-    Attributes:
-        per_task: pool examples drawn from each subtask (fewer if it has fewer).
-        n_target: examples per subtask held out for the target sets (never in the pool).
-        max_chars: skip examples whose prompt + response is longer (keeps sequences short).
-        other_tasks: registered BIG-bench tasks added as their own families.
-        seed: seed of the draws.
-    """
-
-    per_task: int = 40
-    n_target: int = 4
-    max_chars: int = 1000
-    other_tasks: list[str] = field(default_factory=lambda: list(OTHER_BIGBENCH_TASKS))
-    seed: int = 0
-
-
-def subtask_family(subtask: str) -> str:
-    """The family of a natural_instructions subtask (``subtask002_quoref_answer_generation`` ->
-    ``quoref``): the source data set it was built from."""
-    m = re.match(r"subtask\d+_([a-z]+)", subtask)
-    if not m:
-        raise FtlabError(f"{subtask!r} is not a natural_instructions subtask name (subtaskNNN_<dataset>_...)")
-    return _FAMILY_ALIASES.get(m.group(1), m.group(1))
-
-
-def _definition(task_prefix: str) -> str:
-    """The first sentence of a natural_instructions definition: a short instruction."""
-    text = task_prefix.removeprefix("Definition:").strip()
-    return re.split(r"(?<=[.?!])\s", text, maxsplit=1)[0]
-
-
-def _natural_instruction_rows() -> dict[str, list[dict[str, str]]]:
-    """Rows of every extracted natural_instructions subtask, by subtask name."""
-    from ftlab.tasks.bigbench import data_root
-
-    root = data_root() / _NI_DIR
-    files = sorted(root.glob("*/task.json"))
-    if not files:
-        raise FtlabError(f"no natural_instructions subtasks in {root}; run `ftlab data prepare` first")
-    out = {}
-    for path in files:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        instruction = _definition(data.get("task_prefix", ""))
-        rows = []
-        for ex in data["examples"]:
-            target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
-            rows.append({"prompt": f"{instruction}\n\n{ex['input'].strip()}", "response": target.strip()})
-        out[path.parent.name] = rows
-    return out
-
-
-def _registered_rows(name: str) -> list[dict[str, str]]:
-    """Rows of a registered BIG-bench task: its prompt, and the gold label word or answer."""
-    from ftlab.tasks import load_task
-
-    spec, examples = load_task(name)
-    return [{"prompt": spec.prompt(ex).strip(), "response": spec.target(ex).strip()} for ex in examples]
-
-
-def build_bigbench_pool(out_dir: str | Path, spec: PoolSpec | None = None) -> dict[str, Path]:
-    """Write ``pool.jsonl`` and ``targets/<family>.jsonl`` under ``out_dir`` from BIG-bench.
-
-    Each subtask contributes ``per_task`` pool examples and ``n_target`` different held-out
-    target examples, drawn without replacement with ``seed``; every row records its ``task``
-    (subtask) and ``family``. Files are written atomically. Returns ``{"pool": path,
-    <family>: target path, ...}``.
-    """
-    spec = spec or PoolSpec()
-    rng = random.Random(spec.seed)
-    sources = {name: (subtask_family(name), rows) for name, rows in _natural_instruction_rows().items()}
-    sources.update({name: (name, _registered_rows(name)) for name in spec.other_tasks})
-    pool, targets = [], {}
-    for name, (family, rows) in sorted(sources.items()):
-        fits = [r for r in rows if r["response"] and len(r["prompt"]) + len(r["response"]) <= spec.max_chars]
-        drawn = rng.sample(fits, min(len(fits), spec.per_task + spec.n_target))
-        tag = {"task": name, "family": family}
-        targets.setdefault(family, []).extend({**r, **tag} for r in drawn[:spec.n_target])
-        pool.extend({**r, **tag} for r in drawn[spec.n_target:])
-    out_dir = Path(out_dir)
-    paths = {"pool": out_dir / "pool.jsonl"}
-    paths.update({family: out_dir / "targets" / f"{family}.jsonl" for family in sorted(targets)})
-    for key, rows in [("pool", pool), *sorted(targets.items())]:
-        with atomic_file(paths[key]) as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return paths
