@@ -3,7 +3,7 @@ CPU, and Local SGD (H = 4) on the same 2 processes.
 
     python benchmarks/ddp_throughput.py --modes lora --batch 8 --steps 8
 
-Each configuration runs ``ftlab.train`` (the real loop: SmolLM2-135M, BIG-bench sentiment,
+Each configuration runs ``ftlab.train`` (the real loop: SmolLM2-135M, movie-review sentiment,
 SGD, no dev/test evaluation, one checkpoint at the end) in a fresh process tree, one after the
 other:
 

@@ -1,11 +1,13 @@
 """Zero-shot and in-context (k demonstrations) quality of an embedded model on the built-in tasks.
 
-    python benchmarks/eval_baselines.py --model smollm2-135m --tasks sentiment strategyqa nli \
+    python benchmarks/eval_baselines.py --model smollm2-135m --tasks sentiment boolq trec siqa \
         --n-test 1000 --k 0 4
+    python benchmarks/eval_baselines.py --tasks disflqa --n-test 255 --k 0   # extractive QA: F1/EM
 
 Prints a table and writes benchmarks/results/eval_baselines_<model>_<tasks>.json. The test split is the
 MeZO-protocol one (data_seed 0), identical to `ftlab eval --n-test N`; demonstrations come from
-the seed-0 train split of 1000 examples.
+the seed-0 train split of 1000 examples (tasks with fewer examples are scaled down by
+``make_splits``). A task's source is fetched on first use.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 
 from ftlab.evaluate import evaluate
 from ftlab.models import load_model
-from ftlab.tasks import load_task, make_splits, prepare
+from ftlab.tasks import load_task, make_splits
 
 from _common import clock, machine, table, write_json
 
@@ -23,13 +25,12 @@ from _common import clock, machine, table, write_json
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", nargs="+", default=["sentiment", "strategyqa", "nli"])
+    parser.add_argument("--tasks", nargs="+", default=["sentiment", "boolq", "trec", "siqa"])
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--k", type=int, nargs="+", default=[0, 4])
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    prepare(progress=False)
     model, tokenizer = load_model(args.model)
     rows = []
     for task in args.tasks:

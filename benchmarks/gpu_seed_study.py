@@ -2,20 +2,25 @@
 run on a GPU): more runs (19) and bigger evaluation sets than the CPU study
 (benchmarks/seed_basins.py), self-contained (no network, no ftlab cache).
 
-LoRA + AdamW fine-tuning runs of SmolLM2-135M on presuppositions_as_nli as entailment vs not,
-varying data order and LoRA init (one at a time and together), each evaluated out of distribution
-on BIG-bench epistemic_reasoning and analytic_entailment; then the topography: pairwise barriers on
-train and OOD examples (all alphas of a path in one forward), basins, sharpness and Hessian trace,
-the loss surface, the prediction table and the verdict; and the pairwise paths of the first runs
-timed against the straightforward loop, side by side.
+LoRA + AdamW fine-tuning runs of SmolLM2-135M on movie-review sentiment (``sentiment``), varying
+data order and LoRA init (one at a time and together), each evaluated out of domain on tweets,
+Amazon reviews and NYT editorials (``sentiment_tweets``, ``sentiment_amazon``, ``sentiment_nyt``: the
+same prompt and label words, as in the packaged seeds-sentiment-ood); then the topography: pairwise
+barriers on train and OOD examples (all alphas of a path in one forward), basins, sharpness and
+Hessian trace, the loss surface, the prediction table and the verdict; and the pairwise paths of the
+first runs timed against the straightforward loop, side by side.
 
-The task examples come from ``benchmarks/data/seed_study_examples.json`` (exported once from the
-BIG-bench cache with ``--export``); the model from ``--model`` (an embedded name where the ftlab
-cache holds it, else a local Hugging Face folder of SmolLM2-135M).
+The task examples come from a file under ``benchmarks/data/`` (:data:`STUDIES`), exported once with
+``--export``; the model from ``--model`` (an embedded name where the ftlab cache holds it, else a
+local Hugging Face folder of SmolLM2-135M). ``--study nli`` reruns the earlier study instead:
+presuppositions_as_nli as entailment vs not, OOD on epistemic_reasoning and analytic_entailment,
+from the BIG-bench examples frozen in ``seed_study_examples.json`` (exporting those again needs the
+BIG-bench archive).
 
     PYTHONPATH=src python benchmarks/gpu_seed_study.py --model /path/to/smollm2-135m   # on the GPU, JSON/PNG under $OUT
     PYTHONPATH=src python benchmarks/gpu_seed_study.py --tiny --device cpu              # smoke test on a CPU
     PYTHONPATH=src python benchmarks/gpu_seed_study.py --export                         # rewrite the examples file
+    PYTHONPATH=src python benchmarks/gpu_seed_study.py --study nli --model ...          # the earlier NLI study
 """
 
 from __future__ import annotations
@@ -31,21 +36,36 @@ import torch
 
 from _common import machine, table, write_json
 
-DATA = Path(__file__).resolve().parent / "data" / "seed_study_examples.json"
-TASKS = {"train": "nli_binary", "ood": ["epistemic_reasoning", "analytic_entailment"]}
+DATA = Path(__file__).resolve().parent / "data"
+# study -> its examples file, training task, OOD tasks, and the examples exported per task (None: all,
+# in source order; else a seeded sample). sentiment-ood: the training task covers train.data.n_train
+# (400) + --n-test (256), each OOD task --n-ood (256), with room to spare.
+STUDIES = {
+    "sentiment-ood": {"data": DATA / "seed_study_sentiment_examples.json", "train": "sentiment",
+                      "ood": ["sentiment_tweets", "sentiment_amazon", "sentiment_nyt"],
+                      "export": {"sentiment": 1000, "sentiment_tweets": 400, "sentiment_amazon": 400,
+                                 "sentiment_nyt": 400}},
+    "nli": {"data": DATA / "seed_study_examples.json", "train": "nli_binary",
+            "ood": ["epistemic_reasoning", "analytic_entailment"],
+            "export": {"nli_binary": None, "epistemic_reasoning": 400, "analytic_entailment": None}},
+}
 
 
-def export(path: Path, n_epistemic: int = 400) -> None:
-    """Write the three tasks' examples (premise, hypothesis, label index) with their template and
-    label words, from the BIG-bench cache (``ftlab data prepare``)."""
-    from ftlab.tasks import load_task
+def export(study: dict) -> None:
+    """Write the study's tasks' examples (their fields and label index) with each task's template and
+    label words to ``study["data"]``, from the ftlab tasks (fetched on first use; the BIG-bench ones
+    need the archive, ``ftlab data prepare --tarball``)."""
+    from ftlab.tasks import builtin_task, load_task
 
-    out = {}
-    for name in [TASKS["train"], *TASKS["ood"]]:
+    path, out = study["data"], {}
+    for name in [study["train"], *study["ood"]]:
         spec, examples = load_task(name)
-        if name == "epistemic_reasoning":
-            examples = random.Random(0).sample(examples, n_epistemic)
-        out[name] = {"template": spec.template, "options": spec.options, "source": f"BIG-bench via ftlab task {name!r}",
+        n = study["export"][name]
+        if n is not None:
+            examples = random.Random(0).sample(examples, min(n, len(examples)))
+        out[name] = {"template": spec.template, "options": spec.options,
+                     "source": f"ftlab task {name!r} ({builtin_task(name).origin})"
+                               + (f", {len(examples)} sampled" if n is not None else ""),
                      "examples": [{**ex.fields, "label": ex.label, "id": ex.id} for ex in examples]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=0) + "\n")
@@ -59,15 +79,17 @@ def write_tasks(data: dict, folder: Path) -> dict[str, str]:
     files = {}
     for name, task in data.items():
         path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"premise": e["premise"], "hypothesis": e["hypothesis"],
-                                            "label": e["label"]}) + "\n" for e in task["examples"]))
+        path.write_text("".join(json.dumps({k: v for k, v in e.items() if k != "id"}) + "\n"
+                                for e in task["examples"]))
         files[name] = str(path)
     return files
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--export", action="store_true", help="write the examples file from the BIG-bench cache and stop")
+    p.add_argument("--study", choices=list(STUDIES), default="sentiment-ood")
+    p.add_argument("--export", action="store_true", help="write the study's examples file from the ftlab tasks "
+                                                         "and stop")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke setting (CPU)")
@@ -77,14 +99,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-test", type=int, default=256)
-    p.add_argument("--n-ood", type=int, default=256, help="OOD test examples per task (analytic has 70)")
+    p.add_argument("--n-ood", type=int, default=256, help="OOD test examples per task (sentiment-ood: 400 "
+                                                          "exported each; nli: analytic_entailment has 70)")
     p.add_argument("--n-path", type=int, default=128, help="train and OOD examples each path point runs on")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
     p.add_argument("--speed-runs", type=int, default=4, help="runs whose pairwise paths are timed against the loop")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/gpu_seed_study"))
     args = p.parse_args()
+    chosen = STUDIES[args.study]
     if args.export:
-        export(DATA)
+        export(chosen)
         return
     if args.tiny:
         args.runs, args.steps, args.batch_size, args.n_test, args.n_ood, args.n_path = 2, 2, 4, 8, 8, 6
@@ -98,15 +122,15 @@ def main() -> None:
     from ftlab.seeds.topography import TopographyConfig, topography
 
     out = Path(args.out).resolve()
-    data = json.loads(DATA.read_text())
+    data = json.loads(chosen["data"].read_text())
     files = write_tasks(data, out / "data")
-    train = data[TASKS["train"]]
+    train = data[chosen["train"]]
     study_dir = out / "study"
     overwrite_dir(study_dir, "seeds")  # a fresh study each time (only a folder ftlab wrote is removed)
     study = load_config(SeedStudyConfig, None, [
         f"output_dir={study_dir}", "kinds=[order, init]", f"runs_per_kind={args.runs}", f"runs_all={args.runs}",
-        f"ood_tasks=[{', '.join(files[t] for t in TASKS['ood'])}]", f"ood_n_test={args.n_ood}",
-        f"train.model={args.model}", f"train.device={args.device}", f"train.data.task={files[TASKS['train']]}",
+        f"ood_tasks=[{', '.join(files[t] for t in chosen['ood'])}]", f"ood_n_test={args.n_ood}",
+        f"train.model={args.model}", f"train.device={args.device}", f"train.data.task={files[chosen['train']]}",
         f"train.data.template={train['template']}", f"train.data.options={json.dumps(train['options'])}",
         "train.data.n_train=400", "train.data.n_dev=0", f"train.data.n_test={args.n_test}", "train.data.max_length=128",
         "train.mode=lora", "train.lora.r=8", "train.lora.alpha=16", "train.optimizer=adamw", f"train.lr={args.lr}",
@@ -141,7 +165,7 @@ def main() -> None:
     speed = {}
     for name, fn in (("loop", lambda: loop(names, runs, run_cfg, report_spec(study), examples, alphas, 32)),
                      ("grouped", lambda: shared(names, runs, run_cfg, report_spec(study), examples, alphas, 32,
-                                                interior))):
+                                                interior, False))):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()

@@ -16,8 +16,9 @@ Resumable per (task, k, seed) and per fine-tuning variant: results accumulate in
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/kernel_table.py --tasks sentiment --k 16 --seeds 0,1 --n-test 100
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/kernel_table.py --summary
-    # the issue's full grid, on a GPU:
-    python benchmarks/kernel_table.py --tasks sentiment,nli,strategyqa --k 16,64 --seeds 0,1,2,3,4 \\
+    # the issue's full grid, on a GPU (binary sentiment, 6-way question type as in Malladi et al.'s
+    # TREC row, yes/no QA on a passage; boolq prompts are cut from the left to 256 tokens, 8% of them):
+    python benchmarks/kernel_table.py --tasks sentiment,trec,boolq --k 16,64 --seeds 0,1,2,3,4 \\
         --n-test 1000 --steps 200 --device cuda --full-kernel projected
 """
 

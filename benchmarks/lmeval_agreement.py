@@ -16,9 +16,10 @@ Run in the benchmark environment (lm-eval is not an ftlab dependency):
 
 or one process per task side by side, then merged (a busy machine gives each process a share):
 
-    for t in sentiment strategyqa nli; do OMP_NUM_THREADS=1 benchmarks/.venv/bin/python \
+    for t in sentiment boolq corr2cause; do OMP_NUM_THREADS=1 benchmarks/.venv/bin/python \
         benchmarks/lmeval_agreement.py --tasks $t --n 100 --json lmeval_agreement_$t.json & done; wait
-    benchmarks/.venv/bin/python benchmarks/lmeval_agreement.py --merge lmeval_agreement_{sentiment,strategyqa,nli}.json
+    benchmarks/.venv/bin/python benchmarks/lmeval_agreement.py \
+        --merge lmeval_agreement_{sentiment,boolq,corr2cause}.json
 
 Writes benchmarks/results/lmeval_agreement.json and the exported tasks under
 benchmarks/results/lmeval_agreement/.
@@ -36,7 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, package_version, table, write_json  # noqa: E402
 
-TASKS = {"sentiment": "sentiment", "strategyqa": "strategyqa (yes/no QA)", "nli": "presuppositions_as_nli (3-way)"}
+# Default tasks and their table names: binary sentiment, yes/no QA on a passage, 3-way NLI (the
+# True/Neither/False prompt and label words). Any built-in classification task works (--tasks).
+TASKS = {"sentiment": "sentiment (movie reviews)", "boolq": "boolq (yes/no QA)", "corr2cause": "corr2cause (3-way NLI)"}
 YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -135,9 +138,7 @@ def main() -> None:
 
     from ftlab.models import load_model
     from ftlab.models.loading import converted_folder
-    from ftlab.tasks import prepare
 
-    prepare(progress=False)
     model, tokenizer = load_model(args.model)  # converts the embedded GGUF once into an HF folder
     model_dir = str(converted_folder(args.model))
     folder = RESULTS / "lmeval_agreement"

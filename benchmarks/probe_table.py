@@ -3,7 +3,7 @@ layer (k = all and k per class), zero-shot from the same p, the R^2 check, and t
 fine-tuning rows already measured by benchmarks/quality.py (marked with their own test size).
 
     ftlab probe run -c probe-quick task=sentiment ... output_dir=runs/probe-sentiment   # per task, first
-    python benchmarks/probe_table.py --tasks sentiment strategyqa nli
+    python benchmarks/probe_table.py --tasks sentiment boolq trec siqa
 
 Copies each ``results.json`` to ``benchmarks/results/probe/<task>.json``, prints markdown, writes
 ``benchmarks/results/probe_table.json``.
@@ -72,7 +72,7 @@ def quality_rows(task: str) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", nargs="+", default=["sentiment", "strategyqa", "nli"])
+    ap.add_argument("--tasks", nargs="+", default=["sentiment", "boolq", "trec", "siqa"])
     ap.add_argument("--runs-prefix", default="runs/probe-")
     args = ap.parse_args()
     report, text = {"machine": machine(), "tasks": {}}, []

@@ -18,7 +18,7 @@ import torch
 
 from ftlab.evaluate import evaluate
 from ftlab.models import load_model
-from ftlab.tasks import load_task, make_splits, prepare
+from ftlab.tasks import load_task, make_splits
 
 from _common import clock, machine, table, write_json
 
@@ -47,7 +47,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    prepare(progress=False)
     model, tokenizer = load_model(args.model)
     spec, examples = load_task(args.task)
     test = make_splits(examples, seed=0, n_train=0, n_dev=0, n_test=args.n).test

@@ -1,17 +1,18 @@
 """Basins and OOD prediction on the embedded SmolLM2-135M (Juneja et al., ICLR 2023), sized for a
-shared 2-core CPU: the 16 LoRA runs of the packaged config seeds-nli-basins (presuppositions_as_nli as
-entailment vs not; data order and LoRA init varied), each evaluated on epistemic_reasoning and
-analytic_entailment, then the topography: barrier matrices, basins, sharpness, the loss surface and
-the prediction table with the verdict.
+shared 2-core CPU: the 16 LoRA runs of the packaged config seeds-sentiment-ood (sentiment trained on
+movie-review snippets; data order and LoRA init varied), each evaluated out of domain on tweets,
+Amazon reviews and NYT editorials (sentiment_tweets, sentiment_amazon, sentiment_nyt), then the
+topography: barrier matrices, basins, sharpness, the loss surface and the prediction table with the
+verdict. (benchmarks/results/seed_basins/ holds the earlier study of BIG-bench NLI, seeds-nli-basins.)
 
 Resumable (finished runs, per-run and per-pair results are cached in the study folder). Train the
 runs first, in parallel processes if you like, then measure:
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 3 -m ftlab.cli seeds run -c seeds-nli-basins
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 3 -m ftlab.cli seeds run -c seeds-sentiment-ood
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 3 benchmarks/seed_basins.py
     python benchmarks/seed_basins.py          # one process; also trains what is missing
 
-Writes ``benchmarks/results/seed_basins/{seed_basins.json, report.md, heatmap.png, surface.png,
+Writes ``benchmarks/results/seed_sentiment_ood/{seed_basins.json, report.md, heatmap.png, surface.png,
 prediction.png}``.
 """
 
@@ -31,7 +32,7 @@ from ftlab.seeds.topography import TopographyConfig, topography
 
 from _common import RESULTS, machine, table, write_json
 
-CONFIG = packaged_config("seeds-nli-basins")
+CONFIG = packaged_config("seeds-sentiment-ood")
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     p.add_argument("--surface-points", type=int, default=5, help="loss-surface grid points per axis")
     p.add_argument("--n-curvature", type=int, default=16, help="training examples for sharpness and the trace")
     p.add_argument("--hutchinson-samples", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS / "seed_basins")
+    p.add_argument("--out", type=Path, default=RESULTS / "seed_sentiment_ood")
     args = p.parse_args()
     study = load_config(SeedStudyConfig, CONFIG, [])
     before = machine()

@@ -14,7 +14,7 @@ runs, examples and alphas:
 
 The barrier matrices must agree; the table shows seconds and the speed-up.
 
-    python benchmarks/seed_paths_speed.py runs/seeds-nli-basins --runs 4 --n 16
+    python benchmarks/seed_paths_speed.py runs/seeds-sentiment-ood --runs 4 --n 16
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ from ftlab.errors import FtlabError
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("mode: lora\nlr: 0.001\ndata:\n  task: nli\n  n_train: 64\nlora:\n  r: 4\n")
+    path.write_text("mode: lora\nlr: 0.001\ndata:\n  task: trec\n  n_train: 64\nlora:\n  r: 4\n")
     cfg = load_config(TrainConfig, path, ["lr=1e-4", "lora.r=16", "data.options=[' a', ' b']", "steps=7"])
     assert cfg.mode == "lora" and cfg.lr == 1e-4 and cfg.steps == 7
-    assert cfg.lora.r == 16 and cfg.data.task == "nli" and cfg.data.n_train == 64
+    assert cfg.lora.r == 16 and cfg.data.task == "trec" and cfg.data.n_train == 64
     assert cfg.data.options == [" a", " b"]
     assert isinstance(cfg.data, DataConfig)
 

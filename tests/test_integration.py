@@ -1,4 +1,5 @@
-"""End to end on the real embedded SmolLM2-135M and real BIG-bench data (slow; CI runs them)."""
+"""End to end on the real embedded SmolLM2-135M and the real data of the built-in tasks (slow; CI
+runs them). Each task's source is fetched and extracted on first use."""
 
 import json
 from pathlib import Path
@@ -13,19 +14,15 @@ from ftlab.evaluate import evaluate
 from ftlab.models import load_model, load_trained
 from ftlab.objectives import Encoder
 from ftlab.tasks import load_task, make_splits
+from ftlab.tasks.registry import builtin_tasks
 from ftlab.train import load_run_data, train
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _data(bigbench):
-    """Every test here reads the real BIG-bench files."""
-
-
-def test_greedy_decode_matches_hf_generate_on_squad(smollm2):
+def test_greedy_decode_matches_hf_generate_on_disflqa(smollm2):
     model, tokenizer = smollm2
-    spec, examples = load_task("squad")
+    spec, examples = load_task("disflqa")
     test = make_splits(examples, seed=0, n_train=0, n_dev=0, n_test=6).test
     prompts = [spec.prompt(e) for e in test]
     batch = Encoder(tokenizer, spec, max_length=768).generation(prompts, max_new_tokens=12)
@@ -40,12 +37,15 @@ def test_greedy_decode_matches_hf_generate_on_squad(smollm2):
 
 
 def test_in_context_prompts_run_on_every_classification_task(smollm2):
+    """Every built-in classification task of a default source (the BIG-bench ones need an archive)."""
     model, tokenizer = smollm2
-    for task in ("sentiment", "strategyqa", "nli"):
+    tasks = [t.spec.name for t in builtin_tasks() if t.source is not None and t.spec.kind == "classification"]
+    assert {"sentiment", "boolq", "trec", "siqa", "factual_summary", "corr2cause"} <= set(tasks)
+    for task in tasks:
         spec, examples = load_task(task)
         splits = make_splits(examples, seed=0, n_train=50, n_dev=0, n_test=8)
         result = evaluate(model, tokenizer, spec, splits.test, demos=splits.train, k_shot=2, progress=False)
-        assert result.metrics["n"] == 8 and all(p in range(len(spec.options)) for p in result.predictions)
+        assert result.metrics["n"] == 8 and all(p in range(len(spec.options)) for p in result.predictions), task
 
 
 def test_lora_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path):

@@ -29,6 +29,43 @@ def test_every_packaged_config_is_found_by_name_and_is_valid_yaml():
     assert packaged_config("no-such-config") is None and packaged_config("../configs/demo") is None
 
 
+def _task_names(node):
+    """Every task a config names: values of ``task`` and the lists ``tasks`` / ``ood_tasks``, at any depth."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "task" and isinstance(value, str):
+                yield value
+            elif key in ("tasks", "ood_tasks") and isinstance(value, list):
+                yield from value
+            else:
+                yield from _task_names(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _task_names(value)
+
+
+def test_no_packaged_config_or_default_needs_a_big_bench_task():
+    """What runs by default loads with no preparation: every task a packaged config or a config
+    class's default names is built in and read from a default source (not the BIG-bench archive,
+    which PyPI no longer serves)."""
+    from ftlab.kernel.config import KernelConfig
+    from ftlab.probe.experiment import ProbeConfig
+    from ftlab.seeds import SeedStudyConfig
+    from ftlab.tasks.registry import builtin_task, is_builtin
+    from ftlab.tint.experiment import TintEvalConfig
+
+    named = {f"{name}.yaml": list(_task_names(yaml.safe_load((PACKAGED / f"{name}.yaml").read_text())))
+             for name in packaged_configs()}
+    named["defaults"] = [TrainConfig().data.task, ProbeConfig().task, KernelConfig().task,
+                         SeedStudyConfig().train.data.task, *TintEvalConfig().tasks]
+    assert named["disflqa-lora.yaml"] == ["disflqa"] and named["tint-eval.yaml"] == ["sentiment", "trec",
+                                                                                     "factual_summary"]
+    assert named["seeds-sentiment-ood.yaml"] == ["sentiment_tweets", "sentiment_amazon", "sentiment_nyt", "sentiment"]
+    for where, tasks in named.items():
+        for task in tasks:
+            assert is_builtin(task) and builtin_task(task).source is not None, f"{where}: {task}"
+
+
 def test_a_path_overrides_a_packaged_name(tmp_path, monkeypatch):
     own = tmp_path / "sentiment-lora"  # a file named like a packaged config wins over it
     own.write_text("lr: 0.123\nmode: prefix\n")

@@ -46,7 +46,7 @@ def test_solve_refuses_kernel_of_another_model(kernel_dir):
 
 def test_accuracy_scatter(tmp_path):
     records = [{"task": t, "label": lab, "kernel_accuracy": 0.6 + 0.1 * i, "finetuned_accuracy": 0.7}
-               for i, (t, lab) in enumerate([("sentiment", "lora/sgd"), ("nli", "lora/adamw")])]
+               for i, (t, lab) in enumerate([("sentiment", "lora/sgd"), ("trec", "lora/adamw")])]
     png = accuracy_scatter(records, tmp_path / "s.png")
     assert png.stat().st_size > 1000
     with pytest.raises(FtlabError, match="nothing to plot"):
@@ -60,7 +60,7 @@ def test_heatmap_of_real_kernel_rows(kernel_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_compute_and_solve_on_smollm2(tmp_path, bigbench):
+def test_compute_and_solve_on_smollm2(tmp_path):
     """The real model end to end through the CLI on a tiny split (final-norm parameters: fast)."""
     out = tmp_path / "k"
     args = ["compute", f"output_dir={out}", "k=1", "n_test=2", r"kernel.params=re:^model\.norm\."]

@@ -117,7 +117,7 @@ def test_kernel_of_another_model_task_or_split_is_refused(tiny_model, tiny_token
     with pytest.raises(FtlabError, match="model='tiny', not 'other'"):
         load_kernel(tmp_path / "k", {"identity": {"model": "other"}})
     with pytest.raises(FtlabError, match="other task"):
-        load_kernel(tmp_path / "k", {"task": "nli"})
+        load_kernel(tmp_path / "k", {"task": "trec"})
     with pytest.raises(FtlabError, match="other train_ids"):
         load_kernel(tmp_path / "k", {"train_ids": [e.id for e in exs[1:5]]})
     # Computing into the folder with another split is refused too, naming what differs.

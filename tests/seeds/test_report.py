@@ -79,7 +79,7 @@ def test_report_statistics_plots_and_cache(study, tmp_path):
 
 
 def test_report_refuses_studies_of_another_task(tmp_path):
-    for name, task in (("a", "sentiment"), ("b", "nli")):
+    for name, task in (("a", "sentiment"), ("b", "trec")):
         (tmp_path / name).mkdir()
         study = SeedStudyConfig(output_dir=str(tmp_path / name))
         study.train.data.task = task

@@ -59,7 +59,7 @@ def test_bad_grids(kw, match):
 
 def test_runs_that_disagree_on_task_or_model_are_refused():
     a, b = TrainConfig(), TrainConfig()
-    b.data.task = "nli"
+    b.data.task = "trec"
     with pytest.raises(FtlabError, match="disagree on task"):
         check_comparable({"a": a, "b": b})
     with pytest.raises(FtlabError, match="disagree on model"):
@@ -175,9 +175,29 @@ def test_every_run_is_evaluated_out_of_distribution(tmp_path, tiny_model_dir, cu
 def test_ood_task_with_other_label_words_is_refused(tmp_path, tiny_model_dir, cue_task):
     # The built-in entailment tasks answer " Yes"/" No"; the study's cue task " terrible"/" great".
     study = _study(tmp_path, tiny_model_dir, cue_task, "kinds=[init]", "runs_all=0",
-                   "ood_tasks=[epistemic_reasoning]")
+                   "ood_tasks=[factual_summary]")
     with pytest.raises(FtlabError, match="label words"):
         run_study(study, progress=False)
     assert not (tmp_path / "study" / "runs").exists()  # refused before any training
     with pytest.raises(FtlabError, match="distinct tasks other than"):
         run_study(_study(tmp_path, tiny_model_dir, cue_task, f"ood_tasks=[{cue_task}]"), progress=False)
+
+
+def test_the_sentiment_domains_are_ood_tests_of_sentiment():
+    """The packaged OOD study's tasks: tweets, Amazon and NYT snippets share sentiment's prompt and
+    label words, so they are accepted and drawn the same for every run (data_seed)."""
+    from ftlab.configs import packaged_config
+    from ftlab.seeds.runner import ood_sets
+    from ftlab.tasks import get_spec
+
+    study = load_config(SeedStudyConfig, packaged_config("seeds-sentiment-ood"), ["ood_n_test=16"])
+    assert study.train.data.task == "sentiment" and len(plan_runs(study)) == 16
+    sets = ood_sets(study, get_spec("sentiment"))
+    assert list(sets) == ["sentiment_tweets", "sentiment_amazon", "sentiment_nyt"]
+    for task, (spec, examples) in sets.items():
+        assert spec.template == get_spec("sentiment").template and spec.options == [" negative", " positive"]
+        assert len(examples) == 16 and len({e.id for e in examples}) == 16
+        assert all(e.id.startswith(f"{task}:") for e in examples)
+        assert {e.label for e in examples} == {0, 1}
+    again = ood_sets(study, get_spec("sentiment"))["sentiment_nyt"][1]
+    assert [e.id for e in again] == [e.id for e in sets["sentiment_nyt"][1]]

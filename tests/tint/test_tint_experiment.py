@@ -12,6 +12,7 @@ from ftlab.tint.experiment import (
     chosen_steps,
     classify,
     encode_context,
+    lm_texts,
     method_name,
     report_markdown,
     run_task,
@@ -136,7 +137,7 @@ def test_figure_is_a_png(tmp_path):
 def test_run_eval_chooses_lrs_on_dev_and_resumes(tmp_path, tiny_model, tiny_tokenizer):
     from ftlab.tint.experiment import run_eval
     cfg = TintEvalConfig(tasks=["sentiment"], shots=2, n_test=3, n_dev=2, seeds=[0, 1], layers=[1], lrs=[0.01, 1.0],
-                         losses=["label"], tint_examples=1, n_prefixes=8, lm_texts=0, max_length=256,
+                         losses=["label"], tint_examples=1, n_prefixes=8, lm_texts=2, lm_length=16, max_length=256,
                          output_dir=str(tmp_path / "run"))
     summary = run_eval(cfg, model=tiny_model.double(), tokenizer=tiny_tokenizer)
     dev = json.loads((tmp_path / "run/parts/sentiment-dev.json").read_text())
@@ -147,7 +148,32 @@ def test_run_eval_chooses_lrs_on_dev_and_resumes(tmp_path, tiny_model, tiny_toke
     assert tested == {method_name(kind, 1, "label", lr) for kind in ("exact", "approx") for lr in set(chosen.values())}
     part = tmp_path / "run/parts/sentiment-seed0.json"
     assert len(json.loads(part.read_text())["tint_check"]) == 1
-    stamp = part.stat().st_mtime_ns
+    # Language modelling on two disflqa contexts (Wikipedia paragraphs) cut to 16 tokens: base and every step.
+    lm = json.loads((tmp_path / "run/parts/lm.json").read_text())
+    assert set(lm) == {"base"} | {method_name(kind, 1, "context", lr) for kind in ("exact", "approx")
+                                  for lr in (0.01, 1.0)}
+    assert {len(v) for v in lm.values()} == {2} and set(summary["lm"]) == set(lm)
+    stamps = {p: p.stat().st_mtime_ns for p in (part, tmp_path / "run/parts/lm.json")}
     again = run_eval(cfg, model=tiny_model, tokenizer=tiny_tokenizer)  # resumed: nothing recomputed
-    assert part.stat().st_mtime_ns == stamp and again["chosen_lr"] == summary["chosen_lr"]
-    assert "inner lr chosen on the dev queries" in (tmp_path / "run/report.md").read_text()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and again["chosen_lr"] == summary["chosen_lr"]
+    report = (tmp_path / "run/report.md").read_text()
+    assert "inner lr chosen on the dev queries" in report and "disflqa contexts" in report
+
+
+def test_lm_texts_are_distinct_disflqa_paragraphs_cut_to_length(tiny_tokenizer):
+    from ftlab.tasks import load_task
+
+    texts = lm_texts(tiny_tokenizer, 5, 32)
+    assert len(texts) == 5 and all(len(t) == 32 for t in texts) and len({tuple(t) for t in texts}) == 5
+    contexts = list(dict.fromkeys(e.fields["context"] for e in load_task("disflqa")[1]))
+    assert tiny_tokenizer.decode(texts[0]) == tiny_tokenizer.decode(
+        tiny_tokenizer(contexts[0], add_special_tokens=False)["input_ids"][:32])
+
+
+def test_default_tasks_are_classification_tasks_of_a_default_source():
+    """The default TinT tasks load with no archive (not BIG-bench) and ask for label words."""
+    from ftlab.tasks.registry import builtin_task
+
+    for name in TintEvalConfig().tasks:
+        task = builtin_task(name)
+        assert task.source is not None and task.spec.kind == "classification", name

@@ -33,7 +33,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Fetch and list the built-in tasks' data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-OVERRIDES_HELP = "Config overrides as key=value (YAML values), e.g. lr=1e-4 mode=lora lora.r=16 data.task=nli"
+OVERRIDES_HELP = "Config overrides as key=value (YAML values), e.g. lr=1e-4 mode=lora lora.r=16 data.task=trec"
 
 
 def _plot(run_dir: str) -> str:
@@ -190,7 +190,7 @@ def replay_cmd(
 @app.command("demo")
 def demo_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help="Demo config overrides as key=value, e.g. "
-                                                         "mezo.steps=500 adamw.lr=1e-3 train.data.task=nli"),
+                                                         "mezo.steps=500 adamw.lr=1e-3 train.data.task=trec"),
     config: str = typer.Option("demo", "--config", "-c", help="Config name or path (default: the packaged demo.yaml)."),
     quick: bool = typer.Option(False, help="A smaller smoke run (64 train / 100 test examples, 20 MeZO and 10 AdamW "
                                            "steps) in runs/demo-quick."),

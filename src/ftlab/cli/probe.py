@@ -21,7 +21,7 @@ def _group() -> None:
 
 @app.command("run")
 def run_cmd(
-    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides as key=value, e.g. task=nli 'k=[0,16]' "
+    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides as key=value, e.g. task=trec 'k=[0,16]' "
                                                                "'kinds=[f,phi_p,layer]' 'words=[\" good\", \" bad\"]'"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a name in configs/ "
                                                                       "(e.g. probe-sentiment)."),

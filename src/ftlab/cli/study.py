@@ -188,7 +188,7 @@ def seeds_report_cmd(
 
 @seeds_app.command("topography")
 def seeds_topography_cmd(
-    study: Path = typer.Argument(..., help="A seed-study folder (ftlab seeds run), e.g. runs/seeds-nli-basins."),
+    study: Path = typer.Argument(..., help="A seed-study folder (ftlab seeds run), e.g. runs/seeds-sentiment-ood."),
     overrides: Optional[list[str]] = typer.Argument(None, help="TopographyConfig overrides as key=value, e.g. "
                                                              "alphas=[0,0.5,1] n_train=32 n_clusters=2"),
     output: Optional[Path] = typer.Option(None, help="Folder for report.md/.json and the PNGs "

@@ -1,4 +1,4 @@
-"""TinT's evaluations, as in the paper, on the embedded model and BIG-bench tasks.
+"""TinT's evaluations, as in the paper, on the embedded model and built-in tasks.
 
 Few-shot classification: each test query is preceded by ``shots`` solved demonstrations (the
 *training part*); the query is the *test part*, and the prediction is the label word with the
@@ -18,8 +18,15 @@ accuracy, ties to the lower option loss), and the test queries run only the chos
 Improvements over ICL and over zero-shot come with a multi-bootstrap interval over seeds and
 test examples (:mod:`ftlab.bootstrap`).
 
-Language modelling: held-out paragraphs (SQuAD contexts) cut to ``lm_length`` tokens; one step
-on the first half (``context`` loss), perplexity of the second half.
+The default tasks (``sentiment``, ``trec``, ``factual_summary``: binary sentiment, 6-way question
+type, binary entailment) have one-token label words and prompts short enough that, with SmolLM2's
+tokenizer, 4 demonstrations and the query fit in 512 tokens (``tint-eval``'s 300 test contexts: at
+most 463; a longer context drops its first demonstrations). Long-passage tasks do not: in 512
+tokens ``boolq`` keeps about 2 of 4 demonstrations and ``corr2cause`` about 1, and some of their
+queries alone exceed it, which stops the run (:func:`encode_context`).
+
+Language modelling: held-out Wikipedia paragraphs (the SQuAD v2 contexts of ``disflqa``) cut to
+``lm_length`` tokens; one step on the first half (``context`` loss), perplexity of the second half.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ class TintEvalConfig:
     """One evaluation run (``ftlab tint eval``)."""
 
     model: str = "smollm2-135m"
-    tasks: list[str] = field(default_factory=lambda: ["sentiment", "strategyqa", "presuppositions_as_nli"])
+    tasks: list[str] = field(default_factory=lambda: ["sentiment", "trec", "factual_summary"])
     shots: int = 4
     n_test: int = 100
     n_dev: int = 0  # dev queries that choose each method's lr (0: every lr of ``lrs`` on the test queries)
@@ -250,9 +257,10 @@ def run_task(inner: InnerModel, tokenizer, spec: TaskSpec, pool: Sequence[Exampl
 
 
 def lm_texts(tokenizer, n: int, length: int) -> list[list[int]]:
-    """``n`` distinct SQuAD paragraphs cut to their first ``length`` tokens (those long enough)."""
+    """``n`` distinct Wikipedia paragraphs (the SQuAD v2 contexts of task ``disflqa``, in source
+    order) cut to their first ``length`` tokens (those long enough)."""
     from ftlab.tasks import load_task
-    _, examples = load_task("squad")
+    _, examples = load_task("disflqa")
     seen, out = set(), []
     for ex in examples:
         text = ex.fields.get("context", "")
@@ -341,7 +349,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} | {r['accuracy']:.3f} | {fmt('vs_ICL')} | {fmt('vs_zero-shot')} |")
         lines.append("")
     if summary.get("lm"):
-        lines += ["### language modelling (second half of SQuAD paragraphs)", "",
+        lines += ["### language modelling (second half of Wikipedia paragraphs, disflqa contexts)", "",
                   "| method | loss | perplexity | loss vs base (95% CI) |", "|---|---|---|---|"]
         for m, r in summary["lm"].items():
             d = r.get("vs_base_loss")
