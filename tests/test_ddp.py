@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from ftlab.distributed import shutdown
 from ftlab.errors import FtlabError
 
 WORLD = 2
@@ -76,7 +78,7 @@ def _fsdp_worker(rank: int, folder: str) -> None:
         _train(folder, "fsdp-lora-sgd", "dp-fsdp-lora-sgd")
         _train(folder, "fsdp-full-adamw", "dp-fsdp-full-adamw", kill_at=3)  # resumed from a sharded checkpoint
     finally:
-        dist.destroy_process_group()
+        shutdown(wait=sys.exc_info()[0] is None)
 
 
 def _worker(rank: int, folder: str) -> None:
@@ -111,7 +113,7 @@ def _worker(rank: int, folder: str) -> None:
                 errors[key] = str(e)
         (folder / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "errors": errors}))
     finally:
-        dist.destroy_process_group()
+        shutdown(wait=sys.exc_info()[0] is None)
 
 
 def _make_folder(folder: Path, tokenizer) -> None:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from ftlab.distributed import init_from_env, is_main, shard
+from ftlab.distributed import init_from_env, is_main, shard, shutdown
 from ftlab.errors import FtlabError
 from ftlab.models import trainable_parameters
 from ftlab.train import replay_run
@@ -63,7 +63,7 @@ def _worker(rank: int, folder: str) -> None:
         run = _mezo_run(torch.stack(shard(list(BATCH), rank, WORLD)))
         torch.save(run, f"{folder}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown(wait=sys.exc_info()[0] is None)
 
 
 def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):

@@ -2,12 +2,14 @@
 z for its own rows from the global element index, and the run equals a one-process run; its
 trajectory replays in one process."""
 
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ftlab.distributed import full_tensor, local_part, shard, shard_model
+from ftlab.distributed import full_tensor, local_part, shard, shard_model, shutdown
 from ftlab.errors import FtlabError
 
 WORLD = 2
@@ -55,7 +57,7 @@ def _worker(rank, folder, optimizer_name):
         run = _run(torch.stack(shard(list(BATCH), rank, WORLD)), sharded=True, optimizer_name=optimizer_name)
         torch.save(run, f"{folder}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown(wait=sys.exc_info()[0] is None)
 
 
 @pytest.mark.parametrize("optimizer_name", ["mezo", "zo-momentum"])

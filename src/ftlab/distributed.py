@@ -13,6 +13,7 @@ started by a launcher, so the same training code runs with and without ``torchru
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from typing import Any, TypeVar
@@ -99,10 +100,22 @@ def shard(items: list[T], rank: int, world: int) -> list[T]:
     return items[rank * size:(rank + 1) * size]
 
 
-def shutdown() -> None:
-    """Leave the process group, if one was joined (NCCL asks for it before the process exits)."""
-    if _initialised():
-        dist.destroy_process_group()
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group, if one was joined (NCCL asks for it before the process exits).
+
+    With ``wait`` every rank first waits for the others, so no collective is in flight when the
+    group goes (pass False on an error path, where another rank may never arrive). Garbage is
+    collected before and after, so the sharded modules, their pending work and the backend's
+    worker threads are freed while the interpreter is alive: freed at interpreter exit instead,
+    gloo can abort a finished rank ("terminate called without an active exception").
+    """
+    if not _initialised():
+        return
+    gc.collect()
+    if wait:
+        barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 # -- FSDP2: every parameter sharded over the ranks (zeroth-order training of models larger than
