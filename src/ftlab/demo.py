@@ -50,9 +50,9 @@ class DemoConfig:
     """The demo: a shared training setup (model, task, splits, mode) and the two methods."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(mode="lora", eval_every=0))
-    mezo: DemoMethod = field(default_factory=lambda: DemoMethod(optimizer="mezo", lr=2e-3, steps=200,
+    mezo: DemoMethod = field(default_factory=lambda: DemoMethod(optimizer="mezo", lr=3e-3, steps=100,
                                                                 batch_size=8, zo=ZOSettings(eps=1e-2)))
-    adamw: DemoMethod = field(default_factory=DemoMethod)
+    adamw: DemoMethod = field(default_factory=lambda: DemoMethod(lr=1e-3, steps=60, batch_size=4))
 
 
 # `ftlab demo --quick`: the same rows, smaller (a smoke run, not a measurement).
