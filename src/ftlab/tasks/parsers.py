@@ -10,13 +10,13 @@ repeat could land in both train and test).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ftlab.errors import FtlabError
 from ftlab.tasks.base import Example
+from ftlab.tasks.files import jsonl_rows
 
 Parser = Callable[[Sequence[Path]], list[Example]]
 
@@ -38,17 +38,9 @@ def _text(path: Path) -> str:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line, object) for every non-blank line."""
-    for line_no, line in enumerate(_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise FtlabError(f"{path.name}:{line_no}: not valid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise FtlabError(f"{path.name}:{line_no}: expected a JSON object, got {type(row).__name__}")
-        yield line_no, row
+    """(1-based line, object) for every non-blank line (errors name the file and line)."""
+    for where, row in jsonl_rows(path):
+        yield int(where.rpartition(":")[2]), row
 
 
 def _field(row: dict[str, Any], name: str, where: str, kind: type = str) -> Any:
