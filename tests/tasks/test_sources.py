@@ -206,3 +206,15 @@ def test_every_default_source_is_pinned_and_licensed():
         assert source.filename.startswith(f"{source.package}-{source.version}-") and source.filename.endswith(".whl")
         assert source.licence and source.size > 0
     assert sum(s.size for s in sources.SOURCES) < 110 * 2**20  # tens of MB each, not hundreds
+
+
+def test_every_default_task_names_its_data_licence_and_source():
+    from ftlab.tasks.registry import builtin_tasks
+
+    for task in builtin_tasks():
+        if task.source is None:
+            assert task.origin.startswith("bigbench==1.0.0") and "Apache-2.0" in task.licence
+            continue
+        assert task.data_licence and task.licence.startswith(task.data_licence + "; shipped in ")
+        assert task.origin == task.source.requirement and all(m.startswith(task.source.package + "/")
+                                                              for m in task.members)

