@@ -13,6 +13,7 @@ Durability rules used throughout:
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -73,6 +74,28 @@ def fsync_tree(path: str | Path) -> None:
 
 
 # -- files ----------------------------------------------------------------------------------------
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of file ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def copy_hashed(source: IO[bytes], out: IO[bytes]) -> tuple[str, int]:
+    """Copy stream ``source`` into ``out``; return the copied bytes' sha256 (hex) and size."""
+    digest, size = hashlib.sha256(), 0
+    while block := source.read(_CHUNK):
+        digest.update(block)
+        size += len(block)
+        out.write(block)
+    return digest.hexdigest(), size
+
+
 @contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Open a temp file beside ``path`` for writing; on success it is fsynced, renamed onto

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from ftlab.cli.select import app
 from ftlab.errors import FtlabError
+from ftlab.io import file_sha256
 
 
 def _rows(prompt: str, answers: list[str], family: str, n: int) -> list[dict]:
@@ -84,7 +85,7 @@ def test_prepare_pool_on_a_fake_evals_wheel(tmp_path, monkeypatch):
         for task in ("french-lexicon", "dutch-lexicon", "algebra", "trivia", "closed"):
             zf.writestr(f"evals/registry/data/{task}/samples.jsonl",
                         "".join(json.dumps(chat(task, i)) + "\n" for i in range(6)))
-    fake = sources.Source("evals", "0.0.2", wheel.name, sources.sha256_of(wheel), wheel.stat().st_size, "test")
+    fake = sources.Source("evals", "0.0.2", wheel.name, file_sha256(wheel), wheel.stat().st_size, "test")
     monkeypatch.setattr(sources, "EVALS", fake)
     monkeypatch.setattr(sources, "SOURCES", (fake,))  # --archive recognises it by its sha256
     monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "cache"))

@@ -9,6 +9,7 @@ import zipfile
 import pytest
 
 from ftlab.errors import FtlabError
+from ftlab.io import file_sha256
 from ftlab.select.data import load_instructions
 from ftlab.select.pool import (
     DEFAULT_TARGET_FAMILIES,
@@ -18,7 +19,7 @@ from ftlab.select.pool import (
     evals_row,
     licence_restricted,
 )
-from ftlab.tasks.sources import Source, sha256_of
+from ftlab.tasks.sources import Source
 
 _LICENCE = """MIT License
 
@@ -83,7 +84,7 @@ def fake_evals(folder, monkeypatch, licence: str | None = _LICENCE, version: str
             zf.writestr(f"evals/registry/data/{rel}", body)
     monkeypatch.setenv("FTLAB_ARCHIVES", str(folder))
     monkeypatch.setenv("FTLAB_CACHE", str(folder / "cache"))
-    return Source("evals", version, wheel.name, sha256_of(wheel), wheel.stat().st_size, licence="test")
+    return Source("evals", version, wheel.name, file_sha256(wheel), wheel.stat().st_size, licence="test")
 
 
 def _spec(**kw) -> PoolSpec:

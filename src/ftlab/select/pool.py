@@ -296,7 +296,7 @@ def _ours(out_dir: Path, manifest: dict[str, Any] | None) -> dict[str, str | Non
 
 
 def _check_replaceable(out_dir: Path, rel: str, ours: dict[str, str | None]) -> None:
-    from ftlab.tasks.sources import sha256_of
+    from ftlab.io import file_sha256
 
     path = out_dir / rel
     if not path.exists():
@@ -304,18 +304,18 @@ def _check_replaceable(out_dir: Path, rel: str, ours: dict[str, str | None]) -> 
     if rel not in ours:
         raise FtlabError(f"{path} exists and was not written by `ftlab select prepare-pool` (its "
                          f"{POOL_MANIFEST} does not list it); move it away or choose another output folder")
-    if ours[rel] is not None and (not path.is_file() or sha256_of(path) != ours[rel]):
+    if ours[rel] is not None and (not path.is_file() or file_sha256(path) != ours[rel]):
         raise FtlabError(f"{path} was changed since ftlab wrote it; move it away or choose another output folder")
 
 
 def _reusable(out_dir: Path, manifest: dict[str, Any] | None, spec: PoolSpec, source: Any) -> bool:
-    from ftlab.tasks.sources import sha256_of
+    from ftlab.io import file_sha256
 
     if not manifest or manifest.get("pending") or manifest.get("version") != _POOL_VERSION \
             or manifest.get("spec") != json.loads(json.dumps(asdict(spec))) \
             or manifest.get("source", {}).get("sha256") != source.sha256:
         return False
-    return all((out_dir / rel).is_file() and sha256_of(out_dir / rel) == entry.get("sha256")
+    return all((out_dir / rel).is_file() and file_sha256(out_dir / rel) == entry.get("sha256")
                for rel, entry in manifest["files"].items())
 
 
@@ -368,7 +368,8 @@ def build_evals_pool(out_dir: str | Path, spec: PoolSpec | None = None, *, sourc
     import zipfile
     import zlib
 
-    from ftlab.tasks.sources import EVALS, artefact, sha256_of
+    from ftlab.io import file_sha256
+    from ftlab.tasks.sources import EVALS, artefact
 
     start = time.perf_counter()
     spec = spec or PoolSpec()
@@ -441,7 +442,7 @@ def build_evals_pool(out_dir: str | Path, spec: PoolSpec | None = None, *, sourc
     for rel, rows in files.items():
         with atomic_file(out_dir / rel) as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        manifest["files"][rel] = {"sha256": sha256_of(out_dir / rel), "rows": len(rows)}
+        manifest["files"][rel] = {"sha256": file_sha256(out_dir / rel), "rows": len(rows)}
     for rel in stale:
         (out_dir / rel).unlink(missing_ok=True)
         manifest["files"].pop(rel, None)

