@@ -46,7 +46,9 @@ def build(tiny: bool) -> torch.nn.Module:
 def measure(mode: str, autocast: bool, checkpointing: bool, args: argparse.Namespace) -> dict:
     from ftlab.config import TrainConfig
     from ftlab.models import prepare_model
-    from ftlab.train import bf16_autocast, build_optimizer, enable_gradient_checkpointing, make_closure
+    from ftlab.optim import build_optimizer
+    from ftlab.parallel import bf16_autocast
+    from ftlab.train import enable_gradient_checkpointing, make_closure
 
     device = torch.device(args.device)
     model = build(args.tiny).to(device)

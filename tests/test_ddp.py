@@ -86,15 +86,15 @@ def _worker(rank: int, folder: str) -> None:
     folder = Path(folder)
     dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=WORLD)
     try:
-        import ftlab.train as train_module
+        import ftlab.parallel as parallel_module  # where the loop evaluates
 
         seen = []  # examples each evaluation of this rank covered
-        evaluate = train_module.evaluate
+        evaluate = parallel_module.evaluate
 
         def counting(module, tokenizer, spec, examples, **kw):
             seen.append(len(examples))
             return evaluate(module, tokenizer, spec, examples, **kw)
-        train_module.evaluate = counting
+        parallel_module.evaluate = counting
         for name in SCENARIOS:
             if name != "full-adamw" and not name.startswith("fsdp"):
                 _train(folder, name, f"dp-{name}")

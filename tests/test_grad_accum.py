@@ -10,8 +10,9 @@ import torch
 from ftlab import objectives
 from ftlab.errors import FtlabError
 from ftlab.objectives import Encoder
+from ftlab.parallel import micro_batches
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.train import make_closure, micro_batches
+from ftlab.train import make_closure
 from ftlab.zo import MeZO, ZOAdam
 
 SPEC = TaskSpec(name="t", template="{text} It was", options=[" terrible", " great"])

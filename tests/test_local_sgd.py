@@ -11,7 +11,7 @@ import torch
 from ftlab.config import LocalSGDSettings, TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.local_sgd import LocalSGDAverager, period_for, quadratic_period
-from ftlab.train import lr_factor
+from ftlab.optim import lr_factor
 
 
 def test_quadratic_rule_is_the_papers_formula():

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.models import load_model
+from ftlab.optim import lr_factor, param_groups
 from ftlab.tasks import Splits
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.train import RunData, batch_indices, lr_factor, param_groups, replay_run, train
+from ftlab.train import RunData, batch_indices, replay_run, train
 from ftlab.zo.trajectory import RECORD, TrajectoryLog, pack_record
 
 FILLER = ["the", "movie", "story", "was", "a", "film", "and", "it", "acting", "plot"]
@@ -254,7 +255,7 @@ def test_offload_without_the_host_memory_is_refused_before_loading(tmp_path, tin
     tiny_tokenizer.save_pretrained(folder)
     monkeypatch.setattr(offload, "available_host_bytes", lambda: 1000)
     loaded = []
-    monkeypatch.setattr("ftlab.train.load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("ftlab.parallel.load_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(FtlabError, match=r"offload needs .* GiB of CPU memory .* only 0.0 GiB is available"):
         train(_cfg(tmp_path / "run", f"model={folder}", "optimizer=mezo", "offload=true"), progress=False,
               data=_data())

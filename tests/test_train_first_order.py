@@ -12,8 +12,9 @@ from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
 from ftlab.models import trainable_parameters
 from ftlab.objectives import Encoder
+from ftlab.parallel import bf16_autocast, micro_batches
 from ftlab.tasks.base import Example, TaskSpec
-from ftlab.train import bf16_autocast, build_trainer, make_closure, micro_batches
+from ftlab.train import build_trainer, make_closure
 
 SPEC = TaskSpec(name="t", template="{text} It was", options=[" terrible", " great"])
 TEXTS = ["the movie was great", "a story", "the film and the acting and the story were good", "it",

@@ -1,11 +1,29 @@
 """Resumable training state: the trainable tensors, the optimizer and scheduler state and the
-loop's counters, written atomically as one folder so a kill never leaves a mixed checkpoint.
-Every file is fsynced before it is renamed into place, and the folder after (see
-:mod:`ftlab.io`), so a checkpoint that was saved also survives a power cut."""
+loop's counters (:class:`TrainState`), written atomically as one folder so a kill never leaves a
+mixed checkpoint. Every file is fsynced before it is renamed into place, and the folder after
+(see :mod:`ftlab.io`), so a checkpoint that was saved also survives a power cut.
+
+The training loop keeps a run resumable through one :class:`Checkpointer`, which its
+parallelism strategy (:mod:`ftlab.parallel`) picks:
+
+==========================  ==============================================================
+``TensorCheckpointer``      first order, one process or DDP: rank 0 saves the tensors and the
+                            optimizer state; every rank restores them
+``PerRankCheckpointer``     Local SGD over ranks: every rank's weights and optimizer state
+                            (they differ inside a round), gathered into ``extra.pt``
+``ShardedCheckpointer``     first-order FSDP2: whole tensors and the whole optimizer state,
+                            gathered from the shards; each rank restores its own
+``TrajectoryCheckpointer``  zeroth order: the trajectory log (KBs: the seeds and projected
+                            gradients, :mod:`ftlab.zo.trajectory`) and the counters; a resume
+                            replays the log
+==========================  ==============================================================
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ftlab.distributed import copy_full_into, full_tensor
+from ftlab.config import TrainConfig, to_dict
+from ftlab.distributed import barrier, copy_full_into, full_tensor, gather_to_main
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import atomic_dir, atomic_path, recover_dir
+from ftlab.io import atomic_dir, atomic_path, atomic_write_json, recover_dir
 from ftlab.models import trainable_parameters
+from ftlab.rundir import RunDir, read_written_json
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -46,8 +66,16 @@ def load_trainable(module: nn.Module, path: str | Path) -> None:
     if missing or any(n not in params for n in state):
         raise FtlabError(f"{path}: trainable tensors do not match the model (e.g. {missing[:3]}); "
                          "was it written by a run with another mode or model?")
+    copy_trainable_into(module, state)
+
+
+@torch.no_grad()
+def copy_trainable_into(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors by name into ``module``'s trainable parameters (a sharded parameter
+    takes its own rows)."""
+    params = dict(trainable_parameters(module))
     for name, tensor in state.items():
-        copy_full_into(params[name], tensor)  # a sharded parameter takes its own rows
+        copy_full_into(params[name], tensor)
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -95,3 +123,185 @@ def load_extra(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling and zip errors have no common base
         raise damaged(path, e) from None
+
+
+def flush(optimizer: torch.optim.Optimizer) -> None:
+    """Apply an offloaded optimizer's queued updates (a no-op for every other optimizer): call
+    before reading the weights outside the model's forwards (evaluating, saving)."""
+    if hasattr(optimizer, "flush"):
+        optimizer.flush()
+
+
+def run_id(cfg: TrainConfig) -> str:
+    """A short, deterministic id of a run's config, wherever it is saved (recorded in its
+    trajectory log's header)."""
+    identity = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- the loop's counters and the checkpointers -------------------------------------------------
+
+@dataclass
+class TrainState:
+    """The training loop's counters: steps done, the best dev score and its step, the
+    zeroth-order steps skipped for a non-finite loss, and the parallelism strategy's own
+    counters (saved as ``dp``). Saved as ``checkpoint/state.json``."""
+
+    step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    skipped: int = 0
+    parallel: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step": self.step, "best_score": self.best_score, "best_step": self.best_step}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        if self.parallel is not None:
+            out["dp"] = self.parallel
+        return out
+
+    @classmethod
+    def from_json(cls, state: Any, path: Path) -> TrainState:
+        """The counters of a checkpoint, checked (a damaged state.json is named, not a KeyError)."""
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
+                and "best_score" in state and "best_step" in state):
+            raise damaged(path, ValueError("expected an object with step, best_score and best_step"))
+        return cls(state["step"], state["best_score"], state["best_step"], state.get("skipped", 0), state.get("dp"))
+
+
+class Checkpointer:
+    """Keeps a run resumable in ``run.checkpoint``. Every rank calls every method; only rank 0
+    (``main``) writes. Subclasses say what is saved (:meth:`_save`) and restored (:meth:`_load`)."""
+
+    def __init__(self, run: RunDir, main: bool) -> None:
+        self.run, self.main = run, main
+
+    def resume(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+        """Restore the last checkpoint, if any (every rank from rank 0's files); returns the counters."""
+        if self.main:
+            recover_dir(self.run.checkpoint)  # finish or undo a checkpoint replace a kill interrupted
+        barrier()
+        if not self.run.checkpoint_state.exists():
+            return TrainState()
+        return self._load(module, optimizer, scheduler)
+
+    def record(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called after every step (the trajectory log takes the step's record)."""
+
+    def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+        flush(optimizer)
+        self._save(module, optimizer, scheduler, state)
+
+    def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+        return TrainState.from_json(load_checkpoint(self.run.checkpoint, module, optimizer, scheduler),
+                                    self.run.checkpoint_state)
+
+    def _save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+        raise NotImplementedError
+
+
+class TensorCheckpointer(Checkpointer):
+    """First order, one process or DDP (the ranks agree): rank 0 saves the trainable tensors and
+    the optimizer and scheduler state."""
+
+    def _save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+        if self.main:
+            save_checkpoint(self.run.checkpoint, module, optimizer, scheduler, state.to_json())
+
+
+class PerRankCheckpointer(Checkpointer):
+    """Local SGD over ranks: each rank's weights and optimizer state are gathered into
+    ``extra.pt`` (rank 0's are also the checkpoint's own); each rank restores its own."""
+
+    def __init__(self, run: RunDir, main: bool, rank: int) -> None:
+        super().__init__(run, main)
+        self.rank = rank
+
+    def _save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+        ranks = gather_to_main({"trainable": trainable_state(module), "optimizer": optimizer.state_dict()})
+        if self.main:
+            save_checkpoint(self.run.checkpoint, module, optimizer, scheduler, state.to_json(), extra={"ranks": ranks})
+
+    def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+        state = super()._load(module, optimizer, scheduler)
+        if state.step > 0:
+            extra = load_extra(self.run.checkpoint)
+            if not extra or "ranks" not in extra or self.rank >= len(extra["ranks"]):
+                raise FtlabError("the checkpoint holds no per-rank Local SGD state for this number of processes; "
+                                 "resume with the same torchrun --nproc_per_node, or start afresh with --overwrite")
+            mine = extra["ranks"][self.rank]
+            copy_trainable_into(module, mine["trainable"])
+            optimizer.load_state_dict(mine["optimizer"])
+        return state
+
+
+class ShardedCheckpointer(Checkpointer):
+    """First-order FSDP2: the whole tensors and the whole optimizer state, gathered from every
+    rank's shards (a collective) and written by rank 0; on resume each rank keeps its own shard."""
+
+    def _save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        trainable = trainable_state(module)
+        optimizer_state = get_optimizer_state_dict(module, optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.main:
+            save_checkpoint(self.run.checkpoint, module, optimizer, scheduler, state.to_json(), trainable=trainable,
+                            optimizer_state=optimizer_state)
+
+    def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        path = self.run.checkpoint
+        load_trainable(module, path / "trainable.safetensors")
+        try:
+            saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling and zip errors have no common base
+            raise damaged(path / "optimizer.pt", e) from None
+        set_optimizer_state_dict(module, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(saved["scheduler"])
+        return TrainState.from_json(read_written_json(path / "state.json"), path / "state.json")
+
+
+class TrajectoryCheckpointer(Checkpointer):
+    """Zeroth order: the trajectory log (:class:`ftlab.zo.trajectory.TrajectoryLog`, appended
+    every step) is the checkpoint, with the counters in ``checkpoint/state.json``; a resume
+    replays the log up to the checkpoint. The log's header records how z is made (a replay with
+    other settings is refused) and the run (a hash of its config: identical runs write
+    identical logs)."""
+
+    def __init__(self, run: RunDir, main: bool, cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> None:
+        from ftlab.zo.trajectory import TrajectoryLog
+
+        super().__init__(run, main)
+        self.log = TrajectoryLog(run.path, run_id=run_id(cfg), z=optimizer.z_spec())
+
+    def resume(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+        from ftlab.zo.trajectory import replay
+
+        if self.main:
+            recover_dir(self.run.checkpoint)
+        barrier()
+        path = self.run.checkpoint_state
+        state = TrainState.from_json(read_written_json(path), path) if path.exists() else TrainState()
+        # Replay (which checks the log against this run's seeds) before touching the file, so a
+        # corrupted or foreign log is reported and left as it is. Up to the checkpoint only: another
+        # rank may read the log before or after rank 0 truncates it.
+        done = replay(self.log, optimizer, scheduler, steps=state.step, allow_torn_tail=True)
+        if done != state.step:
+            raise FtlabError(f"{self.log.path} holds {done} steps but the checkpoint is at step {state.step}: "
+                             "the log was cut or replaced; restore it, or start afresh with --overwrite")
+        if self.main:
+            self.log.truncate(state.step)  # steps after the checkpoint are redone, identically
+        return state
+
+    def record(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        done = optimizer.history.pop()
+        if self.main:
+            self.log.append(step, done)
+
+    def _save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+        if self.main:
+            self.log.sync()
+            atomic_write_json(self.run.checkpoint_state, state.to_json())

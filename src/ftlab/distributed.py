@@ -3,9 +3,8 @@
 Zeroth-order optimizers (MeZO): every rank holds the whole model, draws the same seeds,
 evaluates the loss on its own shard of the step's global batch, and the optimizer averages the
 loss differences over ranks with one scalar all-reduce a step (see :mod:`ftlab.zo.mezo`), so all
-ranks apply the same update and stay identical. First-order optimizers: :class:`DataParallel`
-(PyTorch's DistributedDataParallel, FSDP2 through :func:`shard_model`, or Local SGD, see
-:mod:`ftlab.local_sgd`).
+ranks apply the same update and stay identical. How a run uses these (DDP, Local SGD, FSDP2
+through :func:`shard_model`, ...) is a strategy of :mod:`ftlab.parallel`.
 
 Every function here is a no-op (or answers as a single process does) when the process was not
 started by a launcher, so the same training code runs with and without ``torchrun``.
@@ -186,147 +185,6 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter: for a sharded one, only this rank's rows."""
     local, start, _ = local_part(p)
     local.copy_(full.reshape(-1)[start:start + local.numel()].view_as(local).to(local.device, local.dtype))
-
-
-# -- first-order data parallelism: DDP, Local SGD, FSDP2 ---------------------------------------
-
-def _ddp_class() -> type:
-    from torch.nn.parallel import DistributedDataParallel
-
-    class DDP(DistributedDataParallel):
-        """DDP that exposes the wrapped model's output embedding, so :func:`ftlab.models.head.output_head`
-        replaces the same head through the wrapper as it does on the bare model (same numbers)."""
-
-        def get_output_embeddings(self) -> nn.Module | None:
-            get = getattr(self.module, "get_output_embeddings", None)
-            return get() if callable(get) else None
-
-    return DDP
-
-
-class DataParallel:
-    """First-order training over the ranks of the process group: the module the training
-    forwards run through (``forward_module``: a DDP wrapper, the FSDP2-sharded module itself, or
-    the module in one process), micro-batch gradient accumulation without communication
-    (:meth:`no_sync`), and Local SGD (:class:`ftlab.local_sgd.LocalSGDAverager` with PyTorch's
-    post-local SGD hook) when ``settings.period`` is set.
-
-    Communication rounds are counted (:attr:`rounds`): one per synchronous step (the gradient
-    all-reduce, or FSDP's reduce-scatter) and one per Local SGD weight average."""
-
-    def __init__(self, module: nn.Module, world: int, device: str, settings=None, total_steps: int = 0,
-                 step: int = 0, sharded: bool = False) -> None:
-        self.module, self.world, self.sharded = module, world, sharded
-        self.local = settings is not None and settings.period is not None
-        self.averager = None
-        self.sync_rounds = step  # synchronous steps done (resumed runs: restored by load_state_dict)
-        self.forward_module = module
-        if world > 1 and not sharded:
-            cuda = device.startswith("cuda")
-            self.forward_module = _ddp_class()(module, device_ids=[torch.device(device).index or 0] if cuda else None,
-                                               broadcast_buffers=False)
-        if self.local:
-            from ftlab.local_sgd import LocalSGDAverager, register_post_local_hook
-
-            self.averager = LocalSGDAverager(settings, total_steps, world=world)
-            if world > 1:
-                register_post_local_hook(self.forward_module, settings, step)
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    @property
-    def rounds(self) -> int:
-        """Communication rounds so far (0 in one process without Local SGD)."""
-        if self.averager is not None:
-            return self.averager.rounds
-        return self.sync_rounds if self.world > 1 else 0
-
-    @property
-    def counted(self) -> bool:
-        """Whether rounds are worth logging (several processes, or Local SGD)."""
-        return self.world > 1 or self.local
-
-    def start(self, lr: float) -> None:
-        """Call once before the first step (of a fresh run) with its learning rate."""
-        if self.averager is not None and self.averager.step == 0:
-            self.averager.start(lr)
-
-    def no_sync(self):
-        """A context in which backward passes accumulate gradients without communicating."""
-        import contextlib
-
-        if isinstance(self.forward_module, nn.parallel.DistributedDataParallel):
-            return self.forward_module.no_sync()
-        if self.sharded and hasattr(self.module, "set_requires_gradient_sync"):
-            @contextlib.contextmanager
-            def fsdp_no_sync():
-                self.module.set_requires_gradient_sync(False)
-                try:
-                    yield
-                finally:
-                    self.module.set_requires_gradient_sync(True)
-            return fsdp_no_sync()
-        return contextlib.nullcontext()
-
-    def mean_loss(self, loss: torch.Tensor) -> float:
-        """The mean of the ranks' losses (the global batch's mean loss, equal shards), for the log."""
-        loss = loss.detach().clone()
-        if self.world > 1:
-            dist.all_reduce(loss)
-            loss /= self.world
-        return float(loss)
-
-    def after_step(self, lr_next: float) -> None:
-        """Count the step; Local SGD averages the weights if it ends a round."""
-        if self.averager is not None:
-            self.averager.after_step(self.params, lr_next)
-        else:
-            self.sync_rounds += 1
-
-    @property
-    def period(self) -> int | None:
-        """The current Local SGD round's H (None outside Local SGD)."""
-        return None if self.averager is None else self.averager.period
-
-    def averaged(self):
-        """A context holding the ranks' average weights (for evaluation in the middle of a
-        Local SGD round; each rank's own weights come back after it). One all-reduce, not
-        counted as a training round; a no-op when the ranks already agree."""
-        import contextlib
-
-        from ftlab.local_sgd import restore, snapshot
-
-        @contextlib.contextmanager
-        def ctx():
-            if self.averager is None or self.world == 1 or self.averager.synced:
-                yield
-                return
-            saved = snapshot(self.params)
-            self.averager.average_parameters(self.params)
-            try:
-                yield
-            finally:
-                restore(self.params, saved)
-        return ctx()
-
-    @property
-    def per_rank_state(self) -> bool:
-        """Whether the ranks' weights and optimizer states may differ (Local SGD on several ranks):
-        then a checkpoint holds every rank's."""
-        return self.local and self.world > 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sync_rounds": self.sync_rounds,
-                "local_sgd": None if self.averager is None else self.averager.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if not state:
-            return
-        self.sync_rounds = state["sync_rounds"]
-        if self.averager is not None and state.get("local_sgd"):
-            self.averager.load_state_dict(state["local_sgd"])
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:

@@ -12,7 +12,8 @@ from test_train import _cfg, _data, _Killed
 
 from ftlab.errors import FtlabError
 from ftlab.models import load_model
-from ftlab.train import build_optimizer, replay_run, train
+from ftlab.optim import build_optimizer
+from ftlab.train import replay_run, train
 from ftlab.zo import ZO_OPTIMIZERS, SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD, build_zo_optimizer
 from ftlab.zo.settings import ZOSettings
 

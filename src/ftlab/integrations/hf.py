@@ -54,16 +54,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from ftlab.checkpoint import save_trainable
+from ftlab.checkpoint import run_id, save_trainable
 from ftlab.config import DataConfig, TrainConfig, check, to_dict
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json
 from ftlab.models import LoraSettings
 from ftlab.objectives import Encoder, option_scores, training_batch
 from ftlab.objectives import loss as prompt_loss
+from ftlab.optim import param_groups
 from ftlab.tasks import TaskSpec
 from ftlab.tasks.base import Example
-from ftlab.train import _run_id, make_closure, param_groups
+from ftlab.train import make_closure
 from ftlab.zo import ZO_OPTIMIZERS, ZOSettings, build_zo_optimizer
 from ftlab.zo.trajectory import LOG, TrajectoryLog
 
@@ -251,7 +252,7 @@ class ZOTrainerMixin:
                           f"logged in {out / LOG} all the same", stacklevel=3)
             return
         cfg = dataclasses.replace(cfg, output_dir=str(out))
-        log.run_id = _run_id(cfg)
+        log.run_id = run_id(cfg)
         if cfg.mode != "full":
             save_trainable(module, out / INIT)
         atomic_write_json(out / "config.json", to_dict(cfg))

@@ -26,9 +26,9 @@ from ftlab.errors import FtlabError
 from ftlab.io import atomic_dir, atomic_write_json
 from ftlab.models import trainable_parameters
 from ftlab.objectives import target_logprobs
+from ftlab.optim import lr_factor, param_groups
 from ftlab.runs import check_settings
 from ftlab.select.data import InstructionExample, collate, encode, pad_id
-from ftlab.train import lr_factor, param_groups
 
 _SEP = "::"  # between a parameter name and its moment in adam.safetensors
 
