@@ -46,6 +46,7 @@ from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.models import load_trained
 from ftlab.optim import is_zeroth_order
+from ftlab.rundir import RunDir
 from ftlab.runs import writes_run_dir
 from ftlab.tasks import Example, Splits, TaskSpec, get_spec, load_task, make_splits
 from ftlab.tasks.registry import is_builtin
@@ -235,7 +236,7 @@ def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, ood: dict[str,
     # per-example scores, so the test set is scored here instead.
     results = train(cfg, progress=progress, data=RunData(data.spec, Splits(data.splits.train,
                                                                            data.splits.dev, [])))
-    module, tokenizer = load_trained(cfg.model, Path(cfg.output_dir) / "model", dtype=cfg.dtype,
+    module, tokenizer = load_trained(cfg.model, RunDir(cfg.output_dir).model, dtype=cfg.dtype,
                                      device=cfg.device)
     test = evaluate(module, tokenizer, data.spec, data.splits.test, batch_size=cfg.eval_batch_size,
                     max_length=cfg.data.max_length, progress=False)
@@ -270,7 +271,7 @@ def _ood_results(module, tokenizer, cfg: TrainConfig, ood: dict[str, tuple[TaskS
 def _evaluate_ood(cfg: TrainConfig, record: dict[str, Any], ood: dict[str, tuple[TaskSpec, list[Example]]],
                   path: Path) -> None:
     """Add the OOD results a finished run lacks to its record (no retraining)."""
-    module, tokenizer = load_trained(cfg.model, Path(cfg.output_dir) / "model", dtype=cfg.dtype, device=cfg.device)
+    module, tokenizer = load_trained(cfg.model, RunDir(cfg.output_dir).model, dtype=cfg.dtype, device=cfg.device)
     missing = {t: v for t, v in ood.items() if _missing_ood(record, {t: v})}
     record["ood"] = {**record.get("ood", {}), **_ood_results(module, tokenizer, cfg, missing)}
     atomic_write_json(path, record)

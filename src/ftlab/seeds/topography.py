@@ -35,7 +35,6 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ftlab.config import TrainConfig
@@ -43,6 +42,7 @@ from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model
 from ftlab.plots import pyplot, save_figure
+from ftlab.rundir import RunDir
 from ftlab.runs import run_dir
 from ftlab.seeds import basins, curvature, prediction, stats
 from ftlab.seeds.interpolation import saved_train_config
@@ -113,14 +113,12 @@ def check_same_kind(configs: dict[str, TrainConfig]) -> None:
 
 def run_weights(run: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The trainable tensors a run was evaluated with: ``best.safetensors`` when it selected on
-    a dev set, else its final checkpoint."""
-    best = run / "best.safetensors"
-    if best.exists() and cfg.eval_every and cfg.data.n_dev:
-        return load_file(str(best))
-    final = run / "checkpoint" / "trainable.safetensors"
-    state = run / "checkpoint" / "state.json"
-    if final.exists() and state.exists() and json.loads(state.read_text()).get("step") == cfg.steps:
-        return load_file(str(final))
+    a dev set, else its final checkpoint (the last one, if written at step ``cfg.steps``)."""
+    folder = RunDir(run)
+    if cfg.eval_every and cfg.data.n_dev and folder.weights_file("best", fallback=False) is not None:
+        return folder.final_weights("best", fallback=False)
+    if folder.weights_file("last", fallback=False) is not None and folder.checkpoint_step() == cfg.steps:
+        return folder.final_weights("last", fallback=False)
     raise FtlabError(f"{run}: neither best.safetensors (dev selection) nor a final checkpoint at step {cfg.steps}; "
                      "train it to the end (ftlab seeds run)")
 
