@@ -27,17 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ftlab.config import TrainConfig
+from ftlab.distributed import barrier
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model
@@ -47,7 +46,7 @@ from ftlab.runs import run_dir
 from ftlab.seeds import basins, curvature, prediction, stats
 from ftlab.seeds.interpolation import saved_train_config
 from ftlab.seeds.paths import PointEvaluator, combine, mix
-from ftlab.seeds.runner import RunSpec, check_comparable, load_records, load_study, ood_sets
+from ftlab.seeds.runner import RunSpec, check_comparable, join_ranks, load_records, load_study, ood_sets, use_rank_gpu
 from ftlab.train import load_run_data
 
 CLUSTER_ON = ("train_loss", "train_accuracy", "ood_loss", "ood_accuracy")
@@ -123,13 +122,6 @@ def run_weights(run: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
                      "train it to the end (ftlab seeds run)")
 
 
-def _dist() -> tuple[int, int]:
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return rank, world
-
-
 def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path | None = None, *,
                progress: bool = False) -> dict[str, Any] | None:
     """Measure, cluster, predict and write the report (see the module docstring); returns the
@@ -145,10 +137,9 @@ def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path
     runs = {n: study_dir / "runs" / n for n in names}
     configs = {n: saved_train_config(p) for n, p in runs.items()}
     check_same_kind(configs)
-    rank, world = _dist()
     train_cfg = configs[names[0]]
-    if world > 1 and train_cfg.device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    use_rank_gpu(train_cfg.device)
+    rank, world = join_ranks(train_cfg.device)
     data = load_run_data(study.train)
     ood = ood_sets(study, data.spec)
     ood_task = cfg.ood_task or (study.ood_tasks[0] if study.ood_tasks else None)
@@ -172,13 +163,11 @@ def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path
     # Rank 0 claims and locks the cache folder for the whole measurement; the other ranks write
     # their own runs' and pairs' files into it (each file atomically).
     with run_dir(cache, "seeds", main=rank == 0):
-        if world > 1:
-            dist.barrier()
+        barrier()
         _run_measures(evaluator, points, names[rank::world], cache, key, cfg, rank, progress and rank == 0)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         _pair_paths(evaluator, points, pairs[rank::world], cache, key, cfg, rank, progress and rank == 0)
-        if world > 1:
-            dist.barrier()
+        barrier()
         if rank != 0:
             return None
         measures = {n: json.loads((cache / "runs" / f"{n}.json").read_text()) for n in names}
