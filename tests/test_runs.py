@@ -12,7 +12,7 @@ from seeds.study_fixtures import cue_task, tiny_model_dir  # noqa: F401  (fixtur
 
 from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
-from ftlab.runs import LOCK, MARKER, RunLock, claim_dir, new_dir, overwrite_dir, read_marker, run_dir
+from ftlab.runs import LOCK, MARKER, RunLock, claim_and_lock, claim_dir, new_dir, overwrite_dir, read_marker
 from ftlab.tasks.base import Example, TaskSpec
 from ftlab.train import train
 
@@ -136,7 +136,7 @@ def test_cli_overwrite_refuses_a_user_folder_in_one_line(tmp_path):
 def test_a_second_training_into_a_locked_folder_is_refused(tmp_path, tiny_model_factory, tiny_tokenizer,
                                                            optimizer):
     cfg = _cfg(tmp_path / "run", f"optimizer={optimizer}")
-    with run_dir(cfg.output_dir, "train"):  # the first training, still running
+    with claim_and_lock(cfg.output_dir, "train"):  # the first training, still running
         with pytest.raises(FtlabError) as e:
             _train(cfg, tiny_model_factory, tiny_tokenizer)
         assert _one_line(e.value)

@@ -17,7 +17,7 @@ Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel 
   folder is refused in one line. A lock left by a dead process of this host is taken over (with a
   warning); one of a live process, or of another host, is not.
 
-:func:`run_dir` does claim + lock (+ marker) as a context manager, on rank 0 only under
+:func:`claim_and_lock` does claim + lock (+ marker) as a context manager, on rank 0 only under
 ``torchrun``; :func:`writes_run_dir` decorates a function whose config names the folder.
 """
 
@@ -157,7 +157,7 @@ def ownership(path: str | Path, kind: str) -> str:
 
 def claim_dir(path: str | Path, kind: str) -> Path:
     """Create folder ``path`` for a ``kind`` command, or accept it (see :func:`ownership`), and
-    mark it; refuses anything else with one line. Takes no lock (see :func:`run_dir`)."""
+    mark it; refuses anything else with one line. Takes no lock (see :func:`claim_and_lock`)."""
     path = Path(path)
     if ownership(path, kind) == "absent":
         path.mkdir(parents=True, exist_ok=True)
@@ -347,7 +347,7 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def run_dir(path: str | Path, kind: str, *, main: bool | None = None) -> Iterator[Path]:
+def claim_and_lock(path: str | Path, kind: str, *, main: bool | None = None) -> Iterator[Path]:
     """Claim folder ``path`` for a ``kind`` command, lock it, mark it, and hold the lock for
     the ``with`` block. ``main=None`` asks :func:`ftlab.distributed.is_main`: under ``torchrun``
     only rank 0 claims and locks (the others get the path and must wait for rank 0, as they
@@ -369,7 +369,7 @@ def run_dir(path: str | Path, kind: str, *, main: bool | None = None) -> Iterato
 
 
 def writes_run_dir(kind: str, where: str, validate: Callable[[Any], Any] | None = None) -> Callable[[F], F]:
-    """Decorator: run the function inside :func:`run_dir` for the folder named by ``where``:
+    """Decorator: run the function inside :func:`claim_and_lock` for the folder named by ``where``:
     an argument name, optionally with attributes (``"cfg.output_dir"``). The argument (a
     config) is checked first -- by ``validate(arg)`` if given, else by its own ``validate()``
     method if it has one -- so a bad config writes nothing."""
@@ -389,7 +389,7 @@ def writes_run_dir(kind: str, where: str, validate: Callable[[Any], Any] | None 
                 root.validate()
             for attr in attrs:
                 value = getattr(value, attr)
-            with run_dir(value, kind):
+            with claim_and_lock(value, kind):
                 return fn(*args, **kwargs)
         return wrapper  # type: ignore[return-value]
     return decorate

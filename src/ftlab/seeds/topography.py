@@ -42,7 +42,7 @@ from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model
 from ftlab.plots import pyplot, save_figure
 from ftlab.rundir import RunDir
-from ftlab.runs import run_dir
+from ftlab.runs import claim_and_lock
 from ftlab.seeds import basins, curvature, prediction, stats
 from ftlab.seeds.interpolation import saved_train_config
 from ftlab.seeds.paths import PointEvaluator, combine, mix
@@ -162,7 +162,7 @@ def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path
                               cfg.seed]})
     # Rank 0 claims and locks the cache folder for the whole measurement; the other ranks write
     # their own runs' and pairs' files into it (each file atomically).
-    with run_dir(cache, "seeds", main=rank == 0):
+    with claim_and_lock(cache, "seeds", main=rank == 0):
         barrier()
         _run_measures(evaluator, points, names[rank::world], cache, key, cfg, rank, progress and rank == 0)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
@@ -173,7 +173,7 @@ def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path
         measures = {n: json.loads((cache / "runs" / f"{n}.json").read_text()) for n in names}
         if out.resolve() == cache.resolve():
             return _analyse(study, records, names, measures, cache, cfg, evaluator, points, ood_task, out)
-        with run_dir(out, "seeds"):
+        with claim_and_lock(out, "seeds"):
             return _analyse(study, records, names, measures, cache, cfg, evaluator, points, ood_task, out)
 
 
