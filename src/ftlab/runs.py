@@ -1,4 +1,6 @@
-"""Run folders: ftlab's marker, claiming a folder, replacing one, and the one-writer lock.
+"""Claiming and locking run folders: ftlab's marker, claiming a folder, replacing one, the one-writer
+lock. What a training run's folder holds, and reading and writing its files (the training loop's
+writes included), is :class:`ftlab.rundir.RunDir`'s.
 
 Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel compute``,
 ``seeds run``, ``scale experiment``) claims it first:
@@ -15,7 +17,7 @@ Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel 
 * :class:`RunLock` -- ``.ftlab.lock`` inside the folder, created exclusively (``O_CREAT|O_EXCL``)
   and held with ``fcntl.flock`` for the life of the command: a second command writing the same
   folder is refused in one line. A lock left by a dead process of this host is taken over (with a
-  warning); one of a live process, or of another host, is not.
+  warning, logged to the ``ftlab.runs`` logger); one of a live process, or of another host, is not.
 
 :func:`claim_and_lock` does claim + lock (+ marker) as a context manager, on rank 0 only under
 ``torchrun``; :func:`writes_run_dir` decorates a function whose config names the folder.
@@ -30,6 +32,7 @@ import errno
 import functools
 import inspect
 import json
+import logging
 import os
 import shutil
 import socket
@@ -68,6 +71,8 @@ _KNOWN_NAMES: dict[str, frozenset[str]] = {
 _UNREADABLE_LOCK_GRACE_S = 10.0
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -295,8 +300,7 @@ class RunLock:
                 raise self._in_use(info)
             who = "an unreadable lock" if info is None else \
                 f"a stale lock of pid {info.get('pid')} (no longer running, started {info.get('started')})"
-            print(f"warning: {self.folder}: taking over {who}; the folder keeps what that command "
-                  "wrote", file=sys.stderr)
+            log.warning("%s: taking over %s; the folder keeps what that command wrote", self.folder, who)
             return fd
         except BaseException:
             with contextlib.suppress(OSError):
