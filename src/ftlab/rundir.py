@@ -1,6 +1,5 @@
-"""A training run's folder: :class:`RunDir` knows its layout and reads and writes its files (the
-training loop's writes and every other command's reads go through it); :mod:`ftlab.runs` claims
-and locks folders.
+"""A training run's folder: :class:`RunDir` knows its layout and reads and writes its files (the training
+loop writes through it, every other command reads through it); :mod:`ftlab.runs` claims and locks folders.
 
 Every reader of a run folder (replay, plots, the kernel check, seed studies, scaling experiments,
 the demo) reads through :class:`RunDir`: :meth:`RunDir.read_metrics` for the log,

@@ -1,6 +1,5 @@
-"""Claiming and locking run folders: ftlab's marker, claiming a folder, replacing one, the one-writer
-lock. What a training run's folder holds, and reading and writing its files (the training loop's
-writes included), is :class:`ftlab.rundir.RunDir`'s.
+"""Claiming and locking run folders (ftlab's marker, the claim, a guarded replace, the one-writer lock);
+what a training run's folder holds, and every read and write of its files, is :class:`ftlab.rundir.RunDir`'s.
 
 Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel compute``,
 ``seeds run``, ``scale experiment``) claims it first:
