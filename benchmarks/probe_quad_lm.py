@@ -35,6 +35,7 @@ from ftlab.objectives import Encoder  # noqa: E402
 from ftlab.probe.cache import split_features  # noqa: E402
 from ftlab.probe.features import FeatureSpec  # noqa: E402
 from ftlab.probe.probes import fit_probe  # noqa: E402
+from ftlab.rundir import RunDir  # noqa: E402
 from ftlab.tasks import load_task, make_splits  # noqa: E402
 from ftlab.tasks.base import Example, TaskSpec  # noqa: E402
 from ftlab.tasks.splits import Splits  # noqa: E402
@@ -157,9 +158,9 @@ def main() -> None:
             train(cfg, progress=False, model_and_tokenizer=(model, tokenizer),
                   data=RunData(LM, Splits(train=lm_train, dev=[], test=[])))
             seconds = time.perf_counter() - t0
-            trained, _ = load_model(str(out / "model"))  # also right after a resumed / finished run
-            losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                      if json.loads(line).get("split") == "train"]
+            run = RunDir(out)
+            trained, _ = load_model(str(run.model))  # also right after a resumed / finished run
+            losses = [r["loss"] for r in run.read_metrics(split="train")]
             row = {"seed": seed, "objective": "cross-entropy" if objective == "loss" else "quad",
                    "params": n_params, "steps": args.steps, "sentences": args.steps * args.batch_size,
                    "train_loss_last20": float(np.mean(losses[-20:])), "train_seconds": round(seconds, 1),

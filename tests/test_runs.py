@@ -12,7 +12,7 @@ from seeds.study_fixtures import cue_task, tiny_model_dir  # noqa: F401  (fixtur
 
 from ftlab.config import TrainConfig, load_config
 from ftlab.errors import FtlabError
-from ftlab.runs import LOCK, MARKER, RunLock, claim_dir, new_dir, overwrite_dir, read_marker, run_dir
+from ftlab.runs import LOCK, MARKER, RunLock, claim_and_lock, claim_dir, new_dir, overwrite_dir, read_marker
 from ftlab.tasks.base import Example, TaskSpec
 from ftlab.train import train
 
@@ -136,7 +136,7 @@ def test_cli_overwrite_refuses_a_user_folder_in_one_line(tmp_path):
 def test_a_second_training_into_a_locked_folder_is_refused(tmp_path, tiny_model_factory, tiny_tokenizer,
                                                            optimizer):
     cfg = _cfg(tmp_path / "run", f"optimizer={optimizer}")
-    with run_dir(cfg.output_dir, "train"):  # the first training, still running
+    with claim_and_lock(cfg.output_dir, "train"):  # the first training, still running
         with pytest.raises(FtlabError) as e:
             _train(cfg, tiny_model_factory, tiny_tokenizer)
         assert _one_line(e.value)
@@ -161,15 +161,15 @@ def test_the_lock_is_released_when_training_fails(tmp_path, tiny_model_factory, 
     _train(cfg, tiny_model_factory, tiny_tokenizer)  # resumes
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, tiny_model_factory, tiny_tokenizer, capfd):
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, tiny_model_factory, tiny_tokenizer, caplog):
     run = claim_dir(tmp_path / "run", "train")
     dead = _dead_pid()
     (run / LOCK).write_text(json.dumps({"pid": dead, "host": socket.gethostname(),
                                         "started": "2024-01-01T00:00:00+00:00"}))
     results = _train(_cfg(run), tiny_model_factory, tiny_tokenizer)
     assert results["steps"] == 2
-    err = capfd.readouterr().err
-    assert f"taking over a stale lock of pid {dead}" in err
+    assert f"taking over a stale lock of pid {dead}" in caplog.text
+    assert [(r.name, r.levelname) for r in caplog.records] == [("ftlab.runs", "WARNING")]
     assert not (run / LOCK).exists()
 
 
@@ -199,14 +199,34 @@ def test_the_lock_holds_against_another_process(tmp_path):
         pass
 
 
-def test_a_killed_holder_leaves_a_lock_that_is_taken_over(tmp_path, capfd):
+def test_a_killed_holder_leaves_a_lock_that_is_taken_over(tmp_path, caplog):
     run = claim_dir(tmp_path / "run", "train")
     code = "import os, sys; from ftlab.runs import RunLock; RunLock(sys.argv[1]).acquire(); os._exit(9)"
     subprocess.run([sys.executable, "-c", code, str(run)], timeout=120)
     assert (run / LOCK).exists()  # a kill runs no atexit
     with RunLock(run) as lock:
         assert lock.held
-    assert "taking over a stale lock" in capfd.readouterr().err
+    assert "taking over a stale lock" in caplog.text
+
+
+def test_the_cli_prints_the_taken_over_lock_warning(tmp_path, capsys, monkeypatch):
+    import logging
+
+    from ftlab.cli import show_library_warnings
+
+    logger = logging.getLogger("ftlab")
+    monkeypatch.setattr(logger, "handlers", [])  # restored after the test
+    show_library_warnings()
+    show_library_warnings()  # once only
+    assert len(logger.handlers) == 1
+    run = claim_dir(tmp_path / "run", "train")
+    dead = _dead_pid()
+    (run / LOCK).write_text(json.dumps({"pid": dead, "host": socket.gethostname(),
+                                        "started": "2024-01-01T00:00:00+00:00"}))
+    with RunLock(run):
+        pass
+    assert f"warning: {run}: taking over a stale lock of pid {dead} (no longer running, started " \
+           "2024-01-01T00:00:00+00:00); the folder keeps what that command wrote\n" == capsys.readouterr().err
 
 
 # -- whole folders (replay --output) ---------------------------------------------------------

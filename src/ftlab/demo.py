@@ -26,6 +26,7 @@ from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.memory import PeakMemory
 from ftlab.models import load_model
+from ftlab.rundir import RunDir
 from ftlab.train import RunData, load_run_data, train
 from ftlab.zo.settings import ZOSettings
 
@@ -87,7 +88,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, load: Loader | None = None,
     _write_rows(out, cfg, rows)
     for method in METHODS:
         run_cfg = method_config(cfg, method)
-        finished = (Path(run_cfg.output_dir) / "results.json").exists()
+        finished = RunDir(run_cfg.output_dir).finished()
         rows.append(done[method] if finished and method in done else _fine_tune(run_cfg, method, load, data, progress))
         _write_rows(out, cfg, rows)
     return rows
@@ -158,9 +159,9 @@ def plot_demo(cfg: DemoConfig, rows: list[dict[str, Any]], png: str | Path | Non
     fig, (ax_loss, ax_acc, ax_mem) = plt.subplots(1, 3, figsize=(13, 3.8))
     for method in METHODS:
         run_cfg = method_config(cfg, method)
-        path = Path(run_cfg.output_dir) / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        train_rows = [r for r in records if r["split"] == "train" and r.get("loss") is not None]
+        run = RunDir(run_cfg.output_dir)
+        records = run.read_metrics(split="train") if run.metrics.is_file() else []  # none: the run did not start
+        train_rows = [r for r in records if r.get("loss") is not None]
         losses = [r["loss"] for r in train_rows]
         window = max(1, len(losses) // 10)
         smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])

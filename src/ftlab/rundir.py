@@ -1,6 +1,9 @@
-"""The layout of a training run's folder, in one place: what ``ftlab train`` writes and where, and
-how the other commands (replay, plots, the kernel check, seed studies, scaling experiments, the
-Hugging Face trainer) read it back.
+"""A training run's folder: :class:`RunDir` knows its layout and reads and writes its files (the training
+loop writes through it, every other command reads through it); :mod:`ftlab.runs` claims and locks folders.
+
+Every reader of a run folder (replay, plots, the kernel check, seed studies, scaling experiments,
+the demo) reads through :class:`RunDir`: :meth:`RunDir.read_metrics` for the log,
+:meth:`RunDir.final_weights` (with a stated preference) for the trained tensors. The layout:
 
     config.json        the full config (a rerun with another config refuses to resume)
     metrics.jsonl      one JSON line per logged train step and per dev evaluation
@@ -17,9 +20,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ftlab.errors import FtlabError, damaged
+from ftlab.io import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
+
+# Which trained tensors a reader wants first: the last checkpoint's ("last", the end of training)
+# or the dev-selected best ones ("best").
+Prefer = Literal["last", "best"]
 
 
 def read_written_json(path: Path) -> Any:
@@ -76,8 +87,9 @@ class RunDir:
     def read_results(self) -> dict[str, Any]:
         return self.read_json(self.results)
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        """The logged records in order; a line a kill cut in half (the last) is skipped."""
+    def read_metrics(self, split: str | None = None) -> list[dict[str, Any]]:
+        """The logged records in order (only those of ``split``, e.g. ``"train"`` or ``"dev"``,
+        if given); a line a kill cut in half (the last) is skipped."""
         if not self.metrics.is_file():
             raise FtlabError(f"{self.metrics} not found: is {self.path} a training run folder?")
         records = []
@@ -86,16 +98,59 @@ class RunDir:
                 records.append(json.loads(line))
             except ValueError:
                 continue
-        return records
+        return records if split is None else [r for r in records if r.get("split") == split]
 
-    def final_weights(self) -> dict[str, Any]:
-        """The trainable tensors at the end of a finished run (its last checkpoint, written at the
-        final step), else the dev-selected best ones. The end, not the best, says where training
-        went: dev selection may pick an early step (even step 0)."""
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Log ``record`` as one JSON line at the end of ``metrics.jsonl``."""
+        with self.metrics.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop the log lines written after the checkpoint a run resumes from (``step >
+        last_step``: a killed run's tail), and any line that is not a record with a step (one a
+        kill cut in half); the log is rewritten atomically. No log: nothing to do."""
+        if not self.metrics.exists():
+            return
+        keep = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
+
+    def checkpoint_step(self) -> int | None:
+        """The step the last checkpoint was written at (None: no checkpoint)."""
+        if not self.checkpoint_state.is_file():
+            return None
+        return read_written_json(self.checkpoint_state).get("step")
+
+    def weights_file(self, prefer: Prefer, *, fallback: bool) -> Path | None:
+        """The file of the run's trained tensors, by the one rule every reader states:
+
+        * ``prefer="last"``: the last checkpoint's (``checkpoint/trainable.safetensors``, written
+          at the final step of a finished run): where training ended -- dev selection may pick an
+          early step (even step 0);
+        * ``prefer="best"``: the dev-selected best ones (``best.safetensors``; only runs with a
+          dev set and ``eval_every`` write it): what the run was evaluated with;
+
+        and with ``fallback`` the other one when the preferred file is not there. None: neither
+        (or, without ``fallback``, not the preferred one)."""
+        files = {"last": self.checkpoint_weights, "best": self.best}
+        if prefer not in files:
+            raise ValueError(f"prefer must be 'last' or 'best', not {prefer!r}")
+        order = [prefer, *([other for other in files if other != prefer] if fallback else [])]
+        return next((files[name] for name in order if files[name].exists()), None)
+
+    def final_weights(self, prefer: Prefer, *, fallback: bool) -> dict[str, torch.Tensor]:
+        """The trained tensors of :meth:`weights_file` (same ``prefer`` and ``fallback`` rule), or a
+        one-line error naming what is missing."""
         from safetensors.torch import load_file
 
-        for path in (self.checkpoint_weights, self.best):
-            if path.exists():
-                return load_file(str(path))
-        raise FtlabError(f"{self.path} holds no trained weights (best.safetensors or checkpoint/); "
-                         "is it a finished run?")
+        path = self.weights_file(prefer, fallback=fallback)
+        if path is None:
+            names = "best.safetensors or checkpoint/" if fallback else \
+                {"last": "checkpoint/", "best": "best.safetensors"}[prefer]
+            raise FtlabError(f"{self.path} holds no trained weights ({names}); is it a finished run?")
+        return load_file(str(path))

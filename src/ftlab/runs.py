@@ -1,4 +1,5 @@
-"""Run folders: ftlab's marker, claiming a folder, replacing one, and the one-writer lock.
+"""Claiming and locking run folders (ftlab's marker, the claim, a guarded replace, the one-writer lock);
+what a training run's folder holds, and every read and write of its files, is :class:`ftlab.rundir.RunDir`'s.
 
 Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel compute``,
 ``seeds run``, ``scale experiment``) claims it first:
@@ -15,9 +16,9 @@ Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel 
 * :class:`RunLock` -- ``.ftlab.lock`` inside the folder, created exclusively (``O_CREAT|O_EXCL``)
   and held with ``fcntl.flock`` for the life of the command: a second command writing the same
   folder is refused in one line. A lock left by a dead process of this host is taken over (with a
-  warning); one of a live process, or of another host, is not.
+  warning, logged to the ``ftlab.runs`` logger); one of a live process, or of another host, is not.
 
-:func:`run_dir` does claim + lock (+ marker) as a context manager, on rank 0 only under
+:func:`claim_and_lock` does claim + lock (+ marker) as a context manager, on rank 0 only under
 ``torchrun``; :func:`writes_run_dir` decorates a function whose config names the folder.
 """
 
@@ -30,6 +31,7 @@ import errno
 import functools
 import inspect
 import json
+import logging
 import os
 import shutil
 import socket
@@ -68,6 +70,8 @@ _KNOWN_NAMES: dict[str, frozenset[str]] = {
 _UNREADABLE_LOCK_GRACE_S = 10.0
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -157,7 +161,7 @@ def ownership(path: str | Path, kind: str) -> str:
 
 def claim_dir(path: str | Path, kind: str) -> Path:
     """Create folder ``path`` for a ``kind`` command, or accept it (see :func:`ownership`), and
-    mark it; refuses anything else with one line. Takes no lock (see :func:`run_dir`)."""
+    mark it; refuses anything else with one line. Takes no lock (see :func:`claim_and_lock`)."""
     path = Path(path)
     if ownership(path, kind) == "absent":
         path.mkdir(parents=True, exist_ok=True)
@@ -295,8 +299,7 @@ class RunLock:
                 raise self._in_use(info)
             who = "an unreadable lock" if info is None else \
                 f"a stale lock of pid {info.get('pid')} (no longer running, started {info.get('started')})"
-            print(f"warning: {self.folder}: taking over {who}; the folder keeps what that command "
-                  "wrote", file=sys.stderr)
+            log.warning("%s: taking over %s; the folder keeps what that command wrote", self.folder, who)
             return fd
         except BaseException:
             with contextlib.suppress(OSError):
@@ -347,7 +350,7 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def run_dir(path: str | Path, kind: str, *, main: bool | None = None) -> Iterator[Path]:
+def claim_and_lock(path: str | Path, kind: str, *, main: bool | None = None) -> Iterator[Path]:
     """Claim folder ``path`` for a ``kind`` command, lock it, mark it, and hold the lock for
     the ``with`` block. ``main=None`` asks :func:`ftlab.distributed.is_main`: under ``torchrun``
     only rank 0 claims and locks (the others get the path and must wait for rank 0, as they
@@ -369,7 +372,7 @@ def run_dir(path: str | Path, kind: str, *, main: bool | None = None) -> Iterato
 
 
 def writes_run_dir(kind: str, where: str, validate: Callable[[Any], Any] | None = None) -> Callable[[F], F]:
-    """Decorator: run the function inside :func:`run_dir` for the folder named by ``where``:
+    """Decorator: run the function inside :func:`claim_and_lock` for the folder named by ``where``:
     an argument name, optionally with attributes (``"cfg.output_dir"``). The argument (a
     config) is checked first -- by ``validate(arg)`` if given, else by its own ``validate()``
     method if it has one -- so a bad config writes nothing."""
@@ -389,7 +392,7 @@ def writes_run_dir(kind: str, where: str, validate: Callable[[Any], Any] | None 
                 root.validate()
             for attr in attrs:
                 value = getattr(value, attr)
-            with run_dir(value, kind):
+            with claim_and_lock(value, kind):
                 return fn(*args, **kwargs)
         return wrapper  # type: ignore[return-value]
     return decorate

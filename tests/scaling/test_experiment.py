@@ -88,3 +88,25 @@ def test_experiment_end_to_end(tmp_path, tiny_model_dir, cue_task):
     again = run_experiment(_exp(tmp_path, tiny_model_dir, cue_task, "variants=[rule, naive]", "n_probe=0"),
                            progress=False)  # finished runs are reused, not retrained
     assert again["curves"] == result["curves"]
+
+
+def test_run_curves_and_summary_read_the_run_folder_through_rundir(tmp_path):
+    from ftlab.rundir import RunDir
+    from ftlab.scaling.compare import run_summary
+    from ftlab.scaling.experiment import run_curves
+
+    run = RunDir(tmp_path)
+    run.config.write_text(json.dumps({"batch_size": 2}))
+    run.results.write_text(json.dumps({"test": {"accuracy": 0.5}}))
+    for step in range(1, 5):
+        run.append_metrics({"step": step, "split": "train", "loss": float(step)})
+        if step % 2 == 0:
+            run.append_metrics({"step": step, "split": "dev", "accuracy": step / 10, "loss": 1.0 / step, "n": 4})
+    with run.metrics.open("a") as f:
+        f.write('{"step": 5, "split": "tr')  # a kill cut the last line in half
+    curves = run_curves(tmp_path, window=4)
+    assert curves["loss_samples"] == [4, 8] and curves["loss"] == [1.5, 3.5]
+    assert curves["dev_samples"] == [4, 8] and curves["dev"] == [0.2, 0.4] and curves["dev_loss"] == [0.5, 0.25]
+    summary = run_summary(tmp_path, window=4)
+    assert summary["results"] == {"test": {"accuracy": 0.5}} and summary["curves"] == curves
+    assert summary["last"] == {"step": 4, "split": "train", "loss": 4.0}

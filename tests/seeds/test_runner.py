@@ -201,3 +201,25 @@ def test_the_sentiment_domains_are_ood_tests_of_sentiment():
         assert {e.label for e in examples} == {0, 1}
     again = ood_sets(study, get_spec("sentiment"))["sentiment_nyt"][1]
     assert [e.id for e in again] == [e.id for e in sets["sentiment_nyt"][1]]
+
+
+def test_ranks_join_through_init_from_env_and_share_gpus_over_gloo(monkeypatch):
+    from ftlab.seeds import runner
+
+    joined, current = [], []
+    monkeypatch.setattr(runner, "init_from_env", lambda device: joined.append(device) or (1, 4))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runner.join_ranks("cuda") == (1, 4) and joined == ["cuda"]  # a GPU each: NCCL
+    assert runner.join_ranks("cpu") == (1, 4) and joined[-1] == "cpu"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # more ranks on this host than GPUs: they share
+    assert runner.join_ranks("cuda") == (1, 4) and joined[-1] == "cpu"  # gloo: NCCL refuses a shared GPU
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    runner.use_rank_gpu("cuda")
+    runner.use_rank_gpu("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    runner.use_rank_gpu("cuda")  # one process: the device is left as it is
+    assert current == [0]  # round-robin: local rank 2 of 2 GPUs takes GPU 0

@@ -125,3 +125,46 @@ def test_ranks_take_pairs_under_torchrun(study, tmp_path):
     two = json.loads((tmp_path / "out" / "report.json").read_text())
     np.testing.assert_allclose(np.asarray(two["matrices"]["train_loss"]), np.asarray(one["matrices"]["train_loss"]),
                                atol=1e-6)
+
+
+def test_run_weights_are_the_best_with_dev_selection_else_the_final_checkpoint(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from ftlab.config import TrainConfig
+    from ftlab.rundir import RunDir
+    from ftlab.seeds.topography import run_weights
+
+    run = RunDir(tmp_path / "run")
+    run.checkpoint.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, str(run.best))
+    save_file({"w": torch.ones(1)}, str(run.checkpoint_weights))
+    run.checkpoint_state.write_text(json.dumps({"step": 4}))
+    with_dev = load_config(TrainConfig, None, ["steps=4", "eval_every=2", "data.n_dev=8"])
+    no_dev = load_config(TrainConfig, None, ["steps=4", "eval_every=0"])
+    assert run_weights(run.path, with_dev)["w"].item() == 0  # the best, not the end
+    assert run_weights(run.path, no_dev)["w"].item() == 1  # no dev selection: the final checkpoint
+    run.best.unlink()
+    assert run_weights(run.path, with_dev)["w"].item() == 1
+    cut = load_config(TrainConfig, None, ["steps=6", "eval_every=0"])  # the checkpoint is not the end
+    with pytest.raises(FtlabError, match=r"neither best.safetensors \(dev selection\) nor a final checkpoint "
+                                         "at step 6"):
+        run_weights(run.path, cut)
+
+
+def test_interpolation_needs_the_best_weights_of_both_runs(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from ftlab.config import TrainConfig, to_dict
+    from ftlab.rundir import RunDir
+
+    a, b = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
+    for run in (a, b):
+        run.checkpoint.mkdir(parents=True)
+        run.config.write_text(json.dumps(to_dict(TrainConfig())))
+        save_file({"w": torch.ones(1)}, str(run.checkpoint_weights))  # a final checkpoint is not enough
+    save_file({"w": torch.zeros(1)}, str(a.best))
+    with pytest.raises(FtlabError, match=r"/b has no best.safetensors \(trained without a dev set\?\); cannot "
+                                         "interpolate it"):
+        interpolation_curve(a.path, b.path, None, [])

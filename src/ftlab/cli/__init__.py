@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 import warnings
@@ -219,8 +220,24 @@ def demo_cmd(
         typer.echo("(install ftlab[plot] for a PNG)")
 
 
+class _LevelPrefix(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def show_library_warnings() -> None:
+    """Print what the library logs at warning level or above (a stale lock taken over...) to
+    stderr as ``warning: ...``, once."""
+    logger = logging.getLogger("ftlab")
+    if not any(isinstance(h.formatter, _LevelPrefix) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LevelPrefix())
+        logger.addHandler(handler)
+
+
 def main() -> None:
     """Entry point that turns :class:`FtlabError` into a one-line message and exit code 2."""
+    show_library_warnings()
     try:
         app()
     except FtlabError as e:

@@ -32,9 +32,9 @@ def _config(config: Optional[str], overrides: Optional[list[str]], extra: list[s
 
 def _claimed(cfg: Any) -> Any:
     """Claim and lock the output folder for a stage (rank 0 under torchrun; see ftlab.runs)."""
-    from ftlab.runs import run_dir
+    from ftlab.runs import claim_and_lock
 
-    return run_dir(cfg.output_dir, "select")
+    return claim_and_lock(cfg.output_dir, "select")
 
 
 def _data(cfg: Any) -> tuple[list, list]:

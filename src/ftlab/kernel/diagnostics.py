@@ -166,7 +166,8 @@ def diagnose(cfg: TrainConfig, spec: TaskSpec, splits: Splits, kernel_dir: str |
     results = train(cfg, progress=progress, model_and_tokenizer=(ft_model, tokenizer), data=RunData(spec, splits))
     del ft_model
     start = {n: p.detach().clone() for n, p in trainable_parameters(module)}
-    end = RunDir(cfg.output_dir).final_weights()  # the end of fine-tuning, not its dev-selected best
+    # The end of fine-tuning (its last checkpoint), not its dev-selected best.
+    end = RunDir(cfg.output_dir).final_weights("last", fallback=True)
     encoder = Encoder(tokenizer, spec, max_length=kspec.max_length)
     fn = OutputFunction(module, label_word_ids(encoder), readout_matrix(len(spec.options), kspec.output))
     f0, f_lin, f_end = linearised_outputs(fn, start, end, splits.test, encoder)

@@ -3,7 +3,6 @@ between curves, means with t intervals, and the panels of their PNGs."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ftlab.errors import FtlabError
+from ftlab.rundir import RunDir
 from ftlab.scaling.experiment import curve_distance, run_curves
 
 
@@ -60,10 +60,9 @@ def seed_distances(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str
 
 def run_summary(run_dir: str | Path, window: int) -> dict[str, Any]:
     """A finished run's curves, results and last training record."""
-    run_dir = Path(run_dir)
-    results = json.loads((run_dir / "results.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    last_train = [r for r in records if r["split"] == "train"][-1]
+    run = RunDir(run_dir)
+    results = run.read_results()
+    last_train = run.read_metrics(split="train")[-1]
     return {"curves": run_curves(run_dir, window), "results": results, "last": last_train}
 
 

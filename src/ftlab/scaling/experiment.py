@@ -37,7 +37,6 @@ What is computed (``experiment.json``):
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from ftlab.io import atomic_write_json
 from ftlab.models import load_model, trainable_parameters
 from ftlab.objectives import Encoder
 from ftlab.plots import pyplot, save_figure
+from ftlab.rundir import RunDir
 from ftlab.runs import writes_run_dir
 from ftlab.scaling.rules import from_train_config, scale, to_train_config
 from ftlab.train import RunData, build_trainer, load_run_data, train
@@ -135,8 +135,9 @@ def _hparams_dict(cfg: TrainConfig) -> dict[str, Any]:
 def run_curves(run_dir: str | Path, window: int) -> dict[str, list[float]]:
     """A run's training loss averaged over consecutive windows of ``window`` samples, and its
     dev metric, both against samples seen (read from ``metrics.jsonl``)."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
-    cfg_batch = json.loads((Path(run_dir) / "config.json").read_text())["batch_size"]
+    run = RunDir(run_dir)
+    records = run.read_metrics()
+    cfg_batch = run.read_config()["batch_size"]
     train_rows = [r for r in records if r["split"] == "train" and r.get("loss") is not None]
     dev = [r for r in records if r["split"] == "dev"]
     metric = "accuracy" if dev and "accuracy" in dev[0] else "f1"
@@ -216,8 +217,8 @@ def noise_check(exp: ScalingExperimentConfig, base: TrainConfig, data: RunData) 
                                                        min(exp.n_probe, len(data.splits.train)), replace=False)]
     out = {"n_probe": len(probe), "start": noise_statistics(per_example_gradients(module, encoder, tokenizer, probe),
                                                             base.batch_size, exp.kappa)}
-    final = Path(base.output_dir) / "checkpoint" / "trainable.safetensors"
-    if final.exists():
+    final = RunDir(base.output_dir).weights_file("last", fallback=False)  # the end of training, if it got there
+    if final is not None:
         load_trainable(module, final)
         out["end"] = noise_statistics(per_example_gradients(module, encoder, tokenizer, probe),
                                       base.batch_size, exp.kappa)

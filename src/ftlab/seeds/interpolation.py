@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -75,10 +74,11 @@ def interpolation_curve(run_a: str | Path, run_b: str | Path, spec: TaskSpec, ex
     cfg_b = saved_train_config(run_b)
     if (cfg.model, cfg.mode, cfg.lora, cfg.prefix) != (cfg_b.model, cfg_b.mode, cfg_b.lora, cfg_b.prefix):
         raise FtlabError(f"{run_a} and {run_b} train different models or modes; interpolate runs of one kind")
+    # The best weights only: what each run was evaluated with (no fallback to its last checkpoint).
     for run in (run_a, run_b):
-        if not (Path(run) / "best.safetensors").exists():
+        if RunDir(run).weights_file("best", fallback=False) is None:
             raise FtlabError(f"{run} has no best.safetensors (trained without a dev set?); cannot interpolate it")
-    a, b = (load_file(str(Path(r) / "best.safetensors")) for r in (run_a, run_b))
+    a, b = (RunDir(r).final_weights("best", fallback=False) for r in (run_a, run_b))
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed_of("init"))
     encoder = Encoder(tokenizer, spec, max_length=cfg.data.max_length)

@@ -37,15 +37,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from ftlab import objectives
 from ftlab.config import TrainConfig, from_dict, to_dict
+from ftlab.distributed import barrier, init_from_env
 from ftlab.errors import FtlabError
 from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.models import load_trained
 from ftlab.optim import is_zeroth_order
+from ftlab.rundir import RunDir
 from ftlab.runs import writes_run_dir
 from ftlab.tasks import Example, Splits, TaskSpec, get_spec, load_task, make_splits
 from ftlab.tasks.registry import is_builtin
@@ -177,6 +178,25 @@ def _prepare_study(study: SeedStudyConfig, main: bool) -> Path:
     return out
 
 
+def use_rank_gpu(device: str) -> None:
+    """Under ``torchrun`` with a ``cuda`` device, make this rank's GPU the current one: the ranks
+    take the GPUs round-robin (``LOCAL_RANK`` modulo the GPUs), so with more ranks than GPUs small
+    runs share one."""
+    if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def join_ranks(device: str) -> tuple[int, int]:
+    """``(rank, world)``: join the process group ``torchrun`` set up, through
+    :func:`ftlab.distributed.init_from_env` (``(0, 1)`` in one process). The ranks of a study
+    only meet at barriers (:func:`ftlab.distributed.barrier`): over NCCL for a ``cuda`` device
+    when every rank of this host has a GPU of its own, over gloo when ranks share GPUs (see
+    :func:`use_rank_gpu`), which NCCL refuses."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    shared = device.startswith("cuda") and local_world > torch.cuda.device_count()
+    return init_from_env("cpu" if shared else device)
+
+
 @contextlib.contextmanager
 def _single_process() -> Iterator[None]:
     """Hide torchrun's variables while a rank trains its own runs: ftlab.train must see a
@@ -194,10 +214,9 @@ def run_study(study: SeedStudyConfig, *, progress: bool = True,
               on_run: Callable[[RunSpec, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every run of the grid not done yet; returns all runs' records (on
     every rank). ``on_run(run, record)`` is called after each run this process finishes."""
+    # The group is joined only once the runs are trained: ftlab.train must see one process.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and study.train.device.startswith("cuda"):
-        # Ranks take the GPUs round-robin: with more ranks than GPUs, small runs share one.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    use_rank_gpu(study.train.device)
     runs = plan_runs(study)
     out = _prepare_study(study, rank == 0)
     data, ood = None, None
@@ -217,9 +236,8 @@ def run_study(study: SeedStudyConfig, *, progress: bool = True,
             elif _missing_ood(record, ood):
                 _evaluate_ood(study_train_config(study, run), record, ood, path)
     if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group(backend="gloo")
-        dist.barrier()  # every rank's records are on disk
+        join_ranks(study.train.device)
+        barrier()  # every rank's records are on disk
     records = load_records(out)
     if rank == 0:
         atomic_write_json(out / "results.json", {"study": to_dict(study), "runs": records})
@@ -235,7 +253,7 @@ def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, ood: dict[str,
     # per-example scores, so the test set is scored here instead.
     results = train(cfg, progress=progress, data=RunData(data.spec, Splits(data.splits.train,
                                                                            data.splits.dev, [])))
-    module, tokenizer = load_trained(cfg.model, Path(cfg.output_dir) / "model", dtype=cfg.dtype,
+    module, tokenizer = load_trained(cfg.model, RunDir(cfg.output_dir).model, dtype=cfg.dtype,
                                      device=cfg.device)
     test = evaluate(module, tokenizer, data.spec, data.splits.test, batch_size=cfg.eval_batch_size,
                     max_length=cfg.data.max_length, progress=False)
@@ -270,7 +288,7 @@ def _ood_results(module, tokenizer, cfg: TrainConfig, ood: dict[str, tuple[TaskS
 def _evaluate_ood(cfg: TrainConfig, record: dict[str, Any], ood: dict[str, tuple[TaskSpec, list[Example]]],
                   path: Path) -> None:
     """Add the OOD results a finished run lacks to its record (no retraining)."""
-    module, tokenizer = load_trained(cfg.model, Path(cfg.output_dir) / "model", dtype=cfg.dtype, device=cfg.device)
+    module, tokenizer = load_trained(cfg.model, RunDir(cfg.output_dir).model, dtype=cfg.dtype, device=cfg.device)
     missing = {t: v for t, v in ood.items() if _missing_ood(record, {t: v})}
     record["ood"] = {**record.get("ood", {}), **_ood_results(module, tokenizer, cfg, missing)}
     atomic_write_json(path, record)

@@ -27,27 +27,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ftlab.config import TrainConfig
+from ftlab.distributed import barrier
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model
 from ftlab.plots import pyplot, save_figure
-from ftlab.runs import run_dir
+from ftlab.rundir import RunDir
+from ftlab.runs import claim_and_lock
 from ftlab.seeds import basins, curvature, prediction, stats
 from ftlab.seeds.interpolation import saved_train_config
 from ftlab.seeds.paths import PointEvaluator, combine, mix
-from ftlab.seeds.runner import RunSpec, check_comparable, load_records, load_study, ood_sets
+from ftlab.seeds.runner import RunSpec, check_comparable, join_ranks, load_records, load_study, ood_sets, use_rank_gpu
 from ftlab.train import load_run_data
 
 CLUSTER_ON = ("train_loss", "train_accuracy", "ood_loss", "ood_accuracy")
@@ -113,23 +112,14 @@ def check_same_kind(configs: dict[str, TrainConfig]) -> None:
 
 def run_weights(run: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The trainable tensors a run was evaluated with: ``best.safetensors`` when it selected on
-    a dev set, else its final checkpoint."""
-    best = run / "best.safetensors"
-    if best.exists() and cfg.eval_every and cfg.data.n_dev:
-        return load_file(str(best))
-    final = run / "checkpoint" / "trainable.safetensors"
-    state = run / "checkpoint" / "state.json"
-    if final.exists() and state.exists() and json.loads(state.read_text()).get("step") == cfg.steps:
-        return load_file(str(final))
+    a dev set, else its final checkpoint (the last one, if written at step ``cfg.steps``)."""
+    folder = RunDir(run)
+    if cfg.eval_every and cfg.data.n_dev and folder.weights_file("best", fallback=False) is not None:
+        return folder.final_weights("best", fallback=False)
+    if folder.weights_file("last", fallback=False) is not None and folder.checkpoint_step() == cfg.steps:
+        return folder.final_weights("last", fallback=False)
     raise FtlabError(f"{run}: neither best.safetensors (dev selection) nor a final checkpoint at step {cfg.steps}; "
                      "train it to the end (ftlab seeds run)")
-
-
-def _dist() -> tuple[int, int]:
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return rank, world
 
 
 def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path | None = None, *,
@@ -147,10 +137,9 @@ def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path
     runs = {n: study_dir / "runs" / n for n in names}
     configs = {n: saved_train_config(p) for n, p in runs.items()}
     check_same_kind(configs)
-    rank, world = _dist()
     train_cfg = configs[names[0]]
-    if world > 1 and train_cfg.device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    use_rank_gpu(train_cfg.device)
+    rank, world = join_ranks(train_cfg.device)
     data = load_run_data(study.train)
     ood = ood_sets(study, data.spec)
     ood_task = cfg.ood_task or (study.ood_tasks[0] if study.ood_tasks else None)
@@ -173,20 +162,18 @@ def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path
                               cfg.seed]})
     # Rank 0 claims and locks the cache folder for the whole measurement; the other ranks write
     # their own runs' and pairs' files into it (each file atomically).
-    with run_dir(cache, "seeds", main=rank == 0):
-        if world > 1:
-            dist.barrier()
+    with claim_and_lock(cache, "seeds", main=rank == 0):
+        barrier()
         _run_measures(evaluator, points, names[rank::world], cache, key, cfg, rank, progress and rank == 0)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         _pair_paths(evaluator, points, pairs[rank::world], cache, key, cfg, rank, progress and rank == 0)
-        if world > 1:
-            dist.barrier()
+        barrier()
         if rank != 0:
             return None
         measures = {n: json.loads((cache / "runs" / f"{n}.json").read_text()) for n in names}
         if out.resolve() == cache.resolve():
             return _analyse(study, records, names, measures, cache, cfg, evaluator, points, ood_task, out)
-        with run_dir(out, "seeds"):
+        with claim_and_lock(out, "seeds"):
             return _analyse(study, records, names, measures, cache, cfg, evaluator, points, ood_task, out)
 
 
