@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -95,23 +95,21 @@ def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
 
-def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+                    load_optimizer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state. A
-    replace that a kill interrupted is completed (or undone) first."""
+    replace that a kill interrupted is completed (or undone) first. ``load_optimizer(state)``
+    restores the saved optimizer state (default: ``optimizer.load_state_dict``)."""
     path = Path(path)
     recover_dir(path)
     load_trainable(module, path / "trainable.safetensors")
     try:
         saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
+        (load_optimizer or optimizer.load_state_dict)(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     except Exception as e:  # unpickling, zip and state-dict errors have no common base
         raise damaged(path / "optimizer.pt", e) from None
-    try:
-        return json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise damaged(path / "state.json", e) from None
+    return read_written_json(path / "state.json")
 
 
 def load_extra(path: str | Path) -> Any:
@@ -253,15 +251,11 @@ class ShardedCheckpointer(Checkpointer):
     def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        path = self.run.checkpoint
-        load_trainable(module, path / "trainable.safetensors")
-        try:
-            saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling and zip errors have no common base
-            raise damaged(path / "optimizer.pt", e) from None
-        set_optimizer_state_dict(module, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(saved["scheduler"])
-        return TrainState.from_json(read_written_json(path / "state.json"), path / "state.json")
+        def load_optimizer(saved: dict[str, Any]) -> None:  # each rank keeps its shard of the whole state
+            set_optimizer_state_dict(module, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+        state = load_checkpoint(self.run.checkpoint, module, optimizer, scheduler, load_optimizer=load_optimizer)
+        return TrainState.from_json(state, self.run.checkpoint_state)
 
 
 class TrajectoryCheckpointer(Checkpointer):

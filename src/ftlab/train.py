@@ -36,7 +36,7 @@ from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.distributed import barrier
 from ftlab.errors import FtlabError, damaged
 from ftlab.evaluate import EvalResult, model_device
-from ftlab.io import atomic_write_json, atomic_write_text
+from ftlab.io import atomic_write_json
 from ftlab.models import load_model, prepare_model, save_trained
 from ftlab.objectives import Encoder
 from ftlab.optim import build_optimizer, is_zeroth_order, lr_factor
@@ -137,26 +137,6 @@ def _prepare_output(cfg: TrainConfig, run: RunDir) -> None:
         check_settings(run.path, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
     else:
         atomic_write_json(run.config, new)
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a killed run's tail),
-    including a line the kill cut in half."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 @writes_run_dir("train", "cfg.output_dir")  # validates cfg, then claims and locks the folder (rank 0)
@@ -273,9 +253,13 @@ def _metrics_log(run: RunDir, main: bool, step: int) -> Callable[[dict[str, Any]
     """What the loop logs through: rank 0 appends to ``metrics.jsonl`` (after dropping the lines a
     killed run wrote past its checkpoint at ``step``); the other ranks write nothing."""
     if not main:
-        return lambda record: None
-    _truncate_metrics(run.metrics, step)
-    return functools.partial(_log, run.metrics)
+        return _discard
+    run.truncate_metrics(step)
+    return run.append_metrics
+
+
+def _discard(record: dict[str, Any]) -> None:
+    """The metrics log of ranks other than 0."""
 
 
 def build_trainer(cfg: TrainConfig, model: nn.Module, parallel: Single | None = None

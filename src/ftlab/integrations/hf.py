@@ -62,6 +62,7 @@ from ftlab.models import LoraSettings
 from ftlab.objectives import Encoder, option_scores, training_batch
 from ftlab.objectives import loss as prompt_loss
 from ftlab.optim import param_groups
+from ftlab.rundir import RunDir
 from ftlab.tasks import TaskSpec
 from ftlab.tasks.base import Example
 from ftlab.train import make_closure
@@ -255,7 +256,7 @@ class ZOTrainerMixin:
         log.run_id = run_id(cfg)
         if cfg.mode != "full":
             save_trainable(module, out / INIT)
-        atomic_write_json(out / "config.json", to_dict(cfg))
+        atomic_write_json(RunDir(out).config, to_dict(cfg))
 
 
 class ZOTrainer(ZOTrainerMixin, Trainer):
