@@ -76,7 +76,7 @@ def test_variance_shares():
         variance_shares({"order": [0.5]})
 
 
-def test_barrier():
+def test_interpolation_barrier_is_the_worst_drop_below_the_line_between_the_endpoints():
     alphas = [0.0, 0.5, 1.0]
     assert interpolation_barrier(alphas, [0.8, 0.5, 0.6], higher_is_better=True) == pytest.approx(0.2)  # line at 0.7
     assert interpolation_barrier(alphas, [0.4, 1.5, 0.6], higher_is_better=False) == pytest.approx(1.0)  # line at 0.5
