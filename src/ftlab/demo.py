@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftlab.config import Optimizer, TrainConfig, to_dict
+from ftlab.config import Optimizer, TrainConfig, ZOSettings, to_dict
 from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.memory import PeakMemory
 from ftlab.models import load_model
 from ftlab.train import RunData, load_run_data, train
-from ftlab.zo.settings import ZOSettings
 
 ROWS = "demo.json"
 METHODS = ("mezo", "adamw")
