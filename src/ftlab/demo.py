@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftlab.config import Optimizer, TrainConfig, ZOSettings, to_dict
+from ftlab.config import Optimizer, Settings, TrainConfig, ZOSettings, to_dict
 from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.memory import PeakMemory
@@ -34,7 +34,7 @@ LABELS = {"zero-shot": "zero-shot", "mezo": "MeZO (LoRA)", "adamw": "AdamW (LoRA
 
 
 @dataclass
-class DemoMethod:
+class DemoMethod(Settings):
     """What one fine-tuning row sets on top of the shared ``train`` section."""
 
     optimizer: Optimizer = "adamw"
@@ -45,7 +45,7 @@ class DemoMethod:
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Settings):
     """The demo: a shared training setup (model, task, splits, mode) and the two methods."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(mode="lora", eval_every=0))
