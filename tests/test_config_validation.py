@@ -7,9 +7,8 @@ import typing
 
 import pytest
 
-from ftlab.config import DataConfig, TrainConfig, from_dict, load_config, to_dict
+from ftlab.config import DataConfig, TrainConfig, ZOSettings, from_dict, load_config, to_dict
 from ftlab.errors import FtlabError
-from ftlab.zo.settings import ZOSettings
 
 
 @pytest.mark.parametrize("override,message", [
@@ -85,24 +84,42 @@ def test_optimizer_choices_match_the_implemented_optimizers():
 
 
 def test_generator_choices_match_the_implemented_generators():
+    from ftlab.zo.directions import GENERATORS
+
     hints = typing.get_type_hints(ZOSettings)
-    try:
-        from ftlab.zo.directions import GENERATORS
-    except ImportError:  # pragma: no cover - before ftlab.zo.directions
-        pytest.skip("no ftlab.zo.directions")
     assert set(typing.get_args(hints["generator"])) == set(GENERATORS)
 
 
-def test_configs_built_in_code_are_checked_too(tmp_path):
+@pytest.mark.parametrize("build,message", [
+    (lambda out: TrainConfig(steps=0, output_dir=out), "config.steps: must be >= 1 (got 0)"),
+    (lambda out: TrainConfig(lr=-1.0, output_dir=out), "config.lr: must be > 0 for optimizer adamw (got -1.0)"),
+    (lambda out: TrainConfig(data=DataConfig(options=[1, 2]), output_dir=out),  # type: ignore[list-item]
+     "data.options[0]: 1 is not a valid str (expected text)"),
+    (lambda out: TrainConfig(mode="LoRA", output_dir=out),  # type: ignore[arg-type]
+     "config.mode: 'LoRA' is not one of 'full', 'lora', 'prefix'"),
+    (lambda out: TrainConfig(optimizer="mezo", autocast=True, output_dir=out), "config.autocast: bf16 autocast"),
+])
+def test_configs_built_in_code_are_checked_when_built(build, message):
+    with pytest.raises(FtlabError) as e:
+        build("runs/x")
+    assert str(e.value).startswith(message) and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
+def test_configs_changed_in_place_are_checked_before_training(tmp_path):
     from ftlab.train import train
 
     out = tmp_path / "run"
-    for bad in (TrainConfig(steps=0, output_dir=str(out)), TrainConfig(lr=-1.0, output_dir=str(out)),
-                TrainConfig(data=DataConfig(options=[1, 2]), output_dir=str(out)),  # type: ignore[list-item]
-                TrainConfig(mode="LoRA", output_dir=str(out))):  # type: ignore[arg-type]
-        with pytest.raises(FtlabError):
-            train(bad, progress=False)
+    for field, value in [("steps", 0), ("lr", -1.0), ("mode", "LoRA")]:
+        cfg = TrainConfig(output_dir=str(out))
+        setattr(cfg, field, value)
+        with pytest.raises(FtlabError, match=f"config.{field}: "):
+            train(cfg, progress=False)
         assert not out.exists()  # nothing written, no model loaded
+    cfg = TrainConfig(output_dir=str(out))
+    cfg.data.options = [1, 2]  # type: ignore[list-item]
+    with pytest.raises(FtlabError, match=r"config.data.options\[0\]: 1 is not a valid str"):
+        train(cfg, progress=False)
+    assert not out.exists()
     assert from_dict(TrainConfig, to_dict(TrainConfig())) == TrainConfig()
 
 

@@ -1,146 +1,247 @@
-"""Typed, serialisable run configs, loaded from YAML with ``key.sub=value`` overrides."""
+"""Typed, serialisable configs, loaded from YAML with ``key.sub=value`` overrides; the settings
+sections of a training run live here too, so ``import ftlab.config`` needs neither torch nor numpy.
+
+One pattern checks every config (peft's ``LoraConfig`` style). A config is a dataclass that
+subclasses :class:`Settings`; whenever one is built (in code, by :func:`from_dict` /
+:func:`load_config`, by ``dataclasses.replace``) its ``__post_init__`` checks it completely:
+
+1. every field against its annotation (``int``, ``float``, ``Literal[...]``, ``list[str] | None``
+   ...); nested sections are checked the same way;
+2. every field against the value rule declared with it (``None`` passes: whether a field may be
+   null is its annotation's business)::
+
+       steps: int = setting(200, check=at_least(1))                  # config.steps: must be >= 1 (got 0)
+       momentum: float = setting(0.0, check=in_unit_interval)         # ... must be in [0, 1) (got 1.5)
+       lr: float = setting(1e-5, check=above(0), need="> 0 for optimizer {optimizer}")
+
+   ``check`` is a predicate of the value; ``need`` completes "must be ..." (default: the
+   predicate's own, see :func:`needs`) and may name other fields in braces;
+3. the rules between fields: the class's :meth:`Settings.check_combinations`, which raises
+   ``ConfigError(field, text)``.
+
+A fault is a :class:`ConfigError`: one line naming the field, ``config.lr: must be > 0 for
+optimizer adamw (got -0.1)``. Its prefix is the class's ``where`` for an object built in code
+(``config`` for :class:`TrainConfig`, ``lora`` for :class:`LoraSettings`...), the YAML file (or
+the class's ``where``) for one loaded by :func:`load_config`; :func:`check` (or ``.validate()``)
+checks an object again, e.g. after a field was changed in place, under any prefix.
+
+To add a field with a rule: declare it with ``setting(default, check=..., need=...)``, the check a
+predicate below (:func:`at_least`, :func:`above`, :func:`in_unit_interval`, :func:`not_blank`...) or
+a small ``def`` of your own marked with :func:`needs`; a rule that spans fields goes into the
+class's ``check_combinations``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import yaml
 
 from ftlab.errors import FtlabError
-from ftlab.models import LoraSettings, PrefixSettings
-from ftlab.zo.settings import ZOSettings
 
 T = TypeVar("T")
+Check = Callable[[Any], bool]
 
 Dtype = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 Optimizer = Literal["adamw", "sgd", "mezo", "zo-momentum", "zo-adam", "zo-sign", "sparse-mezo"]
+CHUNK = 1 << 16  # default entries of z handled at once (256 KiB in fp32): bounds every temporary
 
 
-@dataclass
-class DataConfig:
-    """Which task, how it is phrased, and how it is split (the MeZO protocol by default:
-    1000 train / 500 dev / 1000 test; ``k_per_class`` gives balanced k-shot train and dev)."""
+# --------------------------------------------------------------------------- the mechanism
 
-    task: str = "sentiment"
-    template: str | None = None
-    options: list[str] | None = None
-    n_train: int = 1000
-    n_dev: int = 500
-    n_test: int = 1000
-    k_per_class: int | None = None
-    data_seed: int = 0
-    max_length: int = 256
+class ConfigError(FtlabError):
+    """A config value that breaks its type or a rule: ``field`` (the dotted path below the object
+    checked; ``""``: the object as a whole), ``text`` (what is wrong) and ``where`` (the name the
+    object goes by, e.g. ``config`` or the YAML file)."""
 
+    def __init__(self, field: str, text: str, where: str = "") -> None:
+        self.field, self.text, self.where = field, text, where
+        name = ".".join(part for part in (where, field) if part)
+        super().__init__(f"{name}: {text}" if name else text)
 
-@dataclass
-class LocalSGDSettings:
-    """Local SGD for first-order data parallelism (see :mod:`ftlab.local_sgd`): ``period`` is H,
-    the local steps between weight averages (H_base for the quadratic rule; null: synchronous
-    DDP), ``rule`` constant or quadratic (QSR: H = max(H_base, floor((alpha / lr) ** 2)) at the
-    start of each round), and ``switch_step``: synchronous steps before Local SGD starts (post-local SGD)."""
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.field, self.text, self.where)
 
-    period: int | None = None
-    rule: Literal["constant", "quadratic"] = "constant"
-    alpha: float | None = None
-    switch_step: int = 0
+    def at(self, where: str) -> ConfigError:
+        """The same fault, with the object named ``where``."""
+        return ConfigError(self.field, self.text, where)
+
+    def within(self, name: str) -> ConfigError:
+        """The fault of a section, seen from the object that holds it as field ``name``."""
+        return ConfigError(f"{name}.{self.field}" if self.field else name, self.text, self.where)
 
 
-@dataclass
-class TrainConfig:
-    """One fine-tuning run. ``mode`` picks what is trained; ``optimizer`` how."""
+def needs(text: str) -> Callable[[Check], Check]:
+    """Mark a predicate with what its values must be (``"must be <text>"`` in a fault)."""
+    def mark(check: Check) -> Check:
+        check.need = text  # type: ignore[attr-defined]
+        return check
+    return mark
 
-    model: str = "smollm2-135m"
-    dtype: Dtype = "float32"
-    device: str = "cpu"
-    data: DataConfig = field(default_factory=DataConfig)
-    mode: Literal["full", "lora", "prefix"] = "full"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    prefix: PrefixSettings = field(default_factory=PrefixSettings)
-    optimizer: Optimizer = "adamw"
-    zo: ZOSettings = field(default_factory=ZOSettings)
-    # What the optimizer minimises: "loss" (differentiable), or minus the batch's "accuracy"
-    # (classification) or "f1" (generation, greedy decoding): zeroth-order optimizers only.
-    # "quad": Saunshi et al.'s squared-loss alternative to cross-entropy (ftlab.objectives.quad).
-    objective: Literal["loss", "accuracy", "f1", "quad"] = "loss"
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    # AdamW's betas and eps (None: torch's defaults (0.9, 0.999) and 1e-8); the batch-size
-    # scaling rules of ftlab.scaling change them.
-    adam_betas: list[float] | None = None
-    adam_eps: float | None = None
-    max_grad_norm: float | None = 1.0
-    # Zeroth-order steps with a NaN/inf loss are skipped (and logged); the run stops after this many.
-    max_skipped_steps: int = 10
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    steps: int = 200
-    batch_size: int = 8  # the global batch of a step (over all processes and micro-batches)
-    # Micro-batches a step's batch is evaluated in, one after the other (memory of one
-    # micro-batch): first order accumulates gradients, zeroth order evaluates each perturbation
-    # on all of them. batch_size must be a multiple of grad_accum x processes.
-    grad_accum: int = 1
-    # Models larger than one device (zeroth-order only; see README "MeZO at scale"):
-    # fsdp shards every parameter over the torchrun processes (FSDP2, each rank perturbs and
-    # updates its own shard); device_map places one process's model over its GPUs
-    # (transformers' "auto", "balanced", ...); offload keeps the weights in CPU memory and
-    # moves transformer blocks to ``device`` one at a time (ZO2).
-    fsdp: bool = False
-    device_map: str | None = None
-    offload: bool = False
-    # First-order training: Local SGD across torchrun processes (null period: synchronous DDP),
-    # bf16 autocast of the forwards (float32 weights), and activation checkpointing.
-    local_sgd: LocalSGDSettings = field(default_factory=LocalSGDSettings)
-    autocast: bool = False
-    gradient_checkpointing: bool = False
-    eval_every: int = 50
-    eval_batch_size: int = 32
-    checkpoint_every: int = 50
-    seed: int = 0
-    # Separate seeds per source of randomness, for seed studies (None: ``seed``); ``seed`` alone
-    # draws the train/dev split. order: batch order and dropout; init: new parameters (LoRA,
-    # prefix); zo: the zeroth-order optimizer's perturbations.
-    order_seed: int | None = None
-    init_seed: int | None = None
-    zo_seed: int | None = None
-    output_dir: str = "runs/default"
 
-    def seed_of(self, kind: str) -> int:
-        """The seed of one source of randomness (``"order"``, ``"init"`` or ``"zo"``)."""
-        value = getattr(self, f"{kind}_seed")
-        return self.seed if value is None else value
+def setting(default: Any = MISSING, *, factory: Callable[[], Any] | Any = MISSING, check: Check | None = None,
+            need: str | None = None) -> Any:
+    """A dataclass field (``default`` or ``factory`` as in :func:`dataclasses.field`) with a
+    value rule: ``check(value)`` must hold, else the fault says ``must be <need> (got <value>)``."""
+    if check is not None:
+        need = need if need is not None else getattr(check, "need", None)
+        if not need:
+            raise TypeError(f"setting(check={getattr(check, '__name__', check)}) needs need=...: what the value "
+                            "must be")
+    return field(default=default, default_factory=factory, metadata={"check": check, "need": need})
 
-    def validate(self, where: str = "config") -> None:
-        """Check every field (types, ranges, choices, combinations), raising a one-line
-        :class:`FtlabError` that names the field; called by :func:`from_dict` and by
-        ``train()`` before anything is written or loaded."""
+
+def rule_of(f: dataclasses.Field) -> tuple[Check, str] | None:
+    """The value rule ``(check, need)`` declared with :func:`setting` on field ``f`` (None: none)."""
+    check = f.metadata.get("check")
+    return None if check is None else (check, f.metadata["need"])
+
+
+def at_least(bound: float) -> Check:
+    """Values ``>= bound``."""
+    @needs(f">= {bound}")
+    def check(value: Any) -> bool:
+        return value >= bound
+    return check
+
+
+def above(bound: float) -> Check:
+    """Values ``> bound``."""
+    @needs(f"> {bound}")
+    def check(value: Any) -> bool:
+        return value > bound
+    return check
+
+
+@needs("in [0, 1)")
+def in_unit_interval(value: float) -> bool:
+    return 0.0 <= value < 1.0
+
+
+@needs("two numbers in [0, 1), e.g. [0.9, 0.999]")
+def unit_pair(value: list[float]) -> bool:
+    return len(value) == 2 and all(0.0 <= b < 1.0 for b in value)
+
+
+def not_blank(value: str) -> bool:
+    """Text with something besides spaces (give the field its own ``need``)."""
+    return bool(value.strip())
+
+
+def non_empty(value: Any) -> bool:
+    """A list (or text) with at least one item (give the field its own ``need``)."""
+    return len(value) > 0
+
+
+@needs("two or more distinct, non-blank label words, e.g. [' no', ' yes']")
+def distinct_words(value: list[str]) -> bool:
+    return len(value) >= 2 and all(w.strip() for w in value) and len(set(value)) == len(value)
+
+
+class Settings:
+    """Base of the config dataclasses: checked completely when built (see the module docstring).
+
+    ``where``: what faults call an object built in code (a class attribute, not a field)."""
+
+    where: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def validate(self, where: str | None = None) -> None:
+        """Check again (e.g. after a field was changed in place), naming faults under ``where``
+        (default: the class's ``where``); called by ``writes_run_dir`` before a run writes anything."""
         check(self, where)
 
+    def check_combinations(self) -> None:
+        """The rules between fields, run after every field passed its own: raise
+        ``ConfigError(field, text)`` (``field`` ``""``: the object as a whole). None here."""
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+
+def _where_of(obj_or_cls: Any) -> str:
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    return cls.where if issubclass(cls, Settings) else "config"
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class _Fields(dict):
+    """The fields of an object for ``need.format_map``: an unknown ``{name}`` stays as written."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def check(obj: Any, where: str | None = None) -> None:
+    """Check a config dataclass completely: every field against its type (recursing into nested
+    sections), then each field's rule, then the class's ``check_combinations``; raises a one-line
+    :class:`ConfigError` naming the field under ``where`` (default: the class's ``where``), e.g.
+    ``config.lr: must be > 0 for optimizer adamw (got -0.1)``."""
+    try:
+        _check(obj)
+    except ConfigError as e:
+        raise e.at(_where_of(obj) if where is None else where) from None
+
+
+def _check(obj: Any) -> None:
+    hints = _hints(type(obj))
+    fields = dataclasses.fields(obj)
+    for f in fields:
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            try:
+                _check(value)
+            except ConfigError as e:
+                raise e.within(f.name) from None
+        else:
+            _coerce(value, hints[f.name], f.name)
+    for f in fields:
+        rule = rule_of(f)
+        value = getattr(obj, f.name)
+        if rule is not None and value is not None and not rule[0](value):
+            need = rule[1]
+            if "{" in need:
+                need = need.format_map(_Fields({g.name: getattr(obj, g.name) for g in fields}))
+            raise ConfigError(f.name, f"must be {need} (got {value!r})")
+    combinations = getattr(obj, "check_combinations", None)
+    if callable(combinations):
+        combinations()
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T:
     """Build dataclass ``cls`` from a dict, recursing into nested dataclasses; unknown keys
     are errors (a typo must not silently fall back to a default), and the result is checked
-    with :func:`check` (types, ranges, choices), so a bad config fails here, in one line."""
+    completely (see :func:`check`), so a bad config fails here, in one line naming the field
+    under ``where`` (default: the class's ``where``)."""
+    where = _where_of(cls) if where is None else where
     if not isinstance(data, dict):
-        raise FtlabError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError("", f"expected a mapping, got {data!r}", where)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise FtlabError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        raise ConfigError("", f"unknown key(s) {unknown}; valid keys: {sorted(names)}", where)
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = from_dict(hint, value, f"{where}.{key}")
         kwargs[key] = _coerce(value, hint, f"{where}.{key}")
-    obj = cls(**kwargs)
-    check(obj, where)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as e:  # raised by its __post_init__, under the class's own name
+        raise e.at(where) from None
+    if not isinstance(obj, Settings):
+        check(obj, where)
     return obj
 
 
@@ -153,14 +254,20 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
+def _union_args(hint: Any, alone: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The members of a union annotation (``X | None``, ``Optional[X]``), else ``alone``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return alone
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Accept ints and numeric strings for floats (YAML reads ``1e-4`` as a string) and check
     scalar, list-item and ``Literal`` types, so a bad override fails loudly."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
+    allowed = _union_args(hint, (hint,))
     if value is None and type(None) in allowed:
         return None
-    item_error: FtlabError | None = None
+    item_error: ConfigError | None = None
     for typ in allowed:
         if typ is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
@@ -178,7 +285,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return value
             try:
                 return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-            except FtlabError as e:
+            except ConfigError as e:
                 item_error = e
                 continue
         if dataclasses.is_dataclass(typ) and isinstance(value, typ):
@@ -187,181 +294,237 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise item_error
     choices = [a for a in allowed if a is not type(None)]
     if len(choices) == 1 and typing.get_origin(choices[0]) is Literal:
-        raise FtlabError(f"{where}: {value!r} is not {_type_name(choices[0])}")
+        raise ConfigError(where, f"{value!r} is not {_type_name(choices[0])}")
     names = " or ".join([_type_name(a) for a in choices] + (["null"] if type(None) in allowed else []))
     shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-    raise FtlabError(f"{where}: {value!r} is not a valid {shown} (expected {names})")
+    raise ConfigError(where, f"{value!r} is not a valid {shown} (expected {names})")
 
 
-def check(obj: Any, where: str = "config") -> None:
-    """Check a config dataclass completely: every field against its type (recursing into
-    nested sections), then the value rules of its class (:data:`RULES`); raises a one-line
-    :class:`FtlabError` naming the field, e.g. ``config.lr: must be > 0 ... (got -0.1)``."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            check(value, f"{where}.{f.name}")
-        else:
-            _coerce(value, hints[f.name], f"{where}.{f.name}")
-    for rule in RULES.get(type(obj).__name__, ()):
-        rule(obj, where)
+# --------------------------------------------------------------------------- the settings of a run
+
+@dataclass
+class DataConfig(Settings):
+    """Which task, how it is phrased, and how it is split (the MeZO protocol by default:
+    1000 train / 500 dev / 1000 test; ``k_per_class`` gives balanced k-shot train and dev)."""
+
+    where = "data"
+
+    task: str = setting("sentiment", check=not_blank, need="a task name or a .jsonl/.csv file")
+    template: str | None = None
+    options: list[str] | None = setting(None, check=distinct_words)
+    n_train: int = setting(1000, check=at_least(0))
+    n_dev: int = setting(500, check=at_least(0))
+    n_test: int = setting(1000, check=at_least(0))
+    k_per_class: int | None = setting(None, check=at_least(1), need=">= 1 (or null)")
+    data_seed: int = 0
+    max_length: int = setting(256, check=at_least(2))
 
 
-def _rule(field_name: str, ok: typing.Callable[[Any], bool], need: str, *, when: typing.Callable[[Any], bool]
-          = lambda obj: True, skip_none: bool = True) -> typing.Callable[[Any, str], None]:
-    """A value rule: ``ok(value)`` must hold (``need`` says what is needed, e.g. ``>= 1``)."""
-    def rule(obj: Any, where: str) -> None:
-        if not hasattr(obj, field_name) or not when(obj):
-            return
-        value = getattr(obj, field_name)
-        if value is None and skip_none:
-            return
-        if not ok(value):
-            text = need(obj) if callable(need) else need
-            raise FtlabError(f"{where}.{field_name}: must be {text} (got {value!r})")
-    return rule
+@dataclass
+class LoraSettings(Settings):
+    """LoRA hyper-parameters: rank ``r``, scale ``alpha / r``, dropout on the adapter input, and
+    the module names to adapt (``None``: the architecture's default, see
+    ``ftlab.models.lora.DEFAULT_TARGET_MODULES``)."""
+
+    where = "lora"
+
+    r: int = setting(8, check=at_least(1))
+    alpha: int = setting(16, check=above(0))
+    dropout: float = setting(0.0, check=in_unit_interval)
+    target_modules: list[str] | None = setting(None, check=non_empty,
+                                               need="a non-empty list of module names (or null: the default)")
 
 
-def _ge(bound: float) -> typing.Callable[[Any], bool]:
-    return lambda v: v >= bound
+@dataclass
+class PrefixSettings(Settings):
+    """Prefix length and initialisation: ``"real_activations"`` uses the keys/values the base
+    model computes for ``num_tokens`` random tokens (MeZO's ``init_by_real_act``); ``"random"``
+    draws Gaussians with each layer's real-activation mean and std."""
+
+    where = "prefix"
+
+    num_tokens: int = setting(5, check=at_least(1))
+    init: Literal["real_activations", "random"] = "real_activations"
 
 
-def _gt(bound: float) -> typing.Callable[[Any], bool]:
-    return lambda v: v > bound
+@dataclass
+class ZOSettings(Settings):
+    """MeZO's knobs beyond lr and weight decay (see :class:`ftlab.zo.MeZO`), and those of its
+    variants (see :mod:`ftlab.zo.variants`). Typical eps: 1e-3 (full), 1e-2 (LoRA), 1e-1 (prefix)."""
+
+    where = "zo"
+
+    eps: float = setting(1e-3, check=above(0))
+    n_perturbations: int = setting(1, check=at_least(1))
+    one_sided: bool = False
+    distribution: Literal["gaussian", "rademacher"] = "gaussian"
+    # strided: one view of the shared noise table per tensor, a fixed number of ops a step
+    # (default) | table: the earlier chunked design (a loop over chunks) | torch: fresh draws.
+    # See ftlab.zo.directions.
+    generator: Literal["strided", "table", "torch"] = "strided"
+    # Entries per row of z (strided) or per chunk (table, torch). Part of z's definition (a run
+    # replays only with its own value). The strided generator's cost does not depend on it.
+    chunk_size: int = setting(CHUNK, check=at_least(1))
+    # Perturb inside module forwards so theta is restored exactly (None: on for bf16/fp16).
+    exact: bool | None = None
+    momentum: float = setting(0.9, check=in_unit_interval)  # zo-momentum: heavy-ball coefficient
+    betas: list[float] = setting(factory=lambda: [0.9, 0.999], check=unit_pair)  # zo-adam
+    # sparse-mezo: fraction of each tensor's smallest-magnitude entries trained
+    sparsity: float = setting(0.75, check=in_unit_interval)
 
 
-def _unit(v: float) -> bool:
-    return 0.0 <= v < 1.0
+@dataclass
+class LocalSGDSettings(Settings):
+    """Local SGD for first-order data parallelism (see :mod:`ftlab.local_sgd`): ``period`` is H,
+    the local steps between weight averages (H_base for the quadratic rule; null: synchronous
+    DDP), ``rule`` constant or quadratic (QSR: H = max(H_base, floor((alpha / lr) ** 2)) at the
+    start of each round), and ``switch_step``: synchronous steps before Local SGD starts (post-local SGD)."""
+
+    where = "local_sgd"
+
+    period: int | None = setting(None, check=at_least(1),
+                                 need=">= 1 (H, the local steps between averages; null: synchronous DDP)")
+    rule: Literal["constant", "quadratic"] = "constant"
+    alpha: float | None = setting(None, check=above(0))
+    switch_step: int = setting(0, check=at_least(0))
+
+    def check_combinations(self) -> None:
+        if self.rule == "quadratic" and self.period is not None and self.alpha is None:
+            raise ConfigError("alpha", "must be set (> 0) for rule=quadratic: H = max(period, floor((alpha/lr)^2)) "
+                                       "(got None)")
 
 
-def _pair_of_units(v: list[float]) -> bool:
-    return len(v) == 2 and all(0.0 <= b < 1.0 for b in v)
+_FIRST_ORDER = ("adamw", "sgd")  # the optimizers with a backward pass; the others are zeroth order
 
 
-def _distinct_words(v: list[str]) -> bool:
-    return len(v) >= 2 and all(w.strip() for w in v) and len(set(v)) == len(v)
+@dataclass
+class TrainConfig(Settings):
+    """One fine-tuning run. ``mode`` picks what is trained; ``optimizer`` how."""
 
+    model: str = setting("smollm2-135m", check=not_blank, need="a model name or folder")
+    dtype: Dtype = "float32"
+    device: str = setting("cpu", check=not_blank, need="a device, e.g. cpu or cuda")
+    data: DataConfig = field(default_factory=DataConfig)
+    mode: Literal["full", "lora", "prefix"] = "full"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    prefix: PrefixSettings = field(default_factory=PrefixSettings)
+    optimizer: Optimizer = "adamw"
+    zo: ZOSettings = field(default_factory=ZOSettings)
+    # What the optimizer minimises: "loss" (differentiable), or minus the batch's "accuracy"
+    # (classification) or "f1" (generation, greedy decoding): zeroth-order optimizers only.
+    # "quad": Saunshi et al.'s squared-loss alternative to cross-entropy (ftlab.objectives.quad).
+    objective: Literal["loss", "accuracy", "f1", "quad"] = "loss"
+    lr: float = setting(1e-5, check=above(0), need="> 0 for optimizer {optimizer}")
+    weight_decay: float = setting(0.0, check=at_least(0))
+    momentum: float = setting(0.0, check=in_unit_interval)
+    # AdamW's betas and eps (None: torch's defaults (0.9, 0.999) and 1e-8); the batch-size
+    # scaling rules of ftlab.scaling change them.
+    adam_betas: list[float] | None = setting(None, check=unit_pair)
+    adam_eps: float | None = setting(None, check=above(0))
+    max_grad_norm: float | None = setting(1.0, check=at_least(0), need=">= 0 (0 or null: no clipping)")
+    # Zeroth-order steps with a NaN/inf loss are skipped (and logged); the run stops after this many.
+    max_skipped_steps: int = setting(10, check=at_least(0))
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = setting(0, check=at_least(0))
+    steps: int = setting(200, check=at_least(1))
+    # The global batch of a step (over all processes and micro-batches).
+    batch_size: int = setting(8, check=at_least(1))
+    # Micro-batches a step's batch is evaluated in, one after the other (memory of one
+    # micro-batch): first order accumulates gradients, zeroth order evaluates each perturbation
+    # on all of them. batch_size must be a multiple of grad_accum x processes.
+    grad_accum: int = setting(1, check=at_least(1))
+    # Models larger than one device (zeroth-order only; see README "MeZO at scale"):
+    # fsdp shards every parameter over the torchrun processes (FSDP2, each rank perturbs and
+    # updates its own shard); device_map places one process's model over its GPUs
+    # (transformers' "auto", "balanced", ...); offload keeps the weights in CPU memory and
+    # moves transformer blocks to ``device`` one at a time (ZO2).
+    fsdp: bool = False
+    device_map: str | None = None
+    offload: bool = False
+    # First-order training: Local SGD across torchrun processes (null period: synchronous DDP),
+    # bf16 autocast of the forwards (float32 weights), and activation checkpointing.
+    local_sgd: LocalSGDSettings = field(default_factory=LocalSGDSettings)
+    autocast: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int = setting(50, check=at_least(0), need=">= 0 (0: no dev evaluation)")
+    eval_batch_size: int = setting(32, check=at_least(1))
+    checkpoint_every: int = setting(50, check=at_least(0), need=">= 0 (0: only at the end)")
+    seed: int = 0
+    # Separate seeds per source of randomness, for seed studies (None: ``seed``); ``seed`` alone
+    # draws the train/dev split. order: batch order and dropout; init: new parameters (LoRA,
+    # prefix); zo: the zeroth-order optimizer's perturbations.
+    order_seed: int | None = None
+    init_seed: int | None = None
+    zo_seed: int | None = None
+    output_dir: str = setting("runs/default", check=not_blank, need="a folder path")
 
-def _objective_needs_zo(obj: Any, where: str) -> None:
-    if obj.objective not in ("loss", "quad") and obj.optimizer in ("adamw", "sgd"):
-        raise FtlabError(f"{where}.objective: {obj.objective!r} has no gradient; use a zeroth-order optimizer "
-                         f"(e.g. optimizer=mezo) or objective=loss (got optimizer={obj.optimizer})")
+    def seed_of(self, kind: str) -> int:
+        """The seed of one source of randomness (``"order"``, ``"init"`` or ``"zo"``)."""
+        value = getattr(self, f"{kind}_seed")
+        return self.seed if value is None else value
 
+    def check_combinations(self) -> None:
+        self._objective_needs_zo()
+        self._scale_options()
+        self._first_order_options()
 
-def _scale_options(obj: Any, where: str) -> None:
-    """grad_accum must divide the batch; device_map / offload are zeroth-order features (fsdp
-    serves both), and the three are exclusive of one another."""
-    if obj.batch_size % obj.grad_accum:
-        raise FtlabError(f"{where}.grad_accum: {obj.grad_accum} does not divide batch_size={obj.batch_size} "
-                         f"(micro-batches must be equal); use a divisor of {obj.batch_size}")
-    chosen = [name for name, on in (("fsdp", obj.fsdp), ("device_map", obj.device_map is not None),
-                                    ("offload", obj.offload)) if on]
-    if len(chosen) > 1:
-        raise FtlabError(f"{where}: {' and '.join(chosen)} cannot be combined; choose one way to place the model")
-    placed = [name for name in chosen if name != "fsdp"]  # fsdp also shards first-order training
-    if placed and obj.optimizer in ("adamw", "sgd"):
-        raise FtlabError(f"{where}.{placed[0]}: implemented for zeroth-order optimizers (e.g. optimizer=mezo); "
-                         f"got optimizer={obj.optimizer}")
+    def _objective_needs_zo(self) -> None:
+        if self.objective not in ("loss", "quad") and self.optimizer in _FIRST_ORDER:
+            raise ConfigError("objective", f"{self.objective!r} has no gradient; use a zeroth-order optimizer "
+                                           f"(e.g. optimizer=mezo) or objective=loss (got optimizer={self.optimizer})")
 
+    def _scale_options(self) -> None:
+        """grad_accum must divide the batch; device_map / offload are zeroth-order features (fsdp
+        serves both), and the three are exclusive of one another."""
+        if self.batch_size % self.grad_accum:
+            raise ConfigError("grad_accum", f"{self.grad_accum} does not divide batch_size={self.batch_size} "
+                                            f"(micro-batches must be equal); use a divisor of {self.batch_size}")
+        chosen = [name for name, on in (("fsdp", self.fsdp), ("device_map", self.device_map is not None),
+                                        ("offload", self.offload)) if on]
+        if len(chosen) > 1:
+            raise ConfigError("", f"{' and '.join(chosen)} cannot be combined; choose one way to place the model")
+        placed = [name for name in chosen if name != "fsdp"]  # fsdp also shards first-order training
+        if placed and self.optimizer in _FIRST_ORDER:
+            raise ConfigError(placed[0], f"implemented for zeroth-order optimizers (e.g. optimizer=mezo); "
+                                         f"got optimizer={self.optimizer}")
 
-def _first_order_options(obj: Any, where: str) -> None:
-    """Local SGD, autocast and activation checkpointing are first-order features."""
-    zo = obj.optimizer not in ("adamw", "sgd")
-    if obj.local_sgd.period is not None and zo:
-        raise FtlabError(f"{where}.local_sgd: Local SGD averages first-order models; {obj.optimizer} is zeroth order "
-                         f"and its data parallelism (plain torchrun) already exchanges one scalar per step: "
-                         f"set local_sgd.period=null, or use optimizer=sgd or adamw")
-    if obj.local_sgd.period is not None and obj.fsdp:
-        raise FtlabError(f"{where}.local_sgd: Local SGD keeps a whole model per rank; it cannot be combined with fsdp")
-    if obj.autocast and zo:
-        raise FtlabError(f"{where}.autocast: bf16 autocast is for first-order training; for {obj.optimizer} "
-                         f"use dtype=bfloat16 (exact MeZO in bf16)")
-    if obj.autocast and obj.dtype not in ("float32", "fp32"):
-        raise FtlabError(f"{where}.autocast: autocast runs float32 weights in bf16; use dtype=float32 "
-                         f"(got dtype={obj.dtype})")
-    if obj.gradient_checkpointing and obj.mode == "prefix":
-        raise FtlabError(f"{where}.gradient_checkpointing: prefix tuning feeds its prefix through the layers' "
-                         "key/value cache, which transformers' checkpointing drops; use mode=lora or full, or set "
-                         "it to false")
-    if obj.gradient_checkpointing and zo:
-        raise FtlabError(f"{where}.gradient_checkpointing: saves activations for a backward pass, and "
-                         f"{obj.optimizer} runs none; set gradient_checkpointing=false")
+    def _first_order_options(self) -> None:
+        """Local SGD, autocast and activation checkpointing are first-order features."""
+        zo = self.optimizer not in _FIRST_ORDER
+        if self.local_sgd.period is not None and zo:
+            raise ConfigError("local_sgd", f"Local SGD averages first-order models; {self.optimizer} is zeroth order "
+                                           f"and its data parallelism (plain torchrun) already exchanges one scalar "
+                                           f"per step: set local_sgd.period=null, or use optimizer=sgd or adamw")
+        if self.local_sgd.period is not None and self.fsdp:
+            raise ConfigError("local_sgd", "Local SGD keeps a whole model per rank; it cannot be combined with fsdp")
+        if self.autocast and zo:
+            raise ConfigError("autocast", f"bf16 autocast is for first-order training; for {self.optimizer} "
+                                          f"use dtype=bfloat16 (exact MeZO in bf16)")
+        if self.autocast and self.dtype not in ("float32", "fp32"):
+            raise ConfigError("autocast", f"autocast runs float32 weights in bf16; use dtype=float32 "
+                                          f"(got dtype={self.dtype})")
+        if self.gradient_checkpointing and self.mode == "prefix":
+            raise ConfigError("gradient_checkpointing", "prefix tuning feeds its prefix through the layers' "
+                                                        "key/value cache, which transformers' checkpointing drops; "
+                                                        "use mode=lora or full, or set it to false")
+        if self.gradient_checkpointing and zo:
+            raise ConfigError("gradient_checkpointing", f"saves activations for a backward pass, and "
+                                                        f"{self.optimizer} runs none; set gradient_checkpointing=false")
 
-
-# Value rules by class name (types and choices come from the annotations). A field a class
-# does not have (yet) is skipped, so the rules may name fields being added.
-RULES: dict[str, list[typing.Callable[[Any, str], None]]] = {
-    "TrainConfig": [
-        _rule("lr", _gt(0), lambda c: f"> 0 for optimizer {c.optimizer}"),
-        _rule("weight_decay", _ge(0), ">= 0"),
-        _rule("momentum", _unit, "in [0, 1)"),
-        _rule("adam_betas", _pair_of_units, "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-        _rule("adam_eps", _gt(0), "> 0"),
-        _rule("max_grad_norm", _ge(0), ">= 0 (0 or null: no clipping)"),
-        _rule("max_skipped_steps", _ge(0), ">= 0"),
-        _rule("warmup_steps", _ge(0), ">= 0"),
-        _rule("steps", _ge(1), ">= 1"),
-        _rule("batch_size", _ge(1), ">= 1"),
-        _rule("grad_accum", _ge(1), ">= 1"),
-        _rule("eval_every", _ge(0), ">= 0 (0: no dev evaluation)"),
-        _rule("eval_batch_size", _ge(1), ">= 1"),
-        _rule("checkpoint_every", _ge(0), ">= 0 (0: only at the end)"),
-        _rule("model", lambda v: bool(v.strip()), "a model name or folder"),
-        _rule("device", lambda v: bool(v.strip()), "a device, e.g. cpu or cuda"),
-        _rule("output_dir", lambda v: bool(v.strip()), "a folder path"),
-        _objective_needs_zo,
-        _scale_options,
-        _first_order_options,
-    ],
-    "DataConfig": [
-        _rule("task", lambda v: bool(v.strip()), "a task name or a .jsonl/.csv file"),
-        _rule("options", _distinct_words, "two or more distinct, non-blank label words, e.g. [' no', ' yes']"),
-        _rule("n_train", _ge(0), ">= 0"),
-        _rule("n_dev", _ge(0), ">= 0"),
-        _rule("n_test", _ge(0), ">= 0"),
-        _rule("k_per_class", _ge(1), ">= 1 (or null)"),
-        _rule("max_length", _ge(2), ">= 2"),
-    ],
-    "LoraSettings": [
-        _rule("r", _ge(1), ">= 1"),
-        _rule("alpha", _gt(0), "> 0"),
-        _rule("dropout", _unit, "in [0, 1)"),
-        _rule("target_modules", lambda v: len(v) > 0, "a non-empty list of module names (or null: the default)"),
-    ],
-    "PrefixSettings": [_rule("num_tokens", _ge(1), ">= 1")],
-    "LocalSGDSettings": [
-        _rule("period", _ge(1), ">= 1 (H, the local steps between averages; null: synchronous DDP)"),
-        _rule("alpha", _gt(0), "> 0"),
-        _rule("alpha", lambda v: v is not None, "set (> 0) for rule=quadratic: H = max(period, floor((alpha/lr)^2))",
-              when=lambda o: o.rule == "quadratic" and o.period is not None, skip_none=False),
-        _rule("switch_step", _ge(0), ">= 0"),
-    ],
-    "ZOSettings": [
-        _rule("eps", _gt(0), "> 0"),
-        _rule("n_perturbations", _ge(1), ">= 1"),
-        _rule("chunk_size", _ge(1), ">= 1"),
-        _rule("momentum", _unit, "in [0, 1)"),
-        _rule("betas", _pair_of_units, "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-        _rule("sparsity", _unit, "in [0, 1)"),
-    ],
-}
 
 # YAML's spellings of null: an override of a text field that may be null takes these as null.
 _NULLS = ("null", "Null", "NULL", "~", "")
 
 
 def _unwrap_optional(hint: Any) -> Any:
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else ()
+    args = _union_args(hint, ())
     rest = [a for a in args if a is not type(None)]
     return rest[0] if len(rest) == 1 else hint
 
 
 def _is_text(hint: Any) -> tuple[bool, bool]:
     """``(takes text, may be null)``: a ``str`` or string-``Literal`` field (optionally ``| None``)."""
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
+    args = _union_args(hint, (hint,))
     rest = [a for a in args if a is not type(None)]
     text = bool(rest) and all(a is str or (typing.get_origin(a) is Literal and all(
         isinstance(x, str) for x in typing.get_args(a))) for a in rest)
@@ -430,7 +593,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type | None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Defaults <- YAML file <- overrides, validated into ``cls`` (completely: see :func:`check`)."""
+    """Defaults <- YAML file <- overrides, validated into ``cls`` (completely: see :func:`check`);
+    faults are named after the file, or after the class's ``where`` without one."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -444,7 +608,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise FtlabError(f"{path}: cannot read the config ({type(e).__name__}: {e})") from None
         if not isinstance(data, dict):
             raise FtlabError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return from_dict(cls, apply_overrides(data, list(overrides), cls), where=str(path or "config"))
+    return from_dict(cls, apply_overrides(data, list(overrides), cls), where=str(path) if path else None)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftlab.config import Optimizer, TrainConfig, to_dict
+from ftlab.config import Optimizer, Settings, TrainConfig, ZOSettings, to_dict
 from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.memory import PeakMemory
 from ftlab.models import load_model
 from ftlab.rundir import RunDir
 from ftlab.train import RunData, load_run_data, train
-from ftlab.zo.settings import ZOSettings
 
 ROWS = "demo.json"
 METHODS = ("mezo", "adamw")
@@ -36,7 +35,7 @@ LABELS = {"zero-shot": "zero-shot", "mezo": "MeZO (LoRA)", "adamw": "AdamW (LoRA
 
 
 @dataclass
-class DemoMethod:
+class DemoMethod(Settings):
     """What one fine-tuning row sets on top of the shared ``train`` section."""
 
     optimizer: Optimizer = "adamw"
@@ -47,7 +46,7 @@ class DemoMethod:
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Settings):
     """The demo: a shared training setup (model, task, splits, mode) and the two methods."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(mode="lora", eval_every=0))

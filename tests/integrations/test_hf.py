@@ -175,8 +175,12 @@ def test_a_language_modelling_dataset_uses_the_model_loss(tmp_path, base, tiny_t
 def test_bad_zo_arguments_are_one_line_errors():
     with pytest.raises(FtlabError, match="unknown zeroth-order optimizer 'adam'"):
         ZOArguments(optimizer="adam")
+    with pytest.raises(FtlabError, match=r"^zo.eps: must be > 0"):
+        ZOSettings(eps=0.0)  # refused when built
+    zo = ZOSettings()
+    zo.eps = 0.0  # or changed afterwards: ZOArguments names it as its field
     with pytest.raises(FtlabError, match=r"ZOArguments.zo.eps: must be > 0"):
-        ZOArguments(zo=ZOSettings(eps=0.0))
+        ZOArguments(zo=zo)
 
 
 def test_trl_sft_trainer_takes_the_mixin(tmp_path, base, tiny_tokenizer):

@@ -48,9 +48,13 @@ def test_unknown_architecture_asks_for_targets(tiny_model):
         apply_lora(tiny_model, LoraSettings())
 
 
-@pytest.mark.parametrize("settings,match", [(LoraSettings(r=0), "lora.r"), (LoraSettings(alpha=0), "lora.alpha"),
-                                            (LoraSettings(dropout=1.0), "lora.dropout"),
-                                            (LoraSettings(target_modules=[]), "empty")])
-def test_bad_settings(tiny_model, settings, match):
+@pytest.mark.parametrize("change,match", [({"r": 0}, "lora.r"), ({"alpha": 0}, "lora.alpha"),
+                                          ({"dropout": 1.0}, "lora.dropout"), ({"target_modules": []}, "empty")])
+def test_bad_settings(tiny_model, change, match):
+    with pytest.raises(FtlabError, match=match):
+        LoraSettings(**change)  # refused when built
+    settings = LoraSettings()
+    for key, value in change.items():  # or changed afterwards: apply_lora refuses them too
+        setattr(settings, key, value)
     with pytest.raises(FtlabError, match=match):
         apply_lora(tiny_model, settings)

@@ -109,9 +109,13 @@ def test_save_and_load_round_trip(tiny_model_factory, tiny_tokenizer, tmp_path):
         PrefixModel.from_pretrained(tiny_model_factory("llama"), tmp_path)
 
 
-@pytest.mark.parametrize("settings,match", [(PrefixSettings(num_tokens=0), "num_tokens"),
-                                            (PrefixSettings(init="zeros"), "prefix.init")])
-def test_bad_settings(tiny_model, settings, match):
+@pytest.mark.parametrize("change,match", [({"num_tokens": 0}, "num_tokens"), ({"init": "zeros"}, "prefix.init")])
+def test_bad_settings(tiny_model, change, match):
+    with pytest.raises(FtlabError, match=match):
+        PrefixSettings(**change)  # refused when built
+    settings = PrefixSettings()
+    for key, value in change.items():  # or changed afterwards: PrefixModel refuses them too
+        setattr(settings, key, value)
     with pytest.raises(FtlabError, match=match):
         PrefixModel(tiny_model, settings)
 

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
+from ftlab.config import LoraSettings, PrefixSettings
 from ftlab.errors import FtlabError
 from ftlab.models import prepare_model
-from ftlab.models.settings import LoraSettings, PrefixSettings
 from ftlab.zo import MeZO
 
 IDS = torch.arange(2, 34).view(2, 16)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ftlab import objectives
+from ftlab.config import LoraSettings, PrefixSettings
 from ftlab.errors import FtlabError
 from ftlab.models import prepare_model
-from ftlab.models.settings import LoraSettings, PrefixSettings
 from ftlab.objectives import Encoder
 from ftlab.tasks.base import Example, TaskSpec
 from ftlab.zo import MeZO

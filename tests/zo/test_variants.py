@@ -10,12 +10,12 @@ from reference import directions, f32, projected_grads
 from safetensors.torch import load_file
 from test_train import _cfg, _data, _Killed
 
+from ftlab.config import ZOSettings
 from ftlab.errors import FtlabError
 from ftlab.models import load_model
 from ftlab.optim import build_optimizer
 from ftlab.train import replay_run, train
 from ftlab.zo import ZO_OPTIMIZERS, SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD, build_zo_optimizer
-from ftlab.zo.settings import ZOSettings
 
 VARIANTS = {"zo-momentum": (ZOMomentum, {"momentum": 0.8}), "zo-adam": (ZOAdam, {"betas": (0.8, 0.9)}),
             "zo-sign": (ZOSignSGD, {}), "sparse-mezo": (SparseMeZO, {"sparsity": 0.6})}

@@ -55,7 +55,7 @@ from torch import nn
 from transformers import Trainer
 
 from ftlab.checkpoint import run_id, save_trainable
-from ftlab.config import DataConfig, TrainConfig, check, to_dict
+from ftlab.config import ConfigError, DataConfig, TrainConfig, check, to_dict
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json
 from ftlab.models import LoraSettings
@@ -291,19 +291,18 @@ def replay_config(module: nn.Module, args: Any, zo_args: ZOArguments, steps: int
     ga = args.gradient_accumulation_steps
     seed = args.seed if zo_args.seed is None else zo_args.seed
     steps = max(steps or args.max_steps, 1)
-    cfg = TrainConfig(
-        model=name, dtype=dtype, device="cuda" if args.device.type == "cuda" else "cpu",
-        data=DataConfig(), mode=mode, lora=lora, optimizer=zo_args.optimizer, zo=zo_args.zo,
-        lr=args.learning_rate, weight_decay=args.weight_decay, max_grad_norm=None,
-        max_skipped_steps=zo_args.max_skipped_steps,
-        schedule=_SCHEDULES.get(str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)), "constant"),
-        warmup_steps=int(args.get_warmup_steps(steps)), steps=steps,
-        batch_size=args.per_device_train_batch_size * ga * max(args.world_size, 1), grad_accum=ga,
-        eval_every=0, checkpoint_every=0, seed=args.seed, init_seed=args.seed, zo_seed=seed)
-    try:
-        cfg.validate("ZOTrainer run")
-    except FtlabError as e:
-        return None, str(e)
+    try:  # checked when built, each fault named as a field of the run
+        cfg = TrainConfig(
+            model=name, dtype=dtype, device="cuda" if args.device.type == "cuda" else "cpu",
+            data=DataConfig(), mode=mode, lora=lora, optimizer=zo_args.optimizer, zo=zo_args.zo,
+            lr=args.learning_rate, weight_decay=args.weight_decay, max_grad_norm=None,
+            max_skipped_steps=zo_args.max_skipped_steps,
+            schedule=_SCHEDULES.get(str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)), "constant"),
+            warmup_steps=int(args.get_warmup_steps(steps)), steps=steps,
+            batch_size=args.per_device_train_batch_size * ga * max(args.world_size, 1), grad_accum=ga,
+            eval_every=0, checkpoint_every=0, seed=args.seed, init_seed=args.seed, zo_seed=seed)
+    except ConfigError as e:
+        return None, str(e.at("ZOTrainer run"))
     return cfg, ""
 
 
@@ -331,4 +330,7 @@ def _lora_settings(module: nn.Module) -> tuple[LoraSettings | None, str]:
     alpha = c.lora_alpha
     if alpha != int(alpha):
         return None, f"its lora_alpha {alpha} is not an integer"
-    return LoraSettings(r=c.r, alpha=int(alpha), dropout=c.lora_dropout, target_modules=sorted(targets)), ""
+    try:
+        return LoraSettings(r=c.r, alpha=int(alpha), dropout=c.lora_dropout, target_modules=sorted(targets)), ""
+    except ConfigError as e:
+        return None, str(e.at("ZOTrainer run.lora"))

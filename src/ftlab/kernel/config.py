@@ -12,15 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ftlab.config import DataConfig, TrainConfig, check
+from ftlab.config import Settings, TrainConfig, from_dict
 from ftlab.kernel.entk import KernelSpec
-from ftlab.models import LoraSettings
 
 
 @dataclass
-class CompareSettings:
+class CompareSettings(Settings):
     """The fine-tuning run ``ftlab kernel compare`` measures against the kernel: SGD is modelled
     by the SGD kernel, AdamW by the sign kernel; ``method`` is the kernel solver compared."""
+
+    where = "compare"
 
     mode: Literal["full", "lora"] = "lora"
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -31,7 +32,7 @@ class CompareSettings:
 
 
 @dataclass
-class KernelConfig:
+class KernelConfig(Settings):
     """A kernel computation (and its comparison with fine-tuning) on a balanced k-shot split.
 
     ``seed`` picks the k-shot train split and the LoRA initialisation; ``data_seed`` the test
@@ -54,13 +55,11 @@ class KernelConfig:
         """The :class:`TrainConfig` of this split and model (``mode`` default: LoRA for a
         ``params=lora`` kernel, else full), with ``fields`` set on top; validated."""
         mode = mode or ("lora" if self.kernel.params == "lora" else "full")
-        cfg = TrainConfig(model=self.model, device=self.device, seed=self.seed, mode=mode,
-                          data=DataConfig(task=self.task, k_per_class=self.k, n_test=self.n_test,
-                                          data_seed=self.data_seed, n_dev=0,
-                                          max_length=self.kernel.max_length),
-                          lora=LoraSettings(r=self.lora_r, alpha=2 * self.lora_r), **fields)
-        check(cfg, "kernel config")
-        return cfg
+        return from_dict(TrainConfig, {
+            "model": self.model, "device": self.device, "seed": self.seed, "mode": mode,
+            "data": {"task": self.task, "k_per_class": self.k, "n_test": self.n_test, "data_seed": self.data_seed,
+                     "n_dev": 0, "max_length": self.kernel.max_length},
+            "lora": {"r": self.lora_r, "alpha": 2 * self.lora_r}, **fields}, "kernel config")
 
     def compare_config(self) -> TrainConfig:
         """The fine-tuning run of ``compare``, in ``<output_dir>/run`` (checkpointed at the end)."""

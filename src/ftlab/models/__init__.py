@@ -1,8 +1,9 @@
 """Models: loading (embedded GGUF models, local folders, hub names), LoRA, prefix tuning, and
 the training modes built on them.
 
-The settings dataclasses import eagerly (they need no torch, and the config loader uses them);
-everything else is imported on first access, so ``import ftlab.models`` stays cheap.
+The settings dataclasses (:class:`LoraSettings`, :class:`PrefixSettings`) are those of
+:mod:`ftlab.config`, re-exported here; everything else is imported on first access, so
+``import ftlab.models`` stays cheap.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ftlab.models.settings import LoraSettings, PrefixSettings
+from ftlab.config import LoraSettings, PrefixSettings
 
 if TYPE_CHECKING:
     from ftlab.models.loading import (

@@ -7,8 +7,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from ftlab.config import LoraSettings
 from ftlab.errors import FtlabError
-from ftlab.models.settings import LoraSettings
 
 # The attention projections LoRA adapts by default (the original paper's q,v choice), keyed by
 # `config.model_type`. GPT-2 fuses q,k,v into one Conv1D; GPT-NeoX into one Linear.

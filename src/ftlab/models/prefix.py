@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
+from ftlab.config import PrefixSettings
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_dir, atomic_write_json
-from ftlab.models.settings import PrefixSettings
 
 PREFIX_CONFIG = "prefix_config.json"
 PREFIX_WEIGHTS = "prefix.safetensors"

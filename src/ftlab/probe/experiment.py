@@ -8,13 +8,13 @@ every stored feature; a folder of another model or split is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ftlab.config import RULES, _ge, _rule, check
+from ftlab.config import Settings, at_least, needs, non_empty, setting
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.probe.cache import split_features
@@ -27,8 +27,23 @@ from ftlab.tasks import load_task, make_splits
 KIND_NAMES = {"f": "f(s)", "phi_p": "Phi p_f(s)", "p_words": "p_f(s) on words", "layer": "f(s) mid layer"}
 
 
+@needs(f"a non-empty list of distinct kinds among {list(KIND_NAMES)}")
+def _known_kinds(kinds: list[str]) -> bool:
+    return bool(kinds) and all(k in KIND_NAMES for k in kinds) and len(set(kinds)) == len(kinds)
+
+
+@needs("a non-empty list of sizes >= 0 (0: all training data)")
+def _probe_sizes(k: list[int]) -> bool:
+    return bool(k) and all(x >= 0 for x in k)
+
+
+@needs("a non-empty list of C values > 0")
+def _c_values(grid: list[float]) -> bool:
+    return bool(grid) and all(c > 0 for c in grid)
+
+
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Settings):
     """One probing study: a model, a task, feature kinds, probe sizes ``k`` (0 = all ``n_train``
     training examples; else ``k`` per class, balanced, for each seed)."""
 
@@ -38,39 +53,22 @@ class ProbeConfig:
     task: str = "sentiment"
     template: str | None = None
     options: list[str] | None = None
-    kinds: list[str] = field(default_factory=lambda: ["f", "phi_p", "p_words"])
+    kinds: list[str] = setting(factory=lambda: ["f", "phi_p", "p_words"], check=_known_kinds)
     words: list[str] | None = None  # p_words: these single-token words (None: the task's label words)
-    layer: int | None = None  # kind "layer": this block (None: the middle one)
-    k: list[int] = field(default_factory=lambda: [0, 16, 64])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    n_train: int = 1000
-    n_dev: int = 100
-    n_test: int = 500
+    # kind "layer": this block (None: the middle one)
+    layer: int | None = setting(None, check=at_least(0), need=">= 0 (or null: the middle layer)")
+    k: list[int] = setting(factory=lambda: [0, 16, 64], check=_probe_sizes)
+    seeds: list[int] = setting(factory=lambda: [0], check=non_empty, need="a non-empty list of seeds")
+    n_train: int = setting(1000, check=at_least(1))
+    n_dev: int = setting(100, check=at_least(0))
+    n_test: int = setting(500, check=at_least(1))
     data_seed: int = 0
-    grid: list[float] = field(default_factory=lambda: list(C_GRID))
+    grid: list[float] = setting(factory=lambda: list(C_GRID), check=_c_values)
     theory: bool = True  # zero-shot from p on the label words, and the R^2 of f(s) from Phi p_f(s)
-    batch_size: int = 16
-    chunk_rows: int = 64
-    max_length: int = 128
+    batch_size: int = setting(16, check=at_least(1))
+    chunk_rows: int = setting(64, check=at_least(1))
+    max_length: int = setting(128, check=at_least(2))
     output_dir: str = "runs/probe"
-
-    def validate(self, where: str = "config") -> None:
-        check(self, where)
-
-
-def _kinds_ok(v: list[str]) -> bool:
-    return bool(v) and all(k in KIND_NAMES for k in v) and len(set(v)) == len(v)
-
-
-RULES["ProbeConfig"] = [
-    _rule("kinds", _kinds_ok, f"a non-empty list of distinct kinds among {list(KIND_NAMES)}"),
-    _rule("k", lambda v: bool(v) and all(x >= 0 for x in v), "a non-empty list of sizes >= 0 (0: all training data)"),
-    _rule("seeds", lambda v: bool(v), "a non-empty list of seeds"),
-    _rule("grid", lambda v: bool(v) and all(c > 0 for c in v), "a non-empty list of C values > 0"),
-    _rule("n_train", _ge(1), ">= 1"), _rule("n_dev", _ge(0), ">= 0"), _rule("n_test", _ge(1), ">= 1"),
-    _rule("batch_size", _ge(1), ">= 1"), _rule("chunk_rows", _ge(1), ">= 1"), _rule("max_length", _ge(2), ">= 2"),
-    _rule("layer", _ge(0), ">= 0 (or null: the middle layer)"),
-]
 
 
 def _labels(examples) -> np.ndarray:

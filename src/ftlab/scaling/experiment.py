@@ -46,7 +46,7 @@ import torch
 
 from ftlab import objectives
 from ftlab.checkpoint import load_trainable
-from ftlab.config import TrainConfig, to_dict
+from ftlab.config import Settings, TrainConfig, to_dict
 from ftlab.errors import FtlabError
 from ftlab.evaluate import model_device
 from ftlab.io import atomic_write_json
@@ -62,7 +62,7 @@ VARIANTS: tuple[str, ...] = ("rule", "naive", "linear")
 
 
 @dataclass
-class ScalingExperimentConfig:
+class ScalingExperimentConfig(Settings):
     """The base run (batch B) and the batch-size factor; variants among ``VARIANTS``."""
 
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftlab.config import LocalSGDSettings, TrainConfig, to_dict
+from ftlab.config import LocalSGDSettings, Settings, TrainConfig, to_dict
 from ftlab.distributed import barrier, init_from_env, is_main
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json
@@ -36,7 +36,7 @@ VARIANTS: tuple[str, ...] = ("sync", "constant", "quadratic")
 
 
 @dataclass
-class LocalSGDExperimentConfig:
+class LocalSGDExperimentConfig(Settings):
     """The base run (``train``; its ``local_sgd`` section is replaced), the variants, H (and
     H_base), the QSR's ``alpha``, the post-local ``switch_step`` and the seeds."""
 

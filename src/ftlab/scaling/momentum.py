@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftlab.config import TrainConfig, to_dict
+from ftlab.config import Settings, TrainConfig, to_dict
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json
 from ftlab.runs import writes_run_dir
@@ -34,7 +34,7 @@ VARIANTS: tuple[str, ...] = ("momentum", "effective", "plain")
 
 
 @dataclass
-class MomentumExperimentConfig:
+class MomentumExperimentConfig(Settings):
     """The base run (``train``: optimizer sgd; its lr and momentum are replaced), the momentum
     ``beta``, the learning rates ``eta`` to try (a small and a large one) and the seeds."""
 

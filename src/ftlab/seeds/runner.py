@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ftlab import objectives
-from ftlab.config import TrainConfig, from_dict, to_dict
+from ftlab.config import ConfigError, Settings, TrainConfig, at_least, from_dict, needs, setting, to_dict
 from ftlab.distributed import barrier, init_from_env
 from ftlab.errors import FtlabError
 from ftlab.evaluate import evaluate
@@ -56,19 +56,34 @@ SEED_KINDS: tuple[str, ...] = ("order", "init", "zo")
 RUN_RECORD = "seed_run.json"
 
 
+@needs(f"a non-empty list of distinct seed kinds among {list(SEED_KINDS)}")
+def _seed_kinds(kinds: list[str]) -> bool:
+    return bool(kinds) and all(k in SEED_KINDS for k in kinds) and len(set(kinds)) == len(kinds)
+
+
 @dataclass
-class SeedStudyConfig:
+class SeedStudyConfig(Settings):
     """A seed study: the base training run and which seeds vary, how many runs per group."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
-    kinds: list[str] = field(default_factory=lambda: ["order", "init"])
+    kinds: list[str] = setting(factory=lambda: ["order", "init"], check=_seed_kinds)
     runs_per_kind: int = 5  # seed values 0..n-1 of each kind (0 is the shared base run)
     runs_all: int = 5  # runs varying every kind at once (seeds s, s, s for s = 0..n-1)
     output_dir: str = "runs/seeds"
     # Out-of-distribution test tasks (built-in names or .jsonl/.csv files), each evaluated on
     # every run; ood_n_test examples of each (a subset drawn with data.data_seed; 0: all).
     ood_tasks: list[str] = field(default_factory=list)
-    ood_n_test: int = 500
+    ood_n_test: int = setting(500, check=at_least(0), need=">= 0 (0: every example)")
+
+    def check_combinations(self) -> None:
+        if "zo" in self.kinds and not is_zeroth_order(self.train.optimizer):
+            raise ConfigError("kinds", f"seed kind 'zo' needs a zeroth-order optimizer; {self.train.optimizer} has "
+                                       "no perturbations (drop 'zo' from kinds, or use optimizer=mezo)")
+        if self.runs_per_kind < 2 and self.runs_all < 2:
+            raise ConfigError("", "a seed study needs runs_per_kind >= 2 or runs_all >= 2 to measure any variance")
+        if len(set(self.ood_tasks)) != len(self.ood_tasks) or self.train.data.task in self.ood_tasks:
+            raise ConfigError("ood_tasks", f"list distinct tasks other than the training task "
+                                           f"{self.train.data.task!r} (got {self.ood_tasks!r})")
 
 
 @dataclass(frozen=True)
@@ -85,7 +100,7 @@ class RunSpec:
 
 def plan_runs(study: SeedStudyConfig) -> list[RunSpec]:
     """The grid's distinct runs in a fixed order (deduplicated, with every group they serve)."""
-    _validate(study)
+    study.validate()
     kinds = study.kinds
     wanted: dict[tuple[tuple[str, int], ...], list[str]] = {}
     for kind in kinds:
@@ -94,22 +109,6 @@ def plan_runs(study: SeedStudyConfig) -> list[RunSpec]:
     for value in range(study.runs_all):
         wanted.setdefault(tuple((k, value) for k in kinds), []).append("all")
     return [RunSpec(seeds, tuple(groups)) for seeds, groups in wanted.items()]
-
-
-def _validate(study: SeedStudyConfig) -> None:
-    unknown = [k for k in study.kinds if k not in SEED_KINDS]
-    if unknown or not study.kinds or len(set(study.kinds)) != len(study.kinds):
-        raise FtlabError(f"kinds {study.kinds!r}: list distinct seed kinds among {list(SEED_KINDS)}")
-    if "zo" in study.kinds and not is_zeroth_order(study.train.optimizer):
-        raise FtlabError(f"seed kind 'zo' needs a zeroth-order optimizer; {study.train.optimizer} has no "
-                         "perturbations (drop 'zo' from kinds, or use optimizer=mezo)")
-    if study.runs_per_kind < 2 and study.runs_all < 2:
-        raise FtlabError("a seed study needs runs_per_kind >= 2 or runs_all >= 2 to measure any variance")
-    if study.ood_n_test < 0:
-        raise FtlabError(f"ood_n_test: must be >= 0 (0: every example), got {study.ood_n_test}")
-    if len(set(study.ood_tasks)) != len(study.ood_tasks) or study.train.data.task in study.ood_tasks:
-        raise FtlabError(f"ood_tasks {study.ood_tasks!r}: list distinct tasks other than the training task "
-                         f"{study.train.data.task!r}")
 
 
 def ood_sets(study: SeedStudyConfig, spec: TaskSpec) -> dict[str, tuple[TaskSpec, list[Example]]]:
@@ -209,7 +208,7 @@ def _single_process() -> Iterator[None]:
         os.environ.update(saved)
 
 
-@writes_run_dir("seeds", "study.output_dir", validate=_validate)  # rank 0 claims + locks
+@writes_run_dir("seeds", "study.output_dir")  # validates the study; rank 0 claims + locks
 def run_study(study: SeedStudyConfig, *, progress: bool = True,
               on_run: Callable[[RunSpec, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every run of the grid not done yet; returns all runs' records (on

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ftlab.config import TrainConfig
+from ftlab.config import ConfigError, Settings, TrainConfig, at_least, needs, setting
 from ftlab.distributed import barrier
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
@@ -52,43 +52,49 @@ from ftlab.train import load_run_data
 CLUSTER_ON = ("train_loss", "train_accuracy", "ood_loss", "ood_accuracy")
 
 
+@needs("increasing values in [0, 1] including 0 and 1")
+def _path_alphas(alphas: list[float]) -> bool:
+    return 0.0 in alphas and 1.0 in alphas and sorted(set(alphas)) == alphas and all(0 <= x <= 1 for x in alphas)
+
+
+@needs("three run names")
+def _three_runs(runs: list[str]) -> bool:
+    return len(runs) == 3
+
+
 @dataclass
-class TopographyConfig:
+class TopographyConfig(Settings):
     """What the topography of a study is measured on, and how finely."""
 
-    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    n_train: int = 64  # training examples the paths run on (the first of the train split)
+    where = "topography"
+
+    alphas: list[float] = setting(factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], check=_path_alphas)
+    # training examples the paths run on (the first of the train split)
+    n_train: int = setting(64, check=at_least(1))
     ood_task: str | None = None  # OOD set the paths also run on (None: the study's first OOD task)
-    n_ood: int = 64
-    batch_size: int = 16
-    group: int = 4  # points per forward (LoRA; 1: one point at a time)
+    n_ood: int = setting(64, check=at_least(1))
+    batch_size: int = setting(16, check=at_least(1))
+    group: int = setting(4, check=at_least(1))  # points per forward (LoRA; 1: one point at a time)
     cluster_on: Literal["train_loss", "train_accuracy", "ood_loss", "ood_accuracy"] = "train_loss"
     n_clusters: int | None = None  # None: cut at threshold, or at the largest gap of merge heights
     threshold: float | None = None
     linkage: Literal["average", "complete", "single"] = "average"
-    surface_runs: list[str] | None = None  # three run names (None: base, farthest, nearest to base)
-    surface_points: int = 7  # grid points per axis
+    # three run names (None: base, farthest, nearest to base)
+    surface_runs: list[str] | None = setting(None, check=_three_runs)
+    surface_points: int = setting(7, check=at_least(1))  # grid points per axis
     surface_margin: float = 0.25  # grid beyond the three runs, as a share of their span
     sharpness_eps: float = 1e-3
-    sharpness_steps: int = 3
-    hutchinson_samples: int = 4
-    n_curvature: int = 32  # training examples sharpness and trace are measured on
-    n_boot: int = 1000
-    n_perm: int = 5000
+    sharpness_steps: int = setting(3, check=at_least(1))
+    hutchinson_samples: int = setting(4, check=at_least(1))
+    # training examples sharpness and trace are measured on
+    n_curvature: int = setting(32, check=at_least(1))
+    n_boot: int = setting(1000, check=at_least(1))
+    n_perm: int = setting(5000, check=at_least(1))
     seed: int = 0
 
-    def validate(self) -> None:
-        a = self.alphas
-        if 0.0 not in a or 1.0 not in a or sorted(set(a)) != a or any(not 0 <= x <= 1 for x in a):
-            raise FtlabError(f"alphas {a!r}: give increasing values in [0, 1] including 0 and 1")
-        for name in ("n_train", "n_ood", "batch_size", "group", "surface_points", "sharpness_steps",
-                     "hutchinson_samples", "n_curvature", "n_boot", "n_perm"):
-            if getattr(self, name) < 1:
-                raise FtlabError(f"topography.{name}: must be >= 1 (got {getattr(self, name)})")
-        if self.surface_runs is not None and len(self.surface_runs) != 3:
-            raise FtlabError(f"topography.surface_runs: name three runs (got {self.surface_runs!r})")
+    def check_combinations(self) -> None:
         if self.n_clusters is not None and self.threshold is not None:
-            raise FtlabError("topography: give n_clusters or threshold, not both")
+            raise ConfigError("", "give n_clusters or threshold, not both")
 
 
 def _key(obj: Any) -> str:

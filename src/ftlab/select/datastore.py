@@ -34,7 +34,7 @@ import mmap
 import os
 import shutil
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ftlab.config import needs, rule_of, setting
 from ftlab.distributed import barrier, init_from_env
 from ftlab.errors import FtlabError
 from ftlab.grads.projection import ProjectionSpec
@@ -53,6 +54,75 @@ DTYPES = ("float16", "float32")
 FORMAT_VERSION = 1
 # Manifest fields that say what the features are; stores are comparable only when they agree.
 IDENTITY = ("model", "checkpoint", "grad_type", "dim", "dtype", "projection")
+
+
+# The manifest's fields are checked by the rules declared with them (ftlab.config.setting), here
+# strictly as JSON values (an int is not a bool or a float): both when a manifest is read
+# (:func:`_parse_manifest`, each fault naming the file and the field) and when one is built.
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@needs("a string")
+def _text(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+@needs("a positive integer")
+def _positive_int(x: Any) -> bool:
+    return _is_int(x) and x >= 1
+
+
+@needs("a non-negative integer")
+def _count(x: Any) -> bool:
+    return _is_int(x) and x >= 0
+
+
+@needs("an integer")
+def _integer(x: Any) -> bool:
+    return _is_int(x)
+
+
+@needs(f"one of {', '.join(DTYPES)}")
+def _storage_dtype(x: Any) -> bool:
+    return x in DTYPES
+
+
+@needs("an object or null")
+def _object_or_null(x: Any) -> bool:
+    return x is None or isinstance(x, dict)
+
+
+@needs("an object")
+def _object(x: Any) -> bool:
+    return isinstance(x, dict)
+
+
+@needs("a list")
+def _list(x: Any) -> bool:
+    return isinstance(x, list)
+
+
+@needs("true or false")
+def _flag(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
+@needs("a plain file name inside the datastore folder")
+def _plain_name(name: Any) -> bool:
+    """A file name that stays inside the folder: no separator, not absolute, not ``.``/``..``."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not os.path.isabs(name) and not (os.altsep and os.altsep in name))
+
+
+@needs("a 32-bit unsigned integer")
+def _crc32(x: Any) -> bool:
+    return _is_int(x) and 0 <= x < 1 << 32
+
+
+@needs("64 lowercase hex digits")
+def _sha256(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
 
 
 @dataclass
@@ -68,28 +138,30 @@ class DatastoreManifest:
         projection: the :class:`ProjectionSpec` as a dict (``None`` for unprojected features).
         extra: free-form metadata (e.g. the checkpoint's mean learning rate).
         shards: ``{"file", "ids", "rows", "bytes", "crc32", "sha256"}`` per shard, in row order
-            (stores written before ``crc32`` was added are checked with their ``sha256``).
+            (stores written before ``crc32`` was added are checked with their ``sha256``;
+            see :class:`ShardRecord`).
         complete: ``True`` once the writer was closed; readers refuse an incomplete store.
     """
 
-    model: str
-    checkpoint: str
-    grad_type: str
-    dim: int
-    dtype: str = "float16"
-    projection: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    complete: bool = False
-    version: int = FORMAT_VERSION
+    model: str = setting(check=_text)
+    checkpoint: str = setting(check=_text)
+    grad_type: str = setting(check=_text)
+    dim: int = setting(check=_positive_int)
+    dtype: str = setting("float16", check=_storage_dtype)
+    projection: dict[str, Any] | None = setting(None, check=_object_or_null)
+    extra: dict[str, Any] = setting(factory=dict, check=_object)
+    shards: list[dict[str, Any]] = setting(factory=list, check=_list)
+    complete: bool = setting(False, check=_flag)
+    version: int = setting(FORMAT_VERSION, check=_integer)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise FtlabError(f"datastore dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.dim < 1:
-            raise FtlabError(f"datastore dim must be positive, got {self.dim}")
         if isinstance(self.projection, ProjectionSpec):
             self.projection = self.projection.to_dict()
+        for f in dataclasses.fields(self):
+            ok, need = rule_of(f)
+            value = getattr(self, f.name)
+            if not ok(value):
+                raise FtlabError(f"datastore {f.name} must be {need}, got {value!r}")
         if self.projection is not None and self.projection.get("dim_out", self.dim) != self.dim:
             raise FtlabError(f"datastore dim={self.dim} differs from the projection's dim_out="
                              f"{self.projection['dim_out']}")
@@ -117,38 +189,21 @@ class DatastoreManifest:
         return cls(**d)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+@dataclass
+class ShardRecord:
+    """The fields of one entry of ``DatastoreManifest.shards`` (entries stay plain dicts in the
+    manifest; this class declares their rules). ``crc32`` and ``sha256`` may be absent (older stores)."""
+
+    file: str = setting(check=_plain_name)
+    ids: str = setting(check=_plain_name)
+    rows: int = setting(check=_count)
+    bytes: int = setting(check=_count)
+    crc32: int | None = setting(None, check=_crc32)
+    sha256: str | None = setting(None, check=_sha256)
 
 
-# Manifest field -> (check, what it must be, required). Optional fields get the dataclass default.
-_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
-    "model": (lambda x: isinstance(x, str), "a string", True),
-    "checkpoint": (lambda x: isinstance(x, str), "a string", True),
-    "grad_type": (lambda x: isinstance(x, str), "a string", True),
-    "dim": (lambda x: _is_int(x) and x >= 1, "a positive integer", True),
-    "dtype": (lambda x: x in DTYPES, f"one of {', '.join(DTYPES)}", True),
-    "projection": (lambda x: x is None or isinstance(x, dict), "an object or null", False),
-    "extra": (lambda x: isinstance(x, dict), "an object", False),
-    "shards": (lambda x: isinstance(x, list), "a list", True),
-    "complete": (lambda x: isinstance(x, bool), "true or false", True),
-    "version": (lambda x: _is_int(x), "an integer", False),
-}
-_SHARD_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
-    "file": (lambda x: _plain_name(x), "a plain file name inside the datastore folder", True),
-    "ids": (lambda x: _plain_name(x), "a plain file name inside the datastore folder", True),
-    "rows": (lambda x: _is_int(x) and x >= 0, "a non-negative integer", True),
-    "bytes": (lambda x: _is_int(x) and x >= 0, "a non-negative integer", True),
-    "crc32": (lambda x: _is_int(x) and 0 <= x < 1 << 32, "a 32-bit unsigned integer", False),
-    "sha256": (lambda x: isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x),
-               "64 lowercase hex digits", False),
-}
-
-
-def _plain_name(name: Any) -> bool:
-    """A file name that stays inside the folder: no separator, not absolute, not ``.``/``..``."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name and not os.path.isabs(name) and not (os.altsep and os.altsep in name))
+# Manifest fields a manifest file may leave out (they take the dataclass default).
+_MAY_BE_ABSENT = ("projection", "extra", "version")
 
 
 def _bad_field(file: Path, field: str, must: str, value: Any) -> FtlabError:
@@ -157,13 +212,18 @@ def _bad_field(file: Path, field: str, must: str, value: Any) -> FtlabError:
                       f"delete the folder and rewrite the datastore")
 
 
-def _check_fields(file: Path, d: dict[str, Any], spec: dict, where: str = "") -> None:
-    for key, (ok, must, required) in spec.items():
+def _check_fields(file: Path, d: dict[str, Any], cls: type, may_be_absent: Sequence[str],
+                  where: str = "") -> None:
+    """Check the values of ``d`` by the rules of ``cls``'s fields (see :func:`ftlab.config.setting`)."""
+    for f in dataclasses.fields(cls):
+        key = f.name
         if key not in d:
-            if required:
+            if key not in may_be_absent:
                 raise FtlabError(f"{file}: field {where + key!r} is missing; the manifest is damaged: delete the "
                                  f"folder and rewrite the datastore")
-        elif not ok(d[key]):
+            continue
+        ok, must = rule_of(f)
+        if not ok(d[key]):
             raise _bad_field(file, where + key, must, d[key])
 
 
@@ -178,12 +238,12 @@ def _parse_manifest(file: Path, d: Any) -> DatastoreManifest:
     if (_is_int(version) and version > FORMAT_VERSION) or unknown:
         raise FtlabError(f"{file}: datastore manifest version {version} with fields {unknown} is newer than this "
                          f"ftlab (version {FORMAT_VERSION}); upgrade ftlab")
-    _check_fields(file, d, _FIELDS)
+    _check_fields(file, d, DatastoreManifest, _MAY_BE_ABSENT)
     seen: dict[str, int] = {}
     for k, shard in enumerate(d["shards"]):
         if not isinstance(shard, dict):
             raise _bad_field(file, f"shards[{k}]", "an object", shard)
-        _check_fields(file, shard, _SHARD_FIELDS, f"shards[{k}].")
+        _check_fields(file, shard, ShardRecord, ("crc32", "sha256"), f"shards[{k}].")
         for key in ("file", "ids"):
             if seen.setdefault(shard[key], k) != k:
                 raise FtlabError(f"{file}: field 'shards[{k}].{key}' names {shard[key]!r}, already used by shard "

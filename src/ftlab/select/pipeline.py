@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ftlab.config import ConfigError, LoraSettings, Settings
 from ftlab.distributed import barrier, init_from_env, is_main, rank_device
 from ftlab.errors import FtlabError
 from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.io import atomic_file, atomic_write_json
-from ftlab.models import LoraSettings, load_model, prepare_model, trainable_parameters
+from ftlab.models import load_model, prepare_model, trainable_parameters
 from ftlab.plots import pyplot, save_figure
 from ftlab.runs import writes_run_dir
 from ftlab.select.baselines import random_scores, representation_scores, representation_store
@@ -53,7 +54,7 @@ METHODS = ("less", "random", "representation")
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(Settings):
     """One data-selection run.
 
     Attributes:
@@ -87,17 +88,22 @@ class SelectConfig:
     top_k: int | None = None
     seed: int = 0
 
+    def check_combinations(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError("method", f"unknown selection method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if (self.percentage is None) == (self.top_k is None):
+            raise ConfigError("", "set exactly one of percentage (e.g. 0.05) and top_k (and the other to null)")
+
 
 def check_config(cfg: SelectConfig) -> None:
-    """Raise a one-line :class:`FtlabError` for an unusable config."""
-    if cfg.method not in METHODS:
-        raise FtlabError(f"unknown selection method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    """Raise a one-line :class:`FtlabError` unless ``cfg`` can run: checked (see
+    :class:`SelectConfig`), with pool files, and target files unless ``method=random`` (a config
+    without them is valid: it still builds the LoRA model and the projection)."""
+    cfg.validate()
     if not cfg.pool:
-        raise FtlabError("no pool files; set pool=[pool.jsonl, ...]")
+        raise ConfigError("pool", "no pool files; set pool=[pool.jsonl, ...]", cfg.where)
     if not cfg.targets and cfg.method != "random":
-        raise FtlabError("the target set is empty; set targets=[target.jsonl, ...]")
-    if (cfg.percentage is None) == (cfg.top_k is None):
-        raise FtlabError("set exactly one of percentage (e.g. 0.05) and top_k (and the other to null)")
+        raise ConfigError("targets", "the target set is empty; set targets=[target.jsonl, ...]", cfg.where)
 
 
 def load_lora_model(cfg: SelectConfig, model: nn.Module | None = None, tokenizer: Any = None,

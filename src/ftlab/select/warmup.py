@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ftlab.checkpoint import load_trainable, trainable_state
+from ftlab.config import Settings
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_dir, atomic_write_json
 from ftlab.models import trainable_parameters
@@ -34,7 +35,7 @@ _SEP = "::"  # between a parameter name and its moment in adam.safetensors
 
 
 @dataclass
-class WarmupSettings:
+class WarmupSettings(Settings):
     """Warm-up hyper-parameters (LESS: 4 epochs of LoRA with AdamW on a random 5%).
 
     Attributes:
@@ -44,6 +45,8 @@ class WarmupSettings:
         batch_size: examples per optimizer step.
         seed: seed of the subset draw and of every epoch's batch order.
     """
+
+    where = "warmup"
 
     percentage: float = 0.05
     epochs: int = 4

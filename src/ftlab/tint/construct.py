@@ -42,32 +42,25 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ftlab.config import Settings, above, at_least, setting
 from ftlab.errors import FtlabError
 from ftlab.tint.inner import InnerModel, rms_normalize, rotate
 from ftlab.tint.reference import check_split
 
 
 @dataclass
-class TintConfig:
+class TintConfig(Settings):
     """How a TinT is built: ``n_prefixes`` prefix tokens per weight bank, ``k`` simulated
     (trained) top layers, the inner SGD learning rate, the finite-difference ``N``, and the TinT
     hidden size (``None``: the smallest the prefix layout needs)."""
 
-    n_prefixes: int = 64
-    k: int = 1
-    inner_lr: float = 1e-3
-    finite_diff_n: float = 100.0
-    hidden_size: int | None = None
+    where = "tint"
 
-    def __post_init__(self) -> None:
-        if self.n_prefixes < 1:
-            raise FtlabError(f"tint.n_prefixes: must be >= 1 (got {self.n_prefixes})")
-        if self.k < 1:
-            raise FtlabError(f"tint.k: must be >= 1 (got {self.k})")
-        if not self.inner_lr >= 0:
-            raise FtlabError(f"tint.inner_lr: must be >= 0 (got {self.inner_lr})")
-        if not self.finite_diff_n > 0:
-            raise FtlabError(f"tint.finite_diff_n: must be > 0 (got {self.finite_diff_n})")
+    n_prefixes: int = setting(64, check=at_least(1))
+    k: int = setting(1, check=at_least(1))
+    inner_lr: float = setting(1e-3, check=at_least(0))
+    finite_diff_n: float = setting(100.0, check=above(0))
+    hidden_size: int | None = None
 
 
 @dataclass

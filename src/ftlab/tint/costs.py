@@ -10,30 +10,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ftlab.errors import FtlabError
+from ftlab.config import ConfigError, Settings, at_least, setting
 from ftlab.tint.construct import TintConfig, build_tint
 from ftlab.tint.inner import forward, inner_from_hf
 from ftlab.tint.reference import Approximations, approximate_step, whole_context_mask
 
 
 @dataclass
-class TintBuildConfig:
+class TintBuildConfig(Settings):
     """A TinT (``tint``) of ``model``, checked and timed on a random context of ``n_tokens``
     tokens whose first ``n_train`` are the training part."""
+
+    where = "tint build config"
 
     model: str = "smollm2-135m"
     tint: TintConfig = field(default_factory=TintConfig)
     n_tokens: int = 128
     n_train: int = 96
     seed: int = 0
-    repeats: int = 2
+    repeats: int = setting(2, check=at_least(1))
 
-    def __post_init__(self) -> None:
+    def check_combinations(self) -> None:
         if not 2 <= self.n_train < self.n_tokens:
-            raise FtlabError(f"tint build config.n_train: must lie in 2..n_tokens-1 = {self.n_tokens - 1} "
-                             f"(got {self.n_train}); the context needs a training and a test part")
-        if self.repeats < 1:
-            raise FtlabError(f"tint build config.repeats: must be >= 1 (got {self.repeats})")
+            raise ConfigError("n_train", f"must lie in 2..n_tokens-1 = {self.n_tokens - 1} (got {self.n_train}); "
+                                         "the context needs a training and a test part")
 
 
 def _peak_mib() -> float:

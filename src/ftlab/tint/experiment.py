@@ -43,6 +43,7 @@ import torch
 from torch.nn import functional as F
 
 from ftlab.bootstrap import multi_bootstrap
+from ftlab.config import Settings, above, at_least, needs, non_empty, setting
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.runs import check_settings, writes_run_dir
@@ -54,51 +55,45 @@ from ftlab.tint.reference import Approximations, approximate_step, exact_step, t
 Progress = Callable[[str, int, int], None]
 
 
+@needs("a non-empty list of layer counts >= 1")
+def _layer_counts(layers: list[int]) -> bool:
+    return bool(layers) and all(k >= 1 for k in layers)
+
+
+@needs("a non-empty list of learning rates > 0")
+def _learning_rates(lrs: list[float]) -> bool:
+    return bool(lrs) and all(lr > 0 for lr in lrs)
+
+
+@needs("a non-empty list of 'label' and/or 'context'")
+def _loss_kinds(losses: list[str]) -> bool:
+    return bool(losses) and not set(losses) - {"label", "context"}
+
+
 @dataclass
-class TintEvalConfig:
+class TintEvalConfig(Settings):
     """One evaluation run (``ftlab tint eval``)."""
+
+    where = "tint eval config"
 
     model: str = "smollm2-135m"
     tasks: list[str] = field(default_factory=lambda: ["sentiment", "trec", "factual_summary"])
-    shots: int = 4
-    n_test: int = 100
-    n_dev: int = 0  # dev queries that choose each method's lr (0: every lr of ``lrs`` on the test queries)
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    layers: list[int] = field(default_factory=lambda: [1, 4])
-    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
-    losses: list[str] = field(default_factory=lambda: ["label", "context"])
-    finite_diff_n: float = 100.0
+    shots: int = setting(4, check=at_least(1), need=">= 1 (the demonstrations are the training part)")
+    n_test: int = setting(100, check=at_least(2))
+    # dev queries that choose each method's lr (0: every lr of ``lrs`` on the test queries)
+    n_dev: int = setting(0, check=at_least(0))
+    seeds: list[int] = setting(factory=lambda: [0, 1], check=non_empty, need="a non-empty list of seeds")
+    layers: list[int] = setting(factory=lambda: [1, 4], check=_layer_counts)
+    lrs: list[float] = setting(factory=lambda: [1e-4, 1e-3], check=_learning_rates)
+    losses: list[str] = setting(factory=lambda: ["label", "context"], check=_loss_kinds)
+    finite_diff_n: float = setting(100.0, check=above(0))
     n_prefixes: int = 64
-    tint_examples: int = 8
-    lm_texts: int = 40
-    lm_length: int = 128
+    tint_examples: int = setting(8, check=at_least(0))
+    lm_texts: int = setting(40, check=at_least(0))
+    lm_length: int = setting(128, check=at_least(2))
     data_seed: int = 0
-    max_length: int = 512
+    max_length: int = setting(512, check=at_least(2))
     output_dir: str = "runs/tint-eval"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        bad = lambda f, need: FtlabError(f"tint eval config.{f}: must be {need} (got {getattr(self, f)!r})")  # noqa: E731
-        if self.shots < 1:
-            raise bad("shots", ">= 1 (the demonstrations are the training part)")
-        for name in ("n_test", "max_length", "lm_length"):
-            if getattr(self, name) < 2:
-                raise bad(name, ">= 2")
-        for name in ("tint_examples", "lm_texts", "n_dev"):
-            if getattr(self, name) < 0:
-                raise bad(name, ">= 0")
-        if not self.seeds or not self.layers or not self.lrs or not self.losses:
-            raise FtlabError("tint eval config: seeds, layers, lrs and losses must each list at least one value")
-        if any(k < 1 for k in self.layers):
-            raise bad("layers", "a list of layer counts >= 1")
-        if any(not lr > 0 for lr in self.lrs):
-            raise bad("lrs", "a list of learning rates > 0")
-        if set(self.losses) - {"label", "context"}:
-            raise bad("losses", "a list of 'label' and/or 'context'")
-        if not self.finite_diff_n > 0:
-            raise bad("finite_diff_n", "> 0")
 
 
 # --------------------------------------------------------------------------- encoding

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from ftlab.config import ZOSettings
 from ftlab.errors import FtlabError
 from ftlab.zo.mezo import MeZO, ZOStep
-from ftlab.zo.settings import ZOSettings
 from ftlab.zo.variants import SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD
 
 # Config name -> (class, its own knobs from the settings).

@@ -50,6 +50,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ftlab.config import CHUNK
 from ftlab.errors import FtlabError
 from ftlab.zo.directions import (
     DISTRIBUTIONS,
@@ -62,7 +63,6 @@ from ftlab.zo.directions import (
     local_part,
     strided_pieces,
 )
-from ftlab.zo.settings import CHUNK
 
 TEMP_ELEMENTS = 1 << 22  # the largest temporary (entries) a variant makes from one piece of z
 
