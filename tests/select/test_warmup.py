@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from ftlab.errors import FtlabError
 from ftlab.models import trainable_parameters
+from ftlab.optim import lr_factor
 from ftlab.select.data import InstructionExample
 from ftlab.select.warmup import WarmupSettings, list_checkpoints, load_adam_state, run_warmup, warmup_subset
-from ftlab.train import lr_factor
 
 from less_fixtures import tiny_lora
 
