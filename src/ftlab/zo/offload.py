@@ -73,6 +73,7 @@ from torch import Tensor, nn
 
 from ftlab.distributed import blocks_of
 from ftlab.errors import FtlabError
+from ftlab.memory import available_host_bytes
 from ftlab.zo.mezo import MeZO, ZOStep
 
 GiB = 1 << 30
@@ -609,18 +610,6 @@ def _compute_device(device: str | torch.device) -> torch.device:
 
 
 # -- host memory -----------------------------------------------------------------------------------
-def available_host_bytes() -> int | None:
-    """``MemAvailable`` from /proc/meminfo in bytes (None where it cannot be read)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def check_host_memory(n_bytes: int, what: str = "the weights") -> None:
     """Raise a one-line FtlabError if the CPU cannot hold ``n_bytes`` (offload keeps the weights
     there); silent where MemAvailable cannot be read."""
