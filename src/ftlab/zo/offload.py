@@ -36,12 +36,13 @@ Lockstep forwards must not use a KV cache (``use_cache=False``; the loss does no
 eps)``, float32-rounded, all-reduced over data-parallel ranks) and does *not* touch the weights:
 the update ``theta <- theta (1 - lr wd) - lr g z`` is queued and applied to each parameter when
 it is next brought to the device (on the device, by MeZO's own update, so the arithmetic is
-MeZO's exact-mode update bit for bit), and the updated values are then written back to the CPU master. The master
-is never perturbed, so the weights are exact in any precision. Parameters not yet brought in since
-the last step lag behind: :meth:`OffloadedMeZO.flush` applies every queued update (and waits for
-the copies) -- call it before reading weights outside the model's forwards (saving, a
-checkpoint of tensors, comparing) and at the end of training. :meth:`OffloadedMeZO.replay` queues
-a recorded step the same way, so a run resumed by replay continues bit for bit.
+MeZO's exact-mode update bit for bit), and the updated values are then written back to the CPU
+master. The master is never perturbed, so the weights are exact in any precision. Parameters
+not yet brought in since the last step lag behind: :meth:`OffloadedMeZO.flush` applies every
+queued update (and waits for the copies) -- call it before reading weights outside the model's
+forwards (saving, a checkpoint of tensors, comparing) and at the end of training.
+:meth:`OffloadedMeZO.replay` queues a recorded step the same way, so a run resumed by replay
+continues bit for bit.
 
 Restrictions (one-line :class:`FtlabError` otherwise): one perturbation per step
 (``n_perturbations=1``) and central differences (``one_sided=False``), as the lockstep pairs one
@@ -425,7 +426,7 @@ class OffloadedMeZO(MeZO):
                 return minus.pop(seed)
             self._active = seed
             try:
-                out = closure()  # type: ignore[misc]  (a replay queues its update without forwards)
+                out = closure()  # type: ignore[misc]  (step passes one; replay makes no forwards)
             finally:
                 self._active, self._sign = None, None
                 self._in_step_cleanup()
