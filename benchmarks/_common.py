@@ -5,12 +5,12 @@ by side in one run, with the machine's load recorded before and after (these mac
 
     from _common import RESULTS, machine, write_json, table, timed, median
     from _common import clock, interleaved      # one timed block; methods compared round by round
-    from _common import proc_bytes, reset_peak_rss   # memory from /proc (peak RSS)
+
+Memory (/proc, peak RSS) is read by ftlab.memory (status_bytes, meminfo_bytes, reset_peak).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -43,24 +43,6 @@ def machine(**extra: Any) -> dict[str, Any]:
     if torch.cuda.is_available():
         state["gpu"] = torch.cuda.get_device_name(0)
     return {**state, **extra}
-
-
-def proc_bytes(field: str, file: str = "/proc/self/status") -> int:
-    """A ``kB`` field of a Linux /proc file in bytes: ``VmRSS`` / ``VmHWM`` (resident set now / at its
-    peak, of this process) from /proc/self/status, ``Cached`` (the page cache) from /proc/meminfo."""
-    for line in Path(file).read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(f"{field} not in {file}")
-
-
-def reset_peak_rss() -> int:
-    """Hand freed heap back to the OS (``malloc_trim``), restart this process's peak-RSS counter
-    (``5 > /proc/self/clear_refs``) and return the RSS now, in bytes: ``proc_bytes("VmHWM")``
-    minus it after some work is that work's extra peak memory (Linux, glibc)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    return proc_bytes("VmRSS")
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -114,7 +114,8 @@ def eval_loss(module, tokenizer, examples, max_length: int) -> float:
     """Mean over examples of the mean response-token NLL (no gradients)."""
     import torch
 
-    from ftlab.select.data import collate, encode, pad_id
+    from ftlab.collate import pad_id
+    from ftlab.select.data import collate, encode
     from ftlab.select.warmup import response_loss
 
     device = next(module.parameters()).device

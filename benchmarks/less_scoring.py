@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ftlab.errors import FtlabError
+from ftlab.memory import meminfo_bytes, status_bytes
 from ftlab.select import Datastore, DatastoreWriter, ProjectionSpec, less_scores
 
-from _common import clock, machine, proc_bytes, table, write_json
+from _common import clock, machine, table, write_json
 
 BATCH = 8192  # rows generated at a time
 
@@ -62,9 +63,8 @@ def write_targets(path: Path, n: int, dim: int) -> None:
     writer.close()
 
 
-def proc_mb(file: str, key: str) -> int:
-    """A ``kB`` field of a /proc file (``VmHWM``: peak RSS, ``Cached``: page cache), in MB."""
-    return round(proc_bytes(key, file) / 2**20)
+def mb(n_bytes: int) -> int:
+    return round(n_bytes / 2**20)
 
 
 def score(path: Path, targets: Path, groups: str, chunk_rows: int) -> dict:
@@ -73,8 +73,8 @@ def score(path: Path, targets: Path, groups: str, chunk_rows: int) -> dict:
     Peak RSS is ``VmHWM``, which starts afresh at exec (``ru_maxrss`` would inherit the parent's
     high-water mark through fork).
     """
-    rss_before = proc_mb("/proc/self/status", "VmHWM")
-    cached = proc_mb("/proc/meminfo", "Cached")
+    rss_before = mb(status_bytes("VmHWM"))
+    cached = mb(meminfo_bytes("Cached"))
     with clock() as opening:
         train, target = Datastore.open(path), Datastore.open(targets)
     labels = [str(j) for j in range(len(target))] if groups == "each" else None
@@ -87,7 +87,7 @@ def score(path: Path, targets: Path, groups: str, chunk_rows: int) -> dict:
     cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
     want = cos.max(1) if groups == "each" else cos.mean(1)
     return {"groups": groups, "open_s": round(opening.seconds, 2), "score_s": round(score_s, 2),
-            "rows_per_s": round(len(train) / score_s), "peak_rss_mb": proc_mb("/proc/self/status", "VmHWM"),
+            "rows_per_s": round(len(train) / score_s), "peak_rss_mb": mb(status_bytes("VmHWM")),
             "rss_after_imports_mb": rss_before, "page_cache_at_start_mb": cached,
             "max_abs_err_vs_float64": float(np.abs(scores[rows] - want).max())}
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, machine, median, proc_bytes, reset_peak_rss, table, timed, write_json
+from ftlab.memory import reset_peak, status_bytes
+
+from _common import RESULTS, machine, median, table, timed, write_json
 
 
 def model_135m() -> torch.nn.Module:
@@ -60,9 +62,9 @@ def worker(args: argparse.Namespace) -> None:
     held = sum(local_part(p)[0].numel() * p.element_size() for p in model.parameters())
     # The whole model was built on every rank before sharding: free it, then reset the peak.
     gc.collect()
-    reset_peak_rss()
+    reset_peak()
     times = timed(lambda: optimizer.step(loss), args.steps)  # after one warm-up step
-    row = {"rank": rank, "world": world, "param_bytes": held, "peak_rss": proc_bytes("VmHWM"),
+    row = {"rank": rank, "world": world, "param_bytes": held, "peak_rss": status_bytes("VmHWM"),
            "step_s": median(times), "steps_s": times,
            "grads": [s.grads for s in optimizer.history]}
     rows = [None] * world

@@ -29,7 +29,9 @@ import sys
 
 import torch
 
-from _common import interleaved, machine, median, proc_bytes, reset_peak_rss, table, write_json
+from ftlab.memory import reset_peak, status_bytes
+
+from _common import interleaved, machine, median, table, write_json
 
 # glibc's default mmap threshold adapts upwards, so freed activations stay in the heap and
 # whether a later allocation reuses them depends on fragmentation (+-30 MiB between identical
@@ -118,9 +120,9 @@ def peak_extra(fn) -> float:
     """Bytes of peak RSS during ``fn()`` over the RSS before it. The memory freed before is handed
     back to the OS first: otherwise a step may or may not reuse it (unseen by RSS) depending on heap
     fragmentation, which made "extra" swing by +-30 MiB."""
-    before = reset_peak_rss()
+    before = reset_peak()
     fn()
-    return proc_bytes("VmHWM") - before
+    return status_bytes("VmHWM") - before
 
 
 def memory(batch: int, length: int, runs: int) -> dict[str, float]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -61,7 +60,9 @@ def _peak_mib(device: str) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from ftlab.memory import lifetime_peak_bytes
+
+    return lifetime_peak_bytes() / 2**20
 
 
 def task_settings(task: str, args: argparse.Namespace) -> dict[str, int]:

@@ -1,11 +1,19 @@
-"""PeakMemory measures what a stretch of work allocated (Linux /proc), not what was there before."""
+"""The one /proc memory reader: PeakMemory measures what a stretch of work allocated (Linux
+/proc), not what was there before; the readings it is made of."""
 
 import os
 
 import pytest
 import torch
 
-from ftlab.memory import PeakMemory
+from ftlab.memory import (
+    PeakMemory,
+    available_host_bytes,
+    lifetime_peak_bytes,
+    meminfo_bytes,
+    reset_peak,
+    status_bytes,
+)
 
 pytestmark = pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc")
 
@@ -21,3 +29,16 @@ def test_the_peak_counts_an_allocation_made_and_freed_inside_the_window():
     assert 120 * 2**20 < peak < 200 * 2**20, peak / 2**20
     assert memory.peak() == peak  # freed, the peak stays
     assert kept.sum() > 0
+
+
+def test_the_readings_and_the_reset():
+    rss = status_bytes("VmRSS")
+    assert 10 * 2**20 < rss < 64 * 2**30  # torch is imported
+    assert status_bytes("VmHWM") >= rss and status_bytes("NoSuchField") is None
+    assert 0 < available_host_bytes() == meminfo_bytes("MemAvailable") < meminfo_bytes("MemTotal")
+    made = torch.ones(32 << 20)  # 128 MiB, touched: a high-water mark above the resident set after it
+    del made
+    assert status_bytes("VmHWM") >= status_bytes("VmRSS") + 120 * 2**20
+    base = reset_peak()
+    assert abs(status_bytes("VmHWM") - base) < 16 * 2**20  # restarted at the resident size
+    assert abs(lifetime_peak_bytes() - status_bytes("VmHWM")) < 16 * 2**20  # on Linux, about VmHWM

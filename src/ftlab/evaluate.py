@@ -62,7 +62,7 @@ def evaluate(model: nn.Module, tokenizer, spec: TaskSpec, examples: Sequence[Exa
                 losses[i] = batch_losses[j] if batch_losses else 0.0
     finally:
         model.train(was_training)
-    metrics = _metrics(spec, examples, predictions)
+    metrics = task_metrics(spec, examples, predictions)
     if spec.kind == "classification":
         metrics["loss"] = sum(losses) / len(losses)
     return EvalResult(metrics, predictions)
@@ -81,7 +81,9 @@ def _predict(model: nn.Module, tokenizer, encoder: Encoder, examples: list[Examp
     return objectives.greedy_decode(model, tokenizer, batch, spec.max_new_tokens), []
 
 
-def _metrics(spec: TaskSpec, examples: Sequence[Example], predictions: list) -> dict[str, float]:
+def task_metrics(spec: TaskSpec, examples: Sequence[Example], predictions: list) -> dict[str, float]:
+    """The task's metrics of ``predictions`` (option indices or decoded answers, in the order of
+    ``examples``): ``accuracy`` (classification) or SQuAD ``f1`` and ``em`` (generation), and ``n``."""
     n = len(examples)
     if spec.kind == "classification":
         return {"accuracy": sum(p == ex.label for p, ex in zip(predictions, examples)) / n, "n": n}

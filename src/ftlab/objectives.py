@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ftlab.collate import left_pad, pad_id, position_ids, right_aligned_labels
 from ftlab.errors import FtlabError
 from ftlab.models.head import output_head
 from ftlab.tasks.base import Example, TaskSpec
@@ -43,6 +44,15 @@ class ModelBatch:
     labels: Tensor | None
     n_options: int
     gold: Tensor | None  # (B,) gold option index, classification only
+
+    @classmethod
+    def left_padded(cls, rows: Sequence[Sequence[int]], pad_id: int, targets: Sequence[Sequence[int]] | None = None,
+                    n_options: int = 1, gold: Tensor | None = None) -> ModelBatch:
+        """Token ``rows`` left-padded (:mod:`ftlab.collate`), with ``targets`` (each the tokens
+        its row ends with) as right-aligned labels."""
+        ids, mask = left_pad(rows, pad_id)
+        labels = None if targets is None else right_aligned_labels(targets)
+        return cls(ids, mask, position_ids(mask), labels, n_options, gold)
 
     def to(self, device: torch.device | str) -> "ModelBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -126,7 +136,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.spec = spec
         self.max_length = max_length
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
         self.option_ids = encode_options(tokenizer, spec.options) if spec.options else []
         self.single_token = bool(self.option_ids) and all(len(o) == 1 for o in self.option_ids)
         self.end_ids = tokenizer(ANSWER_END, add_special_tokens=False)["input_ids"]
@@ -138,21 +148,21 @@ class Encoder:
         longest = max(len(o) for o in self.option_ids)
         if self.single_token:
             rows = [prompt_ids(self.tokenizer, p, self.max_length) for p in prompts]
-            return self._pad(rows, None, n_options=len(self.option_ids), gold=gold)
+            return ModelBatch.left_padded(rows, self.pad_id, n_options=len(self.option_ids), gold=gold)
         rows, targets = [], []
         for p in prompts:
             ids = prompt_ids(self.tokenizer, p, self.max_length - longest)
             for opt in self.option_ids:
                 rows.append(ids + opt)
                 targets.append(opt)
-        return self._pad(rows, targets, n_options=len(self.option_ids), gold=gold)
+        return ModelBatch.left_padded(rows, self.pad_id, targets, n_options=len(self.option_ids), gold=gold)
 
     def generation(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
                    max_new_tokens: int = 0) -> ModelBatch:
         """Rows for the answer loss (``answers`` given) or for decoding (``answers=None``)."""
         if answers is None:
             rows = [prompt_ids(self.tokenizer, p, self.max_length - max_new_tokens) for p in prompts]
-            return self._pad(rows, None, n_options=1, gold=None)
+            return ModelBatch.left_padded(rows, self.pad_id)
         rows, targets = [], []
         for prompt, answer in zip(prompts, answers):
             # An answer is cut to leave room for one conditioning token; when the prompt gives none
@@ -164,24 +174,7 @@ class Encoder:
                 context, target = target[:1], target[1:]
             rows.append(context + target)
             targets.append(target)
-        return self._pad(rows, targets, n_options=1, gold=None)
-
-    def _pad(self, rows: list[list[int]], targets: list[list[int]] | None, n_options: int,
-             gold: Tensor | None) -> ModelBatch:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        labels = None
-        if targets is not None:
-            span = max(len(t) for t in targets)
-            labels = torch.full((len(rows), span), -100, dtype=torch.long)
-            for i, t in enumerate(targets):
-                labels[i, span - len(t):] = torch.tensor(t)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ModelBatch(ids, mask, positions, labels, n_options, gold)
+        return ModelBatch.left_padded(rows, self.pad_id, targets)
 
 
 def _last_logits(model: nn.Module, batch: ModelBatch, keep: int) -> Tensor:

@@ -12,16 +12,16 @@ import torch
 from torch import nn
 
 from ftlab.config import TrainConfig
+from ftlab.distributed import rank_device
 from ftlab.errors import FtlabError
 from ftlab.models import trainable_parameters
+from ftlab.zo import ZO_OPTIMIZERS, build_zo_optimizer
 
 
 def is_zeroth_order(optimizer: Any) -> bool:
     """Whether ``optimizer`` (an instance, or a config's optimizer name) is zeroth-order: MeZO and
     its variants flag themselves with ``zeroth_order = True``."""
     if isinstance(optimizer, str):
-        from ftlab.zo import ZO_OPTIMIZERS
-
         return optimizer in ZO_OPTIMIZERS
     return bool(getattr(optimizer, "zeroth_order", False))
 
@@ -43,16 +43,20 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.optimizer`` over the trainable parameters."""
+    """The optimizer named by ``cfg.optimizer`` over the trainable parameters of ``module``; with
+    ``cfg.offload``, its offloaded form (:mod:`ftlab.zo.offload`: the decoder blocks stay in CPU
+    memory and are brought to the rank's device one at a time, the +eps and -eps forwards in
+    lockstep)."""
     groups = param_groups(module, cfg.weight_decay)
+    if cfg.offload:
+        return build_zo_optimizer(cfg.optimizer, groups, cfg.lr, cfg.zo, cfg.seed_of("zo"), offload_model=module,
+                                  device=rank_device(cfg.device))
     if cfg.optimizer == "adamw":
         betas = tuple(cfg.adam_betas) if cfg.adam_betas is not None else (0.9, 0.999)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas,
                                  eps=1e-8 if cfg.adam_eps is None else cfg.adam_eps)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    from ftlab.zo import ZO_OPTIMIZERS, build_zo_optimizer
-
     if cfg.optimizer in ZO_OPTIMIZERS:
         return build_zo_optimizer(cfg.optimizer, groups, cfg.lr, cfg.zo, cfg.seed_of("zo"))
     raise FtlabError(f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, sgd, {', '.join(ZO_OPTIMIZERS)}")

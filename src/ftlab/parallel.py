@@ -51,8 +51,7 @@ from ftlab.checkpoint import (
 from ftlab.config import TrainConfig
 from ftlab.distributed import all_gather, init_from_env, rank_device, shard, shard_model, split_evenly
 from ftlab.errors import FtlabError
-from ftlab.evaluate import EvalResult, evaluate
-from ftlab.evaluate import _metrics as task_metrics  # TEMP-MERGE
+from ftlab.evaluate import EvalResult, evaluate, task_metrics
 from ftlab.models import load_model, prepare_model
 from ftlab.optim import is_zeroth_order
 from ftlab.rundir import RunDir
@@ -165,7 +164,7 @@ class ZODataParallel(Single):
     def setup(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         from ftlab.zo.mezo import MeZO
 
-        # The ranks' loss differences are averaged in MeZO._estimate (its variants inherit it).
+        # The ranks' loss differences are averaged inside MeZO's step (ftlab.zo.mezo.mezo; its variants inherit it).
         if not isinstance(optimizer, MeZO):
             raise FtlabError(f"data-parallel training is not implemented for optimizer={self.cfg.optimizer}; "
                              f"run it in a single process")

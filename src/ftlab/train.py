@@ -274,16 +274,7 @@ def build_trainer(cfg: TrainConfig, model: nn.Module, parallel: Single | None = 
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(module)
     (parallel or Single(cfg)).prepare(module)
-    optimizer = build_optimizer(cfg, module)
-    if cfg.offload:  # TEMP-MERGE
-        from ftlab.distributed import rank_device
-        from ftlab.optim import param_groups
-        from ftlab.zo.offload import OffloadedMeZO
-        s = cfg.zo
-        optimizer = OffloadedMeZO(param_groups(module, cfg.weight_decay), model=module, device=rank_device(cfg.device),
-                         lr=cfg.lr, eps=s.eps, n_perturbations=s.n_perturbations, one_sided=s.one_sided,
-                         distribution=s.distribution, generator=s.generator, chunk_size=s.chunk_size,
-                         exact=s.exact, seed=cfg.seed_of("zo"))
+    optimizer = build_optimizer(cfg, module)  # offload: OffloadedMeZO
     if hasattr(optimizer, "attach"):
         optimizer.attach(module)  # exact-mode MeZO perturbs inside the module's forwards
     if cfg.objective not in ("loss", "quad") and not is_zeroth_order(optimizer):

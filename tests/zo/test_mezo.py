@@ -140,3 +140,29 @@ def test_strided_rows_that_share_table_entries_are_uncorrelated():
 def test_bad_settings(tiny_model, kwargs):
     with pytest.raises(FtlabError):
         MeZO(tiny_model.parameters(), **kwargs)
+
+
+def test_the_functional_core_evaluates_in_order_and_skips_non_finite_steps():
+    """mezo() alone, on plain Python operations: the loss calls in the documented order, the
+    projected gradients rounded to float32, and a non-finite loss logged as a skipped step."""
+    from ftlab.zo.mezo import f32, mezo
+
+    calls, updates = [], []
+
+    def loss(seed, coef):
+        calls.append((seed, coef))
+        return 1.0 + (seed or 0) * coef
+
+    record = mezo([2, 3], loss, lambda *a: updates.append(a), lr=0.1, eps=0.5)
+    assert calls == [(2, 0.5), (2, -0.5), (3, 0.5), (3, -0.5)]
+    assert record.grads == [2.0, 3.0] and record.loss == 2.0 and record.lr == 0.1
+    assert updates == [([2, 3], [2.0, 3.0], 0.1)]
+
+    calls.clear()
+    record = mezo([3], loss, lambda *a: None, lr=0.1, eps=0.1, one_sided=True, mean=lambda v: [x / 2 for x in v])
+    assert calls == [(None, 0.0), (3, 0.1)]
+    assert record.grads == [f32((1.0 + 3 * 0.1 - 1.0) / 2 / 0.1)] and record.loss == (1.0 + 3 * 0.1) / 2
+
+    record = mezo([4], lambda seed, coef: float("nan"), lambda *a: updates.append(a), lr=0.1, eps=0.5)
+    assert record.grads == [0.0] and record.lr == 0.0 and record.loss != record.loss
+    assert updates[-1] == ([4], [0.0], 0.0)  # the update still runs: it restores theta

@@ -2,7 +2,7 @@
 copy into a distinct CPU tensor. The lockstep (doubled-batch) trajectory must be plain exact-mode
 MeZO's bit for bit: every unit runs its halves on B rows, exactly the rows and weights (theta +-
 eps z, made by the same add_z from the same theta) that MeZO's two separate forwards use, and
-the update is MeZO._apply itself. So projected gradients, losses and weights are compared with
+the update is MeZO's own. So projected gradients, losses and weights are compared with
 ``==`` / ``torch.equal`` (bitwise), in float64 and also in bf16."""
 
 import copy
@@ -240,3 +240,26 @@ def test_host_memory_check_and_estimate(tiny_model_factory):
     model = tiny_model_factory("llama")
     want = sum(p.numel() for p in model.parameters()) * 2  # tied weights once
     assert estimate_weight_bytes(model.config, torch.bfloat16) == want
+
+
+def test_the_config_builds_the_offloaded_form_through_the_zo_registry(tmp_path, tiny_model_factory):
+    """offload=true: build_optimizer makes OffloadedMeZO from the same settings as MeZO (the
+    registry writes the arguments once); optimizers without an offloaded form are refused."""
+    from test_train import _cfg
+
+    from ftlab.optim import build_optimizer
+
+    args = ["optimizer=mezo", "weight_decay=0.1", "lr=2e-3", "zo.eps=1e-2", "zo.chunk_size=128",
+            "zo.distribution=rademacher", "seed=7"]
+    model = tiny_model_factory("llama")
+    opt = build_optimizer(_cfg(tmp_path, *args, "offload=true"), model)
+    plain = build_optimizer(_cfg(tmp_path, *args, "zo.exact=true"), tiny_model_factory("llama"))
+    assert type(opt) is OffloadedMeZO and opt.model is model and opt.device == torch.device("cpu")
+    assert opt.z_spec() == plain.z_spec()
+    assert (opt.eps, opt.n, opt.one_sided, opt.exact) == (plain.eps, plain.n, plain.one_sided, plain.exact)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == \
+        [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain.param_groups]
+    assert opt.draw_seeds() == plain.draw_seeds()
+    opt.close()
+    with pytest.raises(FtlabError, match=r"^offload=true is implemented for optimizer=mezo \(got zo-adam\)$"):
+        build_optimizer(_cfg(tmp_path, "optimizer=zo-adam", "offload=true"), tiny_model_factory("llama"))

@@ -230,9 +230,3 @@ def projection_error(exact: KernelData, projected: KernelData) -> dict[str, floa
     """Relative Frobenius error ``||K_proj - K_exact|| / ||K_exact||`` of both kernels."""
     return {kind: float((projected.tensors[kind] - exact.tensors[kind]).norm() / exact.tensors[kind].norm())
             for kind in KINDS}
-
-
-def kernel_size_mb(n_rows: int, n_train: int, n_out: int) -> float:
-    """Memory of one kernel in float64, in MB (for planning chunk sizes)."""
-    return n_rows * n_train * n_out * n_out * 8 / 2**20
-

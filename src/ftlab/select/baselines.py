@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ftlab.select.data import InstructionExample, encode, pad_id, pad_left
+from ftlab.collate import left_pad, pad_id, position_ids
+from ftlab.select.data import InstructionExample, encode
 from ftlab.select.datastore import Datastore, write_distributed
 from ftlab.select.scoring import less_scores
 
@@ -32,7 +33,8 @@ def random_scores(n: int, seed: int) -> np.ndarray:
 def mean_hidden(model: nn.Module, seqs: Sequence[list[int]], pad: int) -> Tensor:
     """``(B, hidden)`` float32 mean over each sequence's tokens of the last hidden state."""
     device = next(model.parameters()).device
-    ids, mask, pos = (t.to(device) for t in pad_left(seqs, pad))
+    ids, mask = left_pad(seqs, pad)
+    ids, mask, pos = (t.to(device) for t in (ids, mask, position_ids(mask)))
     hidden = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
                    logits_to_keep=1, use_cache=False).hidden_states[-1].float()
     weights = mask.unsqueeze(-1).to(hidden.dtype)

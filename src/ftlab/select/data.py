@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ftlab.errors import FtlabError
 from ftlab.objectives import CHARS_PER_TOKEN_BOUND, ModelBatch, prompt_ids
 from ftlab.tasks.files import jsonl_rows
@@ -139,25 +137,4 @@ def collate(rows: Sequence[tuple[list[int], int]], pad_id: int) -> ModelBatch:
     Every row needs at least one response token (the mean over none is undefined)."""
     if any(n < 1 for _, n in rows):
         raise FtlabError("collate: an example has no response tokens; drop it first")
-    ids, mask, positions = pad_left([row for row, _ in rows], pad_id)
-    span = max(n for _, n in rows)
-    labels = torch.full((len(rows), span), -100, dtype=torch.long)
-    for i, (row, n) in enumerate(rows):
-        labels[i, span - n:] = torch.tensor(row[len(row) - n:])
-    return ModelBatch(ids, mask, positions, labels, n_options=1, gold=None)
-
-
-def pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask, position_ids)`` of token sequences, left-padded."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The tokenizer's padding id (EOS when it has none)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ModelBatch.left_padded([row for row, _ in rows], pad_id, targets=[row[len(row) - n:] for row, n in rows])

@@ -28,13 +28,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from ftlab.collate import pad_id
 from ftlab.errors import FtlabError
 from ftlab.grads.lora import lora_jacobians, lora_layers
 from ftlab.grads.masks import batch_attention_mask, row_attention_mask
 from ftlab.grads.projection import Projector
 from ftlab.models import trainable_parameters
 from ftlab.objectives import ModelBatch, target_logprobs
-from ftlab.select.data import InstructionExample, collate, encode, pad_id
+from ftlab.select.data import InstructionExample, collate, encode
 from ftlab.select.datastore import Datastore, write_distributed
 
 GradType = Literal["adam", "sgd"]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ftlab.checkpoint import load_trainable, trainable_state
+from ftlab.collate import pad_id
 from ftlab.config import Settings
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_dir, atomic_write_json
@@ -29,7 +30,7 @@ from ftlab.models import trainable_parameters
 from ftlab.objectives import target_logprobs
 from ftlab.optim import lr_factor, param_groups
 from ftlab.runs import check_settings
-from ftlab.select.data import InstructionExample, collate, encode, pad_id
+from ftlab.select.data import InstructionExample, collate, encode
 
 _SEP = "::"  # between a parameter name and its moment in adam.safetensors
 

@@ -3,14 +3,13 @@ reference step on a sample context, and measure its size and cost beside the inn
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from ftlab.config import ConfigError, Settings, at_least, setting
+from ftlab.memory import lifetime_peak_bytes
 from ftlab.tint.construct import TintConfig, build_tint
 from ftlab.tint.inner import forward, inner_from_hf
 from ftlab.tint.reference import Approximations, approximate_step, whole_context_mask
@@ -38,8 +37,7 @@ class TintBuildConfig(Settings):
 
 def _peak_mib() -> float:
     """Peak resident memory of this process so far (MiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return lifetime_peak_bytes() / 2**20
 
 
 def _best_seconds(fn, repeats: int) -> float:

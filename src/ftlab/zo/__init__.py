@@ -2,34 +2,59 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
 
 from ftlab.config import ZOSettings
 from ftlab.errors import FtlabError
 from ftlab.zo.mezo import MeZO, ZOStep
+from ftlab.zo.offload import OffloadedMeZO
 from ftlab.zo.variants import SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD
 
-# Config name -> (class, its own knobs from the settings).
-ZO_OPTIMIZERS: dict[str, tuple[type[MeZO], Callable[[ZOSettings], dict[str, Any]]]] = {
-    "mezo": (MeZO, lambda s: {}),
-    "zo-momentum": (ZOMomentum, lambda s: {"momentum": s.momentum}),
-    "zo-adam": (ZOAdam, lambda s: {"betas": tuple(s.betas)}),
-    "zo-sign": (ZOSignSGD, lambda s: {}),
-    "sparse-mezo": (SparseMeZO, lambda s: {"sparsity": s.sparsity}),
+
+@dataclass(frozen=True)
+class ZOOptimizer:
+    """A zeroth-order optimizer a config names: its class, its own knobs from the settings (beyond
+    those every one takes), and its class with offloaded decoder blocks, if it has one."""
+
+    cls: type[MeZO]
+    knobs: Callable[[ZOSettings], dict[str, Any]] = field(default=lambda s: {})
+    offloaded: type[MeZO] | None = None  # offload=true (ftlab.zo.offload)
+
+
+ZO_OPTIMIZERS: dict[str, ZOOptimizer] = {
+    "mezo": ZOOptimizer(MeZO, offloaded=OffloadedMeZO),
+    "zo-momentum": ZOOptimizer(ZOMomentum, lambda s: {"momentum": s.momentum}),
+    "zo-adam": ZOOptimizer(ZOAdam, lambda s: {"betas": tuple(s.betas)}),
+    "zo-sign": ZOOptimizer(ZOSignSGD),
+    "sparse-mezo": ZOOptimizer(SparseMeZO, lambda s: {"sparsity": s.sparsity}),
 }
 
 
-def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: ZOSettings, seed: int) -> MeZO:
+def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: ZOSettings, seed: int, *,
+                       offload_model: nn.Module | None = None, device: str | torch.device = "cuda") -> MeZO:
     """The zeroth-order optimizer called ``name`` (a key of ``ZO_OPTIMIZERS``) over
-    ``param_groups``, configured by ``settings``; ``seed`` seeds its step seeds."""
-    if name not in ZO_OPTIMIZERS:
+    ``param_groups``, configured by ``settings``; ``seed`` seeds its step seeds. With
+    ``offload_model`` (the model the parameters belong to), its offloaded form: the model's
+    decoder blocks kept in CPU memory and run on ``device`` one at a time."""
+    entry = ZO_OPTIMIZERS.get(name)
+    if offload_model is not None and (entry is None or entry.offloaded is None):
+        offloadable = ", ".join(n for n, e in ZO_OPTIMIZERS.items() if e.offloaded is not None)
+        raise FtlabError(f"offload=true is implemented for optimizer={offloadable} (got {name})")
+    if entry is None:
         raise FtlabError(f"unknown zeroth-order optimizer {name!r}; choose one of {', '.join(ZO_OPTIMIZERS)}")
-    cls, own = ZO_OPTIMIZERS[name]
     s = settings
-    return cls(param_groups, lr=lr, eps=s.eps, n_perturbations=s.n_perturbations, one_sided=s.one_sided,
-               distribution=s.distribution, generator=s.generator, seed=seed, exact=s.exact,
-               chunk_size=s.chunk_size, **own(s))
+    kwargs = dict(lr=lr, eps=s.eps, n_perturbations=s.n_perturbations, one_sided=s.one_sided,
+                  distribution=s.distribution, generator=s.generator, seed=seed, exact=s.exact,
+                  chunk_size=s.chunk_size, **entry.knobs(s))
+    if offload_model is None:
+        return entry.cls(param_groups, **kwargs)
+    assert entry.offloaded is not None
+    return entry.offloaded(param_groups, model=offload_model, device=device, **kwargs)
 
 
-__all__ = ["MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO",
-           "ZO_OPTIMIZERS", "build_zo_optimizer"]
+__all__ = ["MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO", "OffloadedMeZO",
+           "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]

@@ -21,6 +21,12 @@ therefore equals inference: no gradients, no optimizer state, no temporaries.
 loss; ``n_perturbations > 1`` averages the estimates of n seeds, all taken at the same theta
 (n-SPSA), and applies their updates at the end.
 
+The algorithm itself is the function :func:`mezo` (as ``torch.optim.Adam.step`` calls
+``adam()``): it evaluates the losses and forms the projected gradients through two operations
+on theta it is given, ``loss(seed, c)`` and ``update(seeds, g, lr)``. :meth:`MeZO.step` passes
+the in-place (or exact-mode) moves above; the variants (:mod:`ftlab.zo.variants`) override only
+the update, and :class:`ftlab.zo.offload.OffloadedMeZO` the loss (lockstep) and the update (queued).
+
 **Exact mode** (``exact=True``; the default for bf16/fp16 parameters). In low precision
 ``theta + eps*z - 2*eps*z + eps*z`` does not round back to theta, so in-place MeZO drifts
 (silently: the drift is not in the update). In exact mode theta is never moved by a
@@ -81,6 +87,51 @@ def f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
+# loss(seed, c): the loss at theta + c * z(seed) (at theta itself for seed None)
+LossAt = Callable[[int | None, float], float]
+# update(seeds, g, lr): theta <- theta - lr * ((1/n) sum_k g_k z(seed_k) + wd * theta)
+Update = Callable[[list[int], list[float], float], None]
+
+
+def mezo(seeds: list[int], loss: LossAt, update: Update, *, lr: float, eps: float, one_sided: bool = False,
+         mean: Callable[[list[float]], list[float]] = lambda values: values) -> ZOStep:
+    """One MeZO step (Malladi et al., 2023, Algorithm 1; n-SPSA over the n ``seeds``), given the
+    operations on theta: ``loss`` evaluates the model at a perturbed point, ``update`` moves theta.
+
+        L0 = loss(theta)                                  # one-sided only
+        for s in seeds:                                   # every estimate at the same theta
+            L+ = loss(theta + eps z(s))
+            L- = loss(theta - eps z(s))                   # one-sided: L- = L0
+            d_s = L+ - L-
+        d, L+ = mean(d, first L+)                         # over data-parallel ranks: one all-reduce
+        g_s = float32(d_s / (2 eps))                      # one-sided: d_s / eps
+        if a g_s or L+ is not finite: g, lr, L+ = 0, 0, NaN   # skipped: theta is only restored
+        theta <- theta - lr ((1/n) sum_s g_s z(s) + wd theta)
+
+    ``loss`` is called in exactly this order, so an in-place ``loss`` may move theta from one
+    point to the next and leave it at the last (``update`` then undoes that move with its own);
+    :meth:`MeZO.replay` makes the same calls (:func:`loss_differences`) without forwards.
+    Returns the step's record (seeds, g, lr, the first L+), what a trajectory log keeps."""
+    diffs, plus = loss_differences(seeds, loss, eps, one_sided)
+    *diffs, plus = mean(diffs + [plus])
+    grads = [f32(d / (eps if one_sided else 2 * eps)) for d in diffs]
+    if not all(math.isfinite(x) for x in grads + [plus]):
+        grads, lr, plus = [0.0] * len(seeds), 0.0, math.nan
+    update(seeds, grads, lr)
+    return ZOStep(seeds, grads, lr, plus)
+
+
+def loss_differences(seeds: list[int], loss: LossAt, eps: float, one_sided: bool) -> tuple[list[float], float]:
+    """The forwards of :func:`mezo`: ``L+ - L-`` (one-sided: ``L+ - L0``) along each seed's z,
+    and the first ``L+``."""
+    base = loss(None, 0.0) if one_sided else 0.0
+    diffs, pluses = [], []
+    for seed in seeds:
+        pluses.append(loss(seed, eps))
+        diffs.append(pluses[-1] - (base if one_sided else loss(seed, -eps)))
+    return diffs, pluses[0]
+
+
 class MeZO(torch.optim.Optimizer):
     """ZO-SGD with the random-seed trick. ``step(closure)`` calls ``closure()`` (a forward pass
     returning the loss, run under ``no_grad``) twice per perturbation.
@@ -109,6 +160,7 @@ class MeZO(torch.optim.Optimizer):
 
     zeroth_order = True  # the training loop gives such optimizers a forward-only closure
     cache_views = True  # keep a step's strided views between its passes (pieces hold no memory)
+    closure_returns = "the loss"  # what step's closure returns (said when it is missing)
 
     def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_perturbations: int = 1, one_sided: bool = False, distribution: str = "gaussian",
@@ -218,90 +270,87 @@ class MeZO(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One MeZO step; returns the loss at the first perturbed point (L+). A non-finite loss
-        skips the update (theta is restored; the step is logged with lr 0) and the step returns
-        NaN, for the caller to count."""
+        """One step of :func:`mezo`; returns the loss at the first perturbed point (L+). A
+        non-finite loss skips the update (theta is restored; the step is logged with lr 0) and
+        the step returns NaN, for the caller to count."""
         if closure is None:
-            raise FtlabError("MeZO.step needs a closure that returns the loss")
-        lr = f32(self.param_groups[0]["lr"])
-        self._views.clear()
+            raise FtlabError(f"{type(self).__name__}.step needs a closure returning {self.closure_returns}")
         seeds = self.draw_seeds()
-        grads, loss = self._estimate(seeds, closure)
-        grads = [f32(g) for g in grads]
-        if not all(math.isfinite(x) for x in grads + [loss]):
-            # The update below then only restores theta; NaN tells the caller the step was skipped.
-            grads, lr, loss = [0.0] * len(seeds), 0.0, math.nan
-        self._update(seeds, grads, lr)
+        self._begin_step()
+        record = mezo(seeds, self._evaluator(closure), self._update, lr=f32(self.param_groups[0]["lr"]),
+                      eps=self.eps, one_sided=self.one_sided, mean=self._mean)
         self._views.clear()
-        record = ZOStep(seeds, grads, lr, loss)
         self.history.append(record)
-        return torch.tensor(loss)
+        return torch.tensor(record.loss)
 
-    def _estimate(self, seeds: list[int], closure: Callable[[], Tensor] | None,
-                  grads: list[float] | None = None) -> tuple[list[float], float]:
-        """Perturb, evaluate and estimate each seed's projected gradient. In place, theta is
-        left perturbed by the last seed; in exact mode theta is never moved. With
-        ``closure=None`` the same parameter moves are made and the recorded ``grads`` returned
-        (replay), so the arithmetic is bit for bit the same."""
-        evaluate = self._evaluator(closure)
-        base = evaluate(None) if self.one_sided else 0.0
-        diffs, first = [], None
-        for k, seed in enumerate(seeds):
-            plus = evaluate((seed, self.eps))
-            first = plus if first is None else first
-            if self.one_sided:
-                diffs.append(plus - base)
-            else:
-                diffs.append(plus - evaluate((seed, -self.eps)))
-            if k < len(seeds) - 1 and not self.exact:
-                self._apply(seed, self._restore)  # every seed's estimate is taken at the same theta
-        if grads is not None:
-            return grads, first
-        *diffs, first = all_reduce_mean(diffs + [first], self._device())
-        scale = self.eps if self.one_sided else 2 * self.eps
-        return [d / scale for d in diffs], first
+    @torch.no_grad()
+    def replay(self, record: ZOStep) -> None:
+        """Redo a recorded step without forwards: the same parameter moves with the recorded
+        projected gradients, so theta ends bit for bit where the original step left it."""
+        self._begin_step()
+        loss_differences(record.seeds, self._evaluator(None), self.eps, self.one_sided)
+        self._update(record.seeds, record.grads, record.lr)
+        self._views.clear()
 
-    def _evaluator(self, closure: Callable[[], Tensor] | None) -> Callable[[tuple[int, float] | None], float]:
-        """``evaluate(move)``: the loss at theta + coefficient * z(seed) for ``move = (seed,
-        coefficient)`` (theta itself for None). In place the move is made relative to the
-        previous one of the same seed (perturb, then the other way); in exact mode the hooks apply it."""
-        last: dict[int, float] = {}  # seed -> coefficient theta is now perturbed by (in place)
+    def _begin_step(self) -> None:
+        """Before a step's (or a replay's) first move, theta unperturbed."""
+        self._views.clear()
 
-        def evaluate(move: tuple[int, float] | None) -> float:
-            if self.exact:
-                if closure is None:
-                    return 0.0
-                if not self._attached:
-                    raise FtlabError("MeZO in exact mode perturbs inside module forwards: "
-                                     "call optimizer.attach(model) before step()")
-                self._active = move
-                try:
-                    return float(closure())
-                finally:
-                    self._active = None
-                    self._restore_all()
-            if move is not None:
-                seed, coef = move
-                self._apply(seed, coef - last.get(seed, 0.0))
-                last[seed] = coef
+    def _evaluator(self, closure: Callable[[], Tensor] | None) -> LossAt:
+        """:func:`mezo`'s ``loss(seed, c)``: the loss at theta + c z(seed) (0.0 without a
+        closure: a replay makes the moves only). In place theta is moved there from where the
+        previous call left it (the other way along the same seed, or back to theta first, so
+        every seed's estimate is taken at the same theta); in exact mode the hooks perturb."""
+        if self.exact:
+            return functools.partial(self._hooked_loss, closure)
+        at_seed, at = None, 0.0  # theta is now perturbed by at * z(at_seed)
+
+        def loss(seed: int | None, coef: float) -> float:
+            nonlocal at_seed, at
+            if seed != at_seed:
+                if at_seed is not None:
+                    self._apply(at_seed, -at)
+                at_seed, at = seed, 0.0
+            if seed is not None:
+                self._apply(seed, coef - at)
+                at = coef
             return float(closure()) if closure is not None else 0.0
-        return evaluate
+        return loss
+
+    def _hooked_loss(self, closure: Callable[[], Tensor] | None, seed: int | None, coef: float) -> float:
+        """Exact mode's ``loss(seed, c)``: the closure run with the hooks perturbing by c z(seed)."""
+        if closure is None:
+            return 0.0
+        if not self._attached:
+            raise FtlabError("MeZO in exact mode perturbs inside module forwards: "
+                             "call optimizer.attach(model) before step()")
+        self._active = None if seed is None else (seed, coef)
+        try:
+            return float(closure())
+        finally:
+            self._active = None
+            self._restore_all()
 
     @property
     def _restore(self) -> float:
-        """The z coefficient that undoes the last in-place perturbation of a seed (0 in exact
-        mode: theta was never moved)."""
+        """The z coefficient that undoes the in-place perturbation :func:`mezo` leaves theta at
+        (along the last seed: -eps, or +eps one-sided); 0 in exact mode (theta never moved)."""
         if self.exact:
             return 0.0
         return -self.eps if self.one_sided else self.eps
 
     def _update(self, seeds: list[int], grads: list[float], lr: float) -> None:
-        """Restore the last seed's perturbation fused with its update and the weight decay
-        (one pass), then add the other seeds' updates."""
+        """:func:`mezo`'s update (ZO-SGD; the variants override it): restore the last seed's
+        perturbation fused with its update and the weight decay (one pass), then add the other
+        seeds' updates."""
         n = len(seeds)
         self._apply(seeds[-1], self._restore, update=-lr * grads[-1] / n, decay_lr=lr)
         for seed, g in zip(seeds[:-1], grads[:-1]):
             self._apply(seed, -lr * g / n)
+
+    def _mean(self, values: list[float]) -> list[float]:
+        """:func:`mezo`'s ``mean``: over the data-parallel ranks."""
+        return all_reduce_mean(values, self._device())
 
     def _device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
@@ -362,15 +411,6 @@ class MeZO(torch.optim.Optimizer):
             by_id[key].data = value
         self._saved.clear()
         self._stack.clear()
-
-    # -- replay ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def replay(self, record: ZOStep) -> None:
-        """Redo a recorded step without forwards: the same parameter moves with the recorded
-        projected gradients, so theta ends bit for bit where the original step left it."""
-        self._estimate(record.seeds, None, record.grads)
-        self._update(record.seeds, record.grads, record.lr)
-        self._views.clear()
 
 
 def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:

@@ -32,16 +32,17 @@ So each block moves to the device once a step, not twice as two separate forward
 Modules without trainable parameters run on all 2B rows (their weights are the same for both).
 Lockstep forwards must not use a KV cache (``use_cache=False``; the loss does not).
 
-**Updates.** The step computes ``g = (L+ - L-) / (2 eps)`` (float32-rounded, all-reduced over
-data-parallel ranks as MeZO does) and does *not* touch the weights: the update ``theta <-
-theta (1 - lr wd) - lr g z`` is queued and applied to each parameter when it is next brought to
-the device (on the device, by :meth:`MeZO._apply` itself, so the arithmetic is MeZO's exact-mode
-update bit for bit), and the updated values are then written back to the CPU master. The master
-is never perturbed, so the weights are exact in any precision. Parameters not yet brought in since
-the last step lag behind: :meth:`OffloadedMeZO.flush` applies every queued update (and waits for
-the copies) -- call it before reading weights outside the model's forwards (saving, a
-checkpoint of tensors, comparing) and at the end of training. :meth:`OffloadedMeZO.replay` queues
-a recorded step the same way, so a run resumed by replay continues bit for bit.
+**Updates.** The step is :meth:`MeZO.step` (:func:`ftlab.zo.mezo.mezo`: ``g = (L+ - L-) / (2
+eps)``, float32-rounded, all-reduced over data-parallel ranks) and does *not* touch the weights:
+the update ``theta <- theta (1 - lr wd) - lr g z`` is queued and applied to each parameter when
+it is next brought to the device (on the device, by MeZO's own update, so the arithmetic is
+MeZO's exact-mode update bit for bit), and the updated values are then written back to the CPU
+master. The master is never perturbed, so the weights are exact in any precision. Parameters
+not yet brought in since the last step lag behind: :meth:`OffloadedMeZO.flush` applies every
+queued update (and waits for the copies) -- call it before reading weights outside the model's
+forwards (saving, a checkpoint of tensors, comparing) and at the end of training.
+:meth:`OffloadedMeZO.replay` queues a recorded step the same way, so a run resumed by replay
+continues bit for bit.
 
 Restrictions (one-line :class:`FtlabError` otherwise): one perturbation per step
 (``n_perturbations=1``) and central differences (``one_sided=False``), as the lockstep pairs one
@@ -65,7 +66,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -74,7 +74,8 @@ from torch import Tensor, nn
 
 from ftlab.distributed import blocks_of
 from ftlab.errors import FtlabError
-from ftlab.zo.mezo import MeZO, ZOStep, all_reduce_mean, f32
+from ftlab.memory import available_host_bytes
+from ftlab.zo.mezo import MeZO, ZOStep
 
 GiB = 1 << 30
 
@@ -113,6 +114,7 @@ class OffloadedMeZO(MeZO):
     """
 
     cache_views = False  # strided views are made on device copies that live for one call
+    closure_returns = "tensor([L_plus, L_minus]) of the doubled batch (objective_fn(..., lockstep=True))"
 
     def __init__(self, params: Iterable, *, model: nn.Module, device: str | torch.device = "cuda",
                  lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, n_perturbations: int = 1,
@@ -249,8 +251,8 @@ class OffloadedMeZO(MeZO):
             seed, g, lr = self._updates[k - self._offset]
             self._scope = [(self._info[id(p)][0], t, self._info[id(p)][1])
                            for p, t in behind if self._done[id(p)] <= k]
-            try:  # exactly MeZO._update's single-seed arithmetic, on these tensors only
-                self._apply(seed, self._restore, update=-lr * g / self.n, decay_lr=lr)
+            try:  # plain MeZO's update (the one this optimizer queued), on these tensors only
+                MeZO._update(self, [seed], [g], lr)
             finally:
                 self._scope = None
         back = []
@@ -412,36 +414,35 @@ class OffloadedMeZO(MeZO):
         finally:
             self._bring_out(opened)
 
-    # -- the step ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One lockstep MeZO step (see the class docstring); returns L+ (NaN for a skipped step,
-        whose update is queued with lr 0 and g 0, as MeZO.step does)."""
-        if closure is None:
-            raise FtlabError("OffloadedMeZO.step needs a closure returning tensor([L_plus, L_minus]) of the "
-                             "doubled batch (objective_fn(..., lockstep=True))")
-        lr = f32(self.param_groups[0]["lr"])
-        seed = self.draw_seeds()[0]
-        self._active = seed
-        try:
-            out = closure()
-        finally:
-            self._active, self._sign = None, None
-            self._in_step_cleanup()
-        if not isinstance(out, Tensor) or out.numel() != 2:
-            raise FtlabError("OffloadedMeZO.step needs a closure returning tensor([L_plus, L_minus]) of the "
-                             "doubled batch (objective_fn(..., lockstep=True)); got "
-                             f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
-        flat = out.detach().flatten()
-        plus, minus = float(flat[0]), float(flat[1])
-        diff, loss = all_reduce_mean([plus - minus, plus], self._device())
-        grad = f32(diff / (2 * self.eps))
-        if not (math.isfinite(grad) and math.isfinite(loss)):
-            grad, lr, loss = 0.0, 0.0, float("nan")
-        self._updates.append((seed, grad, lr))
+    # -- the step: MeZO.step, with a lockstep loss and a queued update ---------------------
+    def _evaluator(self, closure: Callable[[], Tensor] | None) -> Callable[[int | None, float], float]:
+        """:func:`ftlab.zo.mezo.mezo`'s ``loss(seed, c)`` in lockstep: ``c = +eps`` runs the
+        closure once on the doubled batch (each unit's halves at theta + eps z and theta - eps z)
+        and returns L+; the ``-eps`` call that follows returns that forward's L-."""
+        minus: dict[int | None, float] = {}
+
+        def loss(seed: int | None, coef: float) -> float:
+            if coef < 0:
+                return minus.pop(seed)
+            self._active = seed
+            try:
+                out = closure()  # type: ignore[misc]  (step passes one; replay makes no forwards)
+            finally:
+                self._active, self._sign = None, None
+                self._in_step_cleanup()
+            if not isinstance(out, Tensor) or out.numel() != 2:
+                raise FtlabError(f"OffloadedMeZO.step needs a closure returning {self.closure_returns}; got "
+                                 f"{type(out).__name__}{tuple(out.shape) if isinstance(out, Tensor) else ''}")
+            flat = out.detach().flatten()
+            minus[seed] = float(flat[1])
+            return float(flat[0])
+        return loss
+
+    def _update(self, seeds: list[int], grads: list[float], lr: float) -> None:
+        """Queue the step's update: it is applied to each parameter when the parameter is next
+        brought to the device (or by :meth:`flush`)."""
+        self._updates.append((seeds[0], grads[0], lr))
         self._trim()
-        self.history.append(ZOStep([seed], [grad], lr, loss))
-        return torch.tensor(loss)
 
     def _in_step_cleanup(self) -> None:
         """After a closure (which may have raised inside a unit): no unit left perturbed."""
@@ -461,7 +462,7 @@ class OffloadedMeZO(MeZO):
         if len(record.seeds) != 1:
             raise FtlabError(f"offloaded MeZO replays one perturbation per step; this record has "
                              f"{len(record.seeds)}")
-        self._updates.append((record.seeds[0], record.grads[0], record.lr))
+        self._update(record.seeds, record.grads, record.lr)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -610,18 +611,6 @@ def _compute_device(device: str | torch.device) -> torch.device:
 
 
 # -- host memory -----------------------------------------------------------------------------------
-def available_host_bytes() -> int | None:
-    """``MemAvailable`` from /proc/meminfo in bytes (None where it cannot be read)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def check_host_memory(n_bytes: int, what: str = "the weights") -> None:
     """Raise a one-line FtlabError if the CPU cannot hold ``n_bytes`` (offload keeps the weights
     there); silent where MemAvailable cannot be read."""

@@ -21,7 +21,7 @@ zero projected gradients) only restores theta and leaves the buffers as they are
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -212,8 +212,8 @@ class SparseMeZO(OnePassMeZO):
       the step into a bool tensor (1 byte per trainable entry, 25% of float32 weights) that is
       freed after the update.
 
-    ``step`` and ``replay`` both compute the mask in :meth:`_estimate` from the same weights,
-    so a replay is bitwise.
+    ``step`` and ``replay`` both compute the mask when they begin (:meth:`_begin_step`), from
+    the same weights, so a replay is bitwise.
     """
 
     cache_views = False  # its pieces are masked copies of z: never keep them
@@ -229,13 +229,12 @@ class SparseMeZO(OnePassMeZO):
         self._thresholds: dict[int, float] = {}  # parameter index -> h, for the current step
         self._masks: dict[int, Tensor] = {}  # parameter index -> flat bool mask (in place only)
 
-    def _estimate(self, seeds: list[int], closure: Callable[[], Tensor] | None,
-                  grads: list[float] | None = None) -> tuple[list[float], float]:
-        self._prepare_masks()  # the step starts here, theta unperturbed
-        return super()._estimate(seeds, closure, grads)
+    def _begin_step(self) -> None:
+        super()._begin_step()
+        self._prepare_masks()  # theta unperturbed
 
     def _update(self, seeds: list[int], grads: list[float], lr: float) -> None:
-        if not self._thresholds:  # _update run alone, without _estimate (exact mode)
+        if not self._thresholds:  # _update run alone, without a step (exact mode)
             self._prepare_masks()
         super()._update(seeds, grads, lr)
         self._thresholds.clear()
