@@ -55,9 +55,14 @@ class ModelBatch:
         return cls(ids, mask, position_ids(mask), labels, n_options, gold)
 
     def to(self, device: torch.device | str) -> "ModelBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return ModelBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-                          move(self.labels), self.n_options, move(self.gold))
+        return self.map_tensors(lambda t: t.to(device))
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "ModelBatch":
+        """The batch with ``fn`` applied to each of its tensors (absent ones stay None)."""
+        def apply(t: Tensor | None) -> Tensor | None:
+            return None if t is None else fn(t)
+        return ModelBatch(apply(self.input_ids), apply(self.attention_mask), apply(self.position_ids),
+                          apply(self.labels), self.n_options, apply(self.gold))
 
 
 def encode_options(tokenizer, options: Sequence[str]) -> list[list[int]]:
@@ -245,9 +250,7 @@ def quad(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Te
 
 def doubled(batch: ModelBatch) -> ModelBatch:
     """``batch`` concatenated with itself along the rows (for lockstep forwards)."""
-    two = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
-    return ModelBatch(two(batch.input_ids), two(batch.attention_mask), two(batch.position_ids),
-                      two(batch.labels), batch.n_options, two(batch.gold))
+    return batch.map_tensors(lambda t: torch.cat([t, t]))
 
 
 def lockstep_loss(model: nn.Module, batch: ModelBatch, option_ids: list[list[int]]) -> Tensor:

@@ -178,7 +178,10 @@ def check_settings(folder: str | Path, what: str, stored: dict[str, Any] | None,
     if stored is None:
         return
     defaults = defaults or {}
-    value = lambda d, k: d.get(k, defaults.get(k))  # noqa: E731
+
+    def value(d: dict[str, Any], k: str) -> Any:  # a key a config lacks had its default
+        return d.get(k, defaults.get(k))
+
     diff = {k: (value(stored, k), value(new, k)) for k in sorted((set(stored) | set(new)) - set(ignore), key=str)
             if value(stored, k) != value(new, k)}
     if diff:

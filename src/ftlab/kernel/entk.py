@@ -138,7 +138,10 @@ def compute_kernel(module: nn.Module, tokenizer: Any, spec: TaskSpec, train: Seq
     back_rows = torch.argsort(torch.tensor(plan.train_order + [len(train) + i for i in plan.test_order],
                                            dtype=torch.long))
     back_cols = torch.argsort(torch.tensor(plan.train_order, dtype=torch.long))
-    unsort = lambda k: k[back_rows][:, back_cols]  # noqa: E731
+
+    def unsort(k: Tensor) -> Tensor:  # rows and columns back in the callers' order
+        return k[back_rows][:, back_cols]
+
     return store.finish({"sgd": unsort(sgd), "sign": unsort(sign), "f0": f0[back_rows], "readout": readout})
 
 

@@ -70,7 +70,10 @@ def fit_probe(x_train: np.ndarray, y_train: Sequence[int], x_test: np.ndarray, y
                          f"test {len(x_test)} vs {len(y_test)})")
     _check_labels(y_train, "training")
     scaler = StandardScaler().fit(x_train)
-    make = lambda c: LogisticRegression(C=c, max_iter=max_iter, random_state=seed)  # noqa: E731
+
+    def make(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+
     xt = scaler.transform(x_train)
     best_c, best_dev = grid[0], None
     if x_dev is not None and y_dev is not None and len(y_dev) and len(grid) > 1:
@@ -101,7 +104,10 @@ def linear_fit_r2(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.n
     them). R^2 = 1 - SSE / SST summed over all output coordinates, SST around the training mean."""
     x, y, x_test, y_test = (np.asarray(a, dtype=np.float64) for a in (x, y, x_test, y_test))
     mu, sd = x.mean(0), x.std(0) + 1e-12
-    design = lambda z: np.hstack([(np.asarray(z, np.float64) - mu) / sd, np.ones((len(z), 1))])  # noqa: E731
+
+    def design(z: np.ndarray) -> np.ndarray:  # standardised features and an intercept column
+        return np.hstack([(np.asarray(z, np.float64) - mu) / sd, np.ones((len(z), 1))])
+
     a = design(x)
     gram, rhs = a.T @ a, a.T @ y
     scale = np.trace(gram) / gram.shape[0]

@@ -349,7 +349,10 @@ class Tint(nn.Module):
         spec, p, eps = self.spec, self.cfg.n_prefixes, self.spec.eps
         layer = inner.layers[li]
         src = self._input_slot(li, tag, first)
-        lin = lambda n, a, b: LinearForward(f"L{li}_{n}", *spec.shape(n), p, a, b)  # noqa: E731
+
+        def lin(n: str, a: str, b: str) -> LinearForward:
+            return LinearForward(f"L{li}_{n}", *spec.shape(n), p, a, b)
+
         return nn.Sequential(
             _Copy(src, f"{tag}.h"),
             RMSNormForward(f"{tag}.h", f"{tag}.n1", f"{tag}.x1", layer.ln1, eps),
@@ -375,8 +378,13 @@ class Tint(nn.Module):
         spec, p, n, lr = self.spec, self.cfg.n_prefixes, self.cfg.finite_diff_n, self.cfg.inner_lr
         eps, tag = self.spec.eps, f"L{li}"
         layer = inner.layers[li]
-        back = lambda w, g, d, add=False: LinearBackward(f"L{li}_{w}", *spec.shape(w), p, g, d, add)  # noqa: E731
-        desc = lambda w, g, x: LinearDescent(f"L{li}_{w}", *spec.shape(w), p, g, x, lr)  # noqa: E731
+
+        def back(w: str, g: str, d: str, add: bool = False) -> LinearBackward:
+            return LinearBackward(f"L{li}_{w}", *spec.shape(w), p, g, d, add)
+
+        def desc(w: str, g: str, x: str) -> LinearDescent:
+            return LinearDescent(f"L{li}_{w}", *spec.shape(w), p, g, x, lr)
+
         return nn.Sequential(
             # MLP: grad holds d out
             back("down", "grad", f"{tag}.dm"), desc("down", "grad", f"{tag}.m"),
