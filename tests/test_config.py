@@ -168,3 +168,11 @@ def test_config_json_keeps_its_keys_and_order():
                              "exact", "momentum", "betas", "sparsity"]
     assert list(d["lora"]) == ["r", "alpha", "dropout", "target_modules"]
     assert d["lr"] == 1e-4 and d["lora"]["r"] == 8 and "where" not in d
+
+
+def test_every_checks_each_item_of_a_non_empty_list():
+    from ftlab.config import above, every
+
+    positive = every(above(0))
+    assert positive([1, 2.5]) and not positive([]) and not positive([1, -1])
+    assert positive.need == "a non-empty list of values > 0"

@@ -119,6 +119,14 @@ def above(bound: float) -> Check:
     return check
 
 
+def every(check: Check) -> Check:
+    """Non-empty lists whose every item passes ``check`` ("a non-empty list of values <its need>")."""
+    @needs(f"a non-empty list of values {getattr(check, 'need', '')}".rstrip())
+    def check_all(values: list[Any]) -> bool:
+        return bool(values) and all(check(v) for v in values)
+    return check_all
+
+
 @needs("in [0, 1)")
 def in_unit_interval(value: float) -> bool:
     return 0.0 <= value < 1.0

@@ -110,14 +110,8 @@ def test_save_and_load_round_trip(tiny_model_factory, tiny_tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [({"num_tokens": 0}, "num_tokens"), ({"init": "zeros"}, "prefix.init")])
-def test_bad_settings(tiny_model, change, match):
-    with pytest.raises(FtlabError, match=match):
-        PrefixSettings(**change)  # refused when built
-    settings = PrefixSettings()
-    for key, value in change.items():  # or changed afterwards: PrefixModel refuses them too
-        setattr(settings, key, value)
-    with pytest.raises(FtlabError, match=match):
-        PrefixModel(tiny_model, settings)
+def test_bad_settings(tiny_model, change, match, refused_both_ways):
+    refused_both_ways(PrefixSettings, change, match, lambda settings: PrefixModel(tiny_model, settings))
 
 
 @pytest.mark.slow

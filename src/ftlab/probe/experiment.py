@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ftlab.config import Settings, at_least, needs, non_empty, setting
+from ftlab.config import Settings, above, at_least, every, needs, non_empty, setting
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.probe.cache import split_features
@@ -32,16 +32,6 @@ def _known_kinds(kinds: list[str]) -> bool:
     return bool(kinds) and all(k in KIND_NAMES for k in kinds) and len(set(kinds)) == len(kinds)
 
 
-@needs("a non-empty list of sizes >= 0 (0: all training data)")
-def _probe_sizes(k: list[int]) -> bool:
-    return bool(k) and all(x >= 0 for x in k)
-
-
-@needs("a non-empty list of C values > 0")
-def _c_values(grid: list[float]) -> bool:
-    return bool(grid) and all(c > 0 for c in grid)
-
-
 @dataclass
 class ProbeConfig(Settings):
     """One probing study: a model, a task, feature kinds, probe sizes ``k`` (0 = all ``n_train``
@@ -57,13 +47,15 @@ class ProbeConfig(Settings):
     words: list[str] | None = None  # p_words: these single-token words (None: the task's label words)
     # kind "layer": this block (None: the middle one)
     layer: int | None = setting(None, check=at_least(0), need=">= 0 (or null: the middle layer)")
-    k: list[int] = setting(factory=lambda: [0, 16, 64], check=_probe_sizes)
+    k: list[int] = setting(factory=lambda: [0, 16, 64], check=every(at_least(0)),
+                              need="a non-empty list of sizes >= 0 (0: all training data)")
     seeds: list[int] = setting(factory=lambda: [0], check=non_empty, need="a non-empty list of seeds")
     n_train: int = setting(1000, check=at_least(1))
     n_dev: int = setting(100, check=at_least(0))
     n_test: int = setting(500, check=at_least(1))
     data_seed: int = 0
-    grid: list[float] = setting(factory=lambda: list(C_GRID), check=_c_values)
+    grid: list[float] = setting(factory=lambda: list(C_GRID), check=every(above(0)),
+                                need="a non-empty list of C values > 0")
     theory: bool = True  # zero-shot from p on the label words, and the R^2 of f(s) from Phi p_f(s)
     batch_size: int = setting(16, check=at_least(1))
     chunk_rows: int = setting(64, check=at_least(1))

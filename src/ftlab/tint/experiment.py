@@ -43,7 +43,7 @@ import torch
 from torch.nn import functional as F
 
 from ftlab.bootstrap import multi_bootstrap
-from ftlab.config import Settings, above, at_least, needs, non_empty, setting
+from ftlab.config import Settings, above, at_least, every, needs, non_empty, setting
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.runs import check_settings, writes_run_dir
@@ -53,16 +53,6 @@ from ftlab.tint.inner import InnerModel, forward, inner_from_hf
 from ftlab.tint.reference import Approximations, approximate_step, exact_step, test_part_loss, whole_context_mask
 
 Progress = Callable[[str, int, int], None]
-
-
-@needs("a non-empty list of layer counts >= 1")
-def _layer_counts(layers: list[int]) -> bool:
-    return bool(layers) and all(k >= 1 for k in layers)
-
-
-@needs("a non-empty list of learning rates > 0")
-def _learning_rates(lrs: list[float]) -> bool:
-    return bool(lrs) and all(lr > 0 for lr in lrs)
 
 
 @needs("a non-empty list of 'label' and/or 'context'")
@@ -83,8 +73,10 @@ class TintEvalConfig(Settings):
     # dev queries that choose each method's lr (0: every lr of ``lrs`` on the test queries)
     n_dev: int = setting(0, check=at_least(0))
     seeds: list[int] = setting(factory=lambda: [0, 1], check=non_empty, need="a non-empty list of seeds")
-    layers: list[int] = setting(factory=lambda: [1, 4], check=_layer_counts)
-    lrs: list[float] = setting(factory=lambda: [1e-4, 1e-3], check=_learning_rates)
+    layers: list[int] = setting(factory=lambda: [1, 4], check=every(at_least(1)),
+                                  need="a non-empty list of layer counts >= 1")
+    lrs: list[float] = setting(factory=lambda: [1e-4, 1e-3], check=every(above(0)),
+                                 need="a non-empty list of learning rates > 0")
     losses: list[str] = setting(factory=lambda: ["label", "context"], check=_loss_kinds)
     finite_diff_n: float = setting(100.0, check=above(0))
     n_prefixes: int = 64
