@@ -145,8 +145,7 @@ def gradient_features(cfg: SelectConfig, module: nn.Module, tokenizer: Any, exam
     out = FeatureStores([], [], [])
     for ckpt in checkpoints:
         load_checkpoint_into(module, ckpt)
-        state = json.loads((ckpt.path / "state.json").read_text())
-        adam = AdamState(load_adam_state(ckpt.path), tuple(state["betas"]), state["eps"])
+        adam = AdamState(load_adam_state(ckpt.path), ckpt.betas, ckpt.eps)
         result = collect_features(module, tokenizer, examples,
                                   Path(cfg.output_dir) / "features" / name / ckpt.path.name,
                                   grad_type=grad_type, adam=adam, projector=projector, model_name=cfg.model,

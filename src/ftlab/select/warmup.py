@@ -29,6 +29,7 @@ from ftlab.io import atomic_dir, atomic_write_json
 from ftlab.models import trainable_parameters
 from ftlab.objectives import target_logprobs
 from ftlab.optim import lr_factor, param_groups
+from ftlab.rundir import read_written_json
 from ftlab.runs import check_settings
 from ftlab.select.data import InstructionExample, collate, encode
 
@@ -64,11 +65,14 @@ class WarmupSettings(Settings):
 
 @dataclass(frozen=True)
 class WarmupCheckpoint:
-    """One epoch's checkpoint: its folder, epoch (1-based) and the epoch's mean lr."""
+    """One epoch's checkpoint: its folder, epoch (1-based), the epoch's mean lr, and AdamW's
+    betas and eps (what preconditions the pool's gradient features)."""
 
     path: Path
     epoch: int
     mean_lr: float
+    betas: tuple[float, float]
+    eps: float
 
 
 def warmup_subset(examples: Sequence[InstructionExample], percentage: float, seed: int) -> list[InstructionExample]:
@@ -94,8 +98,8 @@ def list_checkpoints(out_dir: str | Path) -> list[WarmupCheckpoint]:
     for path in Path(out_dir).glob("epoch-*"):
         state_file = path / "state.json"
         if path.is_dir() and state_file.is_file():
-            state = json.loads(state_file.read_text())
-            found.append(WarmupCheckpoint(path, state["epoch"], state["mean_lr"]))
+            state = read_written_json(state_file)
+            found.append(WarmupCheckpoint(path, state["epoch"], state["mean_lr"], tuple(state["betas"]), state["eps"]))
     return sorted(found, key=lambda c: c.epoch)
 
 
