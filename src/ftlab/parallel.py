@@ -92,7 +92,11 @@ class Single:
         self.module = self.forward_module = module
 
     def checkpointer(self, run: RunDir, optimizer: torch.optim.Optimizer) -> Checkpointer:
-        return TrajectoryCheckpointer(run, self.main, self.cfg, optimizer)
+        """The trajectory log, for a zeroth-order optimizer whose steps replay from their records;
+        tensors and optimizer state for one whose state does not (``replayable = False``)."""
+        if getattr(optimizer, "replayable", True):
+            return TrajectoryCheckpointer(run, self.main, self.cfg, optimizer)
+        return TensorCheckpointer(run, self.main)
 
     def resume(self, state: TrainState, lr: float) -> None:
         """Continue from ``state`` (the counters a checkpoint restored); ``lr``: the next step's."""

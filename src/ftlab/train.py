@@ -308,6 +308,9 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     cfg = from_dict(TrainConfig, run.read_config(), str(run.config))
     if not is_zeroth_order(cfg.optimizer):
         raise FtlabError(f"{run_dir} is a {cfg.optimizer} run; only zeroth-order runs can be replayed")
+    if not run.trajectory.exists() and run.checkpoint_weights.exists():
+        raise FtlabError(f"{run_dir} is a {cfg.optimizer} run, whose steps depend on state its log does not "
+                         "hold: it was checkpointed as tensors and cannot be replayed; load model/ instead")
     # A sharded run replays in one process: z is indexed by the global element.
     # An offloaded run was exact (its CPU master never perturbed): replay with exact arithmetic.
     zo = dataclasses.replace(cfg.zo, exact=True) if cfg.offload else cfg.zo

@@ -159,6 +159,8 @@ class MeZO(torch.optim.Optimizer):
     """
 
     zeroth_order = True  # the training loop gives such optimizers a forward-only closure
+    replayable = True  # a step is rebuilt from its log record alone (else: tensor checkpoints, no replay)
+    extra_bytes_per_entry = 0  # optimizer state per trainable entry, beyond inference memory
     cache_views = True  # keep a step's strided views between its passes (pieces hold no memory)
     closure_returns = "the loss"  # what step's closure returns (said when it is missing)
 
@@ -200,6 +202,16 @@ class MeZO(torch.optim.Optimizer):
                 out.append((index, p, group["weight_decay"]))
                 index += 1
         return out
+
+    @property
+    def forwards_per_step(self) -> int:
+        """Forward passes (closure calls) one step runs: 2n central, n + 1 one-sided."""
+        return self.n + 1 if self.one_sided else 2 * self.n
+
+    def cost(self) -> str:
+        """One line: forwards per step and extra memory (``ftlab train --show-config`` prints it)."""
+        return (f"{type(self).__name__}: {self.forwards_per_step} forwards a step, "
+                f"{self.extra_bytes_per_entry} extra bytes per trainable entry")
 
     def z_spec(self) -> dict:
         """What defines z (a trajectory log records it; a replay with other values is refused)."""

@@ -125,6 +125,8 @@ class ZOMomentum(OnePassMeZO):
     weights, the size of float32 ones. The step memory of MeZO is otherwise kept.
     """
 
+    extra_bytes_per_entry = 4
+
     buffers = ("momentum_buffer",)
 
     def __init__(self, params: Iterable, momentum: float = 0.9, **kwargs: Any) -> None:
@@ -150,6 +152,8 @@ class ZOAdam(OnePassMeZO):
     (float64 for float64 parameters): 8 bytes per trainable entry, four times the size of bf16
     weights, twice that of float32 ones; plus the step count ``state[p]["step"]``.
     """
+
+    extra_bytes_per_entry = 8
 
     buffers = ("exp_avg", "exp_avg_sq")
 
@@ -215,6 +219,8 @@ class SparseMeZO(OnePassMeZO):
     ``step`` and ``replay`` both compute the mask when they begin (:meth:`_begin_step`), from
     the same weights, so a replay is bitwise.
     """
+
+    extra_bytes_per_entry = 1
 
     cache_views = False  # its pieces are masked copies of z: never keep them
 
