@@ -9,7 +9,9 @@ trainable tensors: one launch of every kernel for K forwards, which is what keep
 on small batches (FZOO, Dang et al., 2026, evaluate their N perturbations this way).
 
 Memory: the K stacked copies of the trainable tensors, and K times the activations of one
-forward from the first layer that reads a mapped tensor onwards.
+forward from the first layer that reads a mapped tensor onwards. An operation vmap has no
+batching rule for (PyTorch's CPU flash-attention kernel, with a warning) runs once per copy
+through vmap's fallback: the same numbers, without the speed-up.
 
 * :func:`batched_losses` -- the core: ``(model, {name: K x ...}, loss_fn) -> Tensor[K]``.
 * :class:`BatchedObjective` -- what an optimizer is given as its closure: ``closure()`` is the
