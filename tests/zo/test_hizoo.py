@@ -11,6 +11,7 @@ import torch
 from reference import directions, f32
 from torch import nn
 
+from ftlab.checkpoint import load_checkpoint, save_checkpoint
 from ftlab.errors import FtlabError
 from ftlab.zo.hizoo import HiZOO
 from ftlab.zo.mezo import MeZO
@@ -257,3 +258,28 @@ def test_forwards_per_step_and_one_all_reduce_of_all_losses(n):
     record = opt.history[-1]
     assert record.loss == means[0][1]  # the first L+
     assert record.grads[0] == f32((means[0][1] - means[0][1 + n]) / (2 * opt.eps))
+
+
+def test_a_tensor_checkpoint_resumes_identically(tmp_path):
+    # What the training loop does for a non-replayable optimizer: save weights, optimizer and
+    # scheduler state (S included) with save_checkpoint, load them (weights_only) and go on.
+    def build(seed):
+        model = Quadratic(*ill_conditioned(), dtype=torch.float32)
+        opt = HiZOO(model.parameters(), lr=0.1, eps=1e-2, hessian_smoothing=0.1, seed=seed)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+
+    model, opt, scheduler = build(0)
+    for _ in range(3):
+        opt.step(model)
+        scheduler.step()
+    save_checkpoint(tmp_path / "checkpoint", model, opt, scheduler, {"step": 3})
+    for _ in range(3):
+        opt.step(model)
+        scheduler.step()
+    resumed, fresh, fresh_scheduler = build(1)
+    assert load_checkpoint(tmp_path / "checkpoint", resumed, fresh, fresh_scheduler) == {"step": 3}
+    for _ in range(3):
+        fresh.step(resumed)
+        fresh_scheduler.step()
+    assert torch.equal(resumed.x, model.x)
+    assert torch.equal(fresh.state[resumed.x]["hessian"], opt.state[model.x]["hessian"])

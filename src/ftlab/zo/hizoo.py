@@ -21,8 +21,10 @@ entrywise)::
 
 This is Algorithm 1 of the paper written with ``S = Sigma^{-1}`` (the paper keeps Sigma, an
 inverse-Hessian estimate, and updates ``Sigma^{-1}`` as above; ``Sigma_0 = I``, so ``S`` starts
-at ones) and its update uses ``Sigma_{t+1}``, the new S. With n > 1 seeds the curvature
-estimates are averaged and L0 is shared: 2n + 1 forwards a step (3 for the paper's n = 1).
+at ones) and its update uses ``Sigma_{t+1}``, the new S. (The authors' released code applies
+the moving average to the buffer it perturbs with, Sigma rather than Sigma^{-1}; this follows
+the paper's equations.) With n > 1 seeds the curvature estimates are averaged and L0 is shared:
+2n + 1 forwards a step (3 for the paper's n = 1).
 
 **What the estimates are.** For a quadratic ``f = 1/2 (x-a)^T H (x-a)`` the central
 differences are exact: ``g = grad^T S^{-1/2} z``, so ``E[g S^{-1/2} z] = S^{-1} grad`` -- at a
@@ -187,10 +189,9 @@ class HiZOO(MeZO):
         skipped = lr == 0.0 and not any(grads) and not any(curvatures)
         gs, cs = [g / n for g in grads], [alpha * c / n for c in curvatures]
         for index, p, wd in self._params():
-            pieces = zip(*(self._pieces(seed, index, p) for seed in seeds))
-            for parts in pieces:
-                theta, hessian = parts[-1][0], parts[-1][1]
-                z = [piece for _, _, piece in parts]
+            for parts in zip(*(self._pieces(seed, index, p) for seed in seeds)):  # the same entries
+                theta, hessian, _ = parts[0]
+                z = [piece for _, _, piece in parts]  # each seed's z there
                 if restore:
                     theta.add_(signed_z(z[-1], restore, hessian.dtype).mul_(hessian.rsqrt()))
                 if skipped:
