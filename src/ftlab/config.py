@@ -49,7 +49,7 @@ T = TypeVar("T")
 Check = Callable[[Any], bool]
 
 Dtype = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
-Optimizer = Literal["adamw", "sgd", "mezo", "zo-momentum", "zo-adam", "zo-sign", "sparse-mezo"]
+Optimizer = Literal["adamw", "sgd", "mezo", "zo-momentum", "zo-adam", "zo-sign", "sparse-mezo", "fzoo", "hizoo"]
 CHUNK = 1 << 16  # default entries of z handled at once (256 KiB in fp32): bounds every temporary
 
 
@@ -130,6 +130,11 @@ def every(check: Check) -> Check:
 @needs("in [0, 1)")
 def in_unit_interval(value: float) -> bool:
     return 0.0 <= value < 1.0
+
+
+@needs("in (0, 1)")
+def in_open_unit_interval(value: float) -> bool:
+    return 0.0 < value < 1.0
 
 
 @needs("two numbers in [0, 1), e.g. [0.9, 0.999]")
@@ -379,6 +384,10 @@ class ZOSettings(Settings):
     betas: list[float] = setting(factory=lambda: [0.9, 0.999], check=unit_pair)  # zo-adam
     # sparse-mezo: fraction of each tensor's smallest-magnitude entries trained
     sparsity: float = setting(0.75, check=in_unit_interval)
+    # fzoo: the N + 1 points of a step in one vmapped forward (LoRA or prefix: small trainable tensors)
+    batched: bool = False
+    # hizoo: weight of each step's curvature estimate in the moving average of the diagonal Hessian
+    hessian_smoothing: float = setting(1e-8, check=in_open_unit_interval)
 
 
 @dataclass
@@ -475,6 +484,24 @@ class TrainConfig(Settings):
         self._objective_needs_zo()
         self._scale_options()
         self._first_order_options()
+        self._estimator_options()
+
+    def _estimator_options(self) -> None:
+        """What each zeroth-order estimator needs of the zo settings (said here, before a folder is
+        written, rather than by its constructor inside the run)."""
+        zo = self.zo
+        if self.optimizer == "fzoo" and (zo.distribution != "rademacher" or zo.n_perturbations < 2):
+            raise ConfigError("zo", "fzoo normalises its step by the std of N >= 2 one-sided Rademacher estimates: "
+                                    f"set zo.distribution=rademacher zo.n_perturbations=8 (the paper's N; got "
+                                    f"{zo.distribution}, {zo.n_perturbations})")
+        if self.optimizer == "hizoo" and (zo.one_sided or zo.distribution != "gaussian"):
+            raise ConfigError("zo", "hizoo estimates curvature from L+, L- and L0 with gaussian z: set "
+                                    "zo.one_sided=false zo.distribution=gaussian")
+        if zo.batched and (self.optimizer != "fzoo" or self.mode == "full" or self.offload or self.fsdp
+                           or self.objective != "loss" or self.grad_accum != 1):
+            raise ConfigError("zo.batched", "evaluates fzoo's N + 1 points as one vmapped forward of stacked "
+                                            "adapters: it needs optimizer=fzoo, mode=lora or prefix, objective=loss, "
+                                            "grad_accum=1, and neither offload nor fsdp")
 
     def _objective_needs_zo(self) -> None:
         if self.objective not in ("loss", "quad") and self.optimizer in _FIRST_ORDER:

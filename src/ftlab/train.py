@@ -44,6 +44,7 @@ from ftlab.parallel import Single, build_parallelism, micro_batches
 from ftlab.rundir import RunDir, read_written_json
 from ftlab.runs import check_settings, writes_run_dir
 from ftlab.tasks import Splits, TaskSpec, load_task, make_splits
+from ftlab.zo.batched import batched_objective
 from ftlab.zo.trajectory import TrajectoryLog, replay
 
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -96,6 +97,8 @@ def make_closure(optimizer: torch.optim.Optimizer, objectives: Callable[[], torc
     around every forward (bf16 autocast; the backward runs outside it, as PyTorch recommends)."""
     parts = objectives if isinstance(objectives, list) else [objectives]
     k = len(parts)
+    if is_zeroth_order(optimizer) and k == 1 and hasattr(parts[0], "losses"):
+        return parts[0]  # a batched objective (zo.batched: grad_accum 1), which the optimizer calls under no_grad
     if is_zeroth_order(optimizer):
         @torch.no_grad()
         def zo_closure() -> torch.Tensor:
@@ -205,8 +208,7 @@ def _step(cfg: TrainConfig, parallel: Single, optimizer: torch.optim.Optimizer, 
           encoder: Encoder, examples: list, step: int) -> float:
     """One optimizer step on this rank's ``examples``; returns the step's (ranks' mean) loss."""
     device = model_device(parallel.module)
-    parts = [objectives.objective_fn(cfg.objective, parallel.forward_module, tokenizer, encoder, micro, device,
-                                     lockstep=parallel.lockstep)
+    parts = [_objective(cfg, parallel, tokenizer, encoder, micro, device)
              for micro in micro_batches(examples, cfg.grad_accum)]
     closure = make_closure(optimizer, parts, cfg.max_grad_norm, autocast=parallel.autocast, no_sync=parallel.no_sync)
     # Dropout draws from the global RNG: seeded per step (and per rank where each holds other
@@ -214,6 +216,17 @@ def _step(cfg: TrainConfig, parallel: Single, optimizer: torch.optim.Optimizer, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(parallel.step_seed(cfg.seed_of("order") * 1_000_003 + step))
         return parallel.mean_loss(optimizer.step(closure))
+
+
+def _objective(cfg: TrainConfig, parallel: Single, tokenizer: Any, encoder: Encoder, examples: list,
+               device: torch.device) -> Callable[[], torch.Tensor]:
+    """What a step minimises on one micro-batch: ``cfg.objective``'s function of no arguments
+    (offload: the +eps and -eps halves in one lockstep pass), or, with ``zo.batched``, one that
+    also evaluates many adapter settings in one vmapped forward (FZOO's N + 1 points)."""
+    if cfg.zo.batched:
+        return batched_objective(parallel.forward_module, encoder, examples, device)
+    return objectives.objective_fn(cfg.objective, parallel.forward_module, tokenizer, encoder, examples, device,
+                                   lockstep=parallel.lockstep)
 
 
 def _check_finite(loss: float, step: int, lr: float, optimizer: torch.optim.Optimizer, cfg: TrainConfig,

@@ -231,8 +231,8 @@ def test_buffers_stay_float32_through_state_dict(tiny_model_factory):
 
 
 def test_optimizer_names_and_bad_settings(tmp_path, tiny_model):
-    for name, entry in ZO_OPTIMIZERS.items():
-        assert type(build_optimizer(_cfg(tmp_path, f"optimizer={name}"), tiny_model)) is entry.cls
+    for name in ("mezo", "zo-momentum", "zo-adam", "zo-sign", "sparse-mezo"):  # every name: test_registry.py
+        assert type(build_optimizer(_cfg(tmp_path, f"optimizer={name}"), tiny_model)) is ZO_OPTIMIZERS[name].cls
     with pytest.raises(FtlabError,
                        match="config.optimizer: 'zo-lion' is not one of 'adamw', 'sgd', 'mezo', 'zo-momentum'"):
         build_optimizer(_cfg(tmp_path, "optimizer=zo-lion"), tiny_model)

@@ -10,6 +10,8 @@ from torch import nn
 
 from ftlab.config import ZOSettings
 from ftlab.errors import FtlabError
+from ftlab.zo.fzoo import FZOO
+from ftlab.zo.hizoo import HiZOO
 from ftlab.zo.mezo import MeZO, ZOStep
 from ftlab.zo.offload import OffloadedMeZO
 from ftlab.zo.variants import SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD
@@ -31,6 +33,8 @@ ZO_OPTIMIZERS: dict[str, ZOOptimizer] = {
     "zo-adam": ZOOptimizer(ZOAdam, lambda s: {"betas": tuple(s.betas)}),
     "zo-sign": ZOOptimizer(ZOSignSGD),
     "sparse-mezo": ZOOptimizer(SparseMeZO, lambda s: {"sparsity": s.sparsity}),
+    "fzoo": ZOOptimizer(FZOO, lambda s: {"batched": s.batched}),
+    "hizoo": ZOOptimizer(HiZOO, lambda s: {"hessian_smoothing": s.hessian_smoothing}),
 }
 
 
@@ -47,14 +51,14 @@ def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: Z
     if entry is None:
         raise FtlabError(f"unknown zeroth-order optimizer {name!r}; choose one of {', '.join(ZO_OPTIMIZERS)}")
     s = settings
-    kwargs = dict(lr=lr, eps=s.eps, n_perturbations=s.n_perturbations, one_sided=s.one_sided,
-                  distribution=s.distribution, generator=s.generator, seed=seed, exact=s.exact,
-                  chunk_size=s.chunk_size, **entry.knobs(s))
+    kwargs = {**dict(lr=lr, eps=s.eps, n_perturbations=s.n_perturbations, one_sided=s.one_sided,
+                     distribution=s.distribution, generator=s.generator, seed=seed, exact=s.exact,
+                     chunk_size=s.chunk_size), **entry.knobs(s)}
     if offload_model is None:
         return entry.cls(param_groups, **kwargs)
     assert entry.offloaded is not None
     return entry.offloaded(param_groups, model=offload_model, device=device, **kwargs)
 
 
-__all__ = ["MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO", "OffloadedMeZO",
-           "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]
+__all__ = ["FZOO", "HiZOO", "MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO",
+           "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]

@@ -1,0 +1,95 @@
+"""Every zeroth-order optimizer a config can name trains through ``ftlab train``'s loop: a killed
+run resumes to the same weights as a straight one, and a run replays bitwise from its trajectory
+log where the optimizer's state allows (else the replay is refused in one line and the run is
+checkpointed as tensors). The settings each estimator requires are refused up front otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import _cfg, _data, _Killed
+
+from ftlab.errors import FtlabError
+from ftlab.models import load_model
+from ftlab.optim import build_optimizer
+from ftlab.train import replay_run, train
+from ftlab.zo import ZO_OPTIMIZERS
+
+# What an estimator needs beyond the defaults (its config rule says so otherwise).
+REQUIRED = {
+    "fzoo": ["zo.distribution=rademacher", "zo.n_perturbations=2"],
+}
+BATCHED = ["optimizer=fzoo", "mode=lora", "zo.batched=true", *REQUIRED["fzoo"]]
+
+
+def _final_tensors(run_dir):
+    return {k: v for f in sorted((run_dir / "model").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.fixture
+def base(tmp_path, tiny_model_factory, tiny_tokenizer):
+    folder = tmp_path / "base"
+    tiny_model_factory("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_every_name_builds_its_class(tmp_path, tiny_model):
+    for name, entry in ZO_OPTIMIZERS.items():
+        cfg = _cfg(tmp_path, f"optimizer={name}", *REQUIRED.get(name, []))
+        optimizer = build_optimizer(cfg, tiny_model)
+        assert type(optimizer) is entry.cls
+        assert optimizer.forwards_per_step >= 2 and optimizer.extra_bytes_per_entry >= 0
+        assert type(optimizer).__name__ in optimizer.cost()
+
+
+@pytest.mark.parametrize("overrides", [[f"optimizer={name}", *REQUIRED.get(name, [])] for name in ZO_OPTIMIZERS]
+                         + [BATCHED], ids=[*ZO_OPTIMIZERS, "fzoo-batched"])
+def test_trains_resumes_and_replays_or_refuses(tmp_path, base, overrides):
+    overrides = [f"model={base}", "zo.eps=1e-2", "eval_every=0", *overrides]  # no eval: the final weights are kept
+    model, tokenizer = load_model(str(base))
+    straight = train(_cfg(tmp_path / "a", *overrides), progress=False, model_and_tokenizer=(model, tokenizer),
+                     data=_data())
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = {n: p for n, p in load_model(str(base))[0].named_parameters()}
+    assert any(not torch.equal(trained[n], start[n]) for n in start if n in trained) or \
+        any("lora" in n for n in trained)  # full fine-tuning moved the weights (LoRA: the adapters, in model/)
+
+    def kill(step, record):
+        if step == 5:  # after the step-4 checkpoint
+            raise _Killed
+
+    cfg = _cfg(tmp_path / "b", *overrides)
+    with pytest.raises(_Killed):
+        train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data(), callback=kill)
+    resumed = train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data())
+    want, got = _final_tensors(tmp_path / "a"), _final_tensors(tmp_path / "b")
+    assert got.keys() == want.keys() and want
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert resumed == straight
+
+    optimizer = build_optimizer(cfg, load_model(str(base))[0])
+    if optimizer.replayable:
+        replayed, _ = replay_run(tmp_path / "a")
+        for name, p in replayed.named_parameters():
+            if name in trained:
+                assert torch.equal(p, trained[name]), name
+    else:
+        assert not (tmp_path / "a" / "trajectory.bin").exists()
+        with pytest.raises(FtlabError, match="cannot be replayed"):
+            replay_run(tmp_path / "a")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["optimizer=fzoo"], "set zo.distribution=rademacher zo.n_perturbations=8"),
+    (["optimizer=hizoo", "zo.one_sided=true"], "zo.one_sided=false zo.distribution=gaussian"),
+    (["optimizer=mezo", "zo.batched=true", "mode=lora"], "needs optimizer=fzoo"),
+    ([*BATCHED, "mode=full"], "mode=lora or prefix"),
+    (["optimizer=hizoo", "zo.hessian_smoothing=0"], r"zo.hessian_smoothing: must be in \(0, 1\)"),
+])
+def test_an_estimator_missing_its_settings_is_refused_in_one_line(tmp_path, overrides, match):
+    with pytest.raises(FtlabError, match=match) as info:
+        _cfg(tmp_path, *overrides)
+    assert "\n" not in str(info.value)
