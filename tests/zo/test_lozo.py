@@ -244,9 +244,9 @@ def test_lowers_the_loss_of_a_tiny_lora_model(tiny_model_factory, tiny_tokenizer
     cls, kwargs = CLASSES[name]
     opt = cls(trainable, lr=3e-2 if name == "lozo" else 5e-2, eps=1e-2, rank=2, refresh_every=20, seed=0, **kwargs)
     start = float(closure())
-    for _ in range(150):
+    for _ in range(40):
         opt.step(closure)
-    assert float(closure()) < start - 0.05
+    assert float(closure()) < start - 0.1
 
 
 # -- settings and cost --------------------------------------------------------------------------
@@ -270,3 +270,24 @@ def test_cost_counts_the_factors():
     assert momentum.extra_bytes() == plain.extra_bytes() + 4 * 2 * 30 + 4 * 20  # N, the bias's buffer
     assert "LOZOM: 2 forwards a step" in momentum.cost()
     assert LOZO([w], rank=2, n_perturbations=3, one_sided=True).forwards_per_step == 4
+
+
+def test_bf16_exact_mode_replays_and_keeps_float32_momentum(tiny_model_factory):
+    model = tiny_model_factory("llama").to(torch.bfloat16)
+    base = copy.deepcopy(model)
+    ids = torch.arange(2, 20)[None]
+    common = dict(lr=1e-3, eps=1e-2, rank=2, refresh_every=2, momentum=0.9, seed=2)
+    opt = LOZOM(model.parameters(), **common)  # bf16: exact mode
+    assert opt.exact
+    opt.attach(model)
+    _run(model, opt, 3, ids)
+    assert all(opt.state[p]["momentum"].dtype == torch.float32 for p in model.parameters())
+    fresh = LOZOM(base.parameters(), **common)
+    fresh.load_state_dict(opt.state_dict())
+    _same_state(opt, fresh)
+    replayer = LOZOM(base.parameters(), **common)
+    for record in opt.history:
+        replayer.replay(record)
+    for p, q in zip(model.parameters(), base.parameters()):
+        assert torch.equal(p, q)
+    _same_state(opt, replayer)
