@@ -5,17 +5,17 @@ Each 2-D weight W (m x n) is perturbed along a rank-r matrix ``Z = U V^T`` inste
 Gaussian z; every other tensor (biases, norms: 1-D) keeps MeZO's z (its generator, distribution
 and chunks), as in the paper. ``U`` (m x r) is fresh every step (from the step seed); ``V``
 (n x r) is *lazily* resampled, every ``refresh_every`` (nu) steps: the steps of one "subspace"
-k = t // nu share ``V_k``. One step t, for each step seed s (n-SPSA averages n of them)::
+k = t // nu share ``V_k``. One step t, for each of its S step seeds s (n-SPSA, S = n_perturbations)::
 
     U_s = N(0, 1)^(m x r) from seed (s, parameter)         # fresh each step
     V_k = N(0, 1)^(n x r) from seed (optimizer seed, k)     # the same for nu steps
     W += eps U_s V_k^T ; L+ = loss ; W -= 2 eps U_s V_k^T ; L- = loss   (1-D tensors: MeZO's z)
     g_s = (L+ - L-) / (2 eps)
     # LOZO:
-    W <- W + eps U V^T  -  lr (1/(n r)) sum_s g_s U_s V_k^T           (restore fused with the update)
+    W <- W + eps U V^T  -  lr (1/(S r)) sum_s g_s U_s V_k^T           (restore fused with the update)
     # LOZO-M: momentum N (m x r) kept in the low-rank space
     at a refresh (t = k nu, k > 0):  N <- N V_{k-1}^T V_k / n          (momentum carried into the new subspace)
-    N <- beta N + (1 - beta) (1/n) sum_s g_s U_s
+    N <- beta N + (1 - beta) (1/S) sum_s g_s U_s
     W <- W + eps U V^T  -  (lr / r) N V_k^T
 
 E[Z Z^T] = r I (vectorised) for Gaussian U and V, so ``g U V^T / r`` is an unbiased estimate of
@@ -36,12 +36,12 @@ i)``. A step is therefore a function of its seeds, the optimizer's seed and step
 logged g and lr: :meth:`replay` rebuilds weights and momentum bit for bit, V refreshes included
 (``step`` and ``replay`` both advance the step count when they begin).
 
-Memory (m x n matrices, ``b`` bytes per parameter entry, ``n`` seeds a step):
+Memory (m x n matrices, ``b`` bytes per parameter entry, S seeds a step):
 * ``V``: ``r n b`` per matrix, kept between steps (regenerable: not checkpointed).
-* ``U``: ``n_perturbations r m b`` per matrix during a step (reused by its three passes).
+* ``U``: ``S r m b`` per matrix during a step (reused by its three passes).
 * ``D``: at most three ``r m`` temporaries (float32, and its cast) at a time in the update.
 * LOZO-M: ``N`` ``r m`` float32 per matrix, and 4 bytes per entry of each 1-D tensor.
-So ``r (m + n)`` entries per matrix and step, against MeZO's zero; :meth:`cost` states the
+So ``r (S m + n)`` entries per matrix (plus ``r m`` float32 for LOZO-M), against MeZO's zero; :meth:`cost` states the
 total for the optimizer's parameters and ``extra_bytes_per_entry`` per trainable entry.
 """
 
