@@ -76,7 +76,7 @@ def _train(opt_of, lr, steps):
     opt = opt_of(quad.parameters(), lr)
     for _ in range(steps):
         opt.step(quad)
-    return float(quad())
+    return float(quad().detach())
 
 
 LRS = [2e-3, 4e-3, 6e-3, 8e-3, 1.2e-2, 1.6e-2]
@@ -86,19 +86,19 @@ def _best(opt_of, steps):
     return min(_train(opt_of, lr, steps) for lr in LRS)
 
 
-def test_learns_the_quadratic_faster_per_step_and_as_fast_per_forward():
-    start = float(Quadratic()())
-    pool = 16
+def test_learns_the_quadratic_faster_than_mezo_per_step_and_per_forward():
+    start = float(Quadratic()().detach())
+    pool, forwards = 32, 1800
     guided = lambda params, lr: GuidedMeZO(params, lr=lr, eps=1e-4, pool_size=pool, seed=1)  # noqa: E731
     plain = lambda params, lr: MeZO(params, lr=lr, eps=1e-4, seed=1)  # noqa: E731
-    forwards = 1800
-    guided_loss = _best(guided, forwards // (pool + 2))  # 100 steps
+    guided_loss = _best(guided, forwards // (pool + 2))  # 52 steps, each method at its best lr
     per_forward, per_step = _best(plain, forwards // 2), _best(plain, forwards // (pool + 2))
-    assert guided_loss < 0.2 * start
-    assert guided_loss < 0.5 * per_step  # for as many steps, far lower
-    # For as many forwards (each at its best lr): comparable, not better (see the module
-    # docstring: v lies in the span of the pool, whose forwards only rank the candidates).
-    assert 0.5 * per_forward < guided_loss < 2.0 * per_forward
+    assert guided_loss < 0.02 * start
+    assert guided_loss < 0.1 * per_step  # for as many steps: far lower
+    # For as many forwards: lower too, by a margin that grows with the pool (measured on this
+    # quadratic, seeds 0-3, against MeZO: pool 8 about 1.3x worse, 16 about 1.1-1.3x better,
+    # 32 about 1.5-2x better; see the module docstring).
+    assert guided_loss < 0.8 * per_forward
 
 
 # -- a naive float64 reference: z materialised, v formed whole --------------------------------
@@ -168,6 +168,23 @@ def test_matches_a_naive_reference(tiny_model_factory, tiny_tokenizer, exact, ge
     for p, q in zip([p for g in opt.param_groups for p in g["params"]], ref_params):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_data_parallel_means_rank_before_choosing_v():
+    """The ranking uses the losses as averaged over the ranks (every rank must pick the same v):
+    one mean of the M pool losses, then one of the guided pair's two values."""
+    quad = Quadratic()
+    opt = GuidedMeZO(quad.parameters(), lr=1e-2, eps=1e-4, pool_size=6, seed=0)
+    calls = []
+
+    def mean(values):  # as if the other ranks' losses made the last candidates the best
+        calls.append(len(values))
+        return [v + 100.0 * (len(values) - i) for i, v in enumerate(values)] if len(values) == 6 else values
+    opt._mean = mean
+    opt.step(quad)
+    assert calls == [6, 2]
+    cs = coefficients_from_grads(opt.history[-1].grads)
+    assert [c < 0 for c in cs] == [False, False, False, True, True, True]  # elite: the last 3 (c_1 > 0)
 
 
 # -- replay ------------------------------------------------------------------------------------
