@@ -11,6 +11,7 @@ from reference import directions, f32
 from torch import nn
 
 from ftlab.errors import FtlabError
+from ftlab.zo import ZO_OPTIMIZERS
 from ftlab.zo.guided import GuidedMeZO, coefficients_from_grads, guiding_coefficients
 from ftlab.zo.mezo import MeZO
 from ftlab.zo.trajectory import TrajectoryLog, replay
@@ -267,3 +268,43 @@ def test_cost_and_bad_settings():
         assert "\n" not in str(e.value)
     with pytest.raises(FtlabError, match="needs a closure"):
         opt.step(None)
+
+
+# -- through train(): runs once the lead registers "zo-guided" (ZO_OPTIMIZERS, config) ----------
+@pytest.mark.skipif("zo-guided" not in ZO_OPTIMIZERS, reason="zo-guided is not registered yet")
+def test_train_with_zo_guided_resumes_and_replays_bitwise(tmp_path, tiny_model_factory, tiny_tokenizer):
+    from safetensors.torch import load_file
+    from test_train import _cfg, _data, _Killed
+
+    from ftlab.models import load_model
+    from ftlab.train import replay_run, train
+
+    base = tmp_path / "base"
+    tiny_model_factory("llama").save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    overrides = [f"model={base}", "optimizer=zo-guided", "zo.pool_size=3", "weight_decay=0.01", "schedule=cosine",
+                 "eval_every=0"]
+    model, tokenizer = load_model(str(base))
+    straight = train(_cfg(tmp_path / "a", *overrides), progress=False, model_and_tokenizer=(model, tokenizer),
+                     data=_data())
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    replayed, _ = replay_run(tmp_path / "a")
+    for name, p in replayed.named_parameters():
+        assert torch.equal(p, trained[name]), name
+
+    def kill(step, record):
+        if step == 5:
+            raise _Killed
+
+    cfg = _cfg(tmp_path / "b", *overrides)
+    with pytest.raises(_Killed):
+        train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data(), callback=kill)
+    resumed = train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data())
+
+    def final(run_dir):
+        return {k: v for f in sorted((run_dir / "model").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    want, got = final(tmp_path / "a"), final(tmp_path / "b")
+    assert got.keys() == want.keys() and want
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert resumed == straight
