@@ -199,15 +199,16 @@ def _nan_after(closure, calls):
     return wrapped
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_replay_is_bitwise_skipped_steps_included(tiny_model_factory, exact):
-    model = tiny_model_factory("llama")  # float32: in-place moves round, replay must round alike
+@pytest.mark.parametrize("exact,dtype", [(False, torch.float32), (True, torch.float32), (None, torch.bfloat16)])
+def test_replay_is_bitwise_skipped_steps_included(tiny_model_factory, exact, dtype):
+    model = tiny_model_factory("llama").to(dtype)  # in place, moves round: replay must round alike
     base = copy.deepcopy(model)
     ids = torch.arange(2, 30)[None]
     closure = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
     common = dict(lr=1e-3, eps=1e-3, weight_decay=0.01, pool_size=4, exact=exact)
     opt = GuidedMeZO(model.parameters(), seed=3, **common)
     opt.attach(model)
+    assert opt.exact == (exact is not False)  # bf16: exact mode by default
     for step in range(5):
         if step == 2:  # skipped at the pool: the third candidate's loss is NaN
             assert math.isnan(float(opt.step(_nan_after(closure, 2))))
