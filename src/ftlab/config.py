@@ -49,7 +49,8 @@ T = TypeVar("T")
 Check = Callable[[Any], bool]
 
 Dtype = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
-Optimizer = Literal["adamw", "sgd", "mezo", "zo-momentum", "zo-adam", "zo-sign", "sparse-mezo", "fzoo", "hizoo"]
+Optimizer = Literal["adamw", "sgd", "mezo", "zo-momentum", "zo-adam", "zo-sign", "sparse-mezo", "fzoo", "hizoo",
+                    "lozo", "lozo-m", "zo-guided"]
 CHUNK = 1 << 16  # default entries of z handled at once (256 KiB in fp32): bounds every temporary
 
 
@@ -388,6 +389,12 @@ class ZOSettings(Settings):
     batched: bool = False
     # hizoo: weight of each step's curvature estimate in the moving average of the diagonal Hessian
     hessian_smoothing: float = setting(1e-8, check=in_open_unit_interval)
+    # lozo, lozo-m: rank r of each weight matrix's perturbation U V^T, and the steps between redraws of V
+    rank: int = setting(2, check=at_least(1))
+    refresh_every: int = setting(50, check=at_least(1))
+    # zo-guided (MeZO-GV): candidate perturbations a step, and the share of lowest-loss ones in the elite group
+    pool_size: int = setting(16, check=at_least(2))
+    elite_fraction: float = setting(0.5, check=in_open_unit_interval)
 
 
 @dataclass
@@ -497,6 +504,9 @@ class TrainConfig(Settings):
         if self.optimizer == "hizoo" and (zo.one_sided or zo.distribution != "gaussian"):
             raise ConfigError("zo", "hizoo estimates curvature from L+, L- and L0 with gaussian z: set "
                                     "zo.one_sided=false zo.distribution=gaussian")
+        if self.optimizer == "zo-guided" and (zo.one_sided or zo.n_perturbations != 1):
+            raise ConfigError("zo", "zo-guided takes one central difference along its guiding vector: set "
+                                    "zo.one_sided=false zo.n_perturbations=1 (its pool is zo.pool_size)")
         if zo.batched and (self.optimizer != "fzoo" or self.mode == "full" or self.offload or self.fsdp
                            or self.objective != "loss" or self.grad_accum != 1):
             raise ConfigError("zo.batched", "evaluates fzoo's N + 1 points as one vmapped forward of stacked "

@@ -11,7 +11,6 @@ from reference import directions, f32
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.zo import ZO_OPTIMIZERS
 from ftlab.zo.guided import GuidedMeZO, coefficients_from_grads, guiding_coefficients
 from ftlab.zo.mezo import MeZO
 from ftlab.zo.trajectory import TrajectoryLog, replay
@@ -272,7 +271,6 @@ def test_cost_and_bad_settings():
 
 
 # -- through train(): runs once the lead registers "zo-guided" (ZO_OPTIMIZERS, config) ----------
-@pytest.mark.skipif("zo-guided" not in ZO_OPTIMIZERS, reason="zo-guided is not registered yet")
 def test_train_with_zo_guided_resumes_and_replays_bitwise(tmp_path, tiny_model_factory, tiny_tokenizer):
     from safetensors.torch import load_file
     from test_train import _cfg, _data, _Killed

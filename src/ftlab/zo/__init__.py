@@ -11,7 +11,9 @@ from torch import nn
 from ftlab.config import ZOSettings
 from ftlab.errors import FtlabError
 from ftlab.zo.fzoo import FZOO
+from ftlab.zo.guided import GuidedMeZO
 from ftlab.zo.hizoo import HiZOO
+from ftlab.zo.lozo import LOZO, LOZOM
 from ftlab.zo.mezo import MeZO, ZOStep
 from ftlab.zo.offload import OffloadedMeZO
 from ftlab.zo.variants import SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD
@@ -35,6 +37,10 @@ ZO_OPTIMIZERS: dict[str, ZOOptimizer] = {
     "sparse-mezo": ZOOptimizer(SparseMeZO, lambda s: {"sparsity": s.sparsity}),
     "fzoo": ZOOptimizer(FZOO, lambda s: {"batched": s.batched}),
     "hizoo": ZOOptimizer(HiZOO, lambda s: {"hessian_smoothing": s.hessian_smoothing}),
+    "lozo": ZOOptimizer(LOZO, lambda s: {"rank": s.rank, "refresh_every": s.refresh_every}),
+    "lozo-m": ZOOptimizer(LOZOM, lambda s: {"rank": s.rank, "refresh_every": s.refresh_every,
+                                            "momentum": s.momentum}),
+    "zo-guided": ZOOptimizer(GuidedMeZO, lambda s: {"pool_size": s.pool_size, "elite_fraction": s.elite_fraction}),
 }
 
 
@@ -60,5 +66,5 @@ def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: Z
     return entry.offloaded(param_groups, model=offload_model, device=device, **kwargs)
 
 
-__all__ = ["FZOO", "HiZOO", "MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO",
-           "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]
+__all__ = ["FZOO", "GuidedMeZO", "HiZOO", "LOZO", "LOZOM", "MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam",
+           "ZOSignSGD", "SparseMeZO", "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]

@@ -66,7 +66,7 @@ from torch import Tensor
 from ftlab.errors import FtlabError
 from ftlab.zo.directions import Piece, local_part, signed_z
 from ftlab.zo.mezo import LossAt, MeZO, ZOStep, f32
-from ftlab.zo.variants import _buffer_dtype, _direction
+from ftlab.zo.variants import buffer_dtype, estimate_direction
 
 HESSIAN_SMOOTHING = 1e-8  # the authors' scripts' default smoothing schedule (constant 1e-8)
 
@@ -132,7 +132,7 @@ class HiZOO(MeZO):
         state = self.state[p]
         if "hessian" not in state:
             local = local_part(p)[0]
-            state["hessian"] = torch.ones(local.shape, dtype=_buffer_dtype(p), device=local.device)
+            state["hessian"] = torch.ones(local.shape, dtype=buffer_dtype(p), device=local.device)
         return state["hessian"]
 
     def _pieces(self, step_seed: int, index: int, p: Tensor) -> Iterable[tuple[Tensor, Tensor, Piece]]:
@@ -204,7 +204,7 @@ class HiZOO(MeZO):
                     zs = signed_z(piece, 1.0, hessian.dtype)
                     factor.addcmul_(zs, zs, value=c)
                 hessian.mul_(factor)
-                theta.add_(_direction(tuple(z), gs, hessian.dtype).mul_(hessian.rsqrt()), alpha=-lr)
+                theta.add_(estimate_direction(tuple(z), gs, hessian.dtype).mul_(hessian.rsqrt()), alpha=-lr)
 
     # -- checkpoints: S stays float32 --------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -213,5 +213,5 @@ class HiZOO(MeZO):
         saved = state_dict["state"]
         for index, p, _ in self._params():
             if "hessian" in saved.get(index, {}):
-                self.state[p]["hessian"] = saved[index]["hessian"].to(device=p.device, dtype=_buffer_dtype(p),
+                self.state[p]["hessian"] = saved[index]["hessian"].to(device=p.device, dtype=buffer_dtype(p),
                                                                       copy=True)

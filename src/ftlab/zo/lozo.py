@@ -56,7 +56,7 @@ from torch import Tensor
 from ftlab.errors import FtlabError
 from ftlab.zo.directions import add_z, param_seed
 from ftlab.zo.mezo import MeZO
-from ftlab.zo.variants import _buffer_dtype, _direction, _skipped
+from ftlab.zo.variants import buffer_dtype, estimate_direction, is_skipped
 
 
 def subspace_seed(seed: int, k: int) -> int:
@@ -160,7 +160,7 @@ class LOZO(MeZO):
     def _update(self, seeds: list[int], grads: list[float], lr: float) -> None:
         """Restore the last seed's perturbation fused with decay and the update, one pass per tensor."""
         try:
-            if _skipped(grads, lr):  # a non-finite loss: only restore (momentum untouched)
+            if is_skipped(grads, lr):  # a non-finite loss: only restore (momentum untouched)
                 if self._restore:
                     self._apply(seeds[-1], self._restore)
                 return
@@ -182,7 +182,7 @@ class LOZO(MeZO):
 
     def _matrix_direction(self, index: int, p: Tensor, us: list[Tensor], coefs: list[float], lr: float) -> Tensor:
         """D (m x r) with ``W -= D V^T`` the update: ``(lr / r) sum_s coef_s U_s``."""
-        d = torch.zeros_like(us[0], dtype=_buffer_dtype(p))
+        d = torch.zeros_like(us[0], dtype=buffer_dtype(p))
         for u, c in zip(us, coefs):
             d.add_(u, alpha=-lr * c / self.rank)
         return d
@@ -204,13 +204,13 @@ class LOZO(MeZO):
         total, temporary = 0, 0
         for _, p, _ in self._params():
             if p.ndim == 2:
-                (m, n), b, b32 = p.shape, p.element_size(), _buffer_dtype(p).itemsize
+                (m, n), b, b32 = p.shape, p.element_size(), buffer_dtype(p).itemsize
                 total += self.rank * (n + self.n * m) * b  # V (kept), this step's Us
                 temporary = max(temporary, self.rank * m * (2 * b32 + b))  # D, its sum, its cast
                 if self.momentum is not None:
                     total += self.rank * m * b32  # N
             elif self.momentum is not None:
-                total += p.numel() * _buffer_dtype(p).itemsize
+                total += p.numel() * buffer_dtype(p).itemsize
         return total + temporary
 
     @property
@@ -236,7 +236,7 @@ class LOZO(MeZO):
         saved = state_dict["state"]
         for index, p, _ in self._params():  # torch casts state to the parameter's dtype: keep float32
             if "momentum" in saved.get(index, {}):
-                self.state[p]["momentum"] = saved[index]["momentum"].to(device=p.device, dtype=_buffer_dtype(p),
+                self.state[p]["momentum"] = saved[index]["momentum"].to(device=p.device, dtype=buffer_dtype(p),
                                                                          copy=True)
 
 
@@ -254,7 +254,7 @@ class LOZOM(LOZO):
     def _buffer(self, p: Tensor, shape: tuple[int, ...]) -> Tensor:
         state = self.state[p]
         if "momentum" not in state:
-            state["momentum"] = torch.zeros(shape, dtype=_buffer_dtype(p), device=p.device)
+            state["momentum"] = torch.zeros(shape, dtype=buffer_dtype(p), device=p.device)
         return state["momentum"]
 
     @torch.no_grad()
@@ -262,7 +262,7 @@ class LOZOM(LOZO):
         for index, p, _ in self._params():
             if p.ndim == 2 and "momentum" in self.state[p]:
                 old, new = self._V(index, p, self._k - 1), self._V(index, p)
-                carry = old.to(_buffer_dtype(p)).T @ new.to(_buffer_dtype(p)) / p.shape[1]
+                carry = old.to(buffer_dtype(p)).T @ new.to(buffer_dtype(p)) / p.shape[1]
                 self.state[p]["momentum"] = self.state[p]["momentum"] @ carry
 
     def _matrix_direction(self, index: int, p: Tensor, us: list[Tensor], coefs: list[float], lr: float) -> Tensor:
@@ -288,5 +288,5 @@ class LOZOM(LOZO):
                 add_z(theta, pieces[-1], restore)
             if keep != 1.0:
                 theta.mul_(keep)
-            buf.mul_(beta).add_(_direction(pieces, coefs, buf.dtype), alpha=1 - beta)
+            buf.mul_(beta).add_(estimate_direction(pieces, coefs, buf.dtype), alpha=1 - beta)
             theta.add_(buf, alpha=-lr)

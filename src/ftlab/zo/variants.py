@@ -33,18 +33,18 @@ from ftlab.zo.mezo import MeZO
 THRESHOLD_SAMPLE = 1 << 18  # entries of a tensor sampled to estimate its magnitude threshold
 
 
-def _buffer_dtype(p: Tensor) -> torch.dtype:
+def buffer_dtype(p: Tensor) -> torch.dtype:
     """Optimizer buffers are at least float32: bf16/fp16 averages of noisy estimates would
     lose most of their bits."""
     return torch.promote_types(p.dtype, torch.float32)
 
 
-def _skipped(grads: list[float], lr: float) -> bool:
+def is_skipped(grads: list[float], lr: float) -> bool:
     """Whether a step is one MeZO skipped for a non-finite loss (what it logs: lr 0, all g 0)."""
     return lr == 0.0 and not any(grads)
 
 
-def _direction(pieces: tuple[Piece, ...], coefs: list[float], dtype: torch.dtype) -> Tensor:
+def estimate_direction(pieces: tuple[Piece, ...], coefs: list[float], dtype: torch.dtype) -> Tensor:
     """``sum_k coefs[k] * sign_k * z_k`` over one piece of every seed's z, in ``dtype``: the
     step's gradient estimate there (a new piece-sized tensor, at most TEMP_ELEMENTS entries)."""
     d = signed_z(pieces[0], coefs[0], dtype)
@@ -62,14 +62,14 @@ class OnePassMeZO(MeZO):
     buffers: tuple[str, ...] = ()
 
     def _update(self, seeds: list[int], grads: list[float], lr: float) -> None:
-        if _skipped(grads, lr):
+        if is_skipped(grads, lr):
             if self._restore:
                 self._apply(seeds[-1], self._restore)
             return
         coefs, restore = [g / len(seeds) for g in grads], self._restore
         for index, p, wd in self._params():
             state, flat, decay = self._begin_param(p), local_part(p)[0].detach().view(-1), lr * wd
-            dtype = _buffer_dtype(p)
+            dtype = buffer_dtype(p)
             for pieces in zip(*(self._z_chunks(seed, index, p, bounded=True) for seed in seeds)):
                 where, shape = pieces[0].where, pieces[0].z.shape
                 mask = self._chunk_mask(index, p, where)  # read before the piece is written
@@ -82,7 +82,7 @@ class OnePassMeZO(MeZO):
                 elif decay:  # not theta * where(mask, 1 - decay, 1): bf16 would round that factor to 1
                     theta.sub_(theta * mask, alpha=decay)
                 buffers = {name: state[name].view(-1)[where].view(shape) for name in self.buffers}
-                self._chunk_step(theta, _direction(pieces, coefs, dtype), buffers, state, lr)
+                self._chunk_step(theta, estimate_direction(pieces, coefs, dtype), buffers, state, lr)
 
     def _begin_param(self, p: Tensor) -> dict[str, Any]:
         """The state of ``p`` for this update, its buffers created (zeros) at the first."""
@@ -92,7 +92,7 @@ class OnePassMeZO(MeZO):
         for name in self.buffers:
             if name not in state:
                 local = local_part(p)[0]  # a sharded parameter keeps buffers for its shard only
-                state[name] = torch.zeros(local.shape, dtype=_buffer_dtype(p), device=local.device)
+                state[name] = torch.zeros(local.shape, dtype=buffer_dtype(p), device=local.device)
         return state
 
     def _chunk_mask(self, index: int, p: Tensor, where: slice) -> Tensor | None:
@@ -112,7 +112,7 @@ class OnePassMeZO(MeZO):
         for index, p, _ in self._params():
             for name in self.buffers:
                 if name in saved.get(index, {}):
-                    self.state[p][name] = saved[index][name].to(device=p.device, dtype=_buffer_dtype(p),
+                    self.state[p][name] = saved[index][name].to(device=p.device, dtype=buffer_dtype(p),
                                                                 copy=True)
 
 
@@ -272,7 +272,7 @@ class SparseMeZO(OnePassMeZO):
             positions = torch.randint(flat.numel(), (self.threshold_sample,), generator=gen)
             flat = flat[positions.to(flat.device)]
         k = min(flat.numel(), max(1, round(self.sparsity * flat.numel())))
-        return float(flat.abs().to(_buffer_dtype(p)).kthvalue(k).values)  # exact: h is one of the |theta|
+        return float(flat.abs().to(buffer_dtype(p)).kthvalue(k).values)  # exact: h is one of the |theta|
 
     def _chunk_mask(self, index: int, p: Tensor, where: slice) -> Tensor:
         if not self.exact:
