@@ -93,3 +93,13 @@ def test_an_estimator_missing_its_settings_is_refused_in_one_line(tmp_path, over
     with pytest.raises(FtlabError, match=match) as info:
         _cfg(tmp_path, *overrides)
     assert "\n" not in str(info.value)
+
+
+def test_show_config_states_each_estimators_cost(tmp_path):
+    from ftlab.cli.common import optimizer_cost
+
+    for name in ZO_OPTIMIZERS:
+        cost = optimizer_cost(_cfg(tmp_path, f"optimizer={name}", *REQUIRED.get(name, [])))
+        assert "forwards a step" in cost and "extra bytes" in cost
+    assert optimizer_cost(_cfg(tmp_path, "optimizer=adamw")) is None
+    assert optimizer_cost(_cfg(tmp_path, "optimizer=fzoo", *REQUIRED["fzoo"])).startswith("FZOO: 3 forwards")

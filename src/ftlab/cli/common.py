@@ -49,12 +49,34 @@ def resolved_config(cls: type, config: Optional[str], overrides: Optional[list[s
     cfg = load_config(cls, config_path(config), list(overrides or []))
     if show:
         typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        cost = optimizer_cost(cfg)
+        if cost:
+            typer.echo(f"# {cost}")
         return None
     if overwrite_kind is not None:
         from ftlab.runs import overwrite_dir
 
         overwrite_dir(cfg.output_dir, overwrite_kind)
     return cfg
+
+
+def optimizer_cost(cfg: Any) -> str | None:
+    """What one step of a config's zeroth-order optimizer costs (forwards, extra memory), as the
+    optimizer states it, measured on one 576 x 576 matrix (SmolLM2's hidden size); None for
+    other configs."""
+    optimizer = getattr(cfg, "optimizer", None)
+    zo = getattr(cfg, "zo", None)
+    if not isinstance(optimizer, str) or zo is None:
+        return None
+    import torch
+
+    from ftlab.optim import is_zeroth_order
+    from ftlab.zo import build_zo_optimizer
+
+    if not is_zeroth_order(optimizer):
+        return None
+    probe = build_zo_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(576, 576))], cfg.lr, zo, 0)
+    return f"{probe.cost()} (on a 576 x 576 matrix)"
 
 
 class ProgressBars:
