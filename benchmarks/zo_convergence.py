@@ -34,10 +34,18 @@ from _common import RESULTS, machine, table, write_json
 
 # Per method: (optimizer, extra overrides, lr grid). LoRA r=8 on the embedded model throughout;
 # eps 1e-2 for LoRA as MeZO's paper uses. AdamW-LoRA is the first-order reference row.
+MEZO_LRS = [3e-3, 1e-3, 3e-4, 1e-4]
 GRIDS: dict[str, tuple[str, list[str], list[float]]] = {
-    "mezo": ("mezo", ["zo.eps=1e-2"], [1e-4, 3e-4, 1e-3, 3e-3]),
-    "zo-adam": ("zo-adam", ["zo.eps=1e-2"], [1e-4, 3e-4, 1e-3]),
-    "adamw": ("adamw", [], [3e-4, 1e-3]),
+    "mezo": ("mezo", ["zo.eps=1e-2"], MEZO_LRS),
+    "zo-adam": ("zo-adam", ["zo.eps=1e-2"], [1e-3, 3e-4, 1e-4]),
+    "fzoo": ("fzoo", ["zo.eps=1e-2", "zo.distribution=rademacher", "zo.n_perturbations=8"], [1e-3, 3e-4, 1e-4]),
+    "fzoo-batched": ("fzoo", ["zo.eps=1e-2", "zo.distribution=rademacher", "zo.n_perturbations=8",
+                              "zo.batched=true"], [1e-3, 3e-4, 1e-4]),
+    "hizoo": ("hizoo", ["zo.eps=1e-2"], MEZO_LRS),
+    "lozo": ("lozo", ["zo.eps=1e-2", "zo.rank=2"], MEZO_LRS),
+    "lozo-m": ("lozo-m", ["zo.eps=1e-2", "zo.rank=2"], MEZO_LRS),
+    "zo-guided": ("zo-guided", ["zo.eps=1e-2", "zo.pool_size=16"], MEZO_LRS),
+    "adamw": ("adamw", [], [1e-3, 3e-4]),
 }
 FIRST_ORDER_FORWARDS = 3  # forward + backward per step, in forward-equivalents
 COMMON = ["mode=lora", "lora.r=8", "lora.alpha=16", "batch_size=16", "data.max_length=128", "max_grad_norm=null"]
@@ -80,10 +88,12 @@ def run(task: str, method: str, lr: float, seed: int, args: argparse.Namespace) 
     """The run's curve (dev accuracy and loss by step), its test result, seconds and peak memory."""
     optimizer, extra, _ = GRIDS[method]
     folder = Path(args.out) / task / method / f"lr{lr:g}" / f"seed{seed}"
+    per_step = _zo_forwards(optimizer, [*extra, f"lr={lr}"])
+    steps = max(1, args.forwards // per_step) if args.forwards else args.steps  # the same forward budget for all
     overrides = [*COMMON, *extra, f"optimizer={optimizer}", f"lr={lr}", f"seed={seed}", f"data.task={task}",
                  f"data.n_train={args.n_train}", f"data.n_dev={args.n_dev}", f"data.n_test={args.n_test}",
-                 "data.data_seed=0", f"steps={args.steps}", f"eval_every={max(1, args.steps // args.evals)}",
-                 f"checkpoint_every={max(1, args.steps // args.evals)}", f"output_dir={folder}",
+                 "data.data_seed=0", f"steps={steps}", f"eval_every={max(1, steps // args.evals)}",
+                 f"checkpoint_every={max(1, steps // args.evals)}", f"output_dir={folder}",
                  f"model={args.model}", f"device={args.device}"]
     if not (folder / "harness.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +103,7 @@ def run(task: str, method: str, lr: float, seed: int, args: argparse.Namespace) 
     from ftlab.rundir import RunDir
 
     harness = json.loads((folder / "harness.json").read_text())
-    dev = [r for r in RunDir(folder).read_metrics(split="dev")]
-    per_step = _zo_forwards(optimizer, overrides)
+    dev = RunDir(folder).read_metrics(split="dev")
     return {"task": task, "method": method, "lr": lr, "seed": seed, "forwards_per_step": per_step,
             "curve": [{"step": r["step"], "forwards": r["step"] * per_step, "accuracy": r.get("accuracy"),
                        "loss": r.get("loss"), "seconds": harness["step_seconds"].get(str(r["step"]))} for r in dev],
@@ -117,7 +126,9 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=["sentiment", "trec", "boolq"])
     p.add_argument("--methods", nargs="+", default=list(GRIDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=2000, help="steps of every method (without --forwards)")
+    p.add_argument("--forwards", type=int, default=None,
+                   help="a forward budget instead: each method runs budget / its forwards a step steps")
     p.add_argument("--evals", type=int, default=10, help="dev evaluations per run")
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-dev", type=int, default=200)
@@ -125,6 +136,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/zo-convergence")
+    p.add_argument("--grid", type=int, default=None, help="only the first N lrs of each method's grid (a CPU budget)")
     p.add_argument("--quick", action="store_true", help="4 steps, 2 methods, 1 seed, 1 lr each: checks the harness")
     args = p.parse_args()
     if args.worker:
@@ -132,11 +144,13 @@ def main() -> None:
     if args.quick:
         args.methods, args.seeds, args.steps, args.evals = ["mezo", "adamw"], [0], 4, 2
         args.n_train, args.n_dev, args.n_test, args.tasks = 32, 16, 16, args.tasks[:1]
-        for m in args.methods:
-            GRIDS[m] = (GRIDS[m][0], GRIDS[m][1], GRIDS[m][2][:1])
+        args.forwards, args.grid = None, 1
     unknown = [m for m in args.methods if m not in GRIDS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(GRIDS)}")
+    if args.grid:
+        for m in args.methods:
+            GRIDS[m] = (GRIDS[m][0], GRIDS[m][1], GRIDS[m][2][:args.grid])
 
     before = machine()
     report: dict = {"args": vars(args), "machine_before": before, "tasks": {}}
@@ -169,10 +183,11 @@ def main() -> None:
                          s["speedup_vs_mezo"], s["peak_mib"], s["seconds"]])
         report["tasks"][task] = {"target": target, "methods": summary, "runs": chosen}
     report["machine_after"] = machine()
-    write_json("zo_convergence.json", report)
+    name = "zo_convergence_quick" if args.quick else "zo_convergence"  # a check of the harness keeps apart
+    write_json(f"{name}.json", report)
     print(table(rows, ["task", "method", "lr", "dev", "test", "forwards to MeZO's final dev", "x vs MeZO",
                        "peak MiB", "s/run"], markdown=True))
-    _plot(report, RESULTS / "zo_convergence.png")
+    _plot(report, RESULTS / f"{name}.png")
 
 
 def _plot(report: dict, png: Path) -> None:
