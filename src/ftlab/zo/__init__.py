@@ -69,5 +69,5 @@ def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: Z
     return entry.offloaded(param_groups, model=offload_model, device=device, **kwargs)
 
 
-__all__ = ["FZOO", "GuidedMeZO", "HiZOO", "LOZO", "LOZOM", "LowRankFZOO", "MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam",
-           "ZOSignSGD", "SparseMeZO", "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]
+__all__ = ["FZOO", "GuidedMeZO", "HiZOO", "LOZO", "LOZOM", "LowRankFZOO", "MeZO", "ZOStep", "ZOSettings",
+           "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO", "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]
