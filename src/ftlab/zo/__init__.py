@@ -70,4 +70,5 @@ def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: Z
 
 
 __all__ = ["FZOO", "GuidedMeZO", "HiZOO", "LOZO", "LOZOM", "LowRankFZOO", "MeZO", "ZOStep", "ZOSettings",
-           "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO", "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]
+           "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO", "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS",
+           "build_zo_optimizer"]
