@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from reference import f32
+from test_lozo import _groups, _run, _same_state
 
 from ftlab.errors import FtlabError
 from ftlab.zo import FZOO, LOZOM, MeZO
@@ -141,26 +142,6 @@ def test_ablation_normalisation_is_the_part_that_matters_here():
 
 
 # -- replay, checkpoints ------------------------------------------------------------------------
-def _groups(model, wd):
-    params = list(model.parameters())
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
-def _run(model, opt, steps, ids):
-    for _ in range(steps):
-        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
-
-
-def _same_state(a, b):
-    pa = [p for g in a.param_groups for p in g["params"]]
-    pb = [p for g in b.param_groups for p in g["params"]]
-    for p, q in zip(pa, pb):
-        assert a.state[p].keys() == b.state[q].keys()
-        for key, value in a.state[p].items():
-            assert torch.equal(value, b.state[q][key]), key
-
-
 @pytest.mark.parametrize("exact", [False, True])
 def test_replay_is_bitwise_across_v_refreshes(tiny_model_factory, exact):
     model = tiny_model_factory("llama")  # float32: in-place moves round, a replay must round alike
