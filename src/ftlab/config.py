@@ -50,7 +50,7 @@ Check = Callable[[Any], bool]
 
 Dtype = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 Optimizer = Literal["adamw", "sgd", "mezo", "zo-momentum", "zo-adam", "zo-sign", "sparse-mezo", "fzoo", "hizoo",
-                    "lozo", "lozo-m", "zo-guided"]
+                    "lozo", "lozo-m", "zo-guided", "lowrank-fzoo"]
 CHUNK = 1 << 16  # default entries of z handled at once (256 KiB in fp32): bounds every temporary
 
 
@@ -501,6 +501,9 @@ class TrainConfig(Settings):
             raise ConfigError("zo", "fzoo normalises its step by the std of N >= 2 one-sided Rademacher estimates: "
                                     f"set zo.distribution=rademacher zo.n_perturbations=8 (the paper's N; got "
                                     f"{zo.distribution}, {zo.n_perturbations})")
+        if self.optimizer == "lowrank-fzoo" and zo.n_perturbations < 2:
+            raise ConfigError("zo", "lowrank-fzoo normalises its step by the std of N >= 2 one-sided estimates: set "
+                                    f"zo.n_perturbations=8 (got {zo.n_perturbations})")
         if self.optimizer == "hizoo" and (zo.one_sided or zo.distribution != "gaussian"):
             raise ConfigError("zo", "hizoo estimates curvature from L+, L- and L0 with gaussian z: set "
                                     "zo.one_sided=false zo.distribution=gaussian")

@@ -19,6 +19,7 @@ from ftlab.zo import ZO_OPTIMIZERS
 # What an estimator needs beyond the defaults (its config rule says so otherwise).
 REQUIRED = {
     "fzoo": ["zo.distribution=rademacher", "zo.n_perturbations=2"],
+    "lowrank-fzoo": ["zo.n_perturbations=2"],
 }
 BATCHED = ["optimizer=fzoo", "mode=lora", "zo.batched=true", *REQUIRED["fzoo"]]
 

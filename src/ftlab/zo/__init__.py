@@ -16,6 +16,7 @@ from ftlab.zo.hizoo import HiZOO
 from ftlab.zo.lozo import LOZO, LOZOM
 from ftlab.zo.mezo import MeZO, ZOStep
 from ftlab.zo.offload import OffloadedMeZO
+from ftlab.zo.own import LowRankFZOO
 from ftlab.zo.variants import SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD
 
 
@@ -40,6 +41,8 @@ ZO_OPTIMIZERS: dict[str, ZOOptimizer] = {
     "lozo": ZOOptimizer(LOZO, lambda s: {"rank": s.rank, "refresh_every": s.refresh_every}),
     "lozo-m": ZOOptimizer(LOZOM, lambda s: {"rank": s.rank, "refresh_every": s.refresh_every,
                                             "momentum": s.momentum}),
+    "lowrank-fzoo": ZOOptimizer(LowRankFZOO, lambda s: {"rank": s.rank, "refresh_every": s.refresh_every,
+                                                        "momentum": s.momentum, "batched": s.batched}),
     "zo-guided": ZOOptimizer(GuidedMeZO, lambda s: {"pool_size": s.pool_size, "elite_fraction": s.elite_fraction}),
 }
 
@@ -66,5 +69,6 @@ def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: Z
     return entry.offloaded(param_groups, model=offload_model, device=device, **kwargs)
 
 
-__all__ = ["FZOO", "GuidedMeZO", "HiZOO", "LOZO", "LOZOM", "MeZO", "ZOStep", "ZOSettings", "ZOMomentum", "ZOAdam",
-           "ZOSignSGD", "SparseMeZO", "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS", "build_zo_optimizer"]
+__all__ = ["FZOO", "GuidedMeZO", "HiZOO", "LOZO", "LOZOM", "LowRankFZOO", "MeZO", "ZOStep", "ZOSettings",
+           "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO", "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS",
+           "build_zo_optimizer"]
