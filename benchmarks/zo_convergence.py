@@ -45,6 +45,8 @@ GRIDS: dict[str, tuple[str, list[str], list[float]]] = {
     "lozo": ("lozo", ["zo.eps=1e-2", "zo.rank=2"], MEZO_LRS),
     "lozo-m": ("lozo-m", ["zo.eps=1e-2", "zo.rank=2"], MEZO_LRS),
     "zo-guided": ("zo-guided", ["zo.eps=1e-2", "zo.pool_size=16"], MEZO_LRS),
+    "lowrank-fzoo": ("lowrank-fzoo", ["zo.eps=1e-2", "zo.n_perturbations=8", "zo.rank=2", "zo.refresh_every=5",
+                                      "zo.momentum=0.5"], [1e-3, 3e-4, 1e-4]),
     "adamw": ("adamw", [], [1e-3, 3e-4]),
 }
 FIRST_ORDER_FORWARDS = 3  # forward + backward per step, in forward-equivalents
