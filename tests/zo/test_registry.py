@@ -22,6 +22,8 @@ REQUIRED = {
     "lowrank-fzoo": ["zo.n_perturbations=2"],
 }
 BATCHED = ["optimizer=fzoo", "mode=lora", "zo.batched=true", *REQUIRED["fzoo"]]
+# Buffers, n-SPSA, weight decay and a schedule through a kill and a replay.
+ZO_ADAM = ["optimizer=zo-adam", "zo.n_perturbations=2", "zo.betas=[0.8, 0.95]", "weight_decay=0.01", "schedule=cosine"]
 
 
 def _final_tensors(run_dir):
@@ -46,7 +48,7 @@ def test_every_name_builds_its_class(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("overrides", [[f"optimizer={name}", *REQUIRED.get(name, [])] for name in ZO_OPTIMIZERS]
-                         + [BATCHED], ids=[*ZO_OPTIMIZERS, "fzoo-batched"])
+                         + [BATCHED, ZO_ADAM], ids=[*ZO_OPTIMIZERS, "fzoo-batched", "zo-adam-tuned"])
 def test_trains_resumes_and_replays_or_refuses(tmp_path, base, overrides):
     overrides = [f"model={base}", "zo.eps=1e-2", "eval_every=0", *overrides]  # no eval: the final weights are kept
     model, tokenizer = load_model(str(base))
@@ -72,7 +74,8 @@ def test_trains_resumes_and_replays_or_refuses(tmp_path, base, overrides):
     assert resumed == straight
 
     optimizer = build_optimizer(cfg, load_model(str(base))[0])
-    if optimizer.replayable:
+    if optimizer.replayable:  # the resumed run wrote the straight run's log, byte for byte
+        assert (tmp_path / "b" / "trajectory.bin").read_bytes() == (tmp_path / "a" / "trajectory.bin").read_bytes()
         replayed, _ = replay_run(tmp_path / "a")
         for name, p in replayed.named_parameters():
             if name in trained:

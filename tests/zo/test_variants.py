@@ -7,14 +7,11 @@ import math
 import pytest
 import torch
 from reference import directions, f32, projected_grads
-from safetensors.torch import load_file
-from test_train import _cfg, _data, _Killed
+from test_train import _cfg
 
 from ftlab.config import ZOSettings
 from ftlab.errors import FtlabError
-from ftlab.models import load_model
 from ftlab.optim import build_optimizer
-from ftlab.train import replay_run, train
 from ftlab.zo import ZO_OPTIMIZERS, SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD, build_zo_optimizer
 
 VARIANTS = {"zo-momentum": (ZOMomentum, {"momentum": 0.8}), "zo-adam": (ZOAdam, {"betas": (0.8, 0.9)}),
@@ -242,37 +239,3 @@ def test_optimizer_names_and_bad_settings(tmp_path, tiny_model):
                         (SparseMeZO, {"sparsity": 0.0}), (SparseMeZO, {"sparsity": 1.5})]:
         with pytest.raises(FtlabError):
             cls(tiny_model.parameters(), **kwargs)
-
-
-def _final_tensors(run_dir):
-    return {k: v for f in sorted((run_dir / "model").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-
-
-def test_train_with_zo_adam_resumes_and_replays_bitwise(tmp_path, tiny_model_factory, tiny_tokenizer):
-    base = tmp_path / "base"
-    tiny_model_factory("llama").save_pretrained(base)
-    tiny_tokenizer.save_pretrained(base)
-    overrides = [f"model={base}", "optimizer=zo-adam", "zo.n_perturbations=2", "zo.betas=[0.8, 0.95]",
-                 "weight_decay=0.01", "schedule=cosine", "eval_every=0"]  # no eval: the final weights are kept
-    model, tokenizer = load_model(str(base))
-    straight = train(_cfg(tmp_path / "a", *overrides), progress=False, model_and_tokenizer=(model, tokenizer),
-                     data=_data())
-    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
-    replayed, _ = replay_run(tmp_path / "a")  # the Adam buffers are rebuilt on the way
-    for name, p in replayed.named_parameters():
-        assert torch.equal(p, trained[name]), name
-
-    def kill(step, record):
-        if step == 5:  # after the step-4 checkpoint: replay 4 steps (buffers too), redo step 5
-            raise _Killed
-
-    cfg = _cfg(tmp_path / "b", *overrides)
-    with pytest.raises(_Killed):
-        train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data(), callback=kill)
-    resumed = train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data())
-    want, got = _final_tensors(tmp_path / "a"), _final_tensors(tmp_path / "b")
-    assert got.keys() == want.keys() and want
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    assert resumed == straight
-    assert (tmp_path / "b" / "trajectory.bin").read_bytes() == (tmp_path / "a" / "trajectory.bin").read_bytes()

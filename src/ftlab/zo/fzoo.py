@@ -122,18 +122,12 @@ class FZOO(MeZO):
     def z_spec(self) -> dict:
         return {**super().z_spec(), "batched": self.batched}
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One step of :func:`fzoo`; returns L0, the loss at theta (NaN for a skipped step)."""
-        if closure is None or (self.batched and not hasattr(closure, "losses")):
+    def _algorithm(self, seeds: list[int], closure: Callable[[], Tensor], lr: float) -> ZOStep:
+        """One step of :func:`fzoo`; its loss is L0, the loss at theta."""
+        if self.batched and not hasattr(closure, "losses"):
             raise FtlabError(f"{type(self).__name__}.step needs a closure returning {self.closure_returns}")
-        seeds = self.draw_seeds()
-        self._begin_step()
         losses = self._batched_losses(closure) if self.batched else self._sequential_losses(closure)
-        record = fzoo(seeds, losses, self._update, lr=f32(self.param_groups[0]["lr"]), mean=self._mean)
-        self._views.clear()
-        self.history.append(record)
-        return torch.tensor(record.loss)
+        return fzoo(seeds, losses, self._update, lr=lr, mean=self._mean)
 
     def _sequential_losses(self, closure: Callable[[], Tensor]) -> Losses:
         """:func:`fzoo`'s ``losses`` from MeZO's ``loss(seed, c)``: the same calls, in the same

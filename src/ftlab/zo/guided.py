@@ -181,19 +181,10 @@ class GuidedMeZO(MeZO):
         return out
 
     # -- the step ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One step of :func:`guided_mezo`; returns its loss ((L+ + L-) / 2), NaN for a skipped
-        step (non-finite loss: theta is restored, the step logged with lr 0)."""
-        if closure is None:
-            raise FtlabError(f"{type(self).__name__}.step needs a closure returning {self.closure_returns}")
-        seeds = self.draw_seeds()
-        self._begin_step()
-        record = guided_mezo(seeds, self._evaluator(closure), self._update, lr=f32(self.param_groups[0]["lr"]),
-                             eps=self.eps, elite=self.elite, mean=self._mean)
-        self._views.clear()
-        self.history.append(record)
-        return torch.tensor(record.loss)
+    def _algorithm(self, seeds: list[int], closure: Callable[[], Tensor], lr: float) -> ZOStep:
+        """One step of :func:`guided_mezo`; its loss is (L+ + L-) / 2."""
+        return guided_mezo(seeds, self._evaluator(closure), self._update, lr=lr, eps=self.eps, elite=self.elite,
+                           mean=self._mean)
 
     @torch.no_grad()
     def replay(self, record: ZOStep) -> None:

@@ -143,19 +143,9 @@ class HiZOO(MeZO):
             yield flat[piece.where].view(shape), hessian[piece.where].view(shape), piece
 
     # -- the step --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One step of :func:`hizoo`; returns the loss at the first perturbed point (L+), NaN
-        for a skipped step (a non-finite loss: theta restored, S unchanged)."""
-        if closure is None:
-            raise FtlabError(f"{type(self).__name__}.step needs a closure returning {self.closure_returns}")
-        seeds = self.draw_seeds()
-        self._begin_step()
-        record = hizoo(seeds, self._evaluator(closure), self._curvature_update,
-                       lr=f32(self.param_groups[0]["lr"]), eps=self.eps, mean=self._mean)
-        self._views.clear()
-        self.history.append(record)
-        return torch.tensor(record.loss)
+    def _algorithm(self, seeds: list[int], closure: Callable[[], Tensor], lr: float) -> ZOStep:
+        """One step of :func:`hizoo` (a skipped step leaves S unchanged); its loss is L+."""
+        return hizoo(seeds, self._evaluator(closure), self._curvature_update, lr=lr, eps=self.eps, mean=self._mean)
 
     def replay(self, record: ZOStep) -> None:
         raise FtlabError("HiZOO steps cannot be replayed: its Hessian estimate depends on losses the trajectory "

@@ -282,18 +282,24 @@ class MeZO(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One step of :func:`mezo`; returns the loss at the first perturbed point (L+). A
-        non-finite loss skips the update (theta is restored; the step is logged with lr 0) and
-        the step returns NaN, for the caller to count."""
+        """One step of the optimizer's algorithm (:meth:`_algorithm`; MeZO's: :func:`mezo`);
+        returns the step's loss (MeZO: at the first perturbed point, L+). A non-finite loss skips
+        the update (theta is restored; the step is logged with lr 0) and the step returns NaN,
+        for the caller to count."""
         if closure is None:
             raise FtlabError(f"{type(self).__name__}.step needs a closure returning {self.closure_returns}")
         seeds = self.draw_seeds()
         self._begin_step()
-        record = mezo(seeds, self._evaluator(closure), self._update, lr=f32(self.param_groups[0]["lr"]),
-                      eps=self.eps, one_sided=self.one_sided, mean=self._mean)
+        record = self._algorithm(seeds, closure, f32(self.param_groups[0]["lr"]))
         self._views.clear()
         self.history.append(record)
         return torch.tensor(record.loss)
+
+    def _algorithm(self, seeds: list[int], closure: Callable[[], Tensor], lr: float) -> ZOStep:
+        """The estimator's functional core on this optimizer's moves (the other estimators of
+        :mod:`ftlab.zo` override this one method)."""
+        return mezo(seeds, self._evaluator(closure), self._update, lr=lr, eps=self.eps, one_sided=self.one_sided,
+                    mean=self._mean)
 
     @torch.no_grad()
     def replay(self, record: ZOStep) -> None:
