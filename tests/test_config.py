@@ -164,8 +164,11 @@ def test_config_json_keeps_its_keys_and_order():
     (old run folders must resume)."""
     d = to_dict(load_config(TrainConfig, None, ["mode=lora", "lr=1e-4"]))
     assert list(d) == [f.name for f in dataclasses.fields(TrainConfig)]
+    # The keys of earlier versions first, in their order; new estimators' knobs after them (an old
+    # config.json lacks those, and a key an old config lacks is read as its default).
     assert list(d["zo"]) == ["eps", "n_perturbations", "one_sided", "distribution", "generator", "chunk_size",
-                             "exact", "momentum", "betas", "sparsity"]
+                             "exact", "momentum", "betas", "sparsity", "batched", "hessian_smoothing", "rank",
+                             "refresh_every", "pool_size", "elite_fraction"]
     assert list(d["lora"]) == ["r", "alpha", "dropout", "target_modules"]
     assert d["lr"] == 1e-4 and d["lora"]["r"] == 8 and "where" not in d
 

@@ -173,20 +173,27 @@ def check_settings(folder: str | Path, what: str, stored: dict[str, Any] | None,
                    defaults: dict[str, Any] | None = None, ignore: tuple[str, ...] = ()) -> None:
     """The one rule for resuming work in a folder: what ``folder`` recorded when it was started
     (``stored``; None: nothing yet) must equal ``new`` on every key but ``ignore``; a key one side
-    lacks counts as its ``defaults`` value (records written before a setting existed). Raises one
-    line naming the folder and, for each differing key, the stored and the new value."""
+    lacks counts as its ``defaults`` value (records written before a setting existed), in nested
+    sections too. Raises one line naming the folder and, for each differing key, the stored and
+    the new value."""
     if stored is None:
         return
     defaults = defaults or {}
-
-    def value(d: dict[str, Any], k: str) -> Any:  # a key a config lacks had its default
-        return d.get(k, defaults.get(k))
-
-    diff = {k: (value(stored, k), value(new, k)) for k in sorted((set(stored) | set(new)) - set(ignore), key=str)
-            if value(stored, k) != value(new, k)}
+    stored, new = _with_defaults(stored, defaults), _with_defaults(new, defaults)
+    diff = {k: (stored.get(k), new.get(k)) for k in sorted((set(stored) | set(new)) - set(ignore), key=str)
+            if stored.get(k) != new.get(k)}
     if diff:
         raise FtlabError(f"{folder} holds a {what} written with other settings (stored vs now: {diff}); "
                          "use another output folder, or start afresh (--overwrite where the command has it)")
+
+
+def _with_defaults(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with each key it lacks set to its default, section by section."""
+    out = {**defaults, **record}
+    for key, default in defaults.items():
+        if isinstance(default, dict) and isinstance(record.get(key), dict):
+            out[key] = _with_defaults(record[key], default)
+    return out
 
 
 def overwrite_dir(path: str | Path, kind: str) -> bool:

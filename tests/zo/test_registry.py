@@ -107,3 +107,28 @@ def test_show_config_states_each_estimators_cost(tmp_path):
         assert "forwards a step" in cost and "extra bytes" in cost
     assert optimizer_cost(_cfg(tmp_path, "optimizer=adamw")) is None
     assert optimizer_cost(_cfg(tmp_path, "optimizer=fzoo", *REQUIRED["fzoo"])).startswith("FZOO: 3 forwards")
+
+
+def test_a_run_written_before_the_new_knobs_resumes(tmp_path, base):
+    """A config.json without the estimators' knobs (written by an earlier version) resumes: a
+    missing key is read as its default, not as other settings."""
+    import json
+
+    overrides = [f"model={base}", "optimizer=mezo", "zo.eps=1e-2", "eval_every=0"]
+
+    def kill(step, record):
+        if step == 5:
+            raise _Killed
+
+    cfg = _cfg(tmp_path / "old", *overrides)
+    with pytest.raises(_Killed):
+        train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data(), callback=kill)
+    config = tmp_path / "old" / "config.json"
+    written = json.loads(config.read_text())
+    for key in ("batched", "hessian_smoothing", "rank", "refresh_every", "pool_size", "elite_fraction"):
+        del written["zo"][key]
+    config.write_text(json.dumps(written))
+    resumed = train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data())
+    straight = train(_cfg(tmp_path / "new", *overrides), progress=False, model_and_tokenizer=load_model(str(base)),
+                     data=_data())
+    assert resumed == straight
