@@ -243,3 +243,22 @@ def test_resume_from_checkpoint_cuts_the_log_back_and_ends_where_an_uninterrupte
         [(s, r.seeds, r.grads) for s, r in TrajectoryLog(tmp_path / "a").steps()]
     for (name, p), q in zip(_trainable(straight.model).items(), _trainable(resumed.model).values()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("optimizer,settings", [
+    ("fzoo", {"distribution": "rademacher", "n_perturbations": 4}), ("hizoo", {}), ("lozo-m", {"rank": 2}),
+    ("zo-guided", {"pool_size": 4}), ("lowrank-fzoo", {"n_perturbations": 4, "rank": 2}),
+])
+def test_the_new_estimators_train_under_zotrainer(tmp_path, base, tiny_tokenizer, optimizer, settings):
+    data = tiny_run_data()
+    module = _lora(load_model(str(base))[0])
+    before = _trainable(module)
+    trainer = ZOTrainer(model=module, args=_args(tmp_path / "run"), train_dataset=data.splits.train,
+                        data_collator=PromptCollator(tiny_tokenizer, data.spec),
+                        zo_args=ZOArguments(optimizer=optimizer, zo=ZOSettings(eps=1e-2, **settings)))
+    trainer.train()
+    after = _trainable(module)
+    assert type(trainer.zo_optimizer).__name__ != "MeZO"
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the adapters moved
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert len(trainer.zo_optimizer.history) == 0  # every step's record went to the log

@@ -80,7 +80,8 @@ class ZOArguments:
     """The zeroth-order part of a :class:`ZOTrainer`'s config (the rest is ``TrainingArguments``).
 
     Attributes:
-        optimizer: a key of ``ftlab.zo.ZO_OPTIMIZERS`` (mezo, zo-momentum, zo-adam, zo-sign, sparse-mezo).
+        optimizer: a key of ``ftlab.zo.ZO_OPTIMIZERS`` (mezo, zo-momentum, zo-adam, zo-sign, sparse-mezo,
+            fzoo, hizoo, lozo, lozo-m, zo-guided, lowrank-fzoo).
         zo: eps, n_perturbations, distribution, generator... (see :class:`ftlab.zo.ZOSettings`).
         seed: seeds the perturbations (None: ``TrainingArguments.seed``).
         base_model: what ``ftlab replay`` loads the base model from (None: the model's ``name_or_path``).
