@@ -50,7 +50,7 @@ GRIDS: dict[str, tuple[str, list[str], list[float]]] = {
     "adamw": ("adamw", [], [1e-3, 3e-4]),
 }
 FIRST_ORDER_FORWARDS = 3  # forward + backward per step, in forward-equivalents
-COMMON = ["mode=lora", "lora.r=8", "lora.alpha=16", "batch_size=16", "data.max_length=128", "max_grad_norm=null"]
+COMMON = ["mode=lora", "lora.r=8", "lora.alpha=16", "data.max_length=128", "max_grad_norm=null"]
 
 
 def _zo_forwards(optimizer: str, overrides: list[str]) -> int:
@@ -92,7 +92,8 @@ def run(task: str, method: str, lr: float, seed: int, args: argparse.Namespace) 
     folder = Path(args.out) / task / method / f"lr{lr:g}" / f"seed{seed}"
     per_step = _zo_forwards(optimizer, [*extra, f"lr={lr}"])
     steps = max(1, args.forwards // per_step) if args.forwards else args.steps  # the same forward budget for all
-    overrides = [*COMMON, *extra, f"optimizer={optimizer}", f"lr={lr}", f"seed={seed}", f"data.task={task}",
+    overrides = [*COMMON, f"batch_size={args.batch_size}", *extra, f"optimizer={optimizer}", f"lr={lr}",
+                 f"seed={seed}", f"data.task={task}",
                  f"data.n_train={args.n_train}", f"data.n_dev={args.n_dev}", f"data.n_test={args.n_test}",
                  "data.data_seed=0", f"steps={steps}", f"eval_every={max(1, steps // args.evals)}",
                  f"checkpoint_every={max(1, steps // args.evals)}", f"output_dir={folder}",
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000, help="steps of every method (without --forwards)")
     p.add_argument("--forwards", type=int, default=None,
                    help="a forward budget instead: each method runs budget / its forwards a step steps")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--evals", type=int, default=10, help="dev evaluations per run")
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-dev", type=int, default=200)
