@@ -36,9 +36,10 @@ def test_the_readings_and_the_reset():
     assert 10 * 2**20 < rss < 64 * 2**30  # torch is imported
     assert status_bytes("VmHWM") >= rss and status_bytes("NoSuchField") is None
     assert 0 < available_host_bytes() == meminfo_bytes("MemAvailable") < meminfo_bytes("MemTotal")
-    made = torch.ones(32 << 20)  # 128 MiB, touched: a high-water mark above the resident set after it
-    del made
-    assert status_bytes("VmHWM") >= status_bytes("VmRSS") + 120 * 2**20
     base = reset_peak()
     assert abs(status_bytes("VmHWM") - base) < 16 * 2**20  # restarted at the resident size
-    assert abs(lifetime_peak_bytes() - status_bytes("VmHWM")) < 16 * 2**20  # on Linux, about VmHWM
+    made = torch.ones(32 << 20)  # 128 MiB, touched
+    del made  # freed or kept by the allocator: the high-water mark saw it either way
+    assert status_bytes("VmHWM") >= base + 120 * 2**20
+    # ru_maxrss is the process's lifetime peak (no reset): at least this window's
+    assert lifetime_peak_bytes() >= status_bytes("VmHWM") - 16 * 2**20
