@@ -510,11 +510,11 @@ class TrainConfig(Settings):
         if self.optimizer == "zo-guided" and (zo.one_sided or zo.n_perturbations != 1):
             raise ConfigError("zo", "zo-guided takes one central difference along its guiding vector: set "
                                     "zo.one_sided=false zo.n_perturbations=1 (its pool is zo.pool_size)")
-        if zo.batched and (self.optimizer != "fzoo" or self.mode == "full" or self.offload or self.fsdp
-                           or self.objective != "loss" or self.grad_accum != 1):
+        if zo.batched and (self.optimizer not in ("fzoo", "lowrank-fzoo") or self.mode == "full" or self.offload
+                           or self.fsdp or self.objective != "loss" or self.grad_accum != 1):
             raise ConfigError("zo.batched", "evaluates fzoo's N + 1 points as one vmapped forward of stacked "
-                                            "adapters: it needs optimizer=fzoo, mode=lora or prefix, objective=loss, "
-                                            "grad_accum=1, and neither offload nor fsdp")
+                                            "adapters: it needs optimizer=fzoo or lowrank-fzoo, mode=lora or prefix, "
+                                            "objective=loss, grad_accum=1, and neither offload nor fsdp")
 
     def _objective_needs_zo(self) -> None:
         if self.objective not in ("loss", "quad") and self.optimizer in _FIRST_ORDER:

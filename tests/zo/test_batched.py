@@ -100,9 +100,27 @@ def test_bad_stacks_are_one_line_errors(tiny_model_factory, tiny_tokenizer):
         BatchedObjective(module, loss_fn).name_of(torch.nn.Parameter(torch.zeros(1)))
 
 
-def _fzoo(module, batched, seed=5):
-    return FZOO([p for p in module.parameters() if p.requires_grad], lr=1e-2, eps=1e-2, n_perturbations=4,
-                weight_decay=0.01, exact=True, batched=batched, seed=seed)  # exact: theta never moves either
+def _fzoo(module, batched, seed=5, cls=FZOO, **kw):
+    return cls([p for p in module.parameters() if p.requires_grad], lr=1e-2, eps=1e-2, n_perturbations=4,
+               weight_decay=0.01, exact=True, batched=batched, seed=seed, **kw)  # exact: theta never moves either
+
+
+def test_batched_lowrank_fzoo_takes_the_sequential_steps(tiny_model_factory, tiny_tokenizer):
+    """ftlab's own estimator batches its N + 1 low-rank points the same way."""
+    from ftlab.zo.own import LowRankFZOO
+
+    module = _prepared(tiny_model_factory, "lora", torch.float64)
+    twin = copy.deepcopy(module)
+    batched = _fzoo(module, True, cls=LowRankFZOO, rank=2, refresh_every=2)
+    sequential = _fzoo(twin, False, cls=LowRankFZOO, rank=2, refresh_every=2)
+    sequential.attach(twin)
+    objective, plain = _objective(module, tiny_tokenizer, "generation"), _objective(twin, tiny_tokenizer, "generation")
+    for _ in range(3):  # across a refresh of V
+        assert float(batched.step(objective)) == pytest.approx(float(sequential.step(plain)), rel=1e-7)
+        got, want = batched.history[-1], sequential.history[-1]
+        assert got.seeds == want.seeds and got.grads == pytest.approx(want.grads, rel=1e-6, abs=1e-9)
+    for (name, p), q in zip(_trainable(module).items(), _trainable(twin).values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-8, msg=name)
 
 
 def test_batched_fzoo_takes_the_sequential_steps(tiny_model_factory, tiny_tokenizer):

@@ -22,6 +22,7 @@ REQUIRED = {
     "lowrank-fzoo": ["zo.n_perturbations=2"],
 }
 BATCHED = ["optimizer=fzoo", "mode=lora", "zo.batched=true", *REQUIRED["fzoo"]]
+LOWRANK_BATCHED = ["optimizer=lowrank-fzoo", "mode=lora", "zo.batched=true", *REQUIRED["lowrank-fzoo"]]
 # Buffers, n-SPSA, weight decay and a schedule through a kill and a replay.
 ZO_ADAM = ["optimizer=zo-adam", "zo.n_perturbations=2", "zo.betas=[0.8, 0.95]", "weight_decay=0.01", "schedule=cosine"]
 
@@ -48,7 +49,8 @@ def test_every_name_builds_its_class(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("overrides", [[f"optimizer={name}", *REQUIRED.get(name, [])] for name in ZO_OPTIMIZERS]
-                         + [BATCHED, ZO_ADAM], ids=[*ZO_OPTIMIZERS, "fzoo-batched", "zo-adam-tuned"])
+                         + [BATCHED, LOWRANK_BATCHED, ZO_ADAM],
+                         ids=[*ZO_OPTIMIZERS, "fzoo-batched", "lowrank-fzoo-batched", "zo-adam-tuned"])
 def test_trains_resumes_and_replays_or_refuses(tmp_path, base, overrides):
     overrides = [f"model={base}", "zo.eps=1e-2", "eval_every=0", *overrides]  # no eval: the final weights are kept
     model, tokenizer = load_model(str(base))
@@ -89,7 +91,7 @@ def test_trains_resumes_and_replays_or_refuses(tmp_path, base, overrides):
 @pytest.mark.parametrize("overrides,match", [
     (["optimizer=fzoo"], "set zo.distribution=rademacher zo.n_perturbations=8"),
     (["optimizer=hizoo", "zo.one_sided=true"], "zo.one_sided=false zo.distribution=gaussian"),
-    (["optimizer=mezo", "zo.batched=true", "mode=lora"], "needs optimizer=fzoo"),
+    (["optimizer=mezo", "zo.batched=true", "mode=lora"], "needs optimizer=fzoo or lowrank-fzoo"),
     ([*BATCHED, "mode=full"], "mode=lora or prefix"),
     (["optimizer=hizoo", "zo.hessian_smoothing=0"], r"zo.hessian_smoothing: must be in \(0, 1\)"),
 ])
