@@ -98,7 +98,13 @@ def test_single_process_without_launcher(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["fsdp=true"], ["fsdp=true", "mode=full", "optimizer=zo-momentum",
-                                                       "grad_accum=2", "lr=1e-4"]])
+                                                       "grad_accum=2", "lr=1e-4"],
+                                   # the new estimators average their losses over ranks the same way
+                                   ["optimizer=fzoo", "zo.distribution=rademacher", "zo.n_perturbations=4",
+                                    "lr=1e-3"],
+                                   ["optimizer=lozo-m", "zo.rank=2", "zo.refresh_every=3"],
+                                   ["optimizer=zo-guided", "zo.pool_size=4"]],
+                         ids=["dp", "fsdp", "fsdp-full-zo-momentum", "fzoo", "lozo-m", "zo-guided"])
 def test_torchrun_train_matches_single_process(tmp_path, tiny_model_factory, tiny_tokenizer, extra):
     """Data parallel, and sharded with FSDP2 (``fsdp=true``: every rank holds half of each
     parameter), against one process on the whole batch (sharding is not part of the config the
