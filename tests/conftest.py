@@ -100,6 +100,15 @@ def tiny_model_factory(tiny_tokenizer) -> Callable[[str], torch.nn.Module]:
 
 
 @pytest.fixture
+def base(tmp_path, tiny_model_factory, tiny_tokenizer):
+    """A tiny llama and its tokenizer saved as a model folder (what ``model=`` and load_model take)."""
+    folder = tmp_path / "base"
+    tiny_model_factory("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
 def tiny_model(tiny_model_factory) -> torch.nn.Module:
     """A fresh tiny ``LlamaForCausalLM`` (see ``tiny_model_factory``)."""
     return tiny_model_factory("llama")

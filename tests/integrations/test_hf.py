@@ -72,14 +72,6 @@ def _trainable(module):
             if p.requires_grad}
 
 
-@pytest.fixture
-def base(tmp_path, tiny_model_factory, tiny_tokenizer):
-    folder = tmp_path / "base"
-    tiny_model_factory("llama").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_zotrainer_and_ftlab_train_give_the_same_trajectory_and_it_replays(tmp_path, base, mode):
     data = tiny_run_data()

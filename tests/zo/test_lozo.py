@@ -199,11 +199,16 @@ def test_state_dict_round_trip_continues_identically(tiny_model_factory, name):
     model = tiny_model_factory("llama")
     ids = torch.arange(2, 30)[None]
     cls, kwargs = CLASSES[name]
-    common = dict(lr=1e-3, eps=1e-3, rank=2, refresh_every=2, **kwargs)
+    check_round_trip(model, ids, cls, dict(lr=1e-3, eps=1e-3, rank=2, refresh_every=2, **kwargs))
+
+
+def check_round_trip(model, ids, cls, common):
+    """Three steps, a state_dict into an optimizer with another seed, three more steps on each
+    (a refresh of V at step 4, carrying the momentum over): the same weights and state."""
     opt = cls(model.parameters(), seed=4, **common)
     _run(model, opt, 3, ids)
     saved, copy_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model)
-    _run(model, opt, 3, ids)  # a refresh at step 4 (carries the momentum over)
+    _run(model, opt, 3, ids)
     fresh = cls(copy_model.parameters(), seed=99, **common)
     fresh.load_state_dict(saved)
     _run(copy_model, fresh, 3, ids)

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from reference import f32
-from test_lozo import _groups, _run, _same_state
+from test_lozo import _groups, _run, _same_state, check_round_trip
 
 from ftlab.errors import FtlabError
 from ftlab.zo import FZOO, LOZOM, MeZO
@@ -164,17 +164,8 @@ def test_replay_is_bitwise_across_v_refreshes(tiny_model_factory, exact):
 def test_state_dict_round_trip_continues_identically(tiny_model_factory):
     model = tiny_model_factory("llama")
     ids = torch.arange(2, 30)[None]
-    common = dict(lr=1e-3, eps=1e-3, n_perturbations=2, rank=2, refresh_every=2, momentum=0.9)
-    opt = LowRankFZOO(model.parameters(), seed=4, **common)
-    _run(model, opt, 3, ids)
-    saved, copy_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model)
-    _run(model, opt, 3, ids)  # a refresh at step 4 carries the momentum over
-    fresh = LowRankFZOO(copy_model.parameters(), seed=99, **common)
-    fresh.load_state_dict(saved)
-    _run(copy_model, fresh, 3, ids)
-    for p, q in zip(model.parameters(), copy_model.parameters()):
-        assert torch.equal(p, q)
-    _same_state(opt, fresh)
+    check_round_trip(model, ids, LowRankFZOO,
+                     dict(lr=1e-3, eps=1e-3, n_perturbations=2, rank=2, refresh_every=2, momentum=0.9))
 
 
 def test_the_logged_g_is_normalised_and_the_step_returns_l0():

@@ -25,18 +25,11 @@ BATCHED = ["optimizer=fzoo", "mode=lora", "zo.batched=true", *REQUIRED["fzoo"]]
 LOWRANK_BATCHED = ["optimizer=lowrank-fzoo", "mode=lora", "zo.batched=true", *REQUIRED["lowrank-fzoo"]]
 # Buffers, n-SPSA, weight decay and a schedule through a kill and a replay.
 ZO_ADAM = ["optimizer=zo-adam", "zo.n_perturbations=2", "zo.betas=[0.8, 0.95]", "weight_decay=0.01", "schedule=cosine"]
+ZO_GUIDED = ["optimizer=zo-guided", "zo.pool_size=3", "weight_decay=0.01", "schedule=cosine"]
 
 
 def _final_tensors(run_dir):
     return {k: v for f in sorted((run_dir / "model").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-
-
-@pytest.fixture
-def base(tmp_path, tiny_model_factory, tiny_tokenizer):
-    folder = tmp_path / "base"
-    tiny_model_factory("llama").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_every_name_builds_its_class(tmp_path, tiny_model):
@@ -49,8 +42,9 @@ def test_every_name_builds_its_class(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("overrides", [[f"optimizer={name}", *REQUIRED.get(name, [])] for name in ZO_OPTIMIZERS]
-                         + [BATCHED, LOWRANK_BATCHED, ZO_ADAM],
-                         ids=[*ZO_OPTIMIZERS, "fzoo-batched", "lowrank-fzoo-batched", "zo-adam-tuned"])
+                         + [BATCHED, LOWRANK_BATCHED, ZO_ADAM, ZO_GUIDED],
+                         ids=[*ZO_OPTIMIZERS, "fzoo-batched", "lowrank-fzoo-batched", "zo-adam-tuned",
+                              "zo-guided-tuned"])
 def test_trains_resumes_and_replays_or_refuses(tmp_path, base, overrides):
     overrides = [f"model={base}", "zo.eps=1e-2", "eval_every=0", *overrides]  # no eval: the final weights are kept
     model, tokenizer = load_model(str(base))
