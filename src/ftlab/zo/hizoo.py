@@ -65,8 +65,8 @@ from torch import Tensor
 
 from ftlab.errors import FtlabError
 from ftlab.zo.directions import Piece, local_part, signed_z
-from ftlab.zo.mezo import LossAt, MeZO, ZOStep, f32
-from ftlab.zo.variants import buffer_dtype, estimate_direction
+from ftlab.zo.mezo import LossAt, MeZO, ZOStep, buffer_dtype, f32
+from ftlab.zo.variants import estimate_direction
 
 HESSIAN_SMOOTHING = 1e-8  # the authors' scripts' default smoothing schedule (constant 1e-8)
 
@@ -109,6 +109,7 @@ class HiZOO(MeZO):
 
     replayable = False  # S depends on L0 and the curvature terms, which the log does not hold
     extra_bytes_per_entry = 4  # S, float32
+    buffers = ("hessian",)
 
     def __init__(self, params: Iterable, hessian_smoothing: float = HESSIAN_SMOOTHING, **kwargs: Any) -> None:
         if not 0.0 < hessian_smoothing < 1.0:
@@ -197,11 +198,3 @@ class HiZOO(MeZO):
                 theta.add_(estimate_direction(tuple(z), gs, hessian.dtype).mul_(hessian.rsqrt()), alpha=-lr)
 
     # -- checkpoints: S stays float32 --------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As MeZO's, but S keeps its float32 (torch casts state to the parameter's dtype)."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for index, p, _ in self._params():
-            if "hessian" in saved.get(index, {}):
-                self.state[p]["hessian"] = saved[index]["hessian"].to(device=p.device, dtype=buffer_dtype(p),
-                                                                      copy=True)

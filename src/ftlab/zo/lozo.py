@@ -55,8 +55,8 @@ from torch import Tensor
 
 from ftlab.errors import FtlabError
 from ftlab.zo.directions import add_z, param_seed
-from ftlab.zo.mezo import MeZO
-from ftlab.zo.variants import buffer_dtype, estimate_direction, is_skipped
+from ftlab.zo.mezo import MeZO, buffer_dtype
+from ftlab.zo.variants import estimate_direction, is_skipped
 
 
 def subspace_seed(seed: int, k: int) -> int:
@@ -233,17 +233,14 @@ class LOZO(MeZO):
         super().load_state_dict(state_dict)
         self._t, self.v_seed = int(lozo["step"]), int(lozo["v_seed"])
         self._v.clear()
-        saved = state_dict["state"]
-        for index, p, _ in self._params():  # torch casts state to the parameter's dtype: keep float32
-            if "momentum" in saved.get(index, {}):
-                self.state[p]["momentum"] = saved[index]["momentum"].to(device=p.device, dtype=buffer_dtype(p),
-                                                                         copy=True)
 
 
 class LOZOM(LOZO):
     """LOZO-M: LOZO with momentum ``beta`` kept in the low-rank space, ``N`` (m x r, float32,
     ``state[p]["momentum"]``) per matrix, carried into each new subspace as ``N V_{k-1}^T V_k / n``
     (see the module docstring); 1-D tensors: a full float32 buffer, the same dampened rule."""
+
+    buffers = ("momentum",)
 
     def __init__(self, params: Iterable, momentum: float = 0.9, **kwargs: Any) -> None:
         if not 0.0 <= momentum < 1.0:

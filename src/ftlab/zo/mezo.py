@@ -72,6 +72,12 @@ from ftlab.zo.directions import (
 
 TEMP_ELEMENTS = 1 << 22  # the largest temporary (entries) a variant makes from one piece of z
 
+def buffer_dtype(p: Tensor) -> torch.dtype:
+    """Optimizer buffers are at least float32: bf16/fp16 averages of noisy estimates would
+    lose most of their bits."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
 @dataclass
 class ZOStep:
     """What one MeZO step did: enough to replay it exactly (see :mod:`ftlab.zo.trajectory`)."""
@@ -161,6 +167,7 @@ class MeZO(torch.optim.Optimizer):
     zeroth_order = True  # the training loop gives such optimizers a forward-only closure
     replayable = True  # a step is rebuilt from its log record alone (else: tensor checkpoints, no replay)
     extra_bytes_per_entry = 0  # optimizer state per trainable entry, beyond inference memory
+    buffers: tuple[str, ...] = ()  # per-parameter state tensors, kept at least float32 (buffer_dtype)
     cache_views = True  # keep a step's strided views between its passes (pieces hold no memory)
     closure_returns = "the loss"  # what step's closure returns (said when it is missing)
 
@@ -270,10 +277,17 @@ class MeZO(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the state tensors named in :attr:`buffers` keep their float32 (torch
+        casts state to the parameter's dtype)."""
         state_dict = dict(state_dict)
         version, internal, gauss = state_dict.pop("seed_generator")
         self._seeds.setstate((version, tuple(internal), gauss))
         super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for index, p, _ in self._params():
+            for name in self.buffers:
+                if name in saved.get(index, {}):
+                    self.state[p][name] = saved[index][name].to(device=p.device, dtype=buffer_dtype(p), copy=True)
 
     # -- the step ----------------------------------------------------------------------------
     def draw_seeds(self) -> list[int]:

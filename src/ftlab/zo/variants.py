@@ -28,15 +28,9 @@ from torch import Tensor
 
 from ftlab.errors import FtlabError
 from ftlab.zo.directions import Piece, add_z, local_part, param_seed, signed_z
-from ftlab.zo.mezo import MeZO
+from ftlab.zo.mezo import MeZO, buffer_dtype
 
 THRESHOLD_SAMPLE = 1 << 18  # entries of a tensor sampled to estimate its magnitude threshold
-
-
-def buffer_dtype(p: Tensor) -> torch.dtype:
-    """Optimizer buffers are at least float32: bf16/fp16 averages of noisy estimates would
-    lose most of their bits."""
-    return torch.promote_types(p.dtype, torch.float32)
 
 
 def is_skipped(grads: list[float], lr: float) -> bool:
@@ -59,7 +53,7 @@ class OnePassMeZO(MeZO):
     formed from every seed's z at once (z of each seed generated once). Subclasses name their
     per-parameter ``buffers`` and define :meth:`_chunk_step`; the base is plain ZO-SGD."""
 
-    buffers: tuple[str, ...] = ()
+    buffers: tuple[str, ...] = ()  # see MeZO.buffers
 
     def _update(self, seeds: list[int], grads: list[float], lr: float) -> None:
         if is_skipped(grads, lr):
@@ -104,16 +98,6 @@ class OnePassMeZO(MeZO):
         """Update one chunk of theta (restored and decayed) from the gradient estimate ``d``
         there; ``buffers`` are the matching chunks of the state tensors (views: write in place)."""
         theta.add_(d, alpha=-lr)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but buffers keep their float32 (torch casts state to the parameter's dtype)."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for index, p, _ in self._params():
-            for name in self.buffers:
-                if name in saved.get(index, {}):
-                    self.state[p][name] = saved[index][name].to(device=p.device, dtype=buffer_dtype(p),
-                                                                copy=True)
 
 
 class ZOMomentum(OnePassMeZO):
