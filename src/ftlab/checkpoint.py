@@ -170,7 +170,8 @@ class TrainState:
 
 class Checkpointer:
     """Keeps a run resumable in ``run.checkpoint``. Every rank calls every method; only rank 0
-    (``main``) writes. Subclasses say what is saved (:meth:`_save`) and restored (:meth:`_load`)."""
+    (``main``) writes. Subclasses say what is saved (:meth:`_save`) and restored (:meth:`_load`,
+    or only how the optimizer state is: :meth:`_optimizer_loader`)."""
 
     def __init__(self, run: RunDir, main: bool) -> None:
         self.run, self.main = run, main
@@ -180,8 +181,6 @@ class Checkpointer:
         if self.main:
             recover_dir(self.run.checkpoint)  # finish or undo a checkpoint replace a kill interrupted
         barrier()
-        if not self.run.checkpoint_state.exists():
-            return TrainState()
         return self._load(module, optimizer, scheduler)
 
     def record(self, step: int, optimizer: torch.optim.Optimizer) -> None:
@@ -192,8 +191,18 @@ class Checkpointer:
         self._save(module, optimizer, scheduler, state)
 
     def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
-        return TrainState.from_json(load_checkpoint(self.run.checkpoint, module, optimizer, scheduler),
-                                    self.run.checkpoint_state)
+        """The checkpoint's tensors, optimizer and scheduler state and counters (fresh counters
+        where no checkpoint was written yet)."""
+        if not self.run.checkpoint_state.exists():
+            return TrainState()
+        state = load_checkpoint(self.run.checkpoint, module, optimizer, scheduler,
+                                load_optimizer=self._optimizer_loader(module, optimizer))
+        return TrainState.from_json(state, self.run.checkpoint_state)
+
+    def _optimizer_loader(self, module: nn.Module, optimizer: torch.optim.Optimizer
+                          ) -> Callable[[dict[str, Any]], None] | None:
+        """How the saved optimizer state is restored (None: ``optimizer.load_state_dict``)."""
+        return None
 
     def _save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
         raise NotImplementedError
@@ -248,14 +257,13 @@ class ShardedCheckpointer(Checkpointer):
             save_checkpoint(self.run.checkpoint, module, optimizer, scheduler, state.to_json(), trainable=trainable,
                             optimizer_state=optimizer_state)
 
-    def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    def _optimizer_loader(self, module: nn.Module, optimizer: torch.optim.Optimizer
+                          ) -> Callable[[dict[str, Any]], None]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         def load_optimizer(saved: dict[str, Any]) -> None:  # each rank keeps its shard of the whole state
             set_optimizer_state_dict(module, optimizer, saved, options=StateDictOptions(full_state_dict=True))
-
-        state = load_checkpoint(self.run.checkpoint, module, optimizer, scheduler, load_optimizer=load_optimizer)
-        return TrainState.from_json(state, self.run.checkpoint_state)
+        return load_optimizer
 
 
 class TrajectoryCheckpointer(Checkpointer):
@@ -271,12 +279,9 @@ class TrajectoryCheckpointer(Checkpointer):
         super().__init__(run, main)
         self.log = TrajectoryLog(run.path, run_id=run_id(cfg), z=optimizer.z_spec())
 
-    def resume(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
         from ftlab.zo.trajectory import replay
 
-        if self.main:
-            recover_dir(self.run.checkpoint)
-        barrier()
         path = self.run.checkpoint_state
         state = TrainState.from_json(read_written_json(path), path) if path.exists() else TrainState()
         # Replay (which checks the log against this run's seeds) before touching the file, so a
