@@ -57,14 +57,16 @@ Example (own data, the embedded model, no hub)::
     from ftlab.models import load_model
     from ftlab.tasks import TaskSpec
 
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m")  # the embedded model: no hub
     spec = TaskSpec(name="reviews", template="{text} It was", options=[" terrible", " great"])
-    data = Dataset.from_list([{"text": "A wonderful film.", "label": "great"},
-                              {"text": "Dull and far too long.", "label": "terrible"}] * 8)
-    args = TrainingArguments(output_dir="runs/hf-mezo", max_steps=20, per_device_train_batch_size=4,
-                             learning_rate=1e-6, lr_scheduler_type="constant", report_to=[])
-    ZOTrainer(model=model, args=args, zo_args=ZOArguments(), train_dataset=data,
-              data_collator=PromptCollator(tokenizer, spec)).train()
+    data = Dataset.from_list([{"text": "A wonderful, moving film.", "label": "great"},
+                              {"text": "Dull, and far too long.", "label": "terrible"}] * 8)
+    args = TrainingArguments(output_dir="runs/hf-mezo", max_steps=10, per_device_train_batch_size=4,
+                             learning_rate=1e-6, lr_scheduler_type="constant", logging_steps=5, report_to=[])
+    trainer = ZOTrainer(model=model, args=args, zo_args=ZOArguments(), train_dataset=data,
+                        data_collator=PromptCollator(tokenizer, spec))
+    trainer.train()
+    trainer.save_model()  # the model into runs/hf-mezo; ftlab's run files are in runs/hf-mezo/ftlab/
 """
 
 from __future__ import annotations
