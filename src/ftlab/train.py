@@ -314,11 +314,20 @@ def enable_gradient_checkpointing(module: nn.Module) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+# Where a ZOTrainer (ftlab.integrations.hf) keeps its run files inside the Trainer's output_dir, away
+# from the config.json, weights and checkpoints the Trainer writes there.
+ZOTRAINER_SUBDIR = "ftlab"
+
+
 def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module, Any]:
     """Rebuild a MeZO run's weights from its base model and trajectory log (first ``steps``
-    steps, default all): bitwise the weights the run had after those steps."""
-    run = RunDir(run_dir)
-    cfg = from_dict(TrainConfig, run.read_config(), str(run.config))
+    steps, default all): bitwise the weights the run had after those steps.
+
+    ``run_dir`` is an ``ftlab train`` run folder, a ZOTrainer's output_dir or its ``ftlab/``
+    subfolder. Returns the module and the base model's tokenizer (None if the base model folder
+    has none: the replay runs no forward)."""
+    run = _replay_folder(Path(run_dir))
+    cfg = _replay_config(run)
     if not is_zeroth_order(cfg.optimizer):
         raise FtlabError(f"{run_dir} is a {cfg.optimizer} run; only zeroth-order runs can be replayed")
     if not run.trajectory.exists() and run.checkpoint_weights.exists():
@@ -328,7 +337,7 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     # An offloaded run was exact (its CPU master never perturbed): replay with exact arithmetic.
     zo = dataclasses.replace(cfg.zo, exact=True) if cfg.offload else cfg.zo
     cfg = dataclasses.replace(cfg, fsdp=False, device_map=None, offload=False, zo=zo)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, tokenizer="if_present")
     module, optimizer, scheduler = build_trainer(cfg, model)
     if (run.path / "init.safetensors").exists():  # a run whose adapters were initialised elsewhere (ZOTrainer)
         load_trainable(module, run.path / "init.safetensors")
@@ -336,6 +345,29 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     expect = steps if steps is not None else (cfg.steps if run.finished() else None)
     replay(TrajectoryLog(run.path), optimizer, scheduler, steps=steps, expect_steps=expect)
     return module, tokenizer
+
+
+def _replay_folder(run_dir: Path) -> RunDir:
+    """The folder holding the run's ``config.json`` and ``trajectory.bin``: ``run_dir`` itself, or,
+    for a ZOTrainer's output_dir, its ``ftlab/`` subfolder."""
+    sub = RunDir(run_dir / ZOTRAINER_SUBDIR)
+    if not RunDir(run_dir).trajectory.exists() and sub.config.is_file():
+        return sub
+    return RunDir(run_dir)
+
+
+def _replay_config(run: RunDir) -> TrainConfig:
+    """The run's ftlab config; a ``config.json`` that is some other program's (a transformers
+    model config that a Trainer's ``save_model`` wrote over it) is a one-line error."""
+    data = run.read_config()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if isinstance(data, dict) and data and ("model_type" in data or not fields & data.keys()):
+        what = (f"a transformers model config (model_type {data['model_type']!r})" if "model_type" in data
+                else f"another program's JSON (keys {', '.join(sorted(data)[:3])}...)")
+        raise FtlabError(f"{run.config} is {what}, not the ftlab run config `ftlab replay` needs (a Trainer's "
+                         f"save_model writes its model's config.json into the folder it saves to; ZOTrainer keeps "
+                         f"its run files in OUTPUT_DIR/{ZOTRAINER_SUBDIR}/, out of its way)")
+    return from_dict(TrainConfig, data, str(run.config))
 
 
 def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, tokenizer: Any, data: RunData,

@@ -169,13 +169,15 @@ def train_cmd(
 
 @app.command("replay")
 def replay_cmd(
-    run_dir: Path = typer.Argument(..., help="A MeZO run folder (config.json + trajectory.bin)."),
+    run_dir: Path = typer.Argument(..., help="A MeZO run folder (config.json + trajectory.bin), or a ZOTrainer's "
+                                             "output_dir (its files are in OUTPUT_DIR/ftlab/)."),
     output: Path = typer.Option(..., help="Where to save the rebuilt model (save_pretrained): a new folder."),
     steps: Optional[int] = typer.Option(None, help="Replay only the first N steps (default: all)."),
     overwrite: bool = typer.Option(False, help="Replace --output if it holds an earlier replay."),
 ) -> None:
     """Rebuild a MeZO run's weights from its base model and trajectory log (bitwise identical
-    to the weights the run had), without running any forward pass."""
+    to the weights the run had), without running any forward pass. A base model folder without
+    a tokenizer is fine: the rebuilt model is then saved without one."""
     from ftlab.models import save_trained
     from ftlab.runs import new_dir
     from ftlab.train import replay_run
@@ -184,8 +186,9 @@ def replay_cmd(
     # written to a temporary folder, renamed into place at the end.
     with new_dir(output, "replay", overwrite=overwrite) as tmp:
         module, tokenizer = replay_run(run_dir, steps=steps)
-        save_trained(module, tokenizer, tmp)
-    typer.echo(f"rebuilt {run_dir} ({'all' if steps is None else steps} steps) into {output}")
+        save_trained(module, tokenizer, tmp)  # tokenizer None: the base model folder has none, none is saved
+    note = "" if tokenizer is not None else " (no tokenizer: the base model folder has none)"
+    typer.echo(f"rebuilt {run_dir} ({'all' if steps is None else steps} steps) into {output}{note}")
 
 
 @app.command("demo")
