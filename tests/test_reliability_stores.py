@@ -1,0 +1,92 @@
+"""Issue 28's audit, part 3: the probe feature store, LESS's datastores and configs, ``tint build
+--output``. Every fault below is a one-line FtlabError naming the file or field and what to do:
+never a traceback, never silently other features, another example's score or a deleted folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ftlab.config import ConfigError, load_config
+from ftlab.errors import FtlabError
+from ftlab.probe.cache import split_features
+from ftlab.probe.features import FeatureSpec
+from ftlab.probe.store import FeatureStore, model_fingerprint
+from ftlab.select import DatastoreWriter, ProjectionSpec, less_scores, select_top
+from ftlab.select.datastore import Datastore
+from ftlab.select.pipeline import SelectConfig
+from ftlab.tasks.base import Example, TaskSpec
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+# -- LESS: the ids of the warm-up checkpoints' datastores -----------------------------------------------
+DIM = 8
+SPEC = ProjectionSpec(dim_in=100, dim_out=DIM, seed=0)
+
+
+def _checkpoint_stores(tmp_path):
+    """Two checkpoints' train stores of 6 examples, 'pool.jsonl:3' clearly the best for the target."""
+    rng = np.random.default_rng(0)
+    target = rng.standard_normal((2, DIM)).astype(np.float32)
+    ids = [f"pool.jsonl:{i}" for i in range(6)]
+    train, targets = [], []
+    for c in (1, 2):
+        x = rng.standard_normal((6, DIM)).astype(np.float32)
+        x[3] = target.mean(0) * 3
+        fields = dict(model="tiny", checkpoint=f"epoch-{c}", dim=DIM, projection=SPEC, dtype="float32", shard_rows=4)
+        w = DatastoreWriter(tmp_path / f"train-{c}", grad_type="adam", **fields)
+        w.append(ids, x)
+        train.append(w.close().path)
+        w = DatastoreWriter(tmp_path / f"target-{c}", grad_type="sgd", **fields)
+        w.append(["t.jsonl:1", "t.jsonl:2"], target)
+        targets.append(w.close().path)
+    return train, targets
+
+
+def _best(train, targets):
+    stores = [Datastore.open(p) for p in train]
+    scores = less_scores(stores, [Datastore.open(p) for p in targets], [1e-4, 5e-5])
+    return stores[0].ids[select_top(scores, stores[0].ids, k=1)[0]]
+
+
+def _swap_ids(store, a, b):
+    """Swap ids ``a`` and ``b`` in the store's ids files (a hand edit, or a bad copy)."""
+    for ids_file in sorted(store.glob("shard-*.ids.json")):
+        ids = json.loads(ids_file.read_text())
+        ids = [b if i == a else a if i == b else i for i in ids]
+        ids_file.write_text(json.dumps(ids))
+
+
+def test_ids_swapped_in_both_checkpoints_are_refused_not_ranked_first(tmp_path):
+    train, targets = _checkpoint_stores(tmp_path)
+    assert _best(train, targets) == "pool.jsonl:3"
+    for store in train:  # the same swap in both: the checkpoints agree, the rows do not
+        _swap_ids(store, "pool.jsonl:3", "pool.jsonl:0")
+    with pytest.raises(FtlabError, match=r"ids file .*train-1/shard-00000.ids.json does not match its checksum "
+                                         r"\(ids_sha256.*\); delete .*train-1 and rewrite it") as e:
+        _best(train, targets)  # before: scored, and 'pool.jsonl:0' ranked first
+    _one_line(e)
+
+
+def test_ids_of_checkpoints_that_disagree_are_refused(tmp_path):
+    train, targets = _checkpoint_stores(tmp_path)
+    for store in train:  # stores written before ids_sha256: only the comparison across checkpoints is left
+        manifest = json.loads((store / "manifest.json").read_text())
+        for shard in manifest["shards"]:
+            del shard["ids_sha256"]
+        (store / "manifest.json").write_text(json.dumps(manifest))
+    _swap_ids(train[1], "pool.jsonl:3", "pool.jsonl:0")
+    with pytest.raises(FtlabError, match=r"train-2 lists other example ids \(or another order\) than the store of "
+                                         r"checkpoint 0") as e:
+        _best(train, targets)
+    _one_line(e)
+
+
