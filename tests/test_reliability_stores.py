@@ -27,6 +27,91 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
     return msg
 
 
+# -- the probe feature store ----------------------------------------------------------------------------
+TASK = TaskSpec(name="toy", template="{text} It was", options=[" great", " terrible"])
+TEXTS = ["the movie was great", "a terrible film", "good acting", "bad plot", "a great story", "it was bad"]
+EXAMPLES = [Example(id=f"toy:{i}", fields={"text": t}, label=i % 2) for i, t in enumerate(TEXTS)]
+FSPEC = FeatureSpec(("f",))
+
+
+@pytest.fixture
+def probe_store(tmp_path, tiny_model, tiny_tokenizer):
+    """``(compute, chunk files, fresh features)``: ``compute()`` reruns the store's feature pass."""
+    store = FeatureStore(tmp_path, "tiny", model_fingerprint(tiny_model))
+
+    def compute():
+        return split_features(tiny_model, tiny_tokenizer, TASK, EXAMPLES, "train", FSPEC, store, chunk_rows=2)["f"]
+
+    fresh = compute()
+    chunks = sorted((tmp_path / "toy" / "train" / "f").glob("chunk-*.npy"))
+    assert len(chunks) == 3
+    return compute, chunks, fresh
+
+
+def test_a_flipped_byte_of_a_probe_chunk_is_caught_wherever_it_is(probe_store):
+    compute, chunks, fresh = probe_store
+    chunk = chunks[1]
+    data = chunk.read_bytes()
+    # The header (dtype, shape) and the rows: every flip must be refused, none read as other features.
+    for offset in sorted({*range(0, 128, 5), *range(128, len(data), 37), len(data) - 1}):
+        bad = bytearray(data)
+        bad[offset] ^= 1 << (offset % 8)
+        chunk.write_bytes(bytes(bad))
+        with pytest.raises(FtlabError, match=r"feature chunk .*chunk-00001.npy does not match its checksum "
+                                             r"\(crc32; .*\); delete it and rerun the command") as e:
+            compute()
+        _one_line(e)
+    chunk.unlink()  # what the message says to do: the chunk is recomputed, identical
+    np.testing.assert_array_equal(compute(), fresh)
+
+
+def test_a_truncated_probe_chunk_is_one_line_and_recomputed_once_deleted(probe_store):
+    compute, chunks, fresh = probe_store
+    data = chunks[0].read_bytes()
+    for keep in (0, 10, len(data) // 2, len(data) - 1):
+        chunks[0].write_bytes(data[:keep])
+        with pytest.raises(FtlabError, match=rf"feature chunk .*chunk-00000.npy has {keep} bytes, not the "
+                                             rf"{len(data)} it was written with \(truncated") as e:
+            compute()
+        _one_line(e)
+    chunks[0].unlink()
+    np.testing.assert_array_equal(compute(), fresh)
+
+
+def test_an_object_dtype_probe_chunk_is_never_unpickled(probe_store, monkeypatch):
+    compute, chunks, _ = probe_store
+    loads = []
+    real = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **kw: loads.append(kw.get("allow_pickle", False)) or real(*a, **kw))
+    np.save(chunks[2], np.array([[1.0, "x"], [2.0, "y"]], dtype=object), allow_pickle=True)
+    with pytest.raises(FtlabError, match=r"feature chunk .*chunk-00002.npy (has \d+ bytes|does not match)") as e:
+        compute()
+    _one_line(e)
+    # Even listed with its own size and checksums (a copied store), it is refused, not unpickled.
+    from ftlab.io import checksums
+
+    listing = chunks[2].parent / "chunks.json"
+    record = json.loads(listing.read_text())
+    raw = chunks[2].read_bytes()
+    record["chunks"][2].update(bytes=len(raw), **checksums(raw))
+    listing.write_text(json.dumps(record))
+    with pytest.raises(FtlabError, match=r"feature chunk .*chunk-00002.npy is unreadable \(Object arrays") as e:
+        compute()
+    _one_line(e)
+    assert not any(loads)  # nothing was loaded with allow_pickle
+
+
+def test_a_damaged_chunk_list_is_one_line(probe_store):
+    compute, chunks, _ = probe_store
+    listing = chunks[0].parent / "chunks.json"
+    record = json.loads(listing.read_text())
+    for damaged in ("{", json.dumps({"chunks": 3}), json.dumps({"chunks": [{**record["chunks"][0], "file": "../x"}]})):
+        listing.write_text(damaged)
+        with pytest.raises(FtlabError, match="chunks.json: damaged feature-store file") as e:
+            compute()
+        _one_line(e)
+
+
 # -- LESS: the ids of the warm-up checkpoints' datastores -----------------------------------------------
 DIM = 8
 SPEC = ProjectionSpec(dim_in=100, dim_out=DIM, seed=0)
