@@ -175,3 +175,13 @@ def test_ids_of_checkpoints_that_disagree_are_refused(tmp_path):
     _one_line(e)
 
 
+# -- select: sizes refused in the config, before the warm-up runs ---------------------------------------
+@pytest.mark.parametrize("override, field", [("batch_size=0", "batch_size"), ("batch_size=-3", "batch_size"),
+                                             ("warmup.batch_size=0", "warmup.batch_size"),
+                                             ("top_k=0", "top_k"), ("top_k=-1", "top_k")])
+def test_select_sizes_are_checked_up_front(override, field):
+    with pytest.raises(ConfigError, match=rf"config.{field}: must be >= 1") as e:
+        load_config(SelectConfig, None, ["percentage=null", "top_k=5", override])
+    _one_line(e)
+
+
