@@ -185,3 +185,59 @@ def test_select_sizes_are_checked_up_front(override, field):
     _one_line(e)
 
 
+# -- tint build --output ------------------------------------------------------------------------------------
+MEASURED = {"inner": {"parameters": 10, "layers": 1, "seconds": 0.1, "peak_mib_growth": 1.0},
+            "reference_step": {"seconds": 0.1}, "tokens": {"total": 24, "train": 16},
+            "tint": {"prefix": 5, "buffers": 1, "dense_equivalent": 9, "hidden_size": 8, "n_prefixes": 8,
+                     "prefix_tokens": 8, "build_seconds": 0.1, "seconds": 0.1, "peak_mib_growth": 2.0},
+            "check": {"max_abs_diff": 0.0, "logit_scale": 1.0, "same_argmax": True}}
+
+
+@pytest.fixture
+def build(monkeypatch):
+    """``build(*args) -> (result, measured?)``: ``ftlab tint build`` with the measurement faked."""
+    import ftlab.tint.costs as costs
+    from ftlab.cli.tint import app
+
+    calls = []
+    monkeypatch.setattr(costs, "measure", lambda cfg: calls.append(cfg) or MEASURED)
+
+    def run(*args):
+        calls.clear()
+        result = CliRunner().invoke(app, ["build", "n_tokens=24", "n_train=16", *args])
+        return result, bool(calls)
+
+    return run
+
+
+def test_tint_build_output_never_replaces_a_folder_or_a_foreign_file(tmp_path, build):
+    folder = tmp_path / "results"
+    (folder / "keep.txt").parent.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": true}')
+    for path, flags, message in [(folder, [], "is a folder; give the path of a JSON file"),
+                                 (folder, ["--overwrite"], "is a folder; give the path of a JSON file"),
+                                 (foreign, ["--overwrite"], "exists and is not the JSON of an earlier tint build"),
+                                 (foreign / "x.json", [], "is a file, not a folder")]:
+        result, measured = build("--output", str(path), *flags)
+        assert isinstance(result.exception, FtlabError), result.output
+        assert message in str(result.exception) and "\n" not in str(result.exception)
+        assert not measured  # refused before the minutes of measuring
+    assert (folder / "keep.txt").read_text() == "mine" and sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    assert foreign.read_text() == '{"mine": true}'
+
+
+def test_tint_build_output_replaces_an_earlier_build_only_with_overwrite(tmp_path, build):
+    out = tmp_path / "sub" / "build.json"
+    result, _ = build("--output", str(out))
+    assert result.exit_code == 0, (result.output, result.exception)
+    first = json.loads(out.read_text())
+    assert first["config"]["n_tokens"] == 24 and first["check"] == MEASURED["check"]
+    result, measured = build("n_tokens=32", "--output", str(out))
+    assert isinstance(result.exception, FtlabError) and not measured
+    assert "holds an earlier tint build; pass --overwrite" in str(result.exception)
+    assert json.loads(out.read_text()) == first
+    result, _ = build("n_tokens=32", "--output", str(out), "--overwrite")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads(out.read_text())["config"]["n_tokens"] == 32
