@@ -112,6 +112,13 @@ def test_a_damaged_chunk_list_is_one_line(probe_store):
         _one_line(e)
 
 
+def test_a_store_written_before_chunks_json_is_recomputed_not_trusted(probe_store):
+    compute, chunks, fresh = probe_store
+    (chunks[0].parent / "chunks.json").unlink()  # as an older ftlab left it: chunk files, no checksums
+    chunks[1].write_bytes(chunks[1].read_bytes()[:-4] + b"\0\0\0\0")  # silently other rows, same size
+    np.testing.assert_array_equal(compute(), fresh)
+
+
 # -- LESS: the ids of the warm-up checkpoints' datastores -----------------------------------------------
 DIM = 8
 SPEC = ProjectionSpec(dim_in=100, dim_out=DIM, seed=0)
@@ -172,6 +179,19 @@ def test_ids_of_checkpoints_that_disagree_are_refused(tmp_path):
     with pytest.raises(FtlabError, match=r"train-2 lists other example ids \(or another order\) than the store of "
                                          r"checkpoint 0") as e:
         _best(train, targets)
+    _one_line(e)
+
+
+def test_stored_rows_of_examples_not_in_the_files_are_one_line(tmp_path):
+    from ftlab.select.data import InstructionExample
+    from ftlab.select.pipeline import groups_of
+
+    _, targets = _checkpoint_stores(tmp_path)
+    other = [InstructionExample(id=f"other.jsonl:{i}", messages=(), response="r", task="qa", family="qa")
+             for i in (1, 2)]
+    with pytest.raises(FtlabError, match=r"target-1 holds features of 2 examples that are not in the targets files "
+                                         r"\(e.g. 't.jsonl:1'\)") as e:
+        groups_of(Datastore.open(targets[0]), other)  # before: KeyError
     _one_line(e)
 
 
