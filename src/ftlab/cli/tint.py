@@ -24,18 +24,20 @@ def build_cmd(
                                                                "tint.n_prefixes=192 n_tokens=256"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged name "
                                                                       "(e.g. tint-build)."),
-    output: Optional[str] = typer.Option(None, help="Also write the measurements as JSON to this file."),
+    output: Optional[str] = typer.Option(None, help="Also write the measurements as JSON to this file (a new "
+                                                    "file, or an earlier build's with --overwrite)."),
+    overwrite: bool = typer.Option(False, help="Replace --output if it holds an earlier build's JSON."),
     show_config: bool = typer.Option(False, help="Print the resolved config and exit."),
 ) -> None:
     """Build a TinT from the model's weights, run one forward pass on a random context, check it
     against the reference step, and print parameters, peak memory and seconds beside the inner model's."""
-    from ftlab.config import to_dict
-    from ftlab.io import atomic_write_json
-    from ftlab.tint.costs import TintBuildConfig, measure
+    from ftlab.tint.costs import TintBuildConfig, check_output, measure, write_output
 
     cfg = resolved_config(TintBuildConfig, config, overrides, show=show_config)
     if cfg is None:
         return
+    if output:
+        check_output(output, overwrite)  # refused before the minutes of measuring, not after
     res = measure(cfg)
     t, i = res["tint"], res["inner"]
     rows = [("inner model", f"{i['parameters']:,}", "-", f"{i['peak_mib_growth']:.0f}", f"{i['seconds']:.3f}"),
@@ -46,7 +48,7 @@ def build_cmd(
     typer.echo(f"TinT vs reference step: max |logit diff| {c['max_abs_diff']:.2e} "
                f"(logits up to {c['logit_scale']:.1f}), same argmax: {c['same_argmax']}")
     if output:
-        atomic_write_json(output, {"config": to_dict(cfg), **res})
+        write_output(output, cfg, res, overwrite)
 
 
 @app.command("eval")

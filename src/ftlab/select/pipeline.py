@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftlab.config import ConfigError, LoraSettings, Settings
+from ftlab.config import ConfigError, LoraSettings, Settings, at_least, setting
 from ftlab.distributed import barrier, init_from_env, is_main, rank_device
 from ftlab.errors import FtlabError
 from ftlab.grads.projection import ProjectionSpec, Projector
@@ -82,10 +82,10 @@ class SelectConfig(Settings):
     projection_kind: str = "sparse"
     projection_seed: int = 0
     feature_dtype: str = "float16"
-    batch_size: int = 8
+    batch_size: int = setting(8, check=at_least(1))
     max_length: int = 256
     percentage: float | None = 0.05
-    top_k: int | None = None
+    top_k: int | None = setting(None, check=at_least(1), need=">= 1 (or null, with percentage set)")
     seed: int = 0
 
     def check_combinations(self) -> None:
@@ -157,8 +157,18 @@ def gradient_features(cfg: SelectConfig, module: nn.Module, tokenizer: Any, exam
     return out
 
 
+def _check_rows_are_of(ids: Sequence[str], examples: Sequence[InstructionExample], where: Any, files: str) -> None:
+    """Raise unless every feature row ``ids`` (of store ``where``) is an example of ``examples``."""
+    known = {ex.id for ex in examples}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise FtlabError(f"{where} holds features of {len(missing)} examples that are not in the {files} files (e.g. "
+                         f"{missing[0]!r}); give the files the features were computed for, or recompute them")
+
+
 def groups_of(store: Datastore, examples: Sequence[InstructionExample]) -> list[str]:
     """The subtask of each row of a target store."""
+    _check_rows_are_of(store.ids, examples, store.path, "targets")
     task = {ex.id: ex.task for ex in examples}
     return [task[i] for i in store.ids]
 
@@ -209,6 +219,7 @@ def write_outputs(cfg: SelectConfig, pool: Sequence[InstructionExample], ids: li
                   skipped: list[str]) -> dict[str, Any]:
     """Select the top examples and write every output file; returns the summary."""
     out = Path(cfg.output_dir)
+    _check_rows_are_of(ids, pool, out, "pool")
     rows = select_top(scores, ids, k=cfg.top_k, fraction=cfg.percentage)
     write_selection(out / "selected.jsonl", out / "scores.csv", ids, scores, rows)
     by_id = {ex.id: ex for ex in pool}

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ftlab.checkpoint import load_trainable, trainable_state
 from ftlab.collate import pad_id
-from ftlab.config import Settings
+from ftlab.config import Settings, at_least, setting
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_dir, atomic_write_json
 from ftlab.models import trainable_parameters
@@ -55,7 +55,7 @@ class WarmupSettings(Settings):
     lr: float = 2e-5
     schedule: str = "linear"
     warmup_ratio: float = 0.03
-    batch_size: int = 8
+    batch_size: int = setting(8, check=at_least(1))
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
