@@ -4,12 +4,15 @@ what a training run's folder holds, and every read and write of its files, is :c
 Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel compute``,
 ``seeds run``, ``scale experiment``) claims it first:
 
-* **marker** -- ``.ftlab-run.json`` (kind, creation time, ftlab version), written into every
-  folder ftlab creates. It is what lets ftlab tell its own folders from the user's.
+* **marker** -- ``.ftlab-run.json`` (kind, creation time, ftlab version, a run id; the names
+  it found there if ftlab adopted an existing folder; for a folder written at once, the names it
+  wrote), written into every folder ftlab claims. It is what lets ftlab tell its own folders
+  from the user's.
 * :func:`claim_dir` -- create the folder, or accept an existing one that is empty, carries the
   marker of the same kind, or was written by an ftlab version before the marker (every entry is
   a name ftlab writes for that kind); anything else is refused in one line. ftlab writes into a
-  folder only after claiming it.
+  folder only after claiming it; a command that fails before writing anything but the marker
+  removes the folders its claim created (:func:`claim_and_lock`).
 * :func:`overwrite_dir` -- move a folder *with the marker* aside with one ``os.rename`` and
   delete the moved copy, only if every entry in it is one ftlab writes into a folder of that kind
   (or a folder ftlab marked) and the marker says ftlab created the folder (not adopted one found

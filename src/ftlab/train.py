@@ -148,6 +148,7 @@ def _check_output(cfg: TrainConfig, run: RunDir) -> bool:
 
 
 def _write_config(cfg: TrainConfig, run: RunDir) -> None:
+    """Write the run's config.json (see :func:`_check_output`)."""
     atomic_write_json(run.config, json.loads(json.dumps(to_dict(cfg))))
 
 
@@ -295,14 +296,15 @@ def _evaluate_dev(cfg: TrainConfig, parallel: Single, module: nn.Module, tokeniz
 
 def _metrics_log(run: RunDir, main: bool, step: int) -> Callable[[dict[str, Any]], None]:
     """What the loop logs through: rank 0 appends to ``metrics.jsonl`` (after dropping the lines a
-    killed run wrote past its checkpoint at ``step``); the other ranks write nothing."""
+    killed run wrote past its checkpoint at ``step``; at step 0, every line, the step-0 dev
+    evaluation included, since the run redoes it); the other ranks write nothing."""
     if not main:
         return _discard
     if step == 0 and run.metrics.exists() and run.metrics.stat().st_size:
         # No checkpoint (a kill before the first, or a deleted checkpoint/state.json): the run starts
         # again at step 0 and so does its log (its step-0 dev evaluation is redone, not logged twice).
         logger.warning("%s: no checkpoint to resume from (%s); training starts again at step 0 and "
-                    "metrics.jsonl is started afresh", run.path, run.checkpoint_state)
+                       "metrics.jsonl is started afresh", run.path, run.checkpoint_state)
     run.truncate_metrics(step if step > 0 else -1)
     return run.append_metrics
 
