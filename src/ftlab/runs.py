@@ -149,7 +149,7 @@ def _written_by_old_ftlab(path: Path, kind: str) -> bool:
     return kind in _BEFORE_MARKER and bool(names) and all(n in _KNOWN_NAMES[kind] for n in names)
 
 
-def _adopted(path: Path, kind: str) -> list[str] | None:
+def _adopted(path: Path) -> list[str] | None:
     """The entries of an unmarked folder ftlab is about to mark as its own (None: nothing there)."""
     return _visible_names(path) if read_marker(path) is None else None
 
@@ -174,8 +174,8 @@ def _ftlab_entry(entry: Path, known: frozenset[str]) -> bool:
 
 def check_deletable(path: str | Path, kind: str) -> dict[str, Any]:
     """The marker of ``path`` if ftlab may delete that folder (``--overwrite``): it carries the
-    marker of ``kind`` with a run id, ftlab created it (adopted nothing), and each entry is one
-    ftlab writes there (see :func:`_ftlab_entry`); otherwise one line naming what stops it."""
+    marker of ``kind``, ftlab created it (adopted nothing), and each entry is one ftlab writes
+    there (see :func:`_ftlab_entry`); otherwise one line naming what stops it."""
     path = Path(path)
     marker = read_marker(path)
     if marker is None:
@@ -240,7 +240,7 @@ def claim_dir(path: str | Path, kind: str) -> Path:
     path = Path(path)
     if ownership(path, kind) == "absent":
         path.mkdir(parents=True, exist_ok=True)
-    write_marker(path, kind, adopted=_adopted(path, kind))
+    write_marker(path, kind, adopted=_adopted(path))
     return path
 
 
@@ -479,7 +479,7 @@ def claim_and_lock(path: str | Path, kind: str, *, main: bool | None = None) -> 
     try:
         with RunLock(path):
             ownership(path, kind)  # again, under the lock
-            write_marker(path, kind, adopted=_adopted(path, kind))
+            write_marker(path, kind, adopted=_adopted(path))
             yield path
     except BaseException:
         if created is not None:
@@ -498,7 +498,7 @@ def _first_missing(path: Path) -> Path:
 def _remove_if_unused(path: Path, top: Path) -> None:
     """Undo the creation of ``path`` (and its missing parents up to ``top``) by a command that
     failed before writing anything there but the marker: nothing else is touched."""
-    if any(p.name != MARKER for p in path.iterdir()):
+    if not path.is_dir() or any(p.name != MARKER for p in path.iterdir()):
         return
     with contextlib.suppress(OSError):
         (path / MARKER).unlink(missing_ok=True)
