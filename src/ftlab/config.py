@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -136,6 +137,16 @@ def in_unit_interval(value: float) -> bool:
 @needs("in (0, 1)")
 def in_open_unit_interval(value: float) -> bool:
     return 0.0 < value < 1.0
+
+
+@needs("in (0, 1] (a fraction, e.g. 0.05 for 5%)")
+def in_fraction(value: float) -> bool:
+    return 0.0 < value <= 1.0
+
+
+@needs("cpu, cuda or cuda:N")
+def device_name(value: str) -> bool:
+    return re.fullmatch(r"cpu|cuda(:\d+)?", value) is not None
 
 
 @needs("two numbers in [0, 1), e.g. [0.9, 0.999]")

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ from ftlab.distributed import barrier
 from ftlab.errors import FtlabError, damaged
 from ftlab.evaluate import EvalResult, model_device
 from ftlab.io import atomic_write_json
-from ftlab.models import load_model, prepare_model, save_trained
+from ftlab.models import EMBEDDED_MODELS, load_model, parse_device, prepare_model, save_trained
+from ftlab.models.loading import short_reason
 from ftlab.objectives import Encoder
 from ftlab.optim import build_optimizer, is_zeroth_order, lr_factor
 from ftlab.parallel import Single, build_parallelism, micro_batches
@@ -48,6 +50,8 @@ from ftlab.zo.batched import batched_objective
 from ftlab.zo.trajectory import TrajectoryLog, replay
 
 StepCallback = Callable[[int, dict[str, Any]], None]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,18 +132,44 @@ def _metric_name(spec: TaskSpec) -> str:
     return "accuracy" if spec.kind == "classification" else "f1"
 
 
-def _prepare_output(cfg: TrainConfig, run: RunDir) -> None:
-    """Write the run's config.json, or check that an existing one is this same config (a
-    folder in which nothing was trained yet takes the new config)."""
-    new = json.loads(json.dumps(to_dict(cfg)))
-    if run.config.exists() and run.started():
-        old = read_written_json(run.config)
-        if not isinstance(old, dict):
-            raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
-        # A key the old config lacks (written before the field existed) had its default value.
-        check_settings(run.path, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
-    else:
-        atomic_write_json(run.config, new)
+def _check_output(cfg: TrainConfig, run: RunDir) -> bool:
+    """Check that a started run's config.json is this same config; returns whether config.json
+    is still to be written (a folder in which nothing was trained yet takes the new config, once
+    the model and the data loaded: see :func:`_write_config`). Writes nothing."""
+    if not (run.config.exists() and run.started()):
+        return True
+    old = read_written_json(run.config)
+    if not isinstance(old, dict):
+        raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
+    # A key the old config lacks (written before the field existed) had its default value.
+    check_settings(run.path, "run", old, json.loads(json.dumps(to_dict(cfg))),
+                   defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
+    return False
+
+
+def _write_config(cfg: TrainConfig, run: RunDir) -> None:
+    """Write the run's config.json (see :func:`_check_output`)."""
+    atomic_write_json(run.config, json.loads(json.dumps(to_dict(cfg))))
+
+
+def check_inputs(cfg: TrainConfig) -> RunData:
+    """What :func:`train` loads from ``cfg``, checked before any folder is touched (``ftlab train
+    --overwrite`` deletes the old run only after this): the device, the model name (an embedded
+    model, a local model folder, or a hub model whose config loads) and the data, which is
+    returned (pass it to :func:`train`)."""
+    if cfg.device_map is None:
+        parse_device(cfg.device)
+    data = _check_data(load_run_data(cfg))
+    if cfg.model not in EMBEDDED_MODELS:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(cfg.model)
+        except Exception as e:  # transformers raises OSError, ValueError, HTTP errors, ...
+            raise FtlabError(f"config.model: cannot load model {cfg.model!r} (not an embedded model: "
+                             f"{', '.join(EMBEDDED_MODELS)}; nor a local model folder or a hub model): "
+                             f"{short_reason(e)}") from None
+    return data
 
 
 @writes_run_dir("train", "cfg.output_dir")  # validates cfg, then claims and locks the folder (rank 0)
@@ -153,13 +183,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     to ``results.json``)."""
     parallel = build_parallelism(cfg)  # joins torchrun's process group; see ftlab.parallel
     run = RunDir(cfg.output_dir)
-    if parallel.main:  # the folder exists: @writes_run_dir claimed it
-        _prepare_output(cfg, run)
+    # The folder exists (@writes_run_dir claimed it); rank 0 checks a started run's config.
+    new_config = parallel.main and _check_output(cfg, run)
     barrier()  # the other ranks read the folder (results, checkpoint) only once rank 0 checked it
     if run.finished():
         return run.read_results()
     model, tokenizer = model_and_tokenizer or parallel.load_model()
     data = _check_data(data or load_run_data(cfg))
+    if new_config:  # only once the model and the data loaded: a failed load leaves no config.json
+        _write_config(cfg, run)
     module, optimizer, scheduler = build_trainer(cfg, model, parallel)
     parallel.setup(module, optimizer)
     checkpointer = parallel.checkpointer(run, optimizer)
@@ -264,10 +296,16 @@ def _evaluate_dev(cfg: TrainConfig, parallel: Single, module: nn.Module, tokeniz
 
 def _metrics_log(run: RunDir, main: bool, step: int) -> Callable[[dict[str, Any]], None]:
     """What the loop logs through: rank 0 appends to ``metrics.jsonl`` (after dropping the lines a
-    killed run wrote past its checkpoint at ``step``); the other ranks write nothing."""
+    killed run wrote past its checkpoint at ``step``; at step 0, every line, the step-0 dev
+    evaluation included, since the run redoes it); the other ranks write nothing."""
     if not main:
         return _discard
-    run.truncate_metrics(step)
+    if step == 0 and run.metrics.exists() and run.metrics.stat().st_size:
+        # No checkpoint (a kill before the first, or a deleted checkpoint/state.json): the run starts
+        # again at step 0 and so does its log (its step-0 dev evaluation is redone, not logged twice).
+        logger.warning("%s: no checkpoint to resume from (%s); training starts again at step 0 and "
+                       "metrics.jsonl is started afresh", run.path, run.checkpoint_state)
+    run.truncate_metrics(step if step > 0 else -1)
     return run.append_metrics
 
 
@@ -326,6 +364,8 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     ``run_dir`` is an ``ftlab train`` run folder, a ZOTrainer's output_dir or its ``ftlab/``
     subfolder. Returns the module and the base model's tokenizer (None if the base model folder
     has none: the replay runs no forward)."""
+    if steps is not None and steps < 0:
+        raise FtlabError(f"steps: must be >= 0 (the number of steps to replay; got {steps})")
     run = _replay_folder(Path(run_dir))
     cfg = _replay_config(run)
     if not is_zeroth_order(cfg.optimizer):

@@ -63,12 +63,20 @@ def eval_cmd(
     """Zero-shot, ICL, exact and approximate dynamic evaluation, and TinT, per task, with
     improvements over ICL and zero-shot (multi-bootstrap 95% intervals), and the
     language-modelling variant. Resumable: finished (task, seed) parts are kept."""
+    from ftlab.errors import FtlabError
+    from ftlab.runs import overwrite_dir
+    from ftlab.tasks import is_builtin
     from ftlab.tint.experiment import TintEvalConfig, run_eval
 
-    cfg = resolved_config(TintEvalConfig, config, overrides, show=show_config,
-                          overwrite_kind="tint" if overwrite else None)
+    cfg = resolved_config(TintEvalConfig, config, overrides, show=show_config)
     if cfg is None:
         return
+    for task in cfg.tasks:
+        if not is_builtin(task):
+            raise FtlabError(f"tasks: {task!r} is not a built-in task; tint eval runs built-in tasks only, with "
+                             "their own templates and label words (see `ftlab data list`), e.g. 'tasks=[sentiment]'")
+    if overwrite:
+        overwrite_dir(cfg.output_dir, "tint")  # after the checks; only a folder ftlab wrote
     bars = ProgressBars(absolute=True)
     summary = run_eval(cfg, progress=bars)
     bars.close()
