@@ -397,7 +397,7 @@ class ZOSettings(Settings):
     elite_fraction: float = setting(0.5, check=in_open_unit_interval)
     # mezo-svrg: q, the steps from one full-batch estimate (and anchor) to the next; the examples in
     # that estimate (null: the whole training split, if small); the full-batch steps' lr over the others'
-    svrg_every: int = setting(10, check=at_least(1))
+    svrg_every: int = setting(5, check=at_least(1))
     svrg_batch: int | None = setting(None, check=at_least(1),
                                      need=">= 1 (examples in the full-batch estimate; null: the whole training split)")
     svrg_full_lr_scale: float = setting(1.0, check=above(0))

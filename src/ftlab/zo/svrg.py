@@ -62,7 +62,7 @@ from ftlab.errors import FtlabError
 from ftlab.zo.directions import Piece, add_z, local_part
 from ftlab.zo.mezo import MeZO, ZOStep, buffer_dtype, f32, loss_differences
 
-SVRG_EVERY = 10  # q: steps from one full-batch estimate to the next
+SVRG_EVERY = 5  # q: steps from one full-batch estimate to the next (tests/zo/test_svrg.py: 2 to 10 work, 25 diverges)
 WHOLE_SPLIT_LIMIT = 1024  # svrg_batch unset: the whole training split, if it has at most this many examples
 
 # make(size): the closure returning the mean loss over ``size`` fixed training examples at the
