@@ -278,7 +278,23 @@ def test_the_full_batch_estimate_is_recomputed_exactly_every_q_steps(q, n, one_s
         opt.step(lambda: mini_calls.append(1) or model.loss([0, 1]))
         done = (len(full_calls) - before[0], len(mini_calls) - before[1])
         assert done == ((per_full, 0) if step % q == 0 else (0, opt.forwards_per_step)), step
-    assert opt.anchor_age == 12 % q or (q == 1 and opt.anchor_age == 1) or opt.anchor_age == q
+    assert opt.anchor_age == 12 - q * (11 // q)  # steps since the last full-batch step
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_one_all_reduce_of_the_loss_differences_a_step(n):
+    # Data parallel MeZO averages a step's differences in one all-reduce (opt._mean); so does this
+    # optimizer: n + 1 floats on a full-batch step, 2n + 1 (x's, the anchor's, L+) on an SVRG step.
+    model = FiniteSum()
+    opt = svrg(model, lr=1e-2, n_perturbations=n, svrg_every=2)
+    means = []
+    opt._mean = lambda values: means.append(list(values)) or values
+    for _ in range(2):
+        opt.step(lambda: model.loss([0, 1]))
+    assert [len(m) for m in means] == [n + 1, 2 * n + 1]
+    record = opt.history[-1]
+    assert record.loss == means[1][-1]
+    assert record.grads[0] == f32((means[1][0] - means[1][n]) / (2 * EPS))
 
 
 def test_bad_settings_are_refused_in_one_line():
