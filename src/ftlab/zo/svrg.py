@@ -2,7 +2,7 @@
 Methods for Fine-Tuning Language Models", ICML 2024, Algorithm 1).
 
 MeZO's projected gradient on a minibatch I mixes two noises: the random direction z and the
-choice of I. SVRG removes the second. Every q steps it takes an *anchor* x~ = x and a full-batch
+choice of I. SVRG cancels most of the second. Every q steps it takes an *anchor* x~ = x and a full-batch
 SPSA estimate g~ there (the loss over a fixed set of many examples, its own seeds); in between,
 each step takes the minibatch's projected gradient along ONE z both at x and at the anchor and
 steps along their difference plus g~ (n seeds: averaged over them, the same z at both points)::
@@ -18,13 +18,17 @@ steps along their difference plus g~ (n seeds: averaged over them, the same z at
 
 This is the paper's Algorithm 1: its full-batch steps take a step of their own along g~ (with
 its larger step size eta_1; here ``lr * full_lr_scale``, ``zo.svrg_full_lr_scale``, 1 by default)
-and do not use the step's minibatch; the SVRG steps use eta_2 = ``lr``. Both follow the lr
-schedule. ``one_sided`` uses forward differences at both points (n + 1 forwards at each).
+and do not use the step's minibatch (the closure ``step`` is given is not called; the loop's
+batch order is unchanged); the SVRG steps use eta_2 = ``lr``. Both follow the lr schedule.
+``one_sided`` uses forward differences at both points (n + 1 forwards at each).
 
 **Why it helps.** ``E_z[(p_s - p~_s) z_s] = grad f_I(x) - grad f_I(x~)``, so the step is an
 unbiased estimate of ``grad f(x) - grad f(x~) + g~``, i.e. of ``grad f(x)`` over the draws of
 g~ too; the minibatch's own noise cancels between x and x~ (exactly for a quadratic with a
 shared Hessian), and near the anchor the estimate's spread is that of g~ -- a full-batch one.
+The price: g~ is an estimate along n directions only, and its error is applied on each of the q
+steps; q must stay small (on tests/zo/test_svrg.py's quadratic q = 2 to 10 converge and q = 25
+diverges at the lr that suits q = 5), or n larger.
 
 **Cost.** ``forwards_per_step``: 4n minibatch forwards on an SVRG step (2n at x, 2n at x~;
 one-sided 2n + 2); every q steps instead 2n forwards of the full batch (each as many batch
@@ -62,7 +66,7 @@ from ftlab.errors import FtlabError
 from ftlab.zo.directions import Piece, add_z, local_part
 from ftlab.zo.mezo import MeZO, ZOStep, buffer_dtype, f32, loss_differences
 
-SVRG_EVERY = 5  # q: steps from one full-batch estimate to the next (tests/zo/test_svrg.py: 2 to 10 work, 25 diverges)
+SVRG_EVERY = 5  # q: steps from one full-batch estimate to the next (small: see the module docstring)
 WHOLE_SPLIT_LIMIT = 1024  # svrg_batch unset: the whole training split, if it has at most this many examples
 
 # make(size): the closure returning the mean loss over ``size`` fixed training examples at the
