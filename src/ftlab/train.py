@@ -199,6 +199,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     parallel.resume(state, optimizer.param_groups[0]["lr"])
     log = _metrics_log(run, parallel.main, state.step)
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
+    _give_full_batch(cfg, parallel, optimizer, tokenizer, encoder, data.splits.train)
     evaluate_dev = functools.partial(_evaluate_dev, cfg, parallel, module, tokenizer, data, optimizer, state, run, log)
 
     if state.step == 0 and data.splits.dev and cfg.eval_every:
@@ -248,6 +249,32 @@ def _step(cfg: TrainConfig, parallel: Single, optimizer: torch.optim.Optimizer, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(parallel.step_seed(cfg.seed_of("order") * 1_000_003 + step))
         return parallel.mean_loss(optimizer.step(closure))
+
+
+def _give_full_batch(cfg: TrainConfig, parallel: Single, optimizer: torch.optim.Optimizer, tokenizer: Any,
+                     encoder: Encoder, train_split: list) -> None:
+    """An optimizer that also minimises a full-batch objective (``needs_full_batch``: MeZO-SVRG)
+    gets, once, a factory of it over the training split (its ``set_full_batch``)."""
+    if getattr(optimizer, "needs_full_batch", False):
+        make = functools.partial(_full_batch_objective, cfg, parallel, tokenizer, encoder, train_split)
+        optimizer.set_full_batch(make, len(train_split))
+
+
+def _full_batch_objective(cfg: TrainConfig, parallel: Single, tokenizer: Any, encoder: Encoder, train_split: list,
+                          size: int) -> tuple[Callable[[], torch.Tensor], int]:
+    """The mean objective over ``size`` training examples, the same ones at every call (a seeded
+    choice), run in micro-batches of the training micro-batch's size (so no forward is larger
+    than a training step's); and the number of those batch forwards."""
+    chosen = sorted(random.Random(f"{cfg.seed_of('order')}:full-batch").sample(range(len(train_split)), size))
+    width = cfg.batch_size // cfg.grad_accum
+    device = model_device(parallel.module)
+    parts = [(len(part), _objective(cfg, parallel, tokenizer, encoder, [train_split[i] for i in part], device))
+             for part in (chosen[i:i + width] for i in range(0, size, width))]
+
+    @torch.no_grad()
+    def full_batch() -> torch.Tensor:
+        return sum(part() * n for n, part in parts) / size  # the example-weighted mean over the micro-batches
+    return full_batch, len(parts)
 
 
 def _objective(cfg: TrainConfig, parallel: Single, tokenizer: Any, encoder: Encoder, examples: list,
