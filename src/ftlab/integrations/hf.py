@@ -116,7 +116,8 @@ class ZOArguments:
 
     Attributes:
         optimizer: a key of ``ftlab.zo.ZO_OPTIMIZERS`` (mezo, zo-momentum, zo-adam, zo-sign, sparse-mezo,
-            fzoo, hizoo, lozo, lozo-m, zo-guided, lowrank-fzoo).
+            fzoo, hizoo, lozo, lozo-m, zo-guided, lowrank-fzoo; mezo-svrg is refused: it needs
+            a full-batch objective, which only ``ftlab train`` builds).
         zo: eps, n_perturbations, distribution, generator... (see :class:`ftlab.zo.ZOSettings`).
         seed: seeds the perturbations (None: ``TrainingArguments.seed``).
         base_model: what ``ftlab replay`` loads the base model from (None: the model's ``name_or_path``).
