@@ -14,8 +14,10 @@ Folder of a study::
                            and per-example scores on each out-of-distribution task (``ood``)
     results.json           all runs' records, written once every run is done
 
+Every run is tested with the weights its ``model/`` keeps (``train.keep``: the final ones, or
+with ``keep: best`` those of its best dev evaluation, as the packaged seed studies set).
 Out-of-distribution tests (``ood_tasks``: built-in task names or files) are evaluated on every
-run's best model beside the test set, on a subset of ``ood_n_test`` examples drawn with
+run's kept model beside the test set, on a subset of ``ood_n_test`` examples drawn with
 ``data.data_seed`` (the same for every run). An OOD task must use the study's label words (a
 model trained to answer " Yes"/" No" is scored on those words); files are read with the study's
 template and label words. A finished run missing an OOD task (added later) is evaluated on it
@@ -245,8 +247,8 @@ def run_study(study: SeedStudyConfig, *, progress: bool = True,
 
 def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, ood: dict[str, tuple[TaskSpec, list[Example]]],
              progress: bool) -> dict[str, Any]:
-    """Train one run (resuming if it was cut), score its best model on every test example and
-    on every OOD example, and write ``seed_run.json``."""
+    """Train one run (resuming if it was cut), score its kept model (``model/``) on every test
+    example and on every OOD example, and write ``seed_run.json``."""
     cfg = study_train_config(study, run)
     # The loop's own test evaluation keeps only the aggregate; the multi-bootstrap needs the
     # per-example scores, so the test set is scored here instead.
