@@ -130,14 +130,19 @@ def _metric_name(spec: TaskSpec) -> str:
 
 def _prepare_output(cfg: TrainConfig, run: RunDir) -> None:
     """Write the run's config.json, or check that an existing one is this same config (a
-    folder in which nothing was trained yet takes the new config)."""
+    folder in which nothing was trained yet takes the new config). ``keep`` may change on
+    resuming (it only picks what :func:`_finish` saves): an unfinished run's config.json then
+    takes the new value; a finished run's results.json says what its model/ holds."""
     new = json.loads(json.dumps(to_dict(cfg)))
     if run.config.exists() and run.started():
         old = read_written_json(run.config)
         if not isinstance(old, dict):
             raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
         # A key the old config lacks (written before the field existed) had its default value.
-        check_settings(run.path, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
+        check_settings(run.path, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))),
+                       ignore=("keep",))
+        if old.get("keep") != new["keep"] and not run.finished():
+            atomic_write_json(run.config, new)
     else:
         atomic_write_json(run.config, new)
 

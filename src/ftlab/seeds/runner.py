@@ -167,7 +167,7 @@ def _prepare_study(study: SeedStudyConfig, main: bool) -> Path:
     out = Path(study.output_dir)
     path = out / "study.json"
     if path.exists():
-        old = from_dict(SeedStudyConfig, json.loads(path.read_text()), str(path))
+        old = _stored_study(path)
         check_comparable({str(path): old.train, "this study": study.train})
         new = json.loads(json.dumps(to_dict(study)))
         diff = [k for k in ("train", "kinds") if to_dict(old)[k] != new[k]]
@@ -177,6 +177,17 @@ def _prepare_study(study: SeedStudyConfig, main: bool) -> Path:
     if main:
         atomic_write_json(path, to_dict(study))
     return out
+
+
+def _stored_study(path: Path) -> SeedStudyConfig:
+    """The config a study folder recorded. One started before ``train.keep`` existed tested its
+    runs with their best dev step where they selected on dev: its ``keep`` is read as "best"."""
+    stored = json.loads(path.read_text())
+    old = from_dict(SeedStudyConfig, stored, str(path))
+    t = old.train
+    if isinstance(stored.get("train"), dict) and "keep" not in stored["train"] and t.eval_every and t.data.n_dev:
+        old = dataclasses.replace(old, train=dataclasses.replace(t, keep="best"))
+    return old
 
 
 def use_rank_gpu(device: str) -> None:

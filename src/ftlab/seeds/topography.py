@@ -41,7 +41,6 @@ from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model
 from ftlab.plots import pyplot, save_figure
-from ftlab.rundir import RunDir
 from ftlab.runs import claim_and_lock
 from ftlab.seeds import basins, curvature, prediction, stats
 from ftlab.seeds.interpolation import run_weights, saved_train_config
