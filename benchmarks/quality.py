@@ -116,6 +116,8 @@ def run_row(task: str, method: str, args: argparse.Namespace) -> dict:
         steps = args.mezo_steps if optimizer == "mezo" else args.ft_steps
         cfg = load_config(TrainConfig, None, common + settings + args.set + [
             f"mode={mode}", f"optimizer={optimizer}", f"steps={steps}", f"eval_every={max(1, steps // 4)}",
+            # The table's protocol: the test score of the best of 4 dev evaluations (none without dev).
+            f"keep={'best' if data_settings['n_dev'] else 'last'}",
             f"checkpoint_every={max(1, steps // 4)}", f"output_dir={args.runs}/{task}-{method}"])
         metrics = train(cfg, progress=True)["test"]
     return {"task": task, "method": method, "steps": steps, **metrics, "data": data_settings,

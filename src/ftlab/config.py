@@ -490,6 +490,11 @@ class TrainConfig(Settings):
     eval_every: int = setting(50, check=at_least(0), need=">= 0 (0: no dev evaluation)")
     eval_batch_size: int = setting(32, check=at_least(1))
     checkpoint_every: int = setting(50, check=at_least(0), need=">= 0 (0: only at the end)")
+    # Which weights model/ holds and the test metrics are computed on: "last", the weights
+    # training ended with, or "best", the ones of the best dev evaluation (needs eval_every and
+    # data.n_dev > 0). results.json records which ("model", "model_step") beside the dev facts
+    # ("best_step", "best_dev"); best.safetensors is written either way.
+    keep: Literal["last", "best"] = "last"
     seed: int = 0
     # Separate seeds per source of randomness, for seed studies (None: ``seed``); ``seed`` alone
     # draws the train/dev split. order: batch order and dropout; init: new parameters (LoRA,
@@ -506,6 +511,7 @@ class TrainConfig(Settings):
 
     def check_combinations(self) -> None:
         self._objective_needs_zo()
+        self._keep_needs_dev()
         self._scale_options()
         self._first_order_options()
         self._estimator_options()
@@ -537,6 +543,11 @@ class TrainConfig(Settings):
         if self.objective not in ("loss", "quad") and self.optimizer in _FIRST_ORDER:
             raise ConfigError("objective", f"{self.objective!r} has no gradient; use a zeroth-order optimizer "
                                            f"(e.g. optimizer=mezo) or objective=loss (got optimizer={self.optimizer})")
+
+    def _keep_needs_dev(self) -> None:
+        if self.keep == "best" and not (self.eval_every and self.data.n_dev):
+            raise ConfigError("keep", "'best' keeps the weights of the best dev evaluation: set eval_every > 0 and "
+                                      f"data.n_dev > 0 (got {self.eval_every} and {self.data.n_dev}), or keep=last")
 
     def _scale_options(self) -> None:
         """grad_accum must divide the batch; device_map / offload are zeroth-order features (fsdp

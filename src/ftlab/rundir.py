@@ -10,8 +10,12 @@ the demo) reads through :class:`RunDir`: :meth:`RunDir.read_metrics` for the log
     checkpoint/        trainable.safetensors + optimizer/scheduler/RNG state (state.json ...)
     best.safetensors   the trainable tensors of the best dev step
     trajectory.bin     zeroth-order runs: the checksummed (seed, projected gradient) log
-    model/             save_pretrained output of the best model
-    results.json       dev/test metrics of the best model (its presence marks a finished run)
+    model/             save_pretrained output of the kept weights: those training ended with, or
+                       with keep=best the best dev step's (an adapter or prefix also holds the
+                       tokenizer and ftlab_base.json: the base's name and weights hash)
+    results.json       which weights model/ holds ("model": "last" | "best", "model_step"), their
+                       test metrics, the dev facts ("best_step", "best_dev"); its presence marks
+                       a finished run
     training.png       the training curves
 """
 
@@ -125,6 +129,18 @@ class RunDir:
         if not self.checkpoint_state.is_file():
             return None
         return read_written_json(self.checkpoint_state).get("step")
+
+    def kept(self, keep: Prefer, *, dev_selection: bool) -> Prefer:
+        """Which trained tensors the run's ``model/`` holds, i.e. were tested: what ``results.json``
+        records as ``"model"`` once the run finished (one finished before ftlab recorded it kept the
+        best dev weights where it had them); before that, what its config asks: ``keep`` where
+        it selected on dev (``dev_selection``: eval_every and a dev set), else "last"."""
+        if self.finished():
+            model = self.read_results().get("model")
+            if model in ("last", "best"):
+                return model
+            return "best" if self.best.exists() else "last"
+        return keep if dev_selection else "last"
 
     def weights_file(self, prefer: Prefer, *, fallback: bool) -> Path | None:
         """The file of the run's trained tensors, by the one rule every reader states:

@@ -135,16 +135,19 @@ def _metric_name(spec: TaskSpec) -> str:
 def _check_output(cfg: TrainConfig, run: RunDir) -> bool:
     """Check that a started run's config.json is this same config; returns whether config.json
     is still to be written (a folder in which nothing was trained yet takes the new config, once
-    the model and the data loaded: see :func:`_write_config`). Writes nothing."""
+    the model and the data loaded: see :func:`_write_config`). Writes nothing. ``keep`` may
+    change on resuming (it only picks what :func:`_finish` saves): an unfinished run's
+    config.json then takes the new value; a finished run's results.json says what its model/ holds."""
     if not (run.config.exists() and run.started()):
         return True
     old = read_written_json(run.config)
     if not isinstance(old, dict):
         raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
     # A key the old config lacks (written before the field existed) had its default value.
-    check_settings(run.path, "run", old, json.loads(json.dumps(to_dict(cfg))),
-                   defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
-    return False
+    new = json.loads(json.dumps(to_dict(cfg)))
+    check_settings(run.path, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))),
+                   ignore=("keep",))
+    return old.get("keep") != new["keep"] and not run.finished()
 
 
 def _write_config(cfg: TrainConfig, run: RunDir) -> None:
@@ -310,7 +313,9 @@ def _due(every: int, step: int, total: int, at_end: bool) -> bool:
 def _evaluate_dev(cfg: TrainConfig, parallel: Single, module: nn.Module, tokenizer: Any, data: RunData,
                   optimizer: torch.optim.Optimizer, state: TrainState, run: RunDir,
                   log: Callable[[dict[str, Any]], None], step: int) -> None:
-    """Evaluate on dev, log it, and keep the weights of the best score so far (``best.safetensors``)."""
+    """Evaluate on dev, log it, and write the weights of the best score so far to ``best.safetensors``
+    (the first of equal scores: a dev curve that never beats step 0 keeps step 0's). They become
+    ``model/`` only with ``cfg.keep="best"`` (see :func:`_finish`)."""
     flush(optimizer)
     with parallel.averaged():  # Local SGD: the ranks' average weights are evaluated (and saved as the best)
         result = parallel.evaluate(module, tokenizer, data.spec, data.splits.dev)
@@ -439,20 +444,23 @@ def _replay_config(run: RunDir) -> TrainConfig:
 
 def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, tokenizer: Any, data: RunData,
             optimizer: torch.optim.Optimizer, state: TrainState, progress: bool) -> dict[str, Any]:
-    """Load the best weights, evaluate them on test, save the model and the results (the
-    saving on rank 0 only; every rank returns the same results)."""
-    flush(optimizer)  # offload: queued updates land before best.safetensors is copied in
+    """Settle the weights the run keeps (``cfg.keep``: those training ended with, or with
+    ``keep="best"`` the best dev evaluation's, loaded from ``best.safetensors``), evaluate them on
+    test, save them as ``model/`` and write the results (the saving on rank 0 only; every rank
+    returns the same results). ``results.json`` says which weights ``model/`` holds ("model",
+    "model_step") beside the dev facts ("best_step", "best_dev": None without dev evaluations)."""
+    flush(optimizer)  # offload: queued updates land before the weights are tested and saved
     barrier()  # every rank then loads the last best.safetensors rank 0 wrote, not an older one
-    if run.best.exists() and data.splits.dev and cfg.eval_every:
+    kept = "best" if cfg.keep == "best" and run.best.exists() and data.splits.dev and cfg.eval_every else "last"
+    if kept == "best":
         load_trainable(module, run.best)
-    else:
-        state.best_step = cfg.steps
     test: EvalResult | None = None
     if data.splits.test:
         test = parallel.evaluate(module, tokenizer, data.spec, data.splits.test, progress=progress and parallel.main,
                                  desc="test")
     sp = data.splits
-    results = {"best_step": state.best_step, "best_dev": state.best_score,
+    results = {"model": kept, "model_step": state.best_step if kept == "best" else cfg.steps,
+               "best_step": state.best_step, "best_dev": state.best_score,
                "test": test.metrics if test else None, "steps": cfg.steps,
                "splits": {"train": len(sp.train), "dev": len(sp.dev), "test": len(sp.test), "note": sp.note}}
     saved = parallel.saved_module(module)  # FSDP: gathered into an unsharded copy (every rank takes part)

@@ -127,7 +127,7 @@ def test_ranks_take_pairs_under_torchrun(study, tmp_path):
                                atol=1e-6)
 
 
-def test_run_weights_are_the_best_with_dev_selection_else_the_final_checkpoint(tmp_path):
+def test_run_weights_are_the_kept_ones(tmp_path):
     import torch
     from safetensors.torch import save_file
 
@@ -140,19 +140,28 @@ def test_run_weights_are_the_best_with_dev_selection_else_the_final_checkpoint(t
     save_file({"w": torch.zeros(1)}, str(run.best))
     save_file({"w": torch.ones(1)}, str(run.checkpoint_weights))
     run.checkpoint_state.write_text(json.dumps({"step": 4}))
+    keep_best = load_config(TrainConfig, None, ["steps=4", "eval_every=2", "data.n_dev=8", "keep=best"])
     with_dev = load_config(TrainConfig, None, ["steps=4", "eval_every=2", "data.n_dev=8"])
     no_dev = load_config(TrainConfig, None, ["steps=4", "eval_every=0"])
-    assert run_weights(run.path, with_dev)["w"].item() == 0  # the best, not the end
+    assert run_weights(run.path, keep_best)["w"].item() == 0  # the best, not the end
+    assert run_weights(run.path, with_dev)["w"].item() == 1  # keep=last (the default): the end
     assert run_weights(run.path, no_dev)["w"].item() == 1  # no dev selection: the final checkpoint
+    # A finished run: what its results.json says model/ holds, whatever the config asks.
+    run.results.write_text(json.dumps({"model": "best"}))
+    assert run_weights(run.path, with_dev)["w"].item() == 0
+    run.results.write_text(json.dumps({"model": "last"}))
+    assert run_weights(run.path, keep_best)["w"].item() == 1
+    run.results.write_text(json.dumps({"best_step": 2}))  # before ftlab recorded it: the best was kept
+    assert run_weights(run.path, with_dev)["w"].item() == 0
+    run.results.unlink()
     run.best.unlink()
-    assert run_weights(run.path, with_dev)["w"].item() == 1
-    cut = load_config(TrainConfig, None, ["steps=6", "eval_every=0"])  # the checkpoint is not the end
-    with pytest.raises(FtlabError, match=r"neither best.safetensors \(dev selection\) nor a final checkpoint "
-                                         "at step 6"):
+    assert run_weights(run.path, keep_best)["w"].item() == 1
+    cut = load_config(TrainConfig, None, ["steps=6", "eval_every=2", "keep=best"])  # the checkpoint is not the end
+    with pytest.raises(FtlabError, match=r"no final checkpoint at step 6 nor best.safetensors; train it to the end"):
         run_weights(run.path, cut)
 
 
-def test_interpolation_needs_the_best_weights_of_both_runs(tmp_path):
+def test_interpolation_needs_the_kept_weights_of_both_runs(tmp_path):
     import torch
     from safetensors.torch import save_file
 
@@ -162,9 +171,9 @@ def test_interpolation_needs_the_best_weights_of_both_runs(tmp_path):
     a, b = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
     for run in (a, b):
         run.checkpoint.mkdir(parents=True)
-        run.config.write_text(json.dumps(to_dict(TrainConfig())))
-        save_file({"w": torch.ones(1)}, str(run.checkpoint_weights))  # a final checkpoint is not enough
+        run.config.write_text(json.dumps(to_dict(TrainConfig(keep="best"))))
+        save_file({"w": torch.ones(1)}, str(run.checkpoint_weights))  # not at the last step
     save_file({"w": torch.zeros(1)}, str(a.best))
-    with pytest.raises(FtlabError, match=r"/b has no best.safetensors \(trained without a dev set\?\); cannot "
-                                         "interpolate it"):
+    with pytest.raises(FtlabError, match=r"/b: no final checkpoint at step 200 nor best.safetensors; train it to "
+                                         "the end"):
         interpolation_curve(a.path, b.path, None, [])

@@ -148,9 +148,10 @@ def train_cmd(
                                                "folder ftlab wrote; others are refused, never deleted)."),
     show_config: bool = typer.Option(False, help="Print the resolved config and exit."),
 ) -> None:
-    """Fine-tune a model (full, LoRA or prefix; AdamW, SGD or MeZO) with dev-based checkpoint selection.
+    """Fine-tune a model (full, LoRA or prefix; AdamW, SGD or MeZO), evaluating on dev as it goes.
 
-    Rerunning the same command resumes a killed run from its last checkpoint."""
+    model/ holds the final weights (keep=best: those of the best dev evaluation). Rerunning the
+    same command resumes a killed run from its last checkpoint."""
     from ftlab.config import TrainConfig
     from ftlab.distributed import is_main, shutdown
     from ftlab.train import train

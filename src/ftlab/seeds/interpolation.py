@@ -66,19 +66,32 @@ def saved_train_config(run_dir: str | Path) -> TrainConfig:
     return from_dict(TrainConfig, run.read_config(), str(run.config))
 
 
+def run_weights(run: str | Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The trainable tensors a run kept, i.e. its ``model/`` and test metrics (see
+    :meth:`RunDir.kept`): ``best.safetensors`` for a run that kept the best dev step, else its
+    final checkpoint (the last one, if written at step ``cfg.steps``)."""
+    folder = RunDir(run)
+    dev_selection = bool(cfg.eval_every and cfg.data.n_dev)
+    if folder.kept(cfg.keep, dev_selection=dev_selection) == "best" and \
+            folder.weights_file("best", fallback=False) is not None:
+        return folder.final_weights("best", fallback=False)
+    if folder.weights_file("last", fallback=False) is not None and folder.checkpoint_step() == cfg.steps:
+        return folder.final_weights("last", fallback=False)
+    raise FtlabError(f"{run}: no final checkpoint at step {cfg.steps}"
+                     f"{' nor best.safetensors' if cfg.keep == 'best' and dev_selection else ''}; "
+                     "train it to the end (ftlab seeds run)")
+
+
 def interpolation_curve(run_a: str | Path, run_b: str | Path, spec: TaskSpec, examples: Sequence[Example],
                         alphas: Sequence[float] = ALPHAS, progress: bool = False) -> dict[str, Any]:
-    """Accuracy and loss along the straight line between the best weights of two runs of the
-    same model and mode, and the barriers (see :func:`ftlab.seeds.stats.interpolation_barrier`)."""
+    """Accuracy and loss along the straight line between the kept weights (:func:`run_weights`:
+    what each was tested with) of two runs of the same model and mode, and the barriers (see
+    :func:`ftlab.seeds.stats.interpolation_barrier`)."""
     cfg = saved_train_config(run_a)
     cfg_b = saved_train_config(run_b)
     if (cfg.model, cfg.mode, cfg.lora, cfg.prefix) != (cfg_b.model, cfg_b.mode, cfg_b.lora, cfg_b.prefix):
         raise FtlabError(f"{run_a} and {run_b} train different models or modes; interpolate runs of one kind")
-    # The best weights only: what each run was evaluated with (no fallback to its last checkpoint).
-    for run in (run_a, run_b):
-        if RunDir(run).weights_file("best", fallback=False) is None:
-            raise FtlabError(f"{run} has no best.safetensors (trained without a dev set?); cannot interpolate it")
-    a, b = (RunDir(r).final_weights("best", fallback=False) for r in (run_a, run_b))
+    a, b = run_weights(run_a, cfg), run_weights(run_b, cfg_b)  # what each run was tested with
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     module = prepare_model(model, cfg.mode, lora=cfg.lora, prefix=cfg.prefix, seed=cfg.seed_of("init"))
     encoder = Encoder(tokenizer, spec, max_length=cfg.data.max_length)

@@ -14,8 +14,10 @@ Folder of a study::
                            and per-example scores on each out-of-distribution task (``ood``)
     results.json           all runs' records, written once every run is done
 
+Every run is tested with the weights its ``model/`` keeps (``train.keep``: the final ones, or
+with ``keep: best`` those of its best dev evaluation, as the packaged seed studies set).
 Out-of-distribution tests (``ood_tasks``: built-in task names or files) are evaluated on every
-run's best model beside the test set, on a subset of ``ood_n_test`` examples drawn with
+run's kept model beside the test set, on a subset of ``ood_n_test`` examples drawn with
 ``data.data_seed`` (the same for every run). An OOD task must use the study's label words (a
 model trained to answer " Yes"/" No" is scored on those words); files are read with the study's
 template and label words. A finished run missing an OOD task (added later) is evaluated on it
@@ -165,7 +167,7 @@ def _prepare_study(study: SeedStudyConfig, main: bool) -> Path:
     out = Path(study.output_dir)
     path = out / "study.json"
     if path.exists():
-        old = from_dict(SeedStudyConfig, json.loads(path.read_text()), str(path))
+        old = _stored_study(path)
         check_comparable({str(path): old.train, "this study": study.train})
         new = json.loads(json.dumps(to_dict(study)))
         diff = [k for k in ("train", "kinds") if to_dict(old)[k] != new[k]]
@@ -175,6 +177,17 @@ def _prepare_study(study: SeedStudyConfig, main: bool) -> Path:
     if main:
         atomic_write_json(path, to_dict(study))
     return out
+
+
+def _stored_study(path: Path) -> SeedStudyConfig:
+    """The config a study folder recorded. One started before ``train.keep`` existed tested its
+    runs with their best dev step where they selected on dev: its ``keep`` is read as "best"."""
+    stored = json.loads(path.read_text())
+    old = from_dict(SeedStudyConfig, stored, str(path))
+    t = old.train
+    if isinstance(stored.get("train"), dict) and "keep" not in stored["train"] and t.eval_every and t.data.n_dev:
+        old = dataclasses.replace(old, train=dataclasses.replace(t, keep="best"))
+    return old
 
 
 def use_rank_gpu(device: str) -> None:
@@ -245,8 +258,8 @@ def run_study(study: SeedStudyConfig, *, progress: bool = True,
 
 def _run_one(study: SeedStudyConfig, run: RunSpec, data: RunData, ood: dict[str, tuple[TaskSpec, list[Example]]],
              progress: bool) -> dict[str, Any]:
-    """Train one run (resuming if it was cut), score its best model on every test example and
-    on every OOD example, and write ``seed_run.json``."""
+    """Train one run (resuming if it was cut), score its kept model (``model/``) on every test
+    example and on every OOD example, and write ``seed_run.json``."""
     cfg = study_train_config(study, run)
     # The loop's own test evaluation keeps only the aggregate; the multi-bootstrap needs the
     # per-example scores, so the test set is scored here instead.

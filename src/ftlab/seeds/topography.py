@@ -41,10 +41,9 @@ from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model
 from ftlab.plots import pyplot, save_figure
-from ftlab.rundir import RunDir
 from ftlab.runs import claim_and_lock
 from ftlab.seeds import basins, curvature, prediction, stats
-from ftlab.seeds.interpolation import saved_train_config
+from ftlab.seeds.interpolation import run_weights, saved_train_config
 from ftlab.seeds.paths import PointEvaluator, combine, mix
 from ftlab.seeds.runner import RunSpec, check_comparable, join_ranks, load_records, load_study, ood_sets, use_rank_gpu
 from ftlab.train import load_run_data
@@ -114,18 +113,6 @@ def check_same_kind(configs: dict[str, TrainConfig]) -> None:
             raise FtlabError(f"runs {first_name} and {name} train different models or trainable sets "
                              f"({', '.join(f'{k}: {getattr(first, k)!r} vs {getattr(cfg, k)!r}' for k in diff)}); "
                              "a barrier matrix needs runs of one model and one trainable set")
-
-
-def run_weights(run: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The trainable tensors a run was evaluated with: ``best.safetensors`` when it selected on
-    a dev set, else its final checkpoint (the last one, if written at step ``cfg.steps``)."""
-    folder = RunDir(run)
-    if cfg.eval_every and cfg.data.n_dev and folder.weights_file("best", fallback=False) is not None:
-        return folder.final_weights("best", fallback=False)
-    if folder.weights_file("last", fallback=False) is not None and folder.checkpoint_step() == cfg.steps:
-        return folder.final_weights("last", fallback=False)
-    raise FtlabError(f"{run}: neither best.safetensors (dev selection) nor a final checkpoint at step {cfg.steps}; "
-                     "train it to the end (ftlab seeds run)")
 
 
 def topography(study_dir: str | Path, cfg: TopographyConfig, out_dir: str | Path | None = None, *,
