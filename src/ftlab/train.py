@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import random
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftlab import objectives
-from ftlab.checkpoint import TrainState, flush, load_trainable
+from ftlab.checkpoint import TrainState, check_finite_weights, check_log_config, flush, load_trainable, saved_config_id
 from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.distributed import barrier
 from ftlab.errors import FtlabError, damaged
@@ -65,6 +66,21 @@ def load_run_data(cfg: TrainConfig) -> RunData:
     splits = make_splits(examples, seed=cfg.seed, n_train=d.n_train, n_dev=d.n_dev,
                          n_test=d.n_test, k_per_class=d.k_per_class, data_seed=d.data_seed)
     return RunData(spec, splits)
+
+
+def data_hashes(data: RunData) -> dict[str, str]:
+    """The sha256 (hex) of what a run trains and is evaluated on: the task's template and options
+    (``spec``) and each split's examples in order (ids, fields, labels, answers). Recorded in every
+    checkpoint, so a resume on edited data is refused (:func:`_bind_checkpoint`)."""
+    def sha(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    spec = data.spec
+    out = {"spec": sha([spec.name, spec.template, list(spec.options), spec.metric, spec.demo_separator,
+                        spec.max_new_tokens])}
+    for split in ("train", "dev", "test"):
+        out[split] = sha([[e.id, dict(e.fields), e.label, list(e.answers)] for e in getattr(data.splits, split)])
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -164,6 +180,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     parallel.setup(module, optimizer)
     checkpointer = parallel.checkpointer(run, optimizer)
     state = checkpointer.resume(module, optimizer, scheduler)
+    _bind_checkpoint(cfg, run, data, state)
     parallel.resume(state, optimizer.param_groups[0]["lr"])
     log = _metrics_log(run, parallel.main, state.step)
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
@@ -202,6 +219,24 @@ def _check_data(data: RunData) -> RunData:
     if not data.splits.train:
         raise FtlabError(f"task {data.spec.name!r}: the training split is empty")
     return data
+
+
+def _bind_checkpoint(cfg: TrainConfig, run: RunDir, data: RunData, state: TrainState) -> None:
+    """Refuse to continue a checkpoint under another ``config.json`` or on other data than its
+    steps were trained on (edited between a kill and the resume), then record both in ``state``
+    for the next checkpoint. A checkpoint written before ftlab recorded them is not checked."""
+    config, hashes = saved_config_id(run), data_hashes(data)
+    where = f"the checkpoint in {run.checkpoint} (step {state.step})"
+    if state.config is not None and state.config != config:
+        raise FtlabError(f"{run.config} is not the config {where} was trained under (config id {config}, the "
+                         f"checkpoint's {state.config}): it was edited; restore it, or start afresh with --overwrite")
+    for part, value in hashes.items() if state.data is not None else ():
+        if state.data.get(part, value) != value:
+            what = "task template and options" if part == "spec" else f"{part} examples"
+            raise FtlabError(f"data.task={cfg.data.task!r}: the {what} differ from those {where} was trained on "
+                             f"(sha256 {value[:12]}, recorded {str(state.data[part])[:12]}): the data file was "
+                             f"edited since the run started; restore it, or start afresh with --overwrite")
+    state.config, state.data = config, hashes
 
 
 def _step(cfg: TrainConfig, parallel: Single, optimizer: torch.optim.Optimizer, tokenizer: Any,
@@ -324,6 +359,7 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     if not run.trajectory.exists() and run.checkpoint_weights.exists():
         raise FtlabError(f"{run_dir} is a {cfg.optimizer} run, whose steps depend on state its log does not "
                          "hold: it was checkpointed as tensors and cannot be replayed; load model/ instead")
+    check_log_config(run, TrajectoryLog(run.path))  # an edited config.json would replay to other weights
     # A sharded run replays in one process: z is indexed by the global element.
     # An offloaded run was exact (its CPU master never perturbed): replay with exact arithmetic.
     zo = dataclasses.replace(cfg.zo, exact=True) if cfg.offload else cfg.zo
@@ -348,6 +384,7 @@ def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, 
         load_trainable(module, run.best)
     else:
         state.best_step = cfg.steps
+    check_finite_weights(module, f"{run.model} (nor {run.results})")
     test: EvalResult | None = None
     if data.splits.test:
         test = parallel.evaluate(module, tokenizer, data.spec, data.splits.test, progress=progress and parallel.main,
