@@ -35,7 +35,7 @@ from torch import nn
 from ftlab.config import TrainConfig, to_dict
 from ftlab.distributed import barrier, copy_full_into, full_tensor, gather_to_main
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import atomic_dir, atomic_path, recover_dir, verify_manifest, write_manifest
+from ftlab.io import atomic_dir, atomic_path, file_sha256, recover_dir, verify_manifest, write_manifest
 from ftlab.models import trainable_parameters
 from ftlab.rundir import RunDir, read_written_json
 
@@ -232,9 +232,11 @@ class TrainState:
     skipped: int = 0
     parallel: dict[str, Any] | None = None
     # What the steps so far were trained on (None: a checkpoint written before ftlab recorded it):
-    # the config_id of config.json, and the hashes of the data's splits (saved as "config", "data").
+    # the config_id of config.json, and the hashes of the data's splits (saved as "config", "data");
+    # and the sha256 of metrics.jsonl as it was when the checkpoint was written ("metrics").
     config: str | None = None
     data: dict[str, Any] | None = None
+    metrics: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self.step, "best_score": self.best_score, "best_step": self.best_step}
@@ -246,6 +248,8 @@ class TrainState:
             out["config"] = self.config
         if self.data is not None:
             out["data"] = self.data
+        if self.metrics is not None:
+            out["metrics"] = self.metrics
         return out
 
     @classmethod
@@ -255,7 +259,7 @@ class TrainState:
                 and "best_score" in state and "best_step" in state):
             raise damaged(path, ValueError("expected an object with step, best_score and best_step"))
         return cls(state["step"], state["best_score"], state["best_step"], state.get("skipped", 0), state.get("dp"),
-                   state.get("config"), state.get("data"))
+                   state.get("config"), state.get("data"), state.get("metrics"))
 
 
 class Checkpointer:
@@ -280,6 +284,8 @@ class Checkpointer:
 
     def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
         flush(optimizer)
+        if self.main and self.run.metrics.exists():  # checked on resume, once the log is cut back to the checkpoint
+            state.metrics = file_sha256(self.run.metrics)
         self._save(module, optimizer, scheduler, state)
 
     def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:

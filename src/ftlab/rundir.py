@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import atomic_write_text
+from ftlab.io import atomic_write_text, checked_json
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,10 @@ class RunDir:
         return self.read_json(self.config)
 
     def read_results(self) -> dict[str, Any]:
-        return self.read_json(self.results)
+        """The results, checked against the sha256 written into them (see ``ftlab.io.with_checksum``)."""
+        return checked_json(self.results, self.read_json(self.results),
+                            "restore it, or delete it to evaluate the run's last checkpoint again (rerun the "
+                            "training)")
 
     def read_metrics(self, split: str | None = None) -> list[dict[str, Any]]:
         """The logged records in order (only those of ``split``, e.g. ``"train"`` or ``"dev"``,

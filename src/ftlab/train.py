@@ -37,7 +37,7 @@ from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.distributed import barrier
 from ftlab.errors import FtlabError, damaged
 from ftlab.evaluate import EvalResult, model_device
-from ftlab.io import atomic_write_json
+from ftlab.io import atomic_write_json, file_sha256, with_checksum
 from ftlab.models import load_model, prepare_model, save_trained
 from ftlab.objectives import Encoder
 from ftlab.optim import build_optimizer, is_zeroth_order, lr_factor
@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     state = checkpointer.resume(module, optimizer, scheduler)
     _bind_checkpoint(cfg, run, data, state)
     parallel.resume(state, optimizer.param_groups[0]["lr"])
-    log = _metrics_log(run, parallel.main, state.step)
+    log = _metrics_log(run, parallel.main, state)
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
     evaluate_dev = functools.partial(_evaluate_dev, cfg, parallel, module, tokenizer, data, optimizer, state, run, log)
 
@@ -297,12 +297,17 @@ def _evaluate_dev(cfg: TrainConfig, parallel: Single, module: nn.Module, tokeniz
             parallel.save_trainable(module, run.best)
 
 
-def _metrics_log(run: RunDir, main: bool, step: int) -> Callable[[dict[str, Any]], None]:
+def _metrics_log(run: RunDir, main: bool, state: TrainState) -> Callable[[dict[str, Any]], None]:
     """What the loop logs through: rank 0 appends to ``metrics.jsonl`` (after dropping the lines a
-    killed run wrote past its checkpoint at ``step``); the other ranks write nothing."""
+    killed run wrote past its checkpoint at ``state.step``, and checking that the lines kept are
+    those the checkpoint saw); the other ranks write nothing."""
     if not main:
         return _discard
-    run.truncate_metrics(step)
+    run.truncate_metrics(state.step)
+    if state.metrics is not None and (not run.metrics.exists() or file_sha256(run.metrics) != state.metrics):
+        raise FtlabError(f"{run.metrics} is damaged (its records up to step {state.step} are not those written "
+                         f"before the checkpoint: a flipped bit, a cut or an edit); restore it, delete "
+                         f"{run.checkpoint} to restart the run from step 0, or start afresh with --overwrite")
     return run.append_metrics
 
 
@@ -396,5 +401,5 @@ def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, 
     saved = parallel.saved_module(module)  # FSDP: gathered into an unsharded copy (every rank takes part)
     if parallel.main:
         save_trained(saved, tokenizer, run.model)
-        atomic_write_json(run.results, results)
+        atomic_write_json(run.results, with_checksum(results))  # checked by RunDir.read_results
     return results

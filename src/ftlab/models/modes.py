@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ftlab.errors import FtlabError
-from ftlab.io import atomic_dir
+from ftlab.io import atomic_dir, verify_manifest, write_manifest
 from ftlab.models.loading import load_model, quiet_progress, short_reason
 from ftlab.models.lora import LoraSettings, apply_lora
 from ftlab.models.prefix import PREFIX_CONFIG, PrefixModel, PrefixSettings
@@ -68,6 +68,7 @@ def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir:
             _sort_adapter_config(tmp / _ADAPTER_CONFIG)
         if mode == "full":
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)  # every file's sha256, checked by load_trained
 
 
 def _sort_adapter_config(path: Path) -> None:
@@ -103,6 +104,8 @@ def load_trained(base_name_or_path: str, path: str | Path, *, dtype: str = "floa
     full fine-tune is self-contained, so it is loaded from ``path`` alone.
     """
     mode = trained_mode(path)
+    # A folder written before manifests is taken as it is; files added to it later are ignored.
+    verify_manifest(path, "restore the folder from a copy, or rerun the training", exact=False)
     if mode == "full":
         return load_model(str(path), dtype=dtype, device=device)
     base, tokenizer = load_model(base_name_or_path, dtype=dtype, device=device)
