@@ -68,12 +68,12 @@ def world(tmp_path_factory, tiny_tokenizer) -> dict[str, Any]:
     return {"root": root, "base": root / "base", "task": _write_task(root / "task.jsonl", WORDS)}
 
 
-def _cfg(world: dict[str, Any], out: Path, optimizer: str) -> TrainConfig:
+def _cfg(world: dict[str, Any], out: Path, optimizer: str, eval_every: int = 2) -> TrainConfig:
     return tiny_run_cfg(out, f"model={world['base']}", f"optimizer={optimizer}", "mode=lora",
                         *(["lr=1e-3"] if optimizer == "adamw" else ["lr=1e-2", "zo.eps=1e-2"]),
                         f"data.task={world['task']}", "data.template={text} It was",
                         "data.options=[' terrible', ' great']", "data.n_train=8", "data.n_dev=2", "data.n_test=2",
-                        steps=STEPS, eval_every=2, checkpoint_every=2)
+                        steps=STEPS, eval_every=eval_every, checkpoint_every=2)
 
 
 def _copy(run: Path, to: Path) -> Path:
@@ -85,14 +85,14 @@ def _copy(run: Path, to: Path) -> Path:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    """The sha256 of every safetensors file under ``folder`` (the trained tensors)."""
+    """The sha256 of every file of trained tensors under ``folder``: the model's, the best and the
+    last checkpoint's (the end of training, which dev selection may not pick), the MeZO log."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*.safetensors"))}
+            for p in sorted(folder.rglob("*")) if p.suffix in (".safetensors", ".bin")}
 
 
 def _outcome(run: Path, results: dict[str, Any]) -> dict[str, Any]:
-    return {"results": results, "model": _digest(run / "model"),
-            "metrics": (run / "metrics.jsonl").read_text()}
+    return {"results": results, "tensors": _digest(run), "metrics": (run / "metrics.jsonl").read_text()}
 
 
 def _resume(world: dict[str, Any], run: Path, optimizer: str) -> dict[str, Any]:
@@ -109,7 +109,9 @@ def _resume(world: dict[str, Any], run: Path, optimizer: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def runs(world) -> dict[str, dict[str, Any]]:
     """Per optimizer: a killed run (``killed``), the result of resuming an undamaged copy of it
-    (``expected``), the finished run (``finished``), its replayed tensors (MeZO) and its model's."""
+    (``expected``), the finished run (``finished``) and its replayed tensors (MeZO), and a run
+    without dev selection (``final``: its model holds the last step's weights, not the initial
+    ones the tiny dev set picks) and what its model computes (``loaded``)."""
     out: dict[str, dict[str, Any]] = {}
     for optimizer in ("adamw", "mezo"):
         killed = world["root"] / f"{optimizer}-killed"
@@ -118,22 +120,30 @@ def runs(world) -> dict[str, dict[str, Any]]:
         finished = world["root"] / f"{optimizer}-finished"
         _copy(killed, finished)
         expected = _resume(world, finished, optimizer)
-        entry = {"killed": killed, "finished": finished, "expected": expected,
-                 "loaded": _trained_tensors(world, finished)}
+        final = world["root"] / f"{optimizer}-final"
+        train(_cfg(world, final, optimizer, eval_every=0), progress=False)
+        entry = {"killed": killed, "finished": finished, "expected": expected, "final": final,
+                 "loaded": _trained_tensors(world, final)}
         if optimizer == "mezo":
             entry["replayed"] = _replayed(finished)
         out[optimizer] = entry
     return out
 
 
+def _what_it_computes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors and the logits on fixed ids (which also see e.g. LoRA's alpha)."""
+    out = {n: p.detach().clone() for n, p in module.named_parameters() if "lora" in n}
+    with torch.no_grad():
+        out["logits"] = module(input_ids=torch.arange(1, 9).unsqueeze(0)).logits
+    return out
+
+
 def _trained_tensors(world: dict[str, Any], run: Path) -> dict[str, torch.Tensor]:
-    module, _ = load_trained(str(world["base"]), run / "model")
-    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora" in n}
+    return _what_it_computes(load_trained(str(world["base"]), run / "model")[0])
 
 
 def _replayed(run: Path) -> dict[str, torch.Tensor]:
-    module, _ = replay_run(run)
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return _what_it_computes(replay_run(run)[0].eval())
 
 
 # -- the faults ---------------------------------------------------------------------------------
@@ -272,7 +282,7 @@ def test_a_damaged_file_stops_a_resume_or_changes_nothing(runs, world, tmp_path,
 @pytest.mark.parametrize("optimizer,target", [(o, t) for o in ("adamw", "mezo") for t in
                                               ("model/adapter_model.safetensors", "model/adapter_config.json")])
 def test_a_damaged_model_file_is_refused_by_load_trained(runs, world, tmp_path, optimizer, target, kind):
-    run = _copy(runs[optimizer]["finished"], tmp_path / "run")
+    run = _copy(runs[optimizer]["final"], tmp_path / "run")
     _fault(run, target, kind)
     _one_line_error_or(runs[optimizer]["loaded"], lambda: _trained_tensors(world, run), _same_tensors)
 
