@@ -207,6 +207,9 @@ def check(obj: Any, where: str | None = None) -> None:
         raise e.at(_where_of(obj) if where is None else where) from None
 
 
+# Every float setting must be finite, and finite in float32 too (lr=1e300 would be inf there).
+FLOAT32_MAX = 3.4028234663852886e38
+
 # Seeds (every field named seed, *_seed or seeds, in every config) must lie in [0, 2^32): what
 # numpy takes, and far enough below 2^64 that torch's seeds derived from them do not overflow.
 SEED_LIMIT = 1 << 32
@@ -306,8 +309,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 number = float(value)
             except (ValueError, OverflowError):
                 continue
-            if not math.isfinite(number):  # nan, inf (.inf in YAML), or an int too large for a float
-                raise ConfigError(where, f"must be a finite number (got {value!r})")
+            if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):  # nan, inf (.inf in YAML), 1e39
+                raise ConfigError(where, f"must be a finite number, within float32's range (|x| <= 3.4e38: the "
+                                         f"optimizers compute in float32) (got {value!r})")
             return number
         if typ in (int, str, bool) and type(value) is typ:
             return value
@@ -509,6 +513,9 @@ class TrainConfig(Settings):
         return self.seed if value is None else value
 
     def check_combinations(self) -> None:
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError("weight_decay", f"lr * weight_decay must be < 1: every step multiplies the weights by "
+                                              f"1 - lr * weight_decay (got {self.lr:g} * {self.weight_decay:g})")
         self._objective_needs_zo()
         self._scale_options()
         self._first_order_options()
