@@ -20,7 +20,8 @@ from ftlab.checkpoint import (
 )
 from ftlab.config import ConfigError, TrainConfig, load_config
 from ftlab.errors import FtlabError
-from ftlab.io import MANIFEST, checked_json, verify_manifest, with_checksum, write_manifest
+from ftlab.io import MANIFEST, json_sha256, verify_manifest, write_manifest
+from ftlab.rundir import RunDir
 from ftlab.train import train
 
 from run_fixtures import tiny_run_cfg, tiny_run_data
@@ -144,13 +145,17 @@ def test_save_trainable_records_the_tensors_sha256_and_load_trainable_checks_it(
     assert torch.equal(dict(tiny_model.named_parameters())[name].detach(), tensors[name])
 
 
-def test_results_carry_their_own_sha256():
-    results = {"best_step": 2, "test": {"accuracy": 0.5}}
-    assert checked_json("results.json", with_checksum(results), "fix it") == results
-    edited = {**with_checksum(results), "best_step": 3}
-    with pytest.raises(FtlabError, match="results.json is damaged .*; fix it"):
-        checked_json("results.json", edited, "fix it")
-    assert checked_json("results.json", results, "fix it") == results  # an older file, without one
+def test_an_edited_results_file_is_refused_when_read_back(tmp_path, tiny_model_factory, tiny_tokenizer):
+    cfg = tiny_run_cfg(tmp_path / "run", "mode=lora", steps=1)
+    results = train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
+                    data=tiny_run_data())
+    run = RunDir(tmp_path / "run")
+    assert json.loads((run.model / MANIFEST).read_text())["results_sha256"] == json_sha256(results)
+    assert run.read_results() == results
+    run.results.write_text(json.dumps({**results, "best_step": 7}))
+    with pytest.raises(FtlabError, match=r"results\.json is damaged \(its sha256 differs .* delete it to evaluate"):
+        train(cfg, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer),
+              data=tiny_run_data())
 
 
 # -- settings -----------------------------------------------------------------------------------

@@ -369,27 +369,8 @@ def verify_manifest(folder: str | Path, remedy: str, *, exact: bool = True) -> d
     return manifest
 
 
-# -- JSON files that carry their own checksum ------------------------------------------------------
-CHECKSUM_KEY = "sha256"
-
-
+# -- JSON values ----------------------------------------------------------------------------------
 def json_sha256(obj: Any) -> str:
-    """The sha256 (hex) of a JSON value, written canonically (sorted keys)."""
+    """The sha256 (hex) of a JSON value, written canonically (sorted keys): the same for the value
+    in memory and as read back from a JSON file."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def with_checksum(obj: dict[str, Any]) -> dict[str, Any]:
-    """``obj`` with its own :func:`json_sha256` under ``"sha256"`` (checked by :func:`checked_json`)."""
-    return {**obj, CHECKSUM_KEY: json_sha256(obj)}
-
-
-def checked_json(path: str | Path, obj: Any, remedy: str) -> Any:
-    """``obj`` (read from ``path``) without the checksum :func:`with_checksum` added, refused if
-    the rest no longer has that sha256; a value without one (an older file) is returned as it is."""
-    if not (isinstance(obj, dict) and CHECKSUM_KEY in obj):
-        return obj
-    rest = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
-    if json_sha256(rest) != obj[CHECKSUM_KEY]:
-        raise FtlabError(f"{path} is damaged (its content no longer has the sha256 recorded in it: a flipped bit "
-                         f"or an edit); {remedy}")
-    return rest

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import atomic_write_text, checked_json
+from ftlab.io import MANIFEST, atomic_write_text, json_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -85,10 +85,16 @@ class RunDir:
         return self.read_json(self.config)
 
     def read_results(self) -> dict[str, Any]:
-        """The results, checked against the sha256 written into them (see ``ftlab.io.with_checksum``)."""
-        return checked_json(self.results, self.read_json(self.results),
-                            "restore it, or delete it to evaluate the run's last checkpoint again (rerun the "
-                            "training)")
+        """The results, checked against their sha256, recorded in the model folder's manifest when the
+        run finished (a run finished before ftlab recorded it is not checked)."""
+        results = self.read_json(self.results)
+        manifest = self.model / MANIFEST
+        recorded = read_written_json(manifest).get("results_sha256") if manifest.is_file() else None
+        if recorded is not None and json_sha256(results) != recorded:
+            raise FtlabError(f"{self.results} is damaged (its sha256 differs from the one recorded in {manifest} "
+                             f"when the run finished: a flipped bit or an edit); restore it, or delete it to "
+                             f"evaluate the run's last checkpoint again (rerun the training)")
+        return results
 
     def read_metrics(self, split: str | None = None) -> list[dict[str, Any]]:
         """The logged records in order (only those of ``split``, e.g. ``"train"`` or ``"dev"``,

@@ -37,7 +37,7 @@ from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.distributed import barrier
 from ftlab.errors import FtlabError, damaged
 from ftlab.evaluate import EvalResult, model_device
-from ftlab.io import atomic_write_json, file_sha256, with_checksum
+from ftlab.io import atomic_write_json, file_sha256, json_sha256
 from ftlab.models import load_model, prepare_model, save_trained
 from ftlab.objectives import Encoder
 from ftlab.optim import build_optimizer, is_zeroth_order, lr_factor
@@ -400,6 +400,6 @@ def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, 
                "splits": {"train": len(sp.train), "dev": len(sp.dev), "test": len(sp.test), "note": sp.note}}
     saved = parallel.saved_module(module)  # FSDP: gathered into an unsharded copy (every rank takes part)
     if parallel.main:
-        save_trained(saved, tokenizer, run.model)
-        atomic_write_json(run.results, with_checksum(results))  # checked by RunDir.read_results
+        save_trained(saved, tokenizer, run.model, record={"results_sha256": json_sha256(results)})
+        atomic_write_json(run.results, results)
     return results
