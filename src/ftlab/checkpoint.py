@@ -3,6 +3,15 @@ loop's counters (:class:`TrainState`), written atomically as one folder so a kil
 mixed checkpoint. Every file is fsynced before it is renamed into place, and the folder after
 (see :mod:`ftlab.io`), so a checkpoint that was saved also survives a power cut.
 
+Nothing read back is trusted without a checksum: every checkpoint folder holds
+``ftlab-manifest.json`` (the sha256 and size of each of its files, committed with them), checked
+on every rank before a resume loads anything (:func:`verify_checkpoint`); ``best.safetensors``
+carries its tensors' sha256 in its metadata (:func:`save_trainable`, checked by
+:func:`load_trainable`); ``state.json`` records the id of the run's ``config.json``
+(:func:`config_id`, also the trajectory log's ``run_id``), the hashes of the data the steps were
+trained on and the sha256 of ``metrics.jsonl`` at the checkpoint, so a resume after any of them
+was edited is refused (see ``ftlab.train``). A mismatch is one line naming the file and what to do.
+
 The training loop keeps a run resumable through one :class:`Checkpointer`, which its
 parallelism strategy (:mod:`ftlab.parallel`) picks:
 

@@ -7,10 +7,12 @@ the demo) reads through :class:`RunDir`: :meth:`RunDir.read_metrics` for the log
 
     config.json        the full config (a rerun with another config refuses to resume)
     metrics.jsonl      one JSON line per logged train step and per dev evaluation
-    checkpoint/        trainable.safetensors + optimizer/scheduler/RNG state (state.json ...)
-    best.safetensors   the trainable tensors of the best dev step
+    checkpoint/        trainable.safetensors + optimizer/scheduler/RNG state (state.json ...), and
+                       ftlab-manifest.json: every file's sha256, checked before a resume
+    best.safetensors   the trainable tensors of the best dev step (their sha256 in its metadata)
     trajectory.bin     zeroth-order runs: the checksummed (seed, projected gradient) log
-    model/             save_pretrained output of the best model
+    model/             save_pretrained output of the best model, with ftlab-manifest.json (every
+                       file's sha256, and results.json's: checked by load_trained and read_results)
     results.json       dev/test metrics of the best model (its presence marks a finished run)
     training.png       the training curves
 """
