@@ -168,7 +168,8 @@ def test_config_json_keeps_its_keys_and_order():
     # config.json lacks those, and a key an old config lacks is read as its default).
     assert list(d["zo"]) == ["eps", "n_perturbations", "one_sided", "distribution", "generator", "chunk_size",
                              "exact", "momentum", "betas", "sparsity", "batched", "hessian_smoothing", "rank",
-                             "refresh_every", "pool_size", "elite_fraction"]
+                             "refresh_every", "pool_size", "elite_fraction", "svrg_every", "svrg_batch",
+                             "svrg_full_lr_scale"]
     assert list(d["lora"]) == ["r", "alpha", "dropout", "target_modules"]
     assert d["lr"] == 1e-4 and d["lora"]["r"] == 8 and "where" not in d
 

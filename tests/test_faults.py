@@ -38,12 +38,18 @@ def _kill_at_3(step, record):
 
 
 def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, tiny_model_factory, tiny_tokenizer):
+    from ftlab.config import to_dict
+    from ftlab.runs import claim_dir
+
     out = tmp_path / "run"
+    typo = _cfg(out, f"data.task={tmp_path / 'typo.jsonl'}", "data.template={text} It was",
+                "data.options=[' terrible', ' great']")
     with pytest.raises(FtlabError, match="file not found"):
-        train(_cfg(out, f"data.task={tmp_path / 'typo.jsonl'}", "data.template={text} It was",
-                   "data.options=[' terrible', ' great']"),
-              progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer))
-    assert (out / "config.json").exists()  # written, but nothing was trained
+        train(typo, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer))
+    assert not out.exists()  # nothing written: the folder this call created is gone again
+    # The config.json a failed start left (as earlier versions did, before loading) blocks nothing either.
+    claim_dir(out, "train")
+    (out / "config.json").write_text(json.dumps(to_dict(typo)))
     fixed = _cfg(out, "lr=2e-3")
     train(fixed, progress=False, model_and_tokenizer=(tiny_model_factory("llama"), tiny_tokenizer), data=_data())
     assert json.loads((out / "config.json").read_text())["lr"] == 2e-3

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -51,7 +52,7 @@ Check = Callable[[Any], bool]
 
 Dtype = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 Optimizer = Literal["adamw", "sgd", "mezo", "zo-momentum", "zo-adam", "zo-sign", "sparse-mezo", "fzoo", "hizoo",
-                    "lozo", "lozo-m", "zo-guided", "lowrank-fzoo"]
+                    "lozo", "lozo-m", "zo-guided", "lowrank-fzoo", "mezo-svrg"]
 CHUNK = 1 << 16  # default entries of z handled at once (256 KiB in fp32): bounds every temporary
 
 
@@ -137,6 +138,16 @@ def in_unit_interval(value: float) -> bool:
 @needs("in (0, 1)")
 def in_open_unit_interval(value: float) -> bool:
     return 0.0 < value < 1.0
+
+
+@needs("in (0, 1] (a fraction, e.g. 0.05 for 5%)")
+def in_fraction(value: float) -> bool:
+    return 0.0 < value <= 1.0
+
+
+@needs("cpu, cuda or cuda:N")
+def device_name(value: str) -> bool:
+    return re.fullmatch(r"cpu|cuda(:\d+)?", value) is not None
 
 
 @needs("two numbers in [0, 1), e.g. [0.9, 0.999]")
@@ -420,6 +431,12 @@ class ZOSettings(Settings):
     # zo-guided (MeZO-GV): candidate perturbations a step, and the share of lowest-loss ones in the elite group
     pool_size: int = setting(16, check=at_least(2))
     elite_fraction: float = setting(0.5, check=in_open_unit_interval)
+    # mezo-svrg: q, the steps from one full-batch estimate (and anchor) to the next; the examples in
+    # that estimate (null: the whole training split, if small); the full-batch steps' lr over the others'
+    svrg_every: int = setting(5, check=at_least(1))
+    svrg_batch: int | None = setting(None, check=at_least(1),
+                                     need=">= 1 (examples in the full-batch estimate; null: the whole training split)")
+    svrg_full_lr_scale: float = setting(1.0, check=above(0))
 
 
 @dataclass

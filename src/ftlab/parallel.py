@@ -172,6 +172,9 @@ class ZODataParallel(Single):
         if not isinstance(optimizer, MeZO):
             raise FtlabError(f"data-parallel training is not implemented for optimizer={self.cfg.optimizer}; "
                              f"run it in a single process")
+        if getattr(optimizer, "needs_full_batch", False):  # MeZO-SVRG: its full-batch objective is one process's
+            raise FtlabError(f"optimizer={self.cfg.optimizer} is not implemented under data parallelism or fsdp (its "
+                             f"full-batch estimate is evaluated in one process); run it in a single process")
         super().setup(module, optimizer)
 
 

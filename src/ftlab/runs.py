@@ -4,15 +4,20 @@ what a training run's folder holds, and every read and write of its files, is :c
 Every command that writes a folder (``train``, ``replay``, ``select``, ``kernel compute``,
 ``seeds run``, ``scale experiment``) claims it first:
 
-* **marker** -- ``.ftlab-run.json`` (kind, creation time, ftlab version), written into every
-  folder ftlab creates. It is what lets ftlab tell its own folders from the user's.
+* **marker** -- ``.ftlab-run.json`` (kind, creation time, ftlab version, a run id; the names
+  it found there if ftlab adopted an existing folder; for a folder written at once, the names it
+  wrote), written into every folder ftlab claims. It is what lets ftlab tell its own folders
+  from the user's.
 * :func:`claim_dir` -- create the folder, or accept an existing one that is empty, carries the
   marker of the same kind, or was written by an ftlab version before the marker (every entry is
   a name ftlab writes for that kind); anything else is refused in one line. ftlab writes into a
-  folder only after claiming it.
-* :func:`overwrite_dir` -- move a folder *with the marker* (or an old ftlab folder recognised as
-  above) aside with one ``os.rename`` and delete the moved copy; a folder without it is refused,
-  never deleted.
+  folder only after claiming it; a command that fails before writing anything but the marker
+  removes the folders its claim created (:func:`claim_and_lock`).
+* :func:`overwrite_dir` -- move a folder *with the marker* aside with one ``os.rename`` and
+  delete the moved copy, only if every entry in it is one ftlab writes into a folder of that kind
+  (or a folder ftlab marked) and the marker says ftlab created the folder (not adopted one found
+  with files in it); anything else is refused in one line naming the entry, never deleted. A
+  symbolic link is followed: the folder it names is replaced, the link kept.
 * :class:`RunLock` -- ``.ftlab.lock`` inside the folder, created exclusively (``O_CREAT|O_EXCL``)
   and held with ``fcntl.flock`` for the life of the command: a second command writing the same
   folder is refused in one line. A lock left by a dead process of this host is taken over (with a
@@ -37,6 +42,7 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -52,19 +58,24 @@ MARKER = ".ftlab-run.json"
 LOCK = ".ftlab.lock"
 KINDS = ("train", "replay", "select", "kernel", "seeds", "scale", "probe", "tint")
 
-# What ftlab versions before the marker wrote into a folder of each kind: a folder holding only
-# these names (and ftlab's hidden temporaries) is recognised as ftlab's own.
+# The names ftlab writes at the top of a folder of each kind (a replay output lists its own in
+# its marker). Kinds from before the marker (_BEFORE_MARKER): a folder holding only these names
+# (and ftlab's hidden temporaries) is recognised as ftlab's own.
 _KNOWN_NAMES: dict[str, frozenset[str]] = {
-    "train": frozenset({*RunDir.NAMES, "seed_run.json"}),
+    "train": frozenset({*RunDir.NAMES, "seed_run.json", "init.safetensors"}),
     "seeds": frozenset({"study.json", "runs", "results.json", "barriers.json"}),
     "scale": frozenset({"experiment.json", "experiment.png", "base", "rule", "naive", "linear"}),
     "select": frozenset({"warmup", "features", "representations", "selected.jsonl", "scores.csv",
                          "selected_data.jsonl", "selection.png", "summary.json"}),
     "kernel": frozenset({"manifest.json", "partial.safetensors", "kernel.safetensors"}),
-    "replay": frozenset(),
-    "probe": frozenset(),  # new with the marker: no folders of older versions to recognise
-    "tint": frozenset(),  # new with the marker
+    "replay": frozenset(),  # save_pretrained's files: listed in the marker (see new_dir)
+    "probe": frozenset({"features", "results.json", "results.md", "probe.png"}),
+    "tint": frozenset({"config.json", "parts", "summary.json", "report.md", "tint_eval.png"}),
 }
+_BEFORE_MARKER = ("train", "seeds", "scale", "select", "kernel")
+# The suffixes of ftlab's temporaries beside a file it writes (ftlab.io: .NAME.XXXXXXXX.tmp,
+# .NAME.new, .NAME.old).
+_TEMP_SUFFIXES = (".tmp", ".new", ".old")
 # A lock file without a readable record (its writer died between creating and filling it) is
 # treated as in use for this long, then as stale.
 _UNREADABLE_LOCK_GRACE_S = 10.0
@@ -101,14 +112,21 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
     return marker
 
 
-def write_marker(path: str | Path, kind: str) -> None:
-    """Mark ``path`` as an ftlab folder of ``kind`` (kept as it is if it is already marked)."""
+def write_marker(path: str | Path, kind: str, *, adopted: list[str] | None = None,
+                 entries: list[str] | None = None) -> None:
+    """Mark ``path`` as an ftlab folder of ``kind`` (kept as it is if it is already marked), with
+    a new run id. ``adopted``: the names ftlab found there and did not create (a folder of an
+    ftlab version before the marker), which :func:`overwrite_dir` will not delete; ``entries``:
+    every name ftlab wrote there (a folder written at once, see :func:`new_dir`)."""
     from ftlab.io import atomic_write_json
 
     _check_kind(kind)
     if (Path(path) / MARKER).is_file():
         return
-    atomic_write_json(Path(path) / MARKER, {"kind": kind, "created": _now(), "ftlab_version": _version()})
+    marker = {"kind": kind, "created": _now(), "ftlab_version": _version(), "run_id": uuid.uuid4().hex,
+              **({"adopted": sorted(adopted)} if adopted else {}),
+              **({"entries": sorted(entries)} if entries is not None else {})}
+    atomic_write_json(Path(path) / MARKER, marker)
 
 
 def _check_kind(kind: str) -> None:
@@ -121,10 +139,67 @@ def _ours_hidden(name: str) -> bool:
     return name in (MARKER, LOCK) or (name.startswith(".") and name.endswith((".tmp", ".old", ".new")))
 
 
+def _visible_names(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if not _ours_hidden(p.name))
+
+
 def _written_by_old_ftlab(path: Path, kind: str) -> bool:
     """True if every entry of ``path`` is a name ftlab writes into a ``kind`` folder (and there is one)."""
-    names = [p.name for p in path.iterdir() if not _ours_hidden(p.name)]
-    return bool(names) and all(n in _KNOWN_NAMES[kind] for n in names)
+    names = _visible_names(path)
+    return kind in _BEFORE_MARKER and bool(names) and all(n in _KNOWN_NAMES[kind] for n in names)
+
+
+def _adopted(path: Path) -> list[str] | None:
+    """The entries of an unmarked folder ftlab is about to mark as its own (None: nothing there)."""
+    return _visible_names(path) if read_marker(path) is None else None
+
+
+def _ftlab_entry(entry: Path, known: frozenset[str]) -> bool:
+    """Whether ``entry`` is one ftlab writes: a ``known`` name, the marker or the lock, a
+    temporary of one of them, or a folder ftlab marked (a nested run), or a folder holding only
+    such folders (e.g. a scaling experiment's ``<variant>/seed0``)."""
+    name = entry.name
+    ours = {*known, MARKER}
+    if name in ours or name == LOCK:
+        return True
+    if name.startswith(".") and name.endswith(_TEMP_SUFFIXES) and any(name.startswith(f".{n}.") for n in ours):
+        return True
+    if entry.is_dir() and not entry.is_symlink():
+        if (entry / MARKER).is_file():
+            return True
+        children = list(entry.iterdir())
+        return bool(children) and all(_ftlab_entry(c, frozenset()) for c in children)
+    return False
+
+
+def check_deletable(path: str | Path, kind: str) -> dict[str, Any]:
+    """The marker of ``path`` if ftlab may delete that folder (``--overwrite``): it carries the
+    marker of ``kind``, ftlab created it (adopted nothing), and each entry is one ftlab writes
+    there (see :func:`_ftlab_entry`); otherwise one line naming what stops it."""
+    path = Path(path)
+    marker = read_marker(path)
+    if marker is None:
+        raise FtlabError(f"{path} has no {MARKER}, so ftlab cannot tell that it wrote it (an ftlab version "
+                         "before the marker, or not ftlab); ftlab never deletes it: delete it yourself or "
+                         "choose another output folder")
+    if marker["kind"] != kind:
+        raise FtlabError(f"{path} is an ftlab {marker['kind']} folder, not a {kind} one; choose another output folder")
+    if marker.get("adopted"):
+        raise FtlabError(f"{path} held {', '.join(marker['adopted'])} before ftlab marked it (an older ftlab "
+                         "version's folder, or your files): ftlab never deletes it; delete it yourself or "
+                         "choose another output folder")
+    known = _KNOWN_NAMES[kind] | frozenset(marker.get("entries", ()))
+    for entry in sorted(path.iterdir()):
+        if not _ftlab_entry(entry, known):
+            raise FtlabError(f"{path} holds {entry.name}, which ftlab does not write into a {kind} folder; "
+                             f"ftlab never deletes it: move {entry.name} out (or delete the folder yourself), "
+                             "or choose another output folder")
+    return marker
+
+
+def _real(path: Path) -> Path:
+    """The folder a symbolic link names (``path`` itself if it is none)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _is_empty(path: Path) -> bool:
@@ -165,7 +240,7 @@ def claim_dir(path: str | Path, kind: str) -> Path:
     path = Path(path)
     if ownership(path, kind) == "absent":
         path.mkdir(parents=True, exist_ok=True)
-    write_marker(path, kind)
+    write_marker(path, kind, adopted=_adopted(path))
     return path
 
 
@@ -174,17 +249,36 @@ def check_settings(folder: str | Path, what: str, stored: dict[str, Any] | None,
     """The one rule for resuming work in a folder: what ``folder`` recorded when it was started
     (``stored``; None: nothing yet) must equal ``new`` on every key but ``ignore``; a key one side
     lacks counts as its ``defaults`` value (records written before a setting existed), in nested
-    sections too. Raises one line naming the folder and, for each differing key, the stored and
-    the new value."""
+    sections too; two texts naming the same existing file or folder (``runs/a``, ``runs/a/``,
+    ``/abs/runs/a``) are equal. Raises one line naming the folder and, for each differing key,
+    the stored and the new value."""
     if stored is None:
         return
     defaults = defaults or {}
     stored, new = _with_defaults(stored, defaults), _with_defaults(new, defaults)
     diff = {k: (stored.get(k), new.get(k)) for k in sorted((set(stored) | set(new)) - set(ignore), key=str)
-            if stored.get(k) != new.get(k)}
+            if not _same(stored.get(k), new.get(k))}
     if diff:
         raise FtlabError(f"{folder} holds a {what} written with other settings (stored vs now: {diff}); "
                          "use another output folder, or start afresh (--overwrite where the command has it)")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings: equal values, section by section, where a path may be written either way."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, str) and isinstance(b, str) and a != b:
+        return _same_path(a, b)
+    return a == b
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # not both existing paths
+        return False
 
 
 def _with_defaults(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -199,19 +293,25 @@ def _with_defaults(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str
 def overwrite_dir(path: str | Path, kind: str) -> bool:
     """Delete ftlab folder ``path`` to start afresh: it is first moved aside with one
     ``os.rename`` (to ``.<name>.replaced-<time>``, so no half-deleted folder is ever left at
-    ``path``), then the moved copy is deleted. Only a folder ftlab wrote (see
-    :func:`ownership`) and that no ftlab command is writing is deleted; anything else is
-    refused with one line. Returns whether something was deleted."""
-    path = Path(path)
-    state = ownership(path, kind)
-    if state == "absent":
+    ``path``), then the moved copy is deleted. Only a folder ftlab marked and created, holding
+    only what ftlab writes (see :func:`check_deletable`), and that no ftlab command is writing,
+    is deleted; anything else is refused with one line. A symbolic link is followed: the folder
+    it names is replaced by an empty one. Returns whether something was deleted (an absent or
+    empty folder: nothing; the hidden files of an unmarked one are left as they are)."""
+    link = Path(path)
+    path = _real(link)
+    if ownership(path, kind) in ("absent", "empty"):
         return False
-    if state == "empty" and not any(path.iterdir()):
-        return False
+    marker = check_deletable(path, kind)
     with RunLock(path):  # refuses a folder another command is writing
+        again = check_deletable(path, kind)  # under the lock: the same folder (run id), still only ftlab's
+        if again.get("run_id") != marker.get("run_id"):
+            raise FtlabError(f"{path} was replaced by another ftlab folder meanwhile; check it and rerun")
         trash = path.with_name(f".{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+    if link != path:
+        path.mkdir()  # the link keeps naming a folder
     return True
 
 
@@ -373,12 +473,40 @@ def claim_and_lock(path: str | Path, kind: str, *, main: bool | None = None) -> 
     if not main:
         yield path
         return
-    if ownership(path, kind) == "absent":
+    created = _first_missing(path) if ownership(path, kind) == "absent" else None
+    if created is not None:
         path.mkdir(parents=True, exist_ok=True)
-    with RunLock(path):
-        ownership(path, kind)  # again, under the lock
-        write_marker(path, kind)
-        yield path
+    try:
+        with RunLock(path):
+            ownership(path, kind)  # again, under the lock
+            write_marker(path, kind, adopted=_adopted(path))
+            yield path
+    except BaseException:
+        if created is not None:
+            _remove_if_unused(path, created)
+        raise
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost missing folder of absent ``path`` (what ``mkdir(parents=True)`` creates first)."""
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
+
+
+def _remove_if_unused(path: Path, top: Path) -> None:
+    """Undo the creation of ``path`` (and its missing parents up to ``top``) by a command that
+    failed before writing anything there but the marker: nothing else is touched."""
+    if not path.is_dir() or any(p.name != MARKER for p in path.iterdir()):
+        return
+    with contextlib.suppress(OSError):
+        (path / MARKER).unlink(missing_ok=True)
+        while True:
+            path.rmdir()  # only an empty folder
+            if path == top:
+                break
+            path = path.parent
 
 
 def writes_run_dir(kind: str, where: str, validate: Callable[[Any], Any] | None = None) -> Callable[[F], F]:
@@ -413,9 +541,16 @@ def writes_run_dir(kind: str, where: str, validate: Callable[[Any], Any] | None 
 
 def _check_replaceable(path: Path, kind: str, overwrite: bool) -> None:
     state = ownership(path, kind)  # refuses files, other kinds and folders ftlab did not write
+    if state == "empty":
+        foreign = [p.name for p in sorted(path.iterdir()) if not _ftlab_entry(p, frozenset())]
+        if foreign:
+            raise FtlabError(f"{path} holds {foreign[0]}, which ftlab did not write; ftlab never deletes it: "
+                             "choose another output folder (or move it out)")
     if state == "ours" and not overwrite:
         raise FtlabError(f"{path} already holds an ftlab {kind} output; pass --overwrite to replace it, "
                          "or choose another output folder")
+    if state == "ours":
+        check_deletable(path, kind)
 
 
 @contextlib.contextmanager
@@ -424,8 +559,10 @@ def new_dir(path: str | Path, kind: str, *, overwrite: bool = False) -> Iterator
     then marked and renamed onto ``path``. ``path`` may be absent or empty; an ftlab folder of
     the same ``kind`` is replaced only with ``overwrite`` (moved aside, then deleted, as in
     :func:`overwrite_dir`); anything else is refused, before the block runs and again before the
-    rename. If the block fails, ``path`` is left as it was."""
-    path = Path(path)
+    rename. If the block fails, ``path`` is left as it was. The marker lists what the block
+    wrote: only those entries are deleted by a later replace. A symbolic link is followed (the
+    folder it names is replaced, the link kept)."""
+    path = _real(Path(path))
     _check_replaceable(path, kind, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{kind}-{os.getpid()}.tmp")
@@ -433,7 +570,7 @@ def new_dir(path: str | Path, kind: str, *, overwrite: bool = False) -> Iterator
     tmp.mkdir()
     try:
         yield tmp
-        write_marker(tmp, kind)
+        write_marker(tmp, kind, entries=[p.name for p in tmp.iterdir()])
         _check_replaceable(path, kind, overwrite)
         trash = None
         if path.exists():

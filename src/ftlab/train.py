@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from ftlab.distributed import barrier
 from ftlab.errors import FtlabError, damaged
 from ftlab.evaluate import EvalResult, model_device
 from ftlab.io import atomic_write_json, file_sha256, json_sha256
-from ftlab.models import load_model, prepare_model, save_trained
+from ftlab.models import EMBEDDED_MODELS, load_model, parse_device, prepare_model, save_trained
+from ftlab.models.loading import short_reason
 from ftlab.objectives import Encoder
 from ftlab.optim import build_optimizer, is_zeroth_order, lr_factor
 from ftlab.parallel import Single, build_parallelism, micro_batches
@@ -49,6 +51,8 @@ from ftlab.zo.batched import batched_objective
 from ftlab.zo.trajectory import TrajectoryLog, replay
 
 StepCallback = Callable[[int, dict[str, Any]], None]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,18 +148,44 @@ def _metric_name(spec: TaskSpec) -> str:
     return "accuracy" if spec.kind == "classification" else "f1"
 
 
-def _prepare_output(cfg: TrainConfig, run: RunDir) -> None:
-    """Write the run's config.json, or check that an existing one is this same config (a
-    folder in which nothing was trained yet takes the new config)."""
-    new = json.loads(json.dumps(to_dict(cfg)))
-    if run.config.exists() and run.started():
-        old = read_written_json(run.config)
-        if not isinstance(old, dict):
-            raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
-        # A key the old config lacks (written before the field existed) had its default value.
-        check_settings(run.path, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
-    else:
-        atomic_write_json(run.config, new)
+def _check_output(cfg: TrainConfig, run: RunDir) -> bool:
+    """Check that a started run's config.json is this same config; returns whether config.json
+    is still to be written (a folder in which nothing was trained yet takes the new config, once
+    the model and the data loaded: see :func:`_write_config`). Writes nothing."""
+    if not (run.config.exists() and run.started()):
+        return True
+    old = read_written_json(run.config)
+    if not isinstance(old, dict):
+        raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
+    # A key the old config lacks (written before the field existed) had its default value.
+    check_settings(run.path, "run", old, json.loads(json.dumps(to_dict(cfg))),
+                   defaults=json.loads(json.dumps(to_dict(TrainConfig()))))
+    return False
+
+
+def _write_config(cfg: TrainConfig, run: RunDir) -> None:
+    """Write the run's config.json (see :func:`_check_output`)."""
+    atomic_write_json(run.config, json.loads(json.dumps(to_dict(cfg))))
+
+
+def check_inputs(cfg: TrainConfig) -> RunData:
+    """What :func:`train` loads from ``cfg``, checked before any folder is touched (``ftlab train
+    --overwrite`` deletes the old run only after this): the device, the model name (an embedded
+    model, a local model folder, or a hub model whose config loads) and the data, which is
+    returned (pass it to :func:`train`)."""
+    if cfg.device_map is None:
+        parse_device(cfg.device)
+    data = _check_data(load_run_data(cfg))
+    if cfg.model not in EMBEDDED_MODELS:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(cfg.model)
+        except Exception as e:  # transformers raises OSError, ValueError, HTTP errors, ...
+            raise FtlabError(f"config.model: cannot load model {cfg.model!r} (not an embedded model: "
+                             f"{', '.join(EMBEDDED_MODELS)}; nor a local model folder or a hub model): "
+                             f"{short_reason(e)}") from None
+    return data
 
 
 @writes_run_dir("train", "cfg.output_dir")  # validates cfg, then claims and locks the folder (rank 0)
@@ -169,13 +199,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     to ``results.json``)."""
     parallel = build_parallelism(cfg)  # joins torchrun's process group; see ftlab.parallel
     run = RunDir(cfg.output_dir)
-    if parallel.main:  # the folder exists: @writes_run_dir claimed it
-        _prepare_output(cfg, run)
+    # The folder exists (@writes_run_dir claimed it); rank 0 checks a started run's config.
+    new_config = parallel.main and _check_output(cfg, run)
     barrier()  # the other ranks read the folder (results, checkpoint) only once rank 0 checked it
     if run.finished():
         return run.read_results()
     model, tokenizer = model_and_tokenizer or parallel.load_model()
     data = _check_data(data or load_run_data(cfg))
+    if new_config:  # only once the model and the data loaded: a failed load leaves no config.json
+        _write_config(cfg, run)
     module, optimizer, scheduler = build_trainer(cfg, model, parallel)
     parallel.setup(module, optimizer)
     checkpointer = parallel.checkpointer(run, optimizer)
@@ -184,6 +216,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     parallel.resume(state, optimizer.param_groups[0]["lr"])
     log = _metrics_log(run, parallel.main, state)
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
+    _give_full_batch(cfg, parallel, optimizer, tokenizer, encoder, data.splits.train)
     evaluate_dev = functools.partial(_evaluate_dev, cfg, parallel, module, tokenizer, data, optimizer, state, run, log)
 
     if state.step == 0 and data.splits.dev and cfg.eval_every:
@@ -253,6 +286,32 @@ def _step(cfg: TrainConfig, parallel: Single, optimizer: torch.optim.Optimizer, 
         return parallel.mean_loss(optimizer.step(closure))
 
 
+def _give_full_batch(cfg: TrainConfig, parallel: Single, optimizer: torch.optim.Optimizer, tokenizer: Any,
+                     encoder: Encoder, train_split: list) -> None:
+    """An optimizer that also minimises a full-batch objective (``needs_full_batch``: MeZO-SVRG)
+    gets, once, a factory of it over the training split (its ``set_full_batch``)."""
+    if getattr(optimizer, "needs_full_batch", False):
+        make = functools.partial(_full_batch_objective, cfg, parallel, tokenizer, encoder, train_split)
+        optimizer.set_full_batch(make, len(train_split))
+
+
+def _full_batch_objective(cfg: TrainConfig, parallel: Single, tokenizer: Any, encoder: Encoder, train_split: list,
+                          size: int) -> tuple[Callable[[], torch.Tensor], int]:
+    """The mean objective over ``size`` training examples, the same ones at every call (a seeded
+    choice), run in micro-batches of the training micro-batch's size (so no forward is larger
+    than a training step's); and the number of those batch forwards."""
+    chosen = sorted(random.Random(f"{cfg.seed_of('order')}:full-batch").sample(range(len(train_split)), size))
+    width = cfg.batch_size // cfg.grad_accum
+    device = model_device(parallel.module)
+    parts = [(len(part), _objective(cfg, parallel, tokenizer, encoder, [train_split[i] for i in part], device))
+             for part in (chosen[i:i + width] for i in range(0, size, width))]
+
+    @torch.no_grad()
+    def full_batch() -> torch.Tensor:
+        return sum(part() * n for n, part in parts) / size  # the example-weighted mean over the micro-batches
+    return full_batch, len(parts)
+
+
 def _objective(cfg: TrainConfig, parallel: Single, tokenizer: Any, encoder: Encoder, examples: list,
                device: torch.device) -> Callable[[], torch.Tensor]:
     """What a step minimises on one micro-batch: ``cfg.objective``'s function of no arguments
@@ -299,13 +358,20 @@ def _evaluate_dev(cfg: TrainConfig, parallel: Single, module: nn.Module, tokeniz
 
 def _metrics_log(run: RunDir, main: bool, state: TrainState) -> Callable[[dict[str, Any]], None]:
     """What the loop logs through: rank 0 appends to ``metrics.jsonl`` (after dropping the lines a
-    killed run wrote past its checkpoint at ``state.step``, and checking that the lines kept are
-    those the checkpoint saw); the other ranks write nothing."""
+    killed run wrote past its checkpoint at ``state.step``; at step 0, every line, the step-0 dev
+    evaluation included, since the run redoes it), after checking that the lines kept are those the
+    checkpoint saw; the other ranks write nothing."""
     if not main:
         return _discard
-    run.truncate_metrics(state.step)
+    step = state.step
+    if step == 0 and run.metrics.exists() and run.metrics.stat().st_size:
+        # No checkpoint (a kill before the first, or a deleted checkpoint/state.json): the run starts
+        # again at step 0 and so does its log (its step-0 dev evaluation is redone, not logged twice).
+        logger.warning("%s: no checkpoint to resume from (%s); training starts again at step 0 and "
+                       "metrics.jsonl is started afresh", run.path, run.checkpoint_state)
+    run.truncate_metrics(step if step > 0 else -1)
     if state.metrics is not None and (not run.metrics.exists() or file_sha256(run.metrics) != state.metrics):
-        raise FtlabError(f"{run.metrics} is damaged (its records up to step {state.step} are not those written "
+        raise FtlabError(f"{run.metrics} is damaged (its records up to step {step} are not those written "
                          f"before the checkpoint: a flipped bit, a cut or an edit); restore it, delete "
                          f"{run.checkpoint} to restart the run from step 0, or start afresh with --overwrite")
     return run.append_metrics
@@ -354,11 +420,22 @@ def enable_gradient_checkpointing(module: nn.Module) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+# Where a ZOTrainer (ftlab.integrations.hf) keeps its run files inside the Trainer's output_dir, away
+# from the config.json, weights and checkpoints the Trainer writes there.
+ZOTRAINER_SUBDIR = "ftlab"
+
+
 def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module, Any]:
     """Rebuild a MeZO run's weights from its base model and trajectory log (first ``steps``
-    steps, default all): bitwise the weights the run had after those steps."""
-    run = RunDir(run_dir)
-    cfg = from_dict(TrainConfig, run.read_config(), str(run.config))
+    steps, default all): bitwise the weights the run had after those steps.
+
+    ``run_dir`` is an ``ftlab train`` run folder, a ZOTrainer's output_dir or its ``ftlab/``
+    subfolder. Returns the module and the base model's tokenizer (None if the base model folder
+    has none: the replay runs no forward)."""
+    if steps is not None and steps < 0:
+        raise FtlabError(f"steps: must be >= 0 (the number of steps to replay; got {steps})")
+    run = _replay_folder(Path(run_dir))
+    cfg = _replay_config(run)
     if not is_zeroth_order(cfg.optimizer):
         raise FtlabError(f"{run_dir} is a {cfg.optimizer} run; only zeroth-order runs can be replayed")
     if not run.trajectory.exists() and run.checkpoint_weights.exists():
@@ -369,7 +446,7 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     # An offloaded run was exact (its CPU master never perturbed): replay with exact arithmetic.
     zo = dataclasses.replace(cfg.zo, exact=True) if cfg.offload else cfg.zo
     cfg = dataclasses.replace(cfg, fsdp=False, device_map=None, offload=False, zo=zo)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, tokenizer="if_present")
     module, optimizer, scheduler = build_trainer(cfg, model)
     if (run.path / "init.safetensors").exists():  # a run whose adapters were initialised elsewhere (ZOTrainer)
         load_trainable(module, run.path / "init.safetensors")
@@ -377,6 +454,29 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     expect = steps if steps is not None else (cfg.steps if run.finished() else None)
     replay(TrajectoryLog(run.path), optimizer, scheduler, steps=steps, expect_steps=expect)
     return module, tokenizer
+
+
+def _replay_folder(run_dir: Path) -> RunDir:
+    """The folder holding the run's ``config.json`` and ``trajectory.bin``: ``run_dir`` itself, or,
+    for a ZOTrainer's output_dir, its ``ftlab/`` subfolder."""
+    sub = RunDir(run_dir / ZOTRAINER_SUBDIR)
+    if not RunDir(run_dir).trajectory.exists() and sub.config.is_file():
+        return sub
+    return RunDir(run_dir)
+
+
+def _replay_config(run: RunDir) -> TrainConfig:
+    """The run's ftlab config; a ``config.json`` that is some other program's (a transformers
+    model config that a Trainer's ``save_model`` wrote over it) is a one-line error."""
+    data = run.read_config()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if isinstance(data, dict) and data and ("model_type" in data or not fields & data.keys()):
+        what = (f"a transformers model config (model_type {data['model_type']!r})" if "model_type" in data
+                else f"another program's JSON (keys {', '.join(sorted(data)[:3])}...)")
+        raise FtlabError(f"{run.config} is {what}, not the ftlab run config `ftlab replay` needs (a Trainer's "
+                         f"save_model writes its model's config.json into the folder it saves to; ZOTrainer keeps "
+                         f"its run files in OUTPUT_DIR/{ZOTRAINER_SUBDIR}/, out of its way)")
+    return from_dict(TrainConfig, data, str(run.config))
 
 
 def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, tokenizer: Any, data: RunData,

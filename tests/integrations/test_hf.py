@@ -10,7 +10,7 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback, TrainingArguments
 
 from ftlab.errors import FtlabError
-from ftlab.integrations.hf import INIT, PromptCollator, ZOArguments, ZOTrainer, prompt_accuracy
+from ftlab.integrations.hf import INIT, PromptCollator, ZOArguments, ZOTrainer, prompt_accuracy, run_files_dir
 from ftlab.models import load_model
 from ftlab.train import batch_indices, replay_run, train
 from ftlab.zo import ZOSettings
@@ -93,7 +93,7 @@ def test_zotrainer_and_ftlab_train_give_the_same_trajectory_and_it_replays(tmp_p
                          callbacks=[recorder])
     trainer.train()
 
-    ours, theirs = (list(TrajectoryLog(tmp_path / d).steps()) for d in ("hf", "ftlab"))
+    ours, theirs = (list(TrajectoryLog(d).steps()) for d in (run_files_dir(tmp_path / "hf"), tmp_path / "ftlab"))
     assert len(ours) == STEPS and len(ours[0][1].seeds) == 2
     for (s1, a), (s2, b) in zip(ours, theirs):  # same seeds, projected gradients (float32) and lr per step
         assert (s1, a.seeds, a.grads, a.lr) == (s2, b.seeds, b.grads, b.lr)
@@ -103,7 +103,7 @@ def test_zotrainer_and_ftlab_train_give_the_same_trajectory_and_it_replays(tmp_p
         assert torch.equal(got[name.removeprefix("base_model.model.")], tensor), name
     assert any(not torch.equal(got[n], t) for n, t in initial.items())  # it trained
     # `ftlab replay` of the Trainer's output_dir rebuilds the same weights, bit for bit
-    assert (tmp_path / "hf" / INIT).exists() == (mode == "lora")
+    assert (run_files_dir(tmp_path / "hf") / INIT).exists() == (mode == "lora")
     replayed, _ = replay_run(tmp_path / "hf")
     for name, p in _trainable(replayed).items():
         assert torch.equal(p, got[name]), name
@@ -131,19 +131,19 @@ def test_mezo_rules_eval_mode_no_grad_no_state_and_save_model(tmp_path, base, ti
     assert len(seen) == STEPS * 4 and set(seen) == {(False, False)}
     assert all(p.grad is None for p in module.parameters())
     assert not trainer.zo_optimizer.state  # MeZO keeps no optimizer state
-    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    cfg = json.loads((run_files_dir(tmp_path / "run") / "config.json").read_text())
     assert (cfg["mode"], cfg["grad_accum"], cfg["batch_size"], cfg["lora"]["r"]) == ("lora", 2, 4, 8)
     trainer.save_model(str(tmp_path / "saved"))
     reloaded = PeftModel.from_pretrained(load_model(str(base))[0], str(tmp_path / "saved"))
     for (name, p), q in zip(_trainable(module).items(), _trainable(reloaded).values()):
         assert torch.equal(p, q), name
     # a second run into the same output_dir is refused, the log left as it was
-    before = (tmp_path / "run" / "trajectory.bin").read_bytes()
+    before = (run_files_dir(tmp_path / "run") / "trajectory.bin").read_bytes()
     again = ZOTrainer(model=_lora(load_model(str(base))[0]), args=_args(tmp_path / "run"),
                       train_dataset=data.splits.train, data_collator=PromptCollator(tiny_tokenizer, data.spec))
     with pytest.raises(FtlabError, match="holds the trajectory of an earlier run"):
         again.train()
-    assert (tmp_path / "run" / "trajectory.bin").read_bytes() == before
+    assert (run_files_dir(tmp_path / "run") / "trajectory.bin").read_bytes() == before
 
 
 def test_a_language_modelling_dataset_uses_the_model_loss(tmp_path, base, tiny_tokenizer):
@@ -158,7 +158,7 @@ def test_a_language_modelling_dataset_uses_the_model_loss(tmp_path, base, tiny_t
                         zo_args=ZOArguments(optimizer="zo-sign", zo=ZOSettings(eps=1e-3)), train_dataset=dataset,
                         data_collator=DataCollatorForSeq2Seq(tiny_tokenizer, padding=True))
     trainer.train()
-    assert len(list(TrajectoryLog(tmp_path / "lm").steps())) == STEPS
+    assert len(list(TrajectoryLog(run_files_dir(tmp_path / "lm")).steps())) == STEPS
     replayed, _ = replay_run(tmp_path / "lm")
     for (name, p), q in zip(replayed.named_parameters(), model.parameters()):
         assert torch.equal(p, q), name
@@ -191,11 +191,11 @@ def test_trl_sft_trainer_takes_the_mixin(tmp_path, base, tiny_tokenizer):
     texts = ["the movie was good", "the film was bad and the plot was terrible", "It was great"] * 4
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, per_device_train_batch_size=2,
                          learning_rate=1e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-                         logging_steps=1, use_cpu=True, max_length=32)
+                         logging_steps=1, use_cpu=True, max_length=32, bf16=False)  # TRL defaults to bf16
     trainer = ZOSFTTrainer(model=module, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                            processing_class=tiny_tokenizer, zo_args=ZOArguments(zo=ZOSettings(eps=1e-2)))
     trainer.train()
-    assert len(list(TrajectoryLog(tmp_path / "sft").steps())) == 4 and not trainer.zo_optimizer.state
+    assert len(list(TrajectoryLog(run_files_dir(tmp_path / "sft")).steps())) == 4 and not trainer.zo_optimizer.state
     assert all(p.grad is None for p in module.parameters())
     replayed, _ = replay_run(tmp_path / "sft")
     trained = _trainable(module)
@@ -228,11 +228,11 @@ def test_resume_from_checkpoint_cuts_the_log_back_and_ends_where_an_uninterrupte
 
     with pytest.raises(_Killed):
         trainer(tmp_path / "b", [Kill()]).train()
-    assert len(list(TrajectoryLog(tmp_path / "b").steps())) == 5
+    assert len(list(TrajectoryLog(run_files_dir(tmp_path / "b")).steps())) == 5
     resumed = trainer(tmp_path / "b")
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
-    assert [(s, r.seeds, r.grads) for s, r in TrajectoryLog(tmp_path / "b").steps()] == \
-        [(s, r.seeds, r.grads) for s, r in TrajectoryLog(tmp_path / "a").steps()]
+    assert [(s, r.seeds, r.grads) for s, r in TrajectoryLog(run_files_dir(tmp_path / "b")).steps()] == \
+        [(s, r.seeds, r.grads) for s, r in TrajectoryLog(run_files_dir(tmp_path / "a")).steps()]
     for (name, p), q in zip(_trainable(straight.model).items(), _trainable(resumed.model).values()):
         assert torch.equal(p, q), name
 

@@ -2,7 +2,9 @@
 manifests. Every fault is a one-line FtlabError naming the file (and the manifest field), never
 a wrong row, a KeyError or a read outside the store folder."""
 
+import hashlib
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -16,8 +18,8 @@ DIM = 6
 FIELDS = dict(model="tiny", checkpoint="epoch-1", grad_type="adam", dim=DIM)
 
 
-def _store(path, n=10, shard_rows=4, dtype="float16"):
-    ids = [f"a.jsonl:{i}" for i in range(n)]
+def _store(path, n=10, shard_rows=4, dtype="float16", source="a.jsonl"):
+    ids = [f"{source}:{i}" for i in range(n)]
     x = np.arange(n * DIM, dtype=np.float32).reshape(n, DIM) / 7
     writer = DatastoreWriter(path, **FIELDS, dtype=dtype, shard_rows=shard_rows)
     writer.append(ids, x)
@@ -43,7 +45,7 @@ def test_shards_carry_a_crc32_and_a_sha256(tmp_path):
     store = _store(tmp_path / "s")
     for shard in store.manifest.shards:
         raw = (tmp_path / "s" / shard["file"]).read_bytes()
-        assert shard["crc32"] == ds.zlib.crc32(raw) and shard["sha256"] == ds.hashlib.sha256(raw).hexdigest()
+        assert shard["crc32"] == zlib.crc32(raw) and shard["sha256"] == hashlib.sha256(raw).hexdigest()
 
 
 def test_every_flipped_byte_of_a_shard_is_caught_before_it_is_read(tmp_path):
@@ -74,8 +76,8 @@ def test_every_flipped_byte_of_a_shard_is_caught_before_it_is_read(tmp_path):
 def test_each_shard_is_checked_once(tmp_path, monkeypatch):
     store = Datastore.open(_store(tmp_path / "s", n=12).path)
     calls = []
-    real = ds._digest
-    monkeypatch.setattr(ds, "_digest", lambda file, kind: calls.append((file.name, kind)) or real(file, kind))
+    real = ds.file_digest
+    monkeypatch.setattr(ds, "file_digest", lambda file, kind: calls.append((file.name, kind)) or real(file, kind))
     for _ in range(3):
         store.read(0, 12)
         store.take([11, 0])
@@ -83,9 +85,7 @@ def test_each_shard_is_checked_once(tmp_path, monkeypatch):
 
 
 def test_a_corrupted_part_is_caught_by_a_merge(tmp_path):
-    a, b = _store(tmp_path / "a", n=4), _store(tmp_path / "b", n=4)
-    ids_b = [f"b.jsonl:{i}" for i in range(4)]
-    (tmp_path / "b" / b.manifest.shards[0]["ids"]).write_text(json.dumps(ids_b))
+    a, b = _store(tmp_path / "a", n=4), _store(tmp_path / "b", n=4, source="b.jsonl")
     shard = tmp_path / "b" / b.manifest.shards[0]["file"]
     raw = bytearray(shard.read_bytes())
     raw[-1] ^= 0x40

@@ -20,6 +20,7 @@ from ftlab.zo import ZO_OPTIMIZERS
 REQUIRED = {
     "fzoo": ["zo.distribution=rademacher", "zo.n_perturbations=2"],
     "lowrank-fzoo": ["zo.n_perturbations=2"],
+    "mezo-svrg": ["zo.svrg_every=3", "zo.svrg_batch=8"],  # a kill at step 5 falls between anchors (3 and 6)
 }
 BATCHED = ["optimizer=fzoo", "mode=lora", "zo.batched=true", *REQUIRED["fzoo"]]
 LOWRANK_BATCHED = ["optimizer=lowrank-fzoo", "mode=lora", "zo.batched=true", *REQUIRED["lowrank-fzoo"]]
@@ -88,6 +89,8 @@ def test_trains_resumes_and_replays_or_refuses(tmp_path, base, overrides):
     (["optimizer=mezo", "zo.batched=true", "mode=lora"], "needs optimizer=fzoo or lowrank-fzoo"),
     ([*BATCHED, "mode=full"], "mode=lora or prefix"),
     (["optimizer=hizoo", "zo.hessian_smoothing=0"], r"zo.hessian_smoothing: must be in \(0, 1\)"),
+    (["optimizer=mezo-svrg", "zo.svrg_every=0"], r"zo.svrg_every: must be >= 1"),
+    (["optimizer=mezo-svrg", "zo.svrg_batch=0"], r"zo.svrg_batch: must be >= 1 \(examples in the full-batch"),
 ])
 def test_an_estimator_missing_its_settings_is_refused_in_one_line(tmp_path, overrides, match):
     with pytest.raises(FtlabError, match=match) as info:
@@ -121,7 +124,8 @@ def test_a_run_written_before_the_new_knobs_resumes(tmp_path, base):
         train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data(), callback=kill)
     config = tmp_path / "old" / "config.json"
     written = json.loads(config.read_text())
-    for key in ("batched", "hessian_smoothing", "rank", "refresh_every", "pool_size", "elite_fraction"):
+    for key in ("batched", "hessian_smoothing", "rank", "refresh_every", "pool_size", "elite_fraction", "svrg_every",
+                "svrg_batch", "svrg_full_lr_scale"):
         del written["zo"][key]
     config.write_text(json.dumps(written))
     resumed = train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_data())

@@ -98,7 +98,9 @@ def eval_cmd(
     seed: int = typer.Option(0, help="Seed for the train split and demonstration sampling."),
     batch_size: int = typer.Option(16), max_length: int = typer.Option(512),
     dtype: str = typer.Option("float32"), device: str = typer.Option("cpu"),
-    output: Optional[Path] = typer.Option(None, help="Write metrics and predictions to this JSON file."),
+    output: Optional[Path] = typer.Option(None, help="Write metrics and predictions to this JSON file (a new "
+                                                     "file; an existing one only with --overwrite)."),
+    overwrite: bool = typer.Option(False, help="Replace --output if it exists."),
 ) -> None:
     """Zero-shot or in-context accuracy (classification) or F1/EM (QA) of a model on a task."""
     from ftlab.evaluate import evaluate
@@ -109,6 +111,8 @@ def eval_cmd(
     if output is not None and (output.is_dir() or (output.parent.exists() and not output.parent.is_dir())):
         raise FtlabError(f"--output {output}: {'is a folder' if output.is_dir() else 'its parent is a file'}; "
                          "give the path of a JSON file, e.g. --output eval.json")
+    if output is not None and output.exists() and not overwrite:
+        raise FtlabError(f"--output {output} exists; pass --overwrite to replace it, or give another file")
     opts = [o if o.startswith(" ") else " " + o for o in options.split(",")] if options else None
     spec, examples = load_task(task, template=template, options=opts)
     splits = make_splits(examples, seed=seed, n_train=n_train, n_dev=0, n_test=n_test)
@@ -156,11 +160,14 @@ def train_cmd(
     if cfg is None:
         return
     # Under torchrun only rank 0 touches the run folder (train() makes the others wait for it).
+    data = None
     if overwrite and is_main():
         from ftlab.runs import overwrite_dir
+        from ftlab.train import check_inputs
 
-        overwrite_dir(cfg.output_dir, "train")  # refuses a folder without ftlab's marker
-    results = train(cfg)
+        data = check_inputs(cfg)  # the device, model and data files, before the old run is deleted
+        overwrite_dir(cfg.output_dir, "train")  # only a folder ftlab marked, holding only its files
+    results = train(cfg, data=data)
     shutdown()
     if is_main():
         typer.echo(json.dumps(results, indent=2))
@@ -169,13 +176,15 @@ def train_cmd(
 
 @app.command("replay")
 def replay_cmd(
-    run_dir: Path = typer.Argument(..., help="A MeZO run folder (config.json + trajectory.bin)."),
+    run_dir: Path = typer.Argument(..., help="A MeZO run folder (config.json + trajectory.bin), or a ZOTrainer's "
+                                             "output_dir (its files are in OUTPUT_DIR/ftlab/)."),
     output: Path = typer.Option(..., help="Where to save the rebuilt model (save_pretrained): a new folder."),
     steps: Optional[int] = typer.Option(None, help="Replay only the first N steps (default: all)."),
     overwrite: bool = typer.Option(False, help="Replace --output if it holds an earlier replay."),
 ) -> None:
     """Rebuild a MeZO run's weights from its base model and trajectory log (bitwise identical
-    to the weights the run had), without running any forward pass."""
+    to the weights the run had), without running any forward pass. A base model folder without
+    a tokenizer is fine: the rebuilt model is then saved without one."""
     from ftlab.models import save_trained
     from ftlab.runs import new_dir
     from ftlab.train import replay_run
@@ -184,8 +193,9 @@ def replay_cmd(
     # written to a temporary folder, renamed into place at the end.
     with new_dir(output, "replay", overwrite=overwrite) as tmp:
         module, tokenizer = replay_run(run_dir, steps=steps)
-        save_trained(module, tokenizer, tmp)
-    typer.echo(f"rebuilt {run_dir} ({'all' if steps is None else steps} steps) into {output}")
+        save_trained(module, tokenizer, tmp)  # tokenizer None: the base model folder has none, none is saved
+    note = "" if tokenizer is not None else " (no tokenizer: the base model folder has none)"
+    typer.echo(f"rebuilt {run_dir} ({'all' if steps is None else steps} steps) into {output}{note}")
 
 
 @app.command("demo")

@@ -24,18 +24,20 @@ def build_cmd(
                                                                "tint.n_prefixes=192 n_tokens=256"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config: a path or a packaged name "
                                                                       "(e.g. tint-build)."),
-    output: Optional[str] = typer.Option(None, help="Also write the measurements as JSON to this file."),
+    output: Optional[str] = typer.Option(None, help="Also write the measurements as JSON to this file (a new "
+                                                    "file, or an earlier build's with --overwrite)."),
+    overwrite: bool = typer.Option(False, help="Replace --output if it holds an earlier build's JSON."),
     show_config: bool = typer.Option(False, help="Print the resolved config and exit."),
 ) -> None:
     """Build a TinT from the model's weights, run one forward pass on a random context, check it
     against the reference step, and print parameters, peak memory and seconds beside the inner model's."""
-    from ftlab.config import to_dict
-    from ftlab.io import atomic_write_json
-    from ftlab.tint.costs import TintBuildConfig, measure
+    from ftlab.tint.costs import TintBuildConfig, check_output, measure, write_output
 
     cfg = resolved_config(TintBuildConfig, config, overrides, show=show_config)
     if cfg is None:
         return
+    if output:
+        check_output(output, overwrite)  # refused before the minutes of measuring, not after
     res = measure(cfg)
     t, i = res["tint"], res["inner"]
     rows = [("inner model", f"{i['parameters']:,}", "-", f"{i['peak_mib_growth']:.0f}", f"{i['seconds']:.3f}"),
@@ -46,7 +48,7 @@ def build_cmd(
     typer.echo(f"TinT vs reference step: max |logit diff| {c['max_abs_diff']:.2e} "
                f"(logits up to {c['logit_scale']:.1f}), same argmax: {c['same_argmax']}")
     if output:
-        atomic_write_json(output, {"config": to_dict(cfg), **res})
+        write_output(output, cfg, res, overwrite)
 
 
 @app.command("eval")
@@ -61,12 +63,20 @@ def eval_cmd(
     """Zero-shot, ICL, exact and approximate dynamic evaluation, and TinT, per task, with
     improvements over ICL and zero-shot (multi-bootstrap 95% intervals), and the
     language-modelling variant. Resumable: finished (task, seed) parts are kept."""
+    from ftlab.errors import FtlabError
+    from ftlab.runs import overwrite_dir
+    from ftlab.tasks import is_builtin
     from ftlab.tint.experiment import TintEvalConfig, run_eval
 
-    cfg = resolved_config(TintEvalConfig, config, overrides, show=show_config,
-                          overwrite_kind="tint" if overwrite else None)
+    cfg = resolved_config(TintEvalConfig, config, overrides, show=show_config)
     if cfg is None:
         return
+    for task in cfg.tasks:
+        if not is_builtin(task):
+            raise FtlabError(f"tasks: {task!r} is not a built-in task; tint eval runs built-in tasks only, with "
+                             "their own templates and label words (see `ftlab data list`), e.g. 'tasks=[sentiment]'")
+    if overwrite:
+        overwrite_dir(cfg.output_dir, "tint")  # after the checks; only a folder ftlab wrote
     bars = ProgressBars(absolute=True)
     summary = run_eval(cfg, progress=bars)
     bars.close()

@@ -13,15 +13,26 @@ difference) and under ``torch.no_grad`` (no activations kept for a backward, no 
 and MeZO keeps no optimizer state. With gradient accumulation, each perturbation is evaluated
 on every micro-batch of the step and the micro-batch losses are averaged (as ``ftlab train``).
 
-The run is written as ``ftlab train`` writes a MeZO run, into ``output_dir`` (main process
-only), so ``ftlab replay OUTPUT_DIR --output DIR`` rebuilds the weights without a forward:
+The run is written as ``ftlab train`` writes a MeZO run, into the subfolder ``ftlab/`` of
+``output_dir`` (main process only), out of the way of the ``config.json``, weights and
+``checkpoint-N/`` folders that the Trainer, ``save_model`` and its checkpoints write into
+``output_dir``. ``ftlab replay OUTPUT_DIR --output DIR`` (or ``ftlab replay OUTPUT_DIR/ftlab``)
+rebuilds the weights without a forward:
 
-    trajectory.bin     the checksummed trajectory log (:mod:`ftlab.zo.trajectory`), one record per step
-    config.json        the run as an ftlab ``TrainConfig`` (base model, dtype, mode, LoRA settings,
-                       optimizer, ZO settings, seeds): what ``ftlab replay`` rebuilds the module from
-    init.safetensors   the trainable tensors before the first step (LoRA adapters: their random
-                       init is the user's, not ftlab's); absent for full fine-tuning (the base model is the init)
-    zo_trainer.json    the ZOArguments and the TrainingArguments of the run, for the record
+    ftlab/trajectory.bin     the checksummed trajectory log (:mod:`ftlab.zo.trajectory`), one record per step
+    ftlab/config.json        the run as an ftlab ``TrainConfig`` (base model, dtype, mode, LoRA settings,
+                             optimizer, ZO settings, seeds): what ``ftlab replay`` rebuilds the module from
+    ftlab/init.safetensors   the trainable tensors before the first step (LoRA adapters: their random
+                             init is the user's, not ftlab's); absent for full fine-tuning (the base model is the init)
+    ftlab/zo_trainer.json    the ZOArguments and the TrainingArguments of the run, for the record
+
+A new run into an ``output_dir`` whose ``ftlab/`` holds a trajectory is refused when ``train()``
+starts (before any batch is drawn), unless it resumes (``train(resume_from_checkpoint=...)``,
+which continues that trajectory) or ``ZOArguments(overwrite=True)``, which deletes these four
+files (and nothing else: the Trainer's checkpoints and saved models stay) before the new run.
+Mixed precision (``bf16``/``fp16``) and ``gradient_checkpointing`` are refused when the
+trainer is built: a zeroth-order step runs no backward, and its precision is the model's dtype
+(load the model in bfloat16 for exact MeZO in bf16).
 
 Replay needs the base model to be loadable by :func:`ftlab.models.load_model` (an embedded
 name, a local folder or a hub name: ``ZOArguments.base_model``, else the model's
@@ -31,10 +42,31 @@ cannot be replayed still trains and logs its trajectory; ``config.json`` is then
 a warning says why.
 
 Prompt-based classification with ftlab's objective (the option cross-entropy, as ``ftlab
-train``): give lists of :class:`ftlab.tasks.base.Example` as datasets and a
+train``): give a ``datasets.Dataset`` (or a list of dicts) whose rows hold the template's fields
+and a label, or lists of :class:`ftlab.tasks.base.Example`, as datasets and a
 :class:`PromptCollator`; evaluation then returns option scores as predictions and the gold
-options as labels (``compute_metrics=prompt_accuracy``). Any other dataset and collator use the
-model's own loss, as the plain Trainer does.
+options as labels (``compute_metrics=prompt_accuracy``). The Trainer keeps every column of such
+a dataset (``remove_unused_columns`` does not apply: the collator reads the fields). Any other
+dataset and collator use the model's own loss, as the plain Trainer does.
+
+Example (own data, the embedded model, no hub)::
+
+    from datasets import Dataset
+    from transformers import TrainingArguments
+    from ftlab.integrations.hf import PromptCollator, ZOArguments, ZOTrainer
+    from ftlab.models import load_model
+    from ftlab.tasks import TaskSpec
+
+    model, tokenizer = load_model("smollm2-135m")  # the embedded model: no hub
+    spec = TaskSpec(name="reviews", template="{text} It was", options=[" terrible", " great"])
+    data = Dataset.from_list([{"text": "A wonderful, moving film.", "label": "great"},
+                              {"text": "Dull, and far too long.", "label": "terrible"}] * 8)
+    args = TrainingArguments(output_dir="runs/hf-mezo", max_steps=10, per_device_train_batch_size=4,
+                             learning_rate=1e-6, lr_scheduler_type="constant", logging_steps=5, report_to=[])
+    trainer = ZOTrainer(model=model, args=args, zo_args=ZOArguments(), train_dataset=data,
+                        data_collator=PromptCollator(tokenizer, spec))
+    trainer.train()
+    trainer.save_model()  # the model into runs/hf-mezo; ftlab's run files are in runs/hf-mezo/ftlab/
 """
 
 from __future__ import annotations
@@ -44,7 +76,7 @@ import functools
 import json
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,12 +97,15 @@ from ftlab.optim import param_groups
 from ftlab.rundir import RunDir
 from ftlab.tasks import TaskSpec
 from ftlab.tasks.base import Example
-from ftlab.train import make_closure
+from ftlab.tasks.files import to_examples
+from ftlab.train import ZOTRAINER_SUBDIR, make_closure
 from ftlab.zo import ZO_OPTIMIZERS, ZOSettings, build_zo_optimizer
 from ftlab.zo.trajectory import LOG, TrajectoryLog
 
 INIT = "init.safetensors"
 RECORD = "zo_trainer.json"
+CONFIG = "config.json"
+RUN_FILES = (LOG, CONFIG, INIT, RECORD)  # ftlab's own files in run_files_dir(output_dir): all it ever replaces
 _SCHEDULES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
               "cosine": "cosine"}
 
@@ -81,12 +116,15 @@ class ZOArguments:
 
     Attributes:
         optimizer: a key of ``ftlab.zo.ZO_OPTIMIZERS`` (mezo, zo-momentum, zo-adam, zo-sign, sparse-mezo,
-            fzoo, hizoo, lozo, lozo-m, zo-guided, lowrank-fzoo).
+            fzoo, hizoo, lozo, lozo-m, zo-guided, lowrank-fzoo; mezo-svrg is refused: it needs
+            a full-batch objective, which only ``ftlab train`` builds).
         zo: eps, n_perturbations, distribution, generator... (see :class:`ftlab.zo.ZOSettings`).
         seed: seeds the perturbations (None: ``TrainingArguments.seed``).
         base_model: what ``ftlab replay`` loads the base model from (None: the model's ``name_or_path``).
         max_skipped_steps: steps with a NaN/inf loss are skipped (theta restored, logged with lr
             0); training stops with an error after this many.
+        overwrite: a new run into an ``output_dir`` that holds an earlier run's trajectory replaces
+            ftlab's run files there (``output_dir/ftlab/``; nothing else) instead of being refused.
     """
 
     optimizer: str = "mezo"
@@ -94,28 +132,49 @@ class ZOArguments:
     seed: int | None = None
     base_model: str | None = None
     max_skipped_steps: int = 10
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in ZO_OPTIMIZERS:
             raise FtlabError(f"ZOArguments.optimizer: unknown zeroth-order optimizer {self.optimizer!r}; "
                              f"choose one of {', '.join(ZO_OPTIMIZERS)}")
+        if getattr(ZO_OPTIMIZERS[self.optimizer].cls, "needs_full_batch", False):
+            raise FtlabError(f"ZOArguments.optimizer: {self.optimizer} needs a full-batch objective, which the "
+                             f"Trainer's mini-batches do not give; use `ftlab train`")
         if self.max_skipped_steps < 0:
             raise FtlabError(f"ZOArguments.max_skipped_steps: must be >= 0 (got {self.max_skipped_steps})")
         check(self.zo, "ZOArguments.zo")
 
 
 class PromptCollator:
-    """Collates lists of ftlab :class:`Example` into prompt batches for ``spec`` (left-padded,
-    every option scored: see :class:`ftlab.objectives.Encoder`); the trainer computes ftlab's
-    option cross-entropy on them instead of the model's language-modelling loss."""
+    """Collates prompt examples into prompt batches for ``spec`` (left-padded, every option
+    scored: see :class:`ftlab.objectives.Encoder`); the trainer computes ftlab's option
+    cross-entropy on them instead of the model's language-modelling loss.
 
-    def __init__(self, tokenizer: Any, spec: TaskSpec, max_length: int = 256) -> None:
+    An example is an ftlab :class:`Example` or a dict row (a ``datasets.Dataset``'s): the
+    template's fields and, for classification, the label in ``label_field`` (an option index,
+    an option word such as ``"great"`` for ``" great"``, or one of ``label_names``), for
+    generation the answers in ``answers_field``; read as ``ftlab.tasks`` reads a JSONL row."""
+
+    def __init__(self, tokenizer: Any, spec: TaskSpec, max_length: int = 256, *, label_field: str = "label",
+                 answers_field: str = "answers", label_names: list[str] | None = None) -> None:
         self.encoder = Encoder(tokenizer, spec, max_length=max_length)
+        self.spec = spec
+        self._row_fields = {"label_field": label_field, "answers_field": answers_field, "label_names": label_names}
 
-    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
-        batch = training_batch(self.encoder, list(examples))
+    def __call__(self, examples: Sequence[Example | Mapping[str, Any]]) -> dict[str, Any]:
+        batch = training_batch(self.encoder, [self._example(e, i) for i, e in enumerate(examples)])
         # "gold" first: the Trainer reads the batch size from the first tensor it finds.
         return {"gold": batch.gold, "prompt_batch": batch, "option_ids": self.encoder.option_ids}
+
+    def _example(self, row: Example | Mapping[str, Any], i: int) -> Example:
+        if isinstance(row, Example):
+            return row
+        if not isinstance(row, Mapping):
+            raise FtlabError(f"PromptCollator: batch item {i} is a {type(row).__name__}; give ftlab Examples or dict "
+                             f"rows (e.g. a datasets.Dataset's) with the fields {sorted(self.spec.placeholders())}")
+        return to_examples([(f"PromptCollator: batch row {i}", row)], self.spec, id_prefix="row",
+                           **self._row_fields)[0]
 
 
 def prompt_accuracy(eval_prediction: Any) -> dict[str, float]:
@@ -140,6 +199,9 @@ class ZOTrainerMixin:
             raise FtlabError("ZOTrainer builds its own zeroth-order optimizer (ZOArguments.optimizer); "
                              "pass no optimizer in optimizers=(...)")
         self.zo_args = zo_args or ZOArguments()
+        # Checked before the Trainer's __init__, which creates output_dir: (model, args, ...) or args=.
+        _check_training_args(kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None),
+                             self.zo_args.optimizer)
         self.zo_optimizer: torch.optim.Optimizer | None = None
         self._zo_log: TrajectoryLog | None = None
         self._zo_micro: list[dict[str, Any]] = []
@@ -166,6 +228,40 @@ class ZOTrainerMixin:
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
         return None
+
+    # -- the data --------------------------------------------------------------------------------
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        """A PromptCollator reads the template's fields, which the model's forward does not name:
+        the dataset keeps its columns."""
+        if isinstance(self.data_collator, PromptCollator):
+            return dataset
+        return super()._remove_unused_columns(dataset, description)
+
+    def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
+        if isinstance(data_collator, PromptCollator):
+            return data_collator
+        return super()._get_collator_with_removed_columns(data_collator, description)
+
+    # -- the run -----------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``, after checking (main process) that a new run does not write
+        over an earlier run's trajectory (see the module docstring)."""
+        if self.is_world_process_zero():
+            self._zo_claim_run_files(resuming=resume_from_checkpoint not in (None, False))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _zo_claim_run_files(self, resuming: bool) -> None:
+        """A fresh run into an output_dir whose ``ftlab/`` holds a trajectory: refused, or with
+        ``ZOArguments.overwrite`` its run files deleted. A resume continues the trajectory."""
+        folder = run_files_dir(self.args.output_dir)
+        if resuming or not (folder / LOG).exists():
+            return
+        if not self.zo_args.overwrite:
+            raise FtlabError(f"{folder / LOG} holds the trajectory of an earlier run; pass another output_dir, "
+                             f"resume it with train(resume_from_checkpoint=...), or set ZOArguments(overwrite=True) "
+                             f"to replace ftlab's run files there (only those)")
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
 
     # -- the step --------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
@@ -225,13 +321,13 @@ class ZOTrainerMixin:
     def _zo_begin(self, model: nn.Module) -> None:
         """Open the trajectory log at the first step (after a resume: cut back to the resumed
         step) and, on a fresh run, write what ``ftlab replay`` needs."""
-        out = Path(self.args.output_dir)
+        out = run_files_dir(self.args.output_dir)
         step = self.state.global_step
         log = TrajectoryLog(out, z=self.zo_optimizer.z_spec())
         if self.is_world_process_zero():
-            if step == 0 and log.path.exists():
+            if step == 0 and log.path.exists():  # train() checked it; this run was started by other means
                 raise FtlabError(f"{log.path} holds the trajectory of an earlier run; pass another output_dir "
-                                 f"(or move that run away): a new run never overwrites it")
+                                 f"(or set ZOArguments(overwrite=True)): a new run never writes over it unasked")
             if step > 0:
                 done = sum(1 for _ in log.steps(allow_torn_tail=True))
                 if done < step:
@@ -246,6 +342,8 @@ class ZOTrainerMixin:
         module = self.accelerator.unwrap_model(model)
         cfg, reason = replay_config(module, self.args, self.zo_args, steps=self.state.max_steps)
         out.mkdir(parents=True, exist_ok=True)
+        for stale in (CONFIG, INIT):  # left by a start that never took a step: not this run's
+            (out / stale).unlink(missing_ok=True)
         atomic_write_json(out / RECORD, {"zo_args": to_dict(self.zo_args),
                                          "training_args": json.loads(self.args.to_json_string()),
                                          "replayable": cfg is not None, "reason": reason})
@@ -258,6 +356,25 @@ class ZOTrainerMixin:
         if cfg.mode != "full":
             save_trainable(module, out / INIT)
         atomic_write_json(RunDir(out).config, to_dict(cfg))
+
+
+def run_files_dir(output_dir: str | Path) -> Path:
+    """Where a ZOTrainer keeps its run files (trajectory, ftlab config...): ``output_dir/ftlab``."""
+    return Path(output_dir) / ZOTRAINER_SUBDIR
+
+
+def _check_training_args(args: Any, optimizer: str) -> None:
+    """Refuse the TrainingArguments a zeroth-order step cannot honour, with ``ftlab train``'s reasons."""
+    if args is None:
+        return
+    if getattr(args, "bf16", False) or getattr(args, "fp16", False):
+        flag = "bf16" if getattr(args, "bf16", False) else "fp16"
+        raise FtlabError(f"TrainingArguments.{flag}=True: mixed-precision autocast is for first-order training; "
+                         f"for {optimizer} load the model in that dtype instead (e.g. load_model(..., "
+                         f"dtype='bfloat16'): exact MeZO in bf16) and leave {flag}=False")
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+        raise FtlabError(f"TrainingArguments.gradient_checkpointing=True saves activations for a backward pass, "
+                         f"and {optimizer} runs none; set gradient_checkpointing=False")
 
 
 class ZOTrainer(ZOTrainerMixin, Trainer):

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 import transformers
@@ -32,6 +32,10 @@ _DTYPES = {
 # transformers renamed `torch_dtype` to `dtype` in 4.56; the old name warns in 5.x.
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 _CONVERTED_MARKER = "ftlab_source.json"
+# The files a saved tokenizer leaves in a model folder (one of them at least; transformers and
+# sentencepiece name them so): a local folder with none of them has no tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 _STALE_TMP_SECONDS = 3600
 
 
@@ -90,7 +94,8 @@ def parse_device(device: str) -> torch.device:
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
                attn_implementation: str | None = None, device_map: str | None = None,
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               tokenizer: Literal["required", "if_present"] = "required",
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM (in eval mode) and its tokenizer (with a pad token, right padding).
 
     ``name_or_path`` is an embedded model name (see :data:`EMBEDDED_MODELS`; converted once to
@@ -98,12 +103,15 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", dev
     ``attn_implementation`` (e.g. ``"eager"``) is passed to ``from_pretrained``; use ``"eager"``
     where forward-mode AD is needed. ``device_map`` (``"auto"``, ``"balanced"``, ...; needs
     accelerate) spreads the layers over the GPUs (and CPU) instead of moving the model to ``device``.
+    ``tokenizer="if_present"``: a local folder without tokenizer files gives ``None`` for the
+    tokenizer instead of an error (for work that runs no forward, e.g. ``ftlab replay``).
     """
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if name_or_path in EMBEDDED_MODELS:
         folder: str = str(converted_folder(name_or_path))
     else:
         folder = name_or_path
+    with_tokenizer = tokenizer == "required" or not _lacks_tokenizer(folder)
     kwargs = {_DTYPE_KWARG: torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -112,13 +120,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", dev
     try:
         with quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            loaded = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors, ...
         raise _load_error(name_or_path, e) from e
     if device_map is None:
         model.to(torch_device)
     model.eval()
-    return model, _prepare_tokenizer(tokenizer)
+    return model, None if loaded is None else _prepare_tokenizer(loaded)
+
+
+def _lacks_tokenizer(folder: str) -> bool:
+    """Whether ``folder`` is a local model folder with no tokenizer files in it."""
+    path = Path(folder)
+    return path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 
 @contextmanager

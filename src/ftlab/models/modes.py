@@ -55,11 +55,12 @@ def mode_of(module: nn.Module) -> Mode:
     raise FtlabError(f"cannot save a {type(module).__name__}: expected a module from prepare_model")
 
 
-def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, *,
+def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path, *,
                  record: dict | None = None) -> None:
     """Save a trained module to folder ``out_dir``, atomically: the whole model and tokenizer
-    (full), the peft adapter (lora) or the prefix (prefix), with a manifest of the files' sha256
-    (and ``record``, plain JSON values) checked by :func:`load_trained`."""
+    (full; no tokenizer if ``tokenizer`` is None), the peft adapter (lora) or the prefix (prefix),
+    with a manifest of the files' sha256 (and ``record``, plain JSON values) checked by
+    :func:`load_trained`."""
     mode = mode_of(module)
     with atomic_dir(out_dir) as tmp, quiet_progress():
         if mode == "prefix":
@@ -68,7 +69,7 @@ def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir:
             module.save_pretrained(tmp)
         if mode == "lora":
             _sort_adapter_config(tmp / _ADAPTER_CONFIG)
-        if mode == "full":
+        if mode == "full" and tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp, **(record or {}))  # every file's sha256, checked by load_trained
 

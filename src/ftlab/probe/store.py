@@ -5,16 +5,23 @@ Layout (the root is an ftlab run folder of kind ``probe``)::
     <root>/model.json                      the model's name and a fingerprint of its weights
     <root>/<task>/<split>/<kind>/meta.json what the rows are: template, example ids, words, layer
     <root>/<task>/<split>/<kind>/chunk-00000.npy ... float32 rows, each file written atomically
+    <root>/<task>/<split>/<kind>/chunks.json the chunks written so far: rows, bytes, CRC-32, SHA-256
 
-A chunk is written whole or not at all, so after a kill the store holds the chunks before it and
-a rerun continues with the next. A store of another model (name or weights), or a folder of the
-same task and split name holding other examples, other words or another layer, is refused in one
-line: features of different things must never be mixed.
+A chunk is written whole or not at all, and only then listed in ``chunks.json`` (rewritten
+atomically), so after a kill the store holds the listed chunks and a rerun continues with the
+next; a chunk file not listed (or listed after a missing one) is recomputed and overwritten. A
+listed chunk is checked before it is used: its size when the rows are counted, its CRC-32 (see
+:func:`ftlab.io.checksums`) and then its dtype and shape when it is read (``np.load`` never
+unpickles), so a truncated, replaced or bit-flipped chunk is a one-line error naming it, never a
+traceback or silently different features. A store of another model (name or weights), or a
+folder of the same task and split name holding other examples, other words or another layer, is
+refused in one line: features of different things must never be mixed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -25,9 +32,9 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.io import atomic_path, atomic_write_json
+from ftlab.io import atomic_file, atomic_write_json, checksum_to_check, checksums, file_digest
 
-_CHUNK = re.compile(r"chunk-(\d{5})\.npy")
+CHUNKS = "chunks.json"
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -96,36 +103,94 @@ class FeatureTable:
             atomic_write_json(path, meta)
         self.meta = meta
 
-    def chunks(self) -> list[Path]:
-        """The complete chunk files, in order (stops at the first gap)."""
-        found = sorted((int(m.group(1)), p) for p in self.folder.glob("chunk-*.npy")
-                       if (m := _CHUNK.fullmatch(p.name)))
+    def _listed(self) -> list[dict[str, Any]]:
+        """The chunk records of ``chunks.json`` (none before the first chunk), each checked."""
+        path = self.folder / CHUNKS
+        if not path.exists():
+            return []
+        records = _read(path).get("chunks")
+        if not isinstance(records, list):
+            raise FtlabError(f"{path}: damaged feature-store file (no list 'chunks'); delete {self.folder} "
+                             f"to recompute it")
+        for i, record in enumerate(records):
+            if not _is_record(record, i):
+                raise FtlabError(f"{path}: damaged feature-store file (chunks[{i}] = {str(record)[:60]}); "
+                                 f"delete {self.folder} to recompute it")
+        return records
+
+    def _present(self) -> list[dict[str, Any]]:
+        """The listed chunks up to the first missing file, each of the size it was written with."""
         out = []
-        for i, (number, p) in enumerate(found):
-            if number != i:
+        for record in self._listed():
+            file = self.folder / record["file"]
+            if not file.exists():
                 break
-            out.append(p)
+            if file.stat().st_size != record["bytes"]:
+                raise FtlabError(f"feature chunk {file} has {file.stat().st_size} bytes, not the {record['bytes']} "
+                                 f"it was written with (truncated or replaced); delete it and rerun the command "
+                                 f"to recompute it")
+            out.append(record)
         return out
+
+    def chunks(self) -> list[Path]:
+        """The complete chunk files, in order (stops at the first missing one)."""
+        return [self.folder / record["file"] for record in self._present()]
 
     @property
     def done(self) -> int:
-        return sum(np.load(p, mmap_mode="r").shape[0] for p in self.chunks())
+        return sum(record["rows"] for record in self._present())
 
     def append(self, rows: torch.Tensor | np.ndarray) -> None:
         rows = np.ascontiguousarray(np.asarray(rows, dtype=np.float32))
         if not np.isfinite(rows).all():
             raise FtlabError(f"{self.folder}: non-finite features (NaN/inf) at rows {self.done}+; check the model")
-        with atomic_path(self.folder / f"chunk-{len(self.chunks()):05d}.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, rows)
+        present = self._present()
+        buffer = io.BytesIO()
+        np.save(buffer, rows)
+        raw = buffer.getvalue()
+        name = f"chunk-{len(present):05d}.npy"
+        with atomic_file(self.folder / name, "wb") as f:
+            f.write(raw)
+        record = {"file": name, "rows": rows.shape[0], "bytes": len(raw), **checksums(raw)}
+        atomic_write_json(self.folder / CHUNKS, {"chunks": [*present, record]})
+
+    def _load_chunk(self, record: dict[str, Any]) -> np.ndarray:
+        """One chunk's rows, after its checksum; a one-line error naming it otherwise."""
+        file = self.folder / record["file"]
+        kind = checksum_to_check(record)
+        if kind is not None and file_digest(file, kind) != record[kind]:
+            raise FtlabError(f"feature chunk {file} does not match its checksum ({kind}; corrupted on disk or in "
+                             f"a copy); delete it and rerun the command to recompute it")
+        try:
+            rows = np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise FtlabError(f"feature chunk {file} is unreadable ({str(e).splitlines()[0][:100]}); delete it and "
+                             f"rerun the command to recompute it") from None
+        if rows.dtype != np.float32 or rows.ndim != 2 or rows.shape[0] != record["rows"]:
+            raise FtlabError(f"feature chunk {file} holds {rows.dtype} rows of shape {rows.shape}, not "
+                             f"{record['rows']} float32 rows; delete it and rerun the command to recompute it")
+        return rows
 
     def load(self) -> np.ndarray:
-        parts = [np.load(p) for p in self.chunks()]
+        parts = [self._load_chunk(record) for record in self._present()]
+        if len({p.shape[1] for p in parts}) > 1:
+            raise FtlabError(f"{self.folder}: chunks of {sorted({p.shape[1] for p in parts})} features each; "
+                             f"delete that folder to recompute it")
         n = self.meta.get("n")
         rows = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
         if n is not None and rows.shape[0] != n:
             raise FtlabError(f"{self.folder}: holds {rows.shape[0]} of {n} rows; rerun the command to finish it")
         return rows
+
+
+def _is_record(record: Any, i: int) -> bool:
+    """An entry of ``chunks.json``: chunk ``i``'s file name, its row and byte counts, its checksums."""
+    def count(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    return (isinstance(record, dict) and record.get("file") == f"chunk-{i:05d}.npy" and count(record.get("rows"))
+            and count(record.get("bytes")) and count(record.get("crc32"))
+            and isinstance(record.get("sha256"), str))
 
 
 def ids_digest(ids: Sequence[str]) -> str:

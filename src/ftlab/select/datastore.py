@@ -18,7 +18,9 @@ the manifest and the field; shard file names must be plain names inside the fold
 check every shard's size when the store is opened, and each shard's content against its
 checksum before its first row is read (CRC-32, 2-4 GB/s: see :meth:`Datastore.open`), so a
 truncated, replaced or bit-flipped shard is reported, never silently read. Each shard carries a
-CRC-32 (the fast check) and a SHA-256 (:meth:`Datastore.verify`).
+CRC-32 (the fast check) and a SHA-256 (:meth:`Datastore.verify`), and its ids a SHA-256 checked
+whenever they are read (on open): a swapped or replaced id is reported, never scored as the
+wrong example.
 
 Row ``i`` of a store is ``ids[i]``: ids are kept per shard in shard order, and merges keep (or
 re-establish, with ``order``) that mapping exactly.
@@ -26,14 +28,11 @@ re-establish, with ``order``) that mapping exactly.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import mmap
 import os
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -46,7 +45,7 @@ from ftlab.config import needs, rule_of, setting
 from ftlab.distributed import barrier, init_from_env
 from ftlab.errors import FtlabError
 from ftlab.grads.projection import ProjectionSpec
-from ftlab.io import atomic_file, atomic_write_json
+from ftlab.io import atomic_file, atomic_write_json, checksum_to_check, checksums, file_digest
 from ftlab.runs import check_settings
 
 MANIFEST = "manifest.json"
@@ -137,9 +136,9 @@ class DatastoreManifest:
         dtype: storage dtype, ``"float16"`` or ``"float32"``.
         projection: the :class:`ProjectionSpec` as a dict (``None`` for unprojected features).
         extra: free-form metadata (e.g. the checkpoint's mean learning rate).
-        shards: ``{"file", "ids", "rows", "bytes", "crc32", "sha256"}`` per shard, in row order
-            (stores written before ``crc32`` was added are checked with their ``sha256``;
-            see :class:`ShardRecord`).
+        shards: ``{"file", "ids", "rows", "bytes", "crc32", "sha256", "ids_sha256"}`` per shard,
+            in row order (stores written before ``crc32`` was added are checked with their
+            ``sha256``, and their ids files unchecked; see :class:`ShardRecord`).
         complete: ``True`` once the writer was closed; readers refuse an incomplete store.
     """
 
@@ -192,7 +191,9 @@ class DatastoreManifest:
 @dataclass
 class ShardRecord:
     """The fields of one entry of ``DatastoreManifest.shards`` (entries stay plain dicts in the
-    manifest; this class declares their rules). ``crc32`` and ``sha256`` may be absent (older stores)."""
+    manifest; this class declares their rules). ``crc32``, ``sha256`` and ``ids_sha256`` may be absent
+    (older stores). ``ids_sha256`` covers the ids file: without it, a swap of two ids (in every
+    checkpoint's store alike) would pin rows to the wrong examples unnoticed."""
 
     file: str = setting(check=_plain_name)
     ids: str = setting(check=_plain_name)
@@ -200,6 +201,7 @@ class ShardRecord:
     bytes: int = setting(check=_count)
     crc32: int | None = setting(None, check=_crc32)
     sha256: str | None = setting(None, check=_sha256)
+    ids_sha256: str | None = setting(None, check=_sha256)
 
 
 # Manifest fields a manifest file may leave out (they take the dataclass default).
@@ -243,7 +245,7 @@ def _parse_manifest(file: Path, d: Any) -> DatastoreManifest:
     for k, shard in enumerate(d["shards"]):
         if not isinstance(shard, dict):
             raise _bad_field(file, f"shards[{k}]", "an object", shard)
-        _check_fields(file, shard, ShardRecord, ("crc32", "sha256"), f"shards[{k}].")
+        _check_fields(file, shard, ShardRecord, ("crc32", "sha256", "ids_sha256"), f"shards[{k}].")
         for key in ("file", "ids"):
             if seen.setdefault(shard[key], k) != k:
                 raise FtlabError(f"{file}: field 'shards[{k}].{key}' names {shard[key]!r}, already used by shard "
@@ -294,28 +296,25 @@ def _read_ids(path: Path, shard: dict[str, Any]) -> list[str]:
     if len(ids) != shard["rows"]:
         raise FtlabError(f"datastore ids file {file} lists {len(ids)} ids for {shard['rows']} rows; "
                          f"delete {path} and rewrite it")
+    if "ids_sha256" in shard and _ids_sha256(ids) != shard["ids_sha256"]:
+        raise FtlabError(f"datastore ids file {file} does not match its checksum (ids_sha256: other ids or "
+                         f"another order than the rows were written for); delete {path} and rewrite it")
     return ids
 
 
-def _digest(file: Path, kind: str) -> int | str:
-    """``kind`` ("crc32" or "sha256") of ``file``'s content, over a read-only map of the file:
-    no copy into Python buffers (3x faster than reading blocks on a box with slow memcpy)."""
-    with open(file, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        with (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"")) as data:
-            if size and hasattr(data, "madvise"):
-                data.madvise(mmap.MADV_SEQUENTIAL)
-            return hashlib.sha256(data).hexdigest() if kind == "sha256" else zlib.crc32(data)
+def _ids_sha256(ids: Sequence[str]) -> str:
+    """The SHA-256 of a shard's ids, in order (of their JSON text, so any id string is unambiguous)."""
+    return hashlib.sha256(json.dumps(list(ids), ensure_ascii=False).encode()).hexdigest()
 
 
 def _check_content(path: Path, shard: dict[str, Any], strong: bool = False) -> bool:
     """Raise if the shard's content does not match its checksum (CRC-32 if the manifest has
     one, else SHA-256; ``strong``: SHA-256 when it has one); False if it has none."""
-    kinds = [k for k in (("sha256", "crc32") if strong else ("crc32", "sha256")) if k in shard]
-    if not kinds:
+    kind = checksum_to_check(shard, strong)
+    if kind is None:
         return False
-    if _digest(path / shard["file"], kinds[0]) != shard[kinds[0]]:
-        raise FtlabError(f"datastore shard {path / shard['file']} does not match its checksum ({kinds[0]}; "
+    if file_digest(path / shard["file"], kind) != shard[kind]:
+        raise FtlabError(f"datastore shard {path / shard['file']} does not match its checksum ({kind}; "
                          f"corrupted on disk or in a copy); delete {path} and rewrite it")
     return True
 
@@ -533,8 +532,7 @@ class DatastoreWriter:
         with atomic_file(self.path / f"{name}.bin", "wb") as f:
             f.write(raw)
         self.manifest.shards.append({"file": f"{name}.bin", "ids": f"{name}.ids.json", "rows": n,
-                                     "bytes": len(raw), "crc32": zlib.crc32(raw),
-                                     "sha256": hashlib.sha256(raw).hexdigest()})
+                                     "bytes": len(raw), **checksums(raw), "ids_sha256": _ids_sha256(ids)})
         self.manifest.complete = False
         atomic_write_json(self.path / MANIFEST, self.manifest.to_dict())
         self._done.update(ids)

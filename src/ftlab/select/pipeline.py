@@ -28,16 +28,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftlab.config import ConfigError, LoraSettings, Settings
+from ftlab.config import (
+    ConfigError,
+    LoraSettings,
+    Settings,
+    at_least,
+    device_name,
+    in_fraction,
+    needs,
+    not_blank,
+    setting,
+)
 from ftlab.distributed import barrier, init_from_env, is_main, rank_device
 from ftlab.errors import FtlabError
+from ftlab.grads.projection import KINDS as PROJECTION_KINDS
 from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.io import atomic_file, atomic_write_json
-from ftlab.models import load_model, prepare_model, trainable_parameters
+from ftlab.models import load_model, parse_device, prepare_model, trainable_parameters
 from ftlab.plots import pyplot, save_figure
 from ftlab.runs import writes_run_dir
 from ftlab.select.baselines import random_scores, representation_scores, representation_store
 from ftlab.select.data import InstructionExample, load_instructions
+from ftlab.select.datastore import DTYPES as FEATURE_DTYPES
 from ftlab.select.datastore import Datastore
 from ftlab.select.features import AdamState, collect_features
 from ftlab.select.scoring import less_scores, select_top, write_selection
@@ -51,6 +63,22 @@ from ftlab.select.warmup import (
 )
 
 METHODS = ("less", "random", "representation")
+SPARSITY = ProjectionSpec.sparsity  # the sparse sketch's nonzeros per input coordinate (dim_out must be a multiple)
+
+
+@needs(f"one of {', '.join(FEATURE_DTYPES)} (the datastores' storage types)")
+def _feature_dtype(value: str) -> bool:
+    return value in FEATURE_DTYPES
+
+
+@needs(f"one of {', '.join(PROJECTION_KINDS)}")
+def _projection_kind(value: str) -> bool:
+    return value in PROJECTION_KINDS
+
+
+@needs("float32, bfloat16 or float16")
+def _model_dtype(value: str) -> bool:
+    return value.lower() in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -70,22 +98,22 @@ class SelectConfig(Settings):
 
     pool: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
-    output_dir: str = "runs/less"
+    output_dir: str = setting("runs/less", check=not_blank, need="a folder path")
     method: str = "less"
-    model: str = "smollm2-135m"
-    dtype: str = "float32"
-    device: str = "cpu"
+    model: str = setting("smollm2-135m", check=not_blank, need="a model name or folder")
+    dtype: str = setting("float32", check=_model_dtype)
+    device: str = setting("cpu", check=device_name)
     attn_implementation: str | None = "eager"
     lora: LoraSettings = field(default_factory=LoraSettings)
     warmup: WarmupSettings = field(default_factory=WarmupSettings)
-    projection_dim: int = 8192
-    projection_kind: str = "sparse"
+    projection_dim: int = setting(8192, check=at_least(1), need=">= 1 (LESS: 8192)")
+    projection_kind: str = setting("sparse", check=_projection_kind)
     projection_seed: int = 0
-    feature_dtype: str = "float16"
-    batch_size: int = 8
-    max_length: int = 256
-    percentage: float | None = 0.05
-    top_k: int | None = None
+    feature_dtype: str = setting("float16", check=_feature_dtype)
+    batch_size: int = setting(8, check=at_least(1))
+    max_length: int = setting(256, check=at_least(2))
+    percentage: float | None = setting(0.05, check=in_fraction)
+    top_k: int | None = setting(None, check=at_least(1), need=">= 1 (or null, with percentage set)")
     seed: int = 0
 
     def check_combinations(self) -> None:
@@ -93,6 +121,9 @@ class SelectConfig(Settings):
             raise ConfigError("method", f"unknown selection method {self.method!r}; choose one of {', '.join(METHODS)}")
         if (self.percentage is None) == (self.top_k is None):
             raise ConfigError("", "set exactly one of percentage (e.g. 0.05) and top_k (and the other to null)")
+        if self.projection_kind == "sparse" and self.projection_dim % SPARSITY:
+            raise ConfigError("projection_dim", f"must be a multiple of {SPARSITY} for projection_kind=sparse (its "
+                                                f"nonzeros per input coordinate; got {self.projection_dim})")
 
 
 def check_config(cfg: SelectConfig) -> None:
@@ -100,6 +131,7 @@ def check_config(cfg: SelectConfig) -> None:
     :class:`SelectConfig`), with pool files, and target files unless ``method=random`` (a config
     without them is valid: it still builds the LoRA model and the projection)."""
     cfg.validate()
+    parse_device(rank_device(cfg.device))  # a GPU that is not there is refused before anything is written
     if not cfg.pool:
         raise ConfigError("pool", "no pool files; set pool=[pool.jsonl, ...]", cfg.where)
     if not cfg.targets and cfg.method != "random":
@@ -157,8 +189,18 @@ def gradient_features(cfg: SelectConfig, module: nn.Module, tokenizer: Any, exam
     return out
 
 
+def _check_rows_are_of(ids: Sequence[str], examples: Sequence[InstructionExample], where: Any, files: str) -> None:
+    """Raise unless every feature row ``ids`` (of store ``where``) is an example of ``examples``."""
+    known = {ex.id for ex in examples}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise FtlabError(f"{where} holds features of {len(missing)} examples that are not in the {files} files (e.g. "
+                         f"{missing[0]!r}); give the files the features were computed for, or recompute them")
+
+
 def groups_of(store: Datastore, examples: Sequence[InstructionExample]) -> list[str]:
     """The subtask of each row of a target store."""
+    _check_rows_are_of(store.ids, examples, store.path, "targets")
     task = {ex.id: ex.task for ex in examples}
     return [task[i] for i in store.ids]
 
@@ -209,6 +251,7 @@ def write_outputs(cfg: SelectConfig, pool: Sequence[InstructionExample], ids: li
                   skipped: list[str]) -> dict[str, Any]:
     """Select the top examples and write every output file; returns the summary."""
     out = Path(cfg.output_dir)
+    _check_rows_are_of(ids, pool, out, "pool")
     rows = select_top(scores, ids, k=cfg.top_k, fraction=cfg.percentage)
     write_selection(out / "selected.jsonl", out / "scores.csv", ids, scores, rows)
     by_id = {ex.id: ex for ex in pool}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ftlab.checkpoint import load_trainable, trainable_state
 from ftlab.collate import pad_id
-from ftlab.config import Settings
+from ftlab.config import Settings, above, at_least, in_fraction, in_unit_interval, needs, setting, unit_pair
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_dir, atomic_write_json
 from ftlab.models import trainable_parameters
@@ -34,6 +34,11 @@ from ftlab.runs import check_settings
 from ftlab.select.data import InstructionExample, collate, encode
 
 _SEP = "::"  # between a parameter name and its moment in adam.safetensors
+
+
+@needs("constant, linear or cosine")
+def _schedule(value: str) -> bool:
+    return value in ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -50,16 +55,16 @@ class WarmupSettings(Settings):
 
     where = "warmup"
 
-    percentage: float = 0.05
-    epochs: int = 4
-    lr: float = 2e-5
-    schedule: str = "linear"
-    warmup_ratio: float = 0.03
-    batch_size: int = 8
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    percentage: float = setting(0.05, check=in_fraction)
+    epochs: int = setting(4, check=at_least(1))
+    lr: float = setting(2e-5, check=above(0))
+    schedule: str = setting("linear", check=_schedule)
+    warmup_ratio: float = setting(0.03, check=in_unit_interval)
+    batch_size: int = setting(8, check=at_least(1))
+    weight_decay: float = setting(0.0, check=at_least(0))
+    max_grad_norm: float | None = setting(1.0, check=at_least(0), need=">= 0 (0 or null: no clipping)")
+    betas: list[float] = setting(factory=lambda: [0.9, 0.999], check=unit_pair)
+    eps: float = setting(1e-8, check=above(0))
     seed: int = 0
 
 

@@ -3,12 +3,17 @@ reference step on a sample context, and measure its size and cost beside the inn
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from ftlab.config import ConfigError, Settings, at_least, setting
+from ftlab.config import ConfigError, Settings, at_least, setting, to_dict
+from ftlab.errors import FtlabError
+from ftlab.io import atomic_write_json
 from ftlab.memory import lifetime_peak_bytes
 from ftlab.tint.construct import TintConfig, build_tint
 from ftlab.tint.inner import forward, inner_from_hf
@@ -86,3 +91,47 @@ def measure(cfg: TintBuildConfig, model=None) -> dict:
                     "same_argmax": bool((got.argmax(-1) == ref.test_logits.argmax(-1)).all())}
     out["tokens"] = {"total": cfg.n_tokens, "train": cfg.n_train}
     return out
+
+
+# The top-level keys of the JSON that ``ftlab tint build --output`` writes (see write_output).
+OUTPUT_KEYS = frozenset({"config", "inner", "reference_step", "tint", "check", "tokens"})
+
+
+def _is_earlier_output(path: Path) -> bool:
+    """Whether file ``path`` is the JSON of an earlier ``ftlab tint build --output``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and OUTPUT_KEYS <= data.keys()
+
+
+def check_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse ``--output`` before anything is measured unless it can take the JSON file: a new
+    file in a folder (or in folders still to be created), or, with ``overwrite``, the file of an
+    earlier build. A folder, another file, or a path under a file is refused in one line; nothing
+    is deleted."""
+    path = Path(path)
+    if path.is_dir():
+        raise FtlabError(f"--output {path} is a folder; give the path of a JSON file, e.g. --output build.json "
+                         "(ftlab never deletes a folder it did not create)")
+    if path.exists() or path.is_symlink():
+        if not (path.is_file() and _is_earlier_output(path)):
+            raise FtlabError(f"--output {path} exists and is not the JSON of an earlier tint build; choose another "
+                             "file (ftlab never replaces a file it did not write)")
+        if not overwrite:
+            raise FtlabError(f"--output {path} holds an earlier tint build; pass --overwrite to replace it, or "
+                             "choose another file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FtlabError(f"--output {path}: {parent} is a file, not a folder; give the path of a JSON file in a "
+                         "folder")
+    return path
+
+
+def write_output(path: str | Path, cfg: TintBuildConfig, measured: dict[str, Any], overwrite: bool = False) -> None:
+    """Write ``{"config": cfg, **measured}`` to JSON file ``path`` atomically (checked again
+    by :func:`check_output` first, in case the path changed while the build ran)."""
+    atomic_write_json(check_output(path, overwrite), {"config": to_dict(cfg), **measured})

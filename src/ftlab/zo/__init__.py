@@ -17,6 +17,7 @@ from ftlab.zo.lozo import LOZO, LOZOM
 from ftlab.zo.mezo import MeZO, ZOStep
 from ftlab.zo.offload import OffloadedMeZO
 from ftlab.zo.own import LowRankFZOO
+from ftlab.zo.svrg import MeZOSVRG
 from ftlab.zo.variants import SparseMeZO, ZOAdam, ZOMomentum, ZOSignSGD
 
 
@@ -44,6 +45,8 @@ ZO_OPTIMIZERS: dict[str, ZOOptimizer] = {
     "lowrank-fzoo": ZOOptimizer(LowRankFZOO, lambda s: {"rank": s.rank, "refresh_every": s.refresh_every,
                                                         "momentum": s.momentum, "batched": s.batched}),
     "zo-guided": ZOOptimizer(GuidedMeZO, lambda s: {"pool_size": s.pool_size, "elite_fraction": s.elite_fraction}),
+    "mezo-svrg": ZOOptimizer(MeZOSVRG, lambda s: {"svrg_every": s.svrg_every, "svrg_batch": s.svrg_batch,
+                                                  "full_lr_scale": s.svrg_full_lr_scale}),
 }
 
 
@@ -69,6 +72,6 @@ def build_zo_optimizer(name: str, param_groups: Iterable, lr: float, settings: Z
     return entry.offloaded(param_groups, model=offload_model, device=device, **kwargs)
 
 
-__all__ = ["FZOO", "GuidedMeZO", "HiZOO", "LOZO", "LOZOM", "LowRankFZOO", "MeZO", "ZOStep", "ZOSettings",
+__all__ = ["FZOO", "GuidedMeZO", "HiZOO", "LOZO", "LOZOM", "LowRankFZOO", "MeZO", "MeZOSVRG", "ZOStep", "ZOSettings",
            "ZOMomentum", "ZOAdam", "ZOSignSGD", "SparseMeZO", "OffloadedMeZO", "ZOOptimizer", "ZO_OPTIMIZERS",
            "build_zo_optimizer"]
