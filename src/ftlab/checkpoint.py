@@ -284,7 +284,7 @@ class Checkpointer:
         if self.main:
             recover_dir(self.run.checkpoint)  # finish or undo a checkpoint replace a kill interrupted
         barrier()
-        if self.run.checkpoint.is_dir():
+        if self.run.checkpoint_state.exists():  # (no state.json, e.g. deleted: no checkpoint, the run restarts)
             verify_checkpoint(self.run.checkpoint)  # every rank: each raises alike rather than wait for rank 0
         return self._load(module, optimizer, scheduler)
 
