@@ -21,6 +21,12 @@ median over `--repeats` rounds:
     alternating, after one warm-up of each (warm page cache); the CRC-32 of every shard alone
     (through a read-only map, as the reader does); and `Datastore.verify()` (SHA-256). In
     seconds per GiB; the verification's extra cost is the difference of the medians.
+(e) A first-order checkpoint of `--checkpoint-mb` MB of float32 trainable tensors (default 540:
+    SmolLM2-135M fully fine-tuned) with AdamW's state (twice that), in a temp folder under /tmp:
+    `ftlab.checkpoint.save_checkpoint` (which writes the sha256 manifest, fsyncs and commits the
+    folder), `ftlab.io.write_manifest` alone (hashing every file again: the manifest's share of a
+    save) and `verify_checkpoint` (what every resume now does before loading), alternating. In
+    seconds, and s/GiB of checkpoint.
 (d) One MeZO step of the embedded SmolLM2-135M (fp32, a batch of 16 x 128 random ids, the LM
     loss `model(input_ids=ids, labels=ids).loss` as closure, `ftlab.zo.MeZO(lr=1e-6)`): one
     warm-up, then the median of 3 steps; the log append's cost is given as a fraction of it.
@@ -178,6 +184,37 @@ def datastore(size_gib: float, repeats: int) -> dict[str, object]:
     return out
 
 
+# -- (e) checkpoint manifests ----------------------------------------------------------------------
+def checkpoint_manifest(megabytes: int, repeats: int) -> dict[str, object]:
+    from ftlab.checkpoint import save_checkpoint, verify_checkpoint
+    from ftlab.io import write_manifest
+
+    rows = max(1, (megabytes << 20) // 4 // 4 // 1024)  # four float32 tensors of rows x 1024
+    gen = torch.Generator().manual_seed(0)
+    module = torch.nn.ParameterDict({f"w{i}": torch.nn.Parameter(torch.randn(rows, 1024, generator=gen))
+                                     for i in range(4)})
+    optimizer = torch.optim.AdamW(module.parameters())
+    sum(p.sum() for p in module.parameters()).backward()
+    optimizer.step()  # AdamW's two moments exist
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with tempfile.TemporaryDirectory(prefix="ftlab-checksum-ckpt-", dir="/tmp") as tmp:
+        path = Path(tmp) / "checkpoint"
+        save = lambda: save_checkpoint(path, module, optimizer, scheduler,  # noqa: E731
+                                       {"step": 1, "best_score": None, "best_step": None})
+        save()
+        size = sum(f.stat().st_size for f in path.iterdir())
+        times = interleaved({"save_checkpoint": save, "write_manifest": lambda: write_manifest(path),
+                             "verify_checkpoint": lambda: verify_checkpoint(path)}, repeats, order="rotate")
+    gib = size / 2**30
+    out: dict[str, object] = {"trainable_mb": megabytes, "checkpoint_bytes": size}
+    for name, t in times.items():
+        out[name] = {**stats(t), "s_per_gib_best": min(t) / gib, "s_per_gib_median": median(t) / gib}
+        print(f"  (e) {name:18s} {median(t):7.3f} s median ({median(t) / gib:6.3f} s/GiB of a {gib:.3g} GiB "
+              f"checkpoint)", flush=True)
+    out["manifest_fraction_of_save"] = median(times["write_manifest"]) / median(times["save_checkpoint"])
+    return out
+
+
 # -- (d) a MeZO step ----------------------------------------------------------------------------------
 def mezo_step(batch: int, length: int, repeats: int) -> dict[str, object]:
     from ftlab.models import load_model
@@ -200,6 +237,8 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=1.0, help="datastore size (default 1 GiB)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per comparison after the warm-up")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--checkpoint-mb", type=int, default=540,
+                        help="trainable float32 MB of the checkpoint in (e) (default 540: SmolLM2-135M, full)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's own, one per core); on a machine loaded by other "
                              "jobs 1 can be faster")
@@ -208,10 +247,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        sizes = {"buffer_mb": 16, "records": 20_000, "appends": 500, "size_gib": 1 / 16, "batch": 2, "length": 32}
+        sizes = {"buffer_mb": 16, "records": 20_000, "appends": 500, "size_gib": 1 / 16, "batch": 2, "length": 32,
+                 "checkpoint_mb": 16}
     else:
         sizes = {"buffer_mb": 256, "records": 200_000, "appends": 5000, "size_gib": args.size_gib,
-                 "batch": 16, "length": 128}
+                 "batch": 16, "length": 128, "checkpoint_mb": args.checkpoint_mb}
     output = args.output or RESULTS / ("checksum_cost_quick.json" if args.quick else "checksum_cost.json")
 
     info = machine(cpu_model=cpu_model(), zlib=zlib.ZLIB_RUNTIME_VERSION, platform=platform.platform())
@@ -222,6 +262,7 @@ def main() -> None:
         a = checksums(sizes["buffer_mb"], args.repeats)
         b = trajectory(sizes["records"], sizes["appends"], args.repeats)
         c = datastore(sizes["size_gib"], args.repeats)
+        e = checkpoint_manifest(sizes["checkpoint_mb"], args.repeats)
         d = mezo_step(sizes["batch"], sizes["length"], args.repeats)
     load_end = os.getloadavg()
 
@@ -233,6 +274,8 @@ def main() -> None:
         "record_crc_extra_us": crc_extra_us,
         "record_crc_fraction_of_mezo_step": crc_extra_us * 1e-6 / step_s,
         "verify_extra_s_per_gib": c["verify_extra_s_per_gib"]["median"],
+        "checkpoint_manifest_fraction_of_save": e["manifest_fraction_of_save"],
+        "checkpoint_verify_s_per_gib": e["verify_checkpoint"]["s_per_gib_median"],
     }
 
     def span(r: dict, key: str, fmt: str) -> str:
@@ -258,6 +301,11 @@ def main() -> None:
          f"{d['best']:.3f} best / {d['median']:.3f} median s"),
         ("append / MeZO step", f"{summary['append_fraction_of_mezo_step']:.2e}"),
         ("record CRC-32 / MeZO step", f"{summary['record_crc_fraction_of_mezo_step']:.2e}"),
+        (f"save_checkpoint, {e['checkpoint_bytes'] / 2**30:.3g} GiB (with its manifest)",
+         span(e["save_checkpoint"], "s_per_gib", ".3f") + " s/GiB"),
+        ("its sha256 manifest alone", span(e["write_manifest"], "s_per_gib", ".3f") + " s/GiB"),
+        ("manifest / save_checkpoint", f"{summary['checkpoint_manifest_fraction_of_save']:.2f}"),
+        ("verify_checkpoint (every resume)", span(e["verify_checkpoint"], "s_per_gib", ".3f") + " s/GiB"),
     ]
     print(f"\nload average: start {load_start[0]:.2f}, end {load_end[0]:.2f} (1 min); "
           f"{total.seconds:.0f} s in all")
@@ -266,7 +314,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/checksum_cost.py", *sys.argv[1:]]), "quick": args.quick,
         "sizes": sizes, "repeats": args.repeats,
         "machine": {**info, "loadavg_start": load_start, "loadavg_end": load_end},
-        "checksums": a, "trajectory": b, "datastore": c, "mezo_step": d, "summary": summary})
+        "checksums": a, "trajectory": b, "datastore": c, "mezo_step": d, "checkpoint": e, "summary": summary})
     print(f"\nwrote {output}")
 
 

@@ -3,6 +3,15 @@ loop's counters (:class:`TrainState`), written atomically as one folder so a kil
 mixed checkpoint. Every file is fsynced before it is renamed into place, and the folder after
 (see :mod:`ftlab.io`), so a checkpoint that was saved also survives a power cut.
 
+Nothing read back is trusted without a checksum: every checkpoint folder holds
+``ftlab-manifest.json`` (the sha256 and size of each of its files, committed with them), checked
+on every rank before a resume loads anything (:func:`verify_checkpoint`); ``best.safetensors``
+carries its tensors' sha256 in its metadata (:func:`save_trainable`, checked by
+:func:`load_trainable`); ``state.json`` records the id of the run's ``config.json``
+(:func:`config_id`, also the trajectory log's ``run_id``), the hashes of the data the steps were
+trained on and the sha256 of ``metrics.jsonl`` at the checkpoint, so a resume after any of them
+was edited is refused (see ``ftlab.train``). A mismatch is one line naming the file and what to do.
+
 The training loop keeps a run resumable through one :class:`Checkpointer`, which its
 parallelism strategy (:mod:`ftlab.parallel`) picks:
 
@@ -28,13 +37,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftlab.config import TrainConfig, to_dict
 from ftlab.distributed import barrier, copy_full_into, full_tensor, gather_to_main
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import atomic_dir, atomic_path, atomic_write_json, recover_dir
+from ftlab.io import atomic_dir, atomic_path, file_sha256, recover_dir, verify_manifest, write_manifest
 from ftlab.models import trainable_parameters
 from ftlab.rundir import RunDir, read_written_json
 
@@ -45,22 +55,45 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: full_tensor(p).to("cpu", copy=True).contiguous() for n, p in trainable_parameters(module)}
 
 
+# The safetensors metadata key under which save_trainable records its tensors' tensors_sha256.
+SHA256_KEY = "ftlab.sha256"
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The sha256 (hex) of named tensors: every name, dtype, shape and byte, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(state[name].shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_trainable(module: nn.Module, path: str | Path, write: bool = True) -> None:
-    """Write the trainable tensors to one safetensors file (atomically and durably). A sharded
-    module's ranks all call it (the tensors are gathered) and only the one with ``write`` writes."""
+    """Write the trainable tensors to one safetensors file (atomically and durably), with their
+    sha256 in its metadata (checked by :func:`load_trainable`). A sharded module's ranks all call
+    it (the tensors are gathered) and only the one with ``write`` writes."""
     state = trainable_state(module)
     if write:
         with atomic_path(path) as tmp:
-            save_file(state, str(tmp))
+            save_file(state, str(tmp), metadata={SHA256_KEY: tensors_sha256(state)})
 
 
 @torch.no_grad()
 def load_trainable(module: nn.Module, path: str | Path) -> None:
-    """Copy tensors saved by :func:`save_trainable` back into ``module`` (names must match)."""
+    """Copy tensors saved by :func:`save_trainable` back into ``module`` (names must match); a
+    file whose tensors no longer have the sha256 recorded in it is refused (one written before
+    ftlab recorded it is taken as it is)."""
+    remedy = "restore it or start afresh with --overwrite"
     try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(SHA256_KEY)
         state = load_file(str(path))
     except Exception as e:  # safetensors' errors (bad header, truncated file) have no common base
-        raise damaged(path, e) from None
+        raise damaged(path, e, remedy) from None
+    if recorded is not None and tensors_sha256(state) != recorded:
+        raise FtlabError(f"{path} is damaged (its tensors' sha256 differs from the one recorded when it was "
+                         f"written: a flipped bit or an edit); {remedy}")
     params = dict(trainable_parameters(module))
     missing = [n for n in params if n not in state]
     if missing or any(n not in params for n in state):
@@ -93,6 +126,7 @@ def save_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
         if extra is not None:
             torch.save(extra, tmp / "extra.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        write_manifest(tmp)  # every file's sha256, checked on resume (verify_checkpoint)
 
 
 def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
@@ -110,6 +144,20 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
     except Exception as e:  # unpickling, zip and state-dict errors have no common base
         raise damaged(path / "optimizer.pt", e) from None
     return read_written_json(path / "state.json")
+
+
+def checkpoint_remedy(path: str | Path) -> str:
+    """What to do about a damaged checkpoint ``path`` (the end of the one-line error)."""
+    return (f"restore it, delete {path} to restart the run from step 0, or start afresh with --overwrite")
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check every file of checkpoint folder ``path`` against the sha256 and size its manifest
+    recorded when it was written (a checkpoint written before manifests is taken as it is).
+
+    Raises:
+        FtlabError: one line naming the first file that differs (a flipped bit, a cut, an edit)."""
+    verify_manifest(path, checkpoint_remedy(path))
 
 
 def load_extra(path: str | Path) -> Any:
@@ -132,9 +180,51 @@ def flush(optimizer: torch.optim.Optimizer) -> None:
 
 def run_id(cfg: TrainConfig) -> str:
     """A short, deterministic id of a run's config, wherever it is saved (recorded in its
-    trajectory log's header)."""
-    identity = {k: v for k, v in to_dict(cfg).items() if k != "output_dir"}
+    trajectory log's header and its checkpoints): :func:`config_id` of its ``config.json``."""
+    return config_id(to_dict(cfg))
+
+
+def config_id(config: dict[str, Any]) -> str:
+    """The id of a config as saved in a run's ``config.json`` (the JSON object, without
+    ``output_dir``): a run's checkpoints and trajectory log are bound to the config they were
+    written under by it (the file as written, so fields added to ftlab later change nothing)."""
+    identity = {k: v for k, v in config.items() if k != "output_dir"}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def saved_config_id(run: RunDir) -> str:
+    """:func:`config_id` of the run's ``config.json`` (a one-line error if it is missing or damaged)."""
+    config = run.read_config()
+    if not isinstance(config, dict):
+        raise damaged(run.config, ValueError(f"expected a JSON object, got {type(config).__name__}"))
+    return config_id(config)
+
+
+def check_log_config(run: RunDir, log: Any) -> None:
+    """Refuse a trajectory log recorded under another config than the run's ``config.json`` (an
+    edited weight_decay or LoRA alpha would replay to other weights). A log whose header has no
+    run id (written by ``TrajectoryLog`` directly, without one) is not checked."""
+    if not log.path.exists():
+        return
+    recorded = log.header.get("run_id")
+    if recorded is None:
+        return
+    current = saved_config_id(run)
+    if recorded != current:
+        raise FtlabError(f"{run.config} is not the config {log.path} was recorded under (config id {current}, "
+                         f"the log's {recorded}): it was edited or replaced; restore the run's config.json (a "
+                         f"replay or resume under another config would build other weights), or start afresh "
+                         f"with --overwrite")
+
+
+def check_finite_weights(module: nn.Module, what: str) -> None:
+    """Refuse trainable tensors holding NaN or inf (a diverged run) before they are saved as ``what``."""
+    for name, p in trainable_parameters(module):
+        t = full_tensor(p)
+        if not torch.isfinite(t).all():
+            raise FtlabError(f"the trained weights hold NaN or inf ({name}, {int((~torch.isfinite(t)).sum())} "
+                             f"values): the run diverged and {what} was not written; lower the lr (or eps), "
+                             f"then start afresh with --overwrite")
 
 
 # -- the loop's counters and the checkpointers -------------------------------------------------
@@ -150,6 +240,12 @@ class TrainState:
     best_step: int | None = None
     skipped: int = 0
     parallel: dict[str, Any] | None = None
+    # What the steps so far were trained on (None: a checkpoint written before ftlab recorded it):
+    # the config_id of config.json, and the hashes of the data's splits (saved as "config", "data");
+    # and the sha256 of metrics.jsonl as it was when the checkpoint was written ("metrics").
+    config: str | None = None
+    data: dict[str, Any] | None = None
+    metrics: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self.step, "best_score": self.best_score, "best_step": self.best_step}
@@ -157,6 +253,12 @@ class TrainState:
             out["skipped"] = self.skipped
         if self.parallel is not None:
             out["dp"] = self.parallel
+        if self.config is not None:
+            out["config"] = self.config
+        if self.data is not None:
+            out["data"] = self.data
+        if self.metrics is not None:
+            out["metrics"] = self.metrics
         return out
 
     @classmethod
@@ -165,7 +267,8 @@ class TrainState:
         if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
                 and "best_score" in state and "best_step" in state):
             raise damaged(path, ValueError("expected an object with step, best_score and best_step"))
-        return cls(state["step"], state["best_score"], state["best_step"], state.get("skipped", 0), state.get("dp"))
+        return cls(state["step"], state["best_score"], state["best_step"], state.get("skipped", 0), state.get("dp"),
+                   state.get("config"), state.get("data"), state.get("metrics"))
 
 
 class Checkpointer:
@@ -181,6 +284,8 @@ class Checkpointer:
         if self.main:
             recover_dir(self.run.checkpoint)  # finish or undo a checkpoint replace a kill interrupted
         barrier()
+        if self.run.checkpoint_state.exists():  # (no state.json, e.g. deleted: no checkpoint, the run restarts)
+            verify_checkpoint(self.run.checkpoint)  # every rank: each raises alike rather than wait for rank 0
         return self._load(module, optimizer, scheduler)
 
     def record(self, step: int, optimizer: torch.optim.Optimizer) -> None:
@@ -188,6 +293,8 @@ class Checkpointer:
 
     def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
         flush(optimizer)
+        if self.main and self.run.metrics.exists():  # checked on resume, once the log is cut back to the checkpoint
+            state.metrics = file_sha256(self.run.metrics)
         self._save(module, optimizer, scheduler, state)
 
     def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
@@ -277,13 +384,17 @@ class TrajectoryCheckpointer(Checkpointer):
         from ftlab.zo.trajectory import TrajectoryLog
 
         super().__init__(run, main)
-        self.log = TrajectoryLog(run.path, run_id=run_id(cfg), z=optimizer.z_spec())
+        # The id of config.json as written (an older run's lacks fields added since: its id is the file's).
+        rid = saved_config_id(run) if run.config.exists() else run_id(cfg)
+        self.log = TrajectoryLog(run.path, run_id=rid, z=optimizer.z_spec())
 
     def _load(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
         from ftlab.zo.trajectory import replay
 
         path = self.run.checkpoint_state
         state = TrainState.from_json(read_written_json(path), path) if path.exists() else TrainState()
+        if self.run.config.exists():
+            check_log_config(self.run, self.log)
         # Replay (which checks the log against this run's seeds) before touching the file, so a
         # corrupted or foreign log is reported and left as it is. Up to the checkpoint only: another
         # rank may read the log before or after rank 0 truncates it.
@@ -303,4 +414,6 @@ class TrajectoryCheckpointer(Checkpointer):
     def _save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
         if self.main:
             self.log.sync()
-            atomic_write_json(self.run.checkpoint_state, state.to_json())
+            with atomic_dir(self.run.checkpoint) as tmp:
+                (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=2))
+                write_manifest(tmp)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -217,6 +218,24 @@ def check(obj: Any, where: str | None = None) -> None:
         raise e.at(_where_of(obj) if where is None else where) from None
 
 
+# Every float setting must be finite, and finite in float32 too (lr=1e300 would be inf there).
+FLOAT32_MAX = 3.4028234663852886e38
+
+# Seeds (every field named seed, *_seed or seeds, in every config) must lie in [0, 2^32): what
+# numpy takes, and far enough below 2^64 that torch's seeds derived from them do not overflow.
+SEED_LIMIT = 1 << 32
+
+
+def _is_seed_field(name: str) -> bool:
+    return name in ("seed", "seeds") or name.endswith("_seed")
+
+
+def _check_seed(name: str, value: Any) -> None:
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v < SEED_LIMIT:
+            raise ConfigError(name, f"must be a seed in [0, 2^32) (got {v})")
+
+
 def _check(obj: Any) -> None:
     hints = _hints(type(obj))
     fields = dataclasses.fields(obj)
@@ -229,6 +248,8 @@ def _check(obj: Any) -> None:
                 raise e.within(f.name) from None
         else:
             _coerce(value, hints[f.name], f.name)
+            if _is_seed_field(f.name):
+                _check_seed(f.name, value)
     for f in fields:
         rule = rule_of(f)
         value = getattr(obj, f.name)
@@ -296,9 +317,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     for typ in allowed:
         if typ is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):
                 continue
+            if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):  # nan, inf (.inf in YAML), 1e39
+                raise ConfigError(where, f"must be a finite number, within float32's range (|x| <= 3.4e38: the "
+                                         f"optimizers compute in float32) (got {value!r})")
+            return number
         if typ in (int, str, bool) and type(value) is typ:
             return value
         origin = typing.get_origin(typ)
@@ -510,6 +535,9 @@ class TrainConfig(Settings):
         return self.seed if value is None else value
 
     def check_combinations(self) -> None:
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError("weight_decay", f"lr * weight_decay must be < 1: every step multiplies the weights by "
+                                              f"1 - lr * weight_decay (got {self.lr:g} * {self.weight_decay:g})")
         self._objective_needs_zo()
         self._keep_needs_dev()
         self._scale_options()

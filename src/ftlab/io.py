@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from ftlab.errors import FtlabError, damaged
+
 try:  # POSIX only; without it commits are not serialised between processes (Windows)
     import fcntl
 except ImportError:  # pragma: no cover
@@ -346,3 +348,63 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             except OSError:  # pragma: no cover - the next atomic_dir / recover_dir finishes it
                 pass
             raise
+
+
+# -- manifests: what a folder held when it was written ---------------------------------------------
+MANIFEST = "ftlab-manifest.json"
+
+
+def write_manifest(folder: str | Path, **meta: Any) -> None:
+    """Record the sha256 and size of every file under ``folder`` in ``folder/ftlab-manifest.json``
+    (with ``meta``, plain JSON values, beside them). Call it last, inside the :func:`atomic_dir`
+    that writes the folder, so the manifest is committed with the files it describes."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"version": 1, "files": files, **meta}, indent=2, sort_keys=True)
+                                   + "\n", encoding="utf-8")
+
+
+def verify_manifest(folder: str | Path, remedy: str, *, exact: bool = True) -> dict[str, Any] | None:
+    """Check every file of ``folder`` against its ``ftlab-manifest.json``: present, of the size and
+    sha256 recorded when it was written (and, with ``exact``, no file the manifest does not list).
+    Returns the manifest (None: the folder has none: written by an ftlab before manifests).
+
+    Raises:
+        FtlabError: one line naming the first file that differs, ending with ``remedy``.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        expected = {str(name): (str(v["sha256"]), int(v["size"])) for name, v in files.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise damaged(path, e, remedy) from None
+    for name, (sha, size) in sorted(expected.items()):
+        file = folder / name
+        if not file.is_file():
+            raise FtlabError(f"{file} is missing (listed in {path}); {remedy}")
+        actual = file.stat().st_size
+        if actual != size:
+            raise FtlabError(f"{file} is damaged (it has {actual} bytes, {size} were written: cut or edited); "
+                             f"{remedy}")
+        if file_sha256(file) != sha:
+            raise FtlabError(f"{file} is damaged (its sha256 differs from the one recorded when it was written, "
+                             f"in {path.name}: a flipped bit or an edit); {remedy}")
+    if exact:
+        extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                       if p.is_file() and p.name != MANIFEST and p.relative_to(folder).as_posix() not in expected)
+        if extra:
+            raise FtlabError(f"{folder / extra[0]} was not written with the rest of {folder} (it is not in "
+                             f"{path.name}); {remedy}")
+    return manifest
+
+
+# -- JSON values ----------------------------------------------------------------------------------
+def json_sha256(obj: Any) -> str:
+    """The sha256 (hex) of a JSON value, written canonically (sorted keys): the same for the value
+    in memory and as read back from a JSON file."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

@@ -7,12 +7,15 @@ the demo) reads through :class:`RunDir`: :meth:`RunDir.read_metrics` for the log
 
     config.json        the full config (a rerun with another config refuses to resume)
     metrics.jsonl      one JSON line per logged train step and per dev evaluation
-    checkpoint/        trainable.safetensors + optimizer/scheduler/RNG state (state.json ...)
-    best.safetensors   the trainable tensors of the best dev step
+    checkpoint/        trainable.safetensors + optimizer/scheduler/RNG state (state.json ...), and
+                       ftlab-manifest.json: every file's sha256, checked before a resume
+    best.safetensors   the trainable tensors of the best dev step (their sha256 in its metadata)
     trajectory.bin     zeroth-order runs: the checksummed (seed, projected gradient) log
     model/             save_pretrained output of the kept weights: those training ended with, or
                        with keep=best the best dev step's (an adapter or prefix also holds the
-                       tokenizer and ftlab_base.json: the base's name and weights hash)
+                       tokenizer and ftlab_base.json: the base's name and weights hash), with
+                       ftlab-manifest.json (every file's sha256, and results.json's: checked by
+                       load_trained and read_results)
     results.json       which weights model/ holds ("model": "last" | "best", "model_step"), their
                        test metrics, the dev facts ("best_step", "best_dev"); its presence marks
                        a finished run
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import atomic_write_text
+from ftlab.io import MANIFEST, atomic_write_text, json_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +92,16 @@ class RunDir:
         return self.read_json(self.config)
 
     def read_results(self) -> dict[str, Any]:
-        return self.read_json(self.results)
+        """The results, checked against their sha256, recorded in the model folder's manifest when the
+        run finished (a run finished before ftlab recorded it is not checked)."""
+        results = self.read_json(self.results)
+        manifest = self.model / MANIFEST
+        recorded = read_written_json(manifest).get("results_sha256") if manifest.is_file() else None
+        if recorded is not None and json_sha256(results) != recorded:
+            raise FtlabError(f"{self.results} is damaged (its sha256 differs from the one recorded in {manifest} "
+                             f"when the run finished: a flipped bit or an edit); restore it, or delete it to "
+                             f"evaluate the run's last checkpoint again (rerun the training)")
+        return results
 
     def read_metrics(self, split: str | None = None) -> list[dict[str, Any]]:
         """The logged records in order (only those of ``split``, e.g. ``"train"`` or ``"dev"``,

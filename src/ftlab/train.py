@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -32,12 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftlab import objectives
-from ftlab.checkpoint import TrainState, flush, load_trainable
+from ftlab.checkpoint import TrainState, check_finite_weights, check_log_config, flush, load_trainable, saved_config_id
 from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.distributed import barrier
 from ftlab.errors import FtlabError, damaged
 from ftlab.evaluate import EvalResult, model_device
-from ftlab.io import atomic_write_json
+from ftlab.io import atomic_write_json, file_sha256, json_sha256
 from ftlab.models import EMBEDDED_MODELS, load_model, parse_device, prepare_model, save_trained
 from ftlab.models.loading import short_reason
 from ftlab.objectives import Encoder
@@ -69,6 +70,21 @@ def load_run_data(cfg: TrainConfig) -> RunData:
     splits = make_splits(examples, seed=cfg.seed, n_train=d.n_train, n_dev=d.n_dev,
                          n_test=d.n_test, k_per_class=d.k_per_class, data_seed=d.data_seed)
     return RunData(spec, splits)
+
+
+def data_hashes(data: RunData) -> dict[str, str]:
+    """The sha256 (hex) of what a run trains and is evaluated on: the task's template and options
+    (``spec``) and each split's examples in order (ids, fields, labels, answers). Recorded in every
+    checkpoint, so a resume on edited data is refused (:func:`_bind_checkpoint`)."""
+    def sha(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    spec = data.spec
+    out = {"spec": sha([spec.name, spec.template, list(spec.options), spec.metric, spec.demo_separator,
+                        spec.max_new_tokens])}
+    for split in ("train", "dev", "test"):
+        out[split] = sha([[e.id, dict(e.fields), e.label, list(e.answers)] for e in getattr(data.splits, split)])
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -199,8 +215,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     parallel.setup(module, optimizer)
     checkpointer = parallel.checkpointer(run, optimizer)
     state = checkpointer.resume(module, optimizer, scheduler)
+    _bind_checkpoint(cfg, run, data, state)
     parallel.resume(state, optimizer.param_groups[0]["lr"])
-    log = _metrics_log(run, parallel.main, state.step)
+    log = _metrics_log(run, parallel.main, state)
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
     _give_full_batch(cfg, parallel, optimizer, tokenizer, encoder, data.splits.train)
     evaluate_dev = functools.partial(_evaluate_dev, cfg, parallel, module, tokenizer, data, optimizer, state, run, log)
@@ -238,6 +255,24 @@ def _check_data(data: RunData) -> RunData:
     if not data.splits.train:
         raise FtlabError(f"task {data.spec.name!r}: the training split is empty")
     return data
+
+
+def _bind_checkpoint(cfg: TrainConfig, run: RunDir, data: RunData, state: TrainState) -> None:
+    """Refuse to continue a checkpoint under another ``config.json`` or on other data than its
+    steps were trained on (edited between a kill and the resume), then record both in ``state``
+    for the next checkpoint. A checkpoint written before ftlab recorded them is not checked."""
+    config, hashes = saved_config_id(run), data_hashes(data)
+    where = f"the checkpoint in {run.checkpoint} (step {state.step})"
+    if state.config is not None and state.config != config:
+        raise FtlabError(f"{run.config} is not the config {where} was trained under (config id {config}, the "
+                         f"checkpoint's {state.config}): it was edited; restore it, or start afresh with --overwrite")
+    for part, value in hashes.items() if state.data is not None else ():
+        if state.data.get(part, value) != value:
+            what = "task template and options" if part == "spec" else f"{part} examples"
+            raise FtlabError(f"data.task={cfg.data.task!r}: the {what} differ from those {where} was trained on "
+                             f"(sha256 {value[:12]}, recorded {str(state.data[part])[:12]}): the data file was "
+                             f"edited since the run started; restore it, or start afresh with --overwrite")
+    state.config, state.data = config, hashes
 
 
 def _step(cfg: TrainConfig, parallel: Single, optimizer: torch.optim.Optimizer, tokenizer: Any,
@@ -326,18 +361,24 @@ def _evaluate_dev(cfg: TrainConfig, parallel: Single, module: nn.Module, tokeniz
             parallel.save_trainable(module, run.best)
 
 
-def _metrics_log(run: RunDir, main: bool, step: int) -> Callable[[dict[str, Any]], None]:
+def _metrics_log(run: RunDir, main: bool, state: TrainState) -> Callable[[dict[str, Any]], None]:
     """What the loop logs through: rank 0 appends to ``metrics.jsonl`` (after dropping the lines a
-    killed run wrote past its checkpoint at ``step``; at step 0, every line, the step-0 dev
-    evaluation included, since the run redoes it); the other ranks write nothing."""
+    killed run wrote past its checkpoint at ``state.step``; at step 0, every line, the step-0 dev
+    evaluation included, since the run redoes it), after checking that the lines kept are those the
+    checkpoint saw; the other ranks write nothing."""
     if not main:
         return _discard
+    step = state.step
     if step == 0 and run.metrics.exists() and run.metrics.stat().st_size:
         # No checkpoint (a kill before the first, or a deleted checkpoint/state.json): the run starts
         # again at step 0 and so does its log (its step-0 dev evaluation is redone, not logged twice).
         logger.warning("%s: no checkpoint to resume from (%s); training starts again at step 0 and "
                        "metrics.jsonl is started afresh", run.path, run.checkpoint_state)
     run.truncate_metrics(step if step > 0 else -1)
+    if state.metrics is not None and (not run.metrics.exists() or file_sha256(run.metrics) != state.metrics):
+        raise FtlabError(f"{run.metrics} is damaged (its records up to step {step} are not those written "
+                         f"before the checkpoint: a flipped bit, a cut or an edit); restore it, delete "
+                         f"{run.checkpoint} to restart the run from step 0, or start afresh with --overwrite")
     return run.append_metrics
 
 
@@ -405,6 +446,7 @@ def replay_run(run_dir: str | Path, steps: int | None = None) -> tuple[nn.Module
     if not run.trajectory.exists() and run.checkpoint_weights.exists():
         raise FtlabError(f"{run_dir} is a {cfg.optimizer} run, whose steps depend on state its log does not "
                          "hold: it was checkpointed as tensors and cannot be replayed; load model/ instead")
+    check_log_config(run, TrajectoryLog(run.path))  # an edited config.json would replay to other weights
     # A sharded run replays in one process: z is indexed by the global element.
     # An offloaded run was exact (its CPU master never perturbed): replay with exact arithmetic.
     zo = dataclasses.replace(cfg.zo, exact=True) if cfg.offload else cfg.zo
@@ -454,6 +496,7 @@ def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, 
     kept = "best" if cfg.keep == "best" and run.best.exists() and data.splits.dev and cfg.eval_every else "last"
     if kept == "best":
         load_trainable(module, run.best)
+    check_finite_weights(module, f"{run.model} (nor {run.results})")
     test: EvalResult | None = None
     if data.splits.test:
         test = parallel.evaluate(module, tokenizer, data.spec, data.splits.test, progress=progress and parallel.main,
@@ -465,6 +508,6 @@ def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, 
                "splits": {"train": len(sp.train), "dev": len(sp.dev), "test": len(sp.test), "note": sp.note}}
     saved = parallel.saved_module(module)  # FSDP: gathered into an unsharded copy (every rank takes part)
     if parallel.main:
-        save_trained(saved, tokenizer, run.model)
+        save_trained(saved, tokenizer, run.model, record={"results_sha256": json_sha256(results)})
         atomic_write_json(run.results, results)
     return results

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import atomic_dir, atomic_write_json
+from ftlab.io import atomic_dir, atomic_write_json, verify_manifest, write_manifest
 from ftlab.models.identity import BASE_FILE, base_folder, describe_base, weights_sha256
 from ftlab.models.loading import load_model, quiet_progress, short_reason
 from ftlab.models.lora import LoraSettings, apply_lora
@@ -57,12 +57,14 @@ def mode_of(module: nn.Module) -> Mode:
     raise FtlabError(f"cannot save a {type(module).__name__}: expected a module from prepare_model")
 
 
-def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> None:
+def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path, *,
+                 record: dict | None = None) -> None:
     """Save a trained module to folder ``out_dir``, atomically: the whole model (full), the peft
     adapter (lora) or the prefix (prefix), with the tokenizer beside it (none if ``tokenizer`` is
     None). An adapter or prefix also gets ``ftlab_base.json`` (the base's name, weights SHA-256
     and dtype; see :mod:`ftlab.models.identity`), and the adapter config names the base by that
-    portable name, never by a machine-local cache path. Restore with :func:`load_trained`."""
+    portable name, never by a machine-local cache path. A manifest of the files' sha256 (and
+    ``record``, plain JSON values) is checked by :func:`load_trained`."""
     mode = mode_of(module)
     base = describe_base(module) if mode != "full" else None
     with atomic_dir(out_dir) as tmp, quiet_progress():
@@ -76,6 +78,7 @@ def save_trained(module: nn.Module, tokenizer: PreTrainedTokenizerBase | None, o
             atomic_write_json(tmp / BASE_FILE, base)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, **(record or {}))  # every file's sha256, checked by load_trained
 
 
 def _rewrite_adapter_config(path: Path, *, base_name: str | None) -> None:
@@ -117,6 +120,8 @@ def load_trained(base_name_or_path: str, path: str | Path, *, dtype: str = "floa
     copy saved beside an adapter or prefix is for loading it without ftlab).
     """
     mode = trained_mode(path)
+    # A folder written before manifests is taken as it is; files added to it later are ignored.
+    verify_manifest(path, "restore the folder from a copy, or rerun the training", exact=False)
     if mode == "full":
         return load_model(str(path), dtype=dtype, device=device)
     check_base(base_name_or_path, path)
