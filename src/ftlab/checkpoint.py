@@ -80,10 +80,10 @@ def save_trainable(module: nn.Module, path: str | Path, write: bool = True) -> N
 
 
 @torch.no_grad()
-def load_trainable(module: nn.Module, path: str | Path) -> None:
-    """Copy tensors saved by :func:`save_trainable` back into ``module`` (names must match); a
-    file whose tensors no longer have the sha256 recorded in it is refused (one written before
-    ftlab recorded it is taken as it is)."""
+def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file written by :func:`save_trainable`, checked: a file whose tensors no
+    longer have the sha256 recorded in it is refused (one written before ftlab recorded it is
+    taken as it is)."""
     remedy = "restore it or start afresh with --overwrite"
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -94,6 +94,13 @@ def load_trainable(module: nn.Module, path: str | Path) -> None:
     if recorded is not None and tensors_sha256(state) != recorded:
         raise FtlabError(f"{path} is damaged (its tensors' sha256 differs from the one recorded when it was "
                          f"written: a flipped bit or an edit); {remedy}")
+    return state
+
+
+def load_trainable(module: nn.Module, path: str | Path) -> None:
+    """Copy tensors saved by :func:`save_trainable` back into ``module`` (names must match),
+    checked by :func:`read_trainable`."""
+    state = read_trainable(path)
     params = dict(trainable_parameters(module))
     missing = [n for n in params if n not in state]
     if missing or any(n not in params for n in state):
@@ -184,11 +191,16 @@ def run_id(cfg: TrainConfig) -> str:
     return config_id(to_dict(cfg))
 
 
+# Settings that change neither the weights nor the steps: where the run is, and which weights
+# model/ keeps at the end (keep may change on resuming; see ftlab.train._check_output).
+_NOT_IDENTITY = ("output_dir", "keep")
+
+
 def config_id(config: dict[str, Any]) -> str:
     """The id of a config as saved in a run's ``config.json`` (the JSON object, without
-    ``output_dir``): a run's checkpoints and trajectory log are bound to the config they were
+    ``output_dir`` and ``keep``): a run's checkpoints and trajectory log are bound to the config they were
     written under by it (the file as written, so fields added to ftlab later change nothing)."""
-    identity = {k: v for k, v in config.items() if k != "output_dir"}
+    identity = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -33,7 +33,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftlab import objectives
-from ftlab.checkpoint import TrainState, check_finite_weights, check_log_config, flush, load_trainable, saved_config_id
+from ftlab.checkpoint import (
+    TrainState,
+    check_finite_weights,
+    check_log_config,
+    flush,
+    load_trainable,
+    read_trainable,
+    saved_config_id,
+)
 from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.distributed import barrier
 from ftlab.errors import FtlabError, damaged
@@ -272,6 +280,8 @@ def _bind_checkpoint(cfg: TrainConfig, run: RunDir, data: RunData, state: TrainS
             raise FtlabError(f"data.task={cfg.data.task!r}: the {what} differ from those {where} was trained on "
                              f"(sha256 {value[:12]}, recorded {str(state.data[part])[:12]}): the data file was "
                              f"edited since the run started; restore it, or start afresh with --overwrite")
+    if run.best.exists():  # kept by the run, and loaded at its end with keep=best: checked now, not then
+        read_trainable(run.best)
     state.config, state.data = config, hashes
 
 
