@@ -110,3 +110,32 @@ def test_checkpoint_step(tmp_path):
     run.checkpoint_state.write_text('{"step": 7')
     with pytest.raises(FtlabError, match=r"state.json is damaged"):
         run.checkpoint_step()
+
+
+def test_final_weights_refuses_damaged_weights_files(tmp_path):
+    """The studies read a run's weights through final_weights: a flipped bit in best.safetensors
+    (its tensors' sha256 is in its metadata) or in the checkpoint's weights (listed in the
+    checkpoint's manifest) is a one-line error, not other weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ftlab.errors import FtlabError
+    from ftlab.io import write_manifest
+    from ftlab.rundir import SHA256_KEY, RunDir, tensors_sha256
+
+    run = RunDir(tmp_path)
+    state = {"w": torch.arange(64, dtype=torch.float32)}
+    save_file(state, str(run.best), metadata={SHA256_KEY: tensors_sha256(state)})
+    run.checkpoint.mkdir()
+    save_file(state, str(run.checkpoint_weights))
+    write_manifest(run.checkpoint)
+    assert torch.equal(run.final_weights("best", fallback=False)["w"], state["w"])
+    assert torch.equal(run.final_weights("last", fallback=False)["w"], state["w"])
+    for path in (run.best, run.checkpoint_weights):
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x10  # a bit of the last tensor's bytes: the file still parses
+        path.write_bytes(bytes(data))
+    with pytest.raises(FtlabError, match="best.safetensors is damaged"):
+        run.final_weights("best", fallback=False)
+    with pytest.raises(FtlabError, match="trainable.safetensors is damaged"):
+        run.final_weights("last", fallback=False)

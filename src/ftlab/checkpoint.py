@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ftlab.config import TrainConfig, to_dict
@@ -46,27 +45,13 @@ from ftlab.distributed import barrier, copy_full_into, full_tensor, gather_to_ma
 from ftlab.errors import FtlabError, damaged
 from ftlab.io import atomic_dir, atomic_path, file_sha256, recover_dir, verify_manifest, write_manifest
 from ftlab.models import trainable_parameters
-from ftlab.rundir import RunDir, read_written_json
+from ftlab.rundir import SHA256_KEY, RunDir, read_trainable, read_written_json, tensors_sha256
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors of ``module`` by name (a copy on CPU; whole tensors, gathered from
     every rank when the module is sharded with FSDP2 -- then every rank must call it)."""
     return {n: full_tensor(p).to("cpu", copy=True).contiguous() for n, p in trainable_parameters(module)}
-
-
-# The safetensors metadata key under which save_trainable records its tensors' tensors_sha256.
-SHA256_KEY = "ftlab.sha256"
-
-
-def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
-    """The sha256 (hex) of named tensors: every name, dtype, shape and byte, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{tuple(state[name].shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def save_trainable(module: nn.Module, path: str | Path, write: bool = True) -> None:
@@ -80,23 +65,6 @@ def save_trainable(module: nn.Module, path: str | Path, write: bool = True) -> N
 
 
 @torch.no_grad()
-def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a file written by :func:`save_trainable`, checked: a file whose tensors no
-    longer have the sha256 recorded in it is refused (one written before ftlab recorded it is
-    taken as it is)."""
-    remedy = "restore it or start afresh with --overwrite"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            recorded = (f.metadata() or {}).get(SHA256_KEY)
-        state = load_file(str(path))
-    except Exception as e:  # safetensors' errors (bad header, truncated file) have no common base
-        raise damaged(path, e, remedy) from None
-    if recorded is not None and tensors_sha256(state) != recorded:
-        raise FtlabError(f"{path} is damaged (its tensors' sha256 differs from the one recorded when it was "
-                         f"written: a flipped bit or an edit); {remedy}")
-    return state
-
-
 def load_trainable(module: nn.Module, path: str | Path) -> None:
     """Copy tensors saved by :func:`save_trainable` back into ``module`` (names must match),
     checked by :func:`read_trainable`."""

@@ -24,13 +24,14 @@ the demo) reads through :class:`RunDir`: :meth:`RunDir.read_metrics` for the log
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import MANIFEST, atomic_write_text, json_sha256
+from ftlab.io import MANIFEST, atomic_write_text, json_sha256, verify_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +39,42 @@ if TYPE_CHECKING:
 # Which trained tensors a reader wants first: the last checkpoint's ("last", the end of training)
 # or the dev-selected best ones ("best").
 Prefer = Literal["last", "best"]
+
+
+# The safetensors metadata key under which save_trainable records its tensors' tensors_sha256.
+SHA256_KEY = "ftlab.sha256"
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The sha256 (hex) of named tensors: every name, dtype, shape and byte, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(state[name].shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file written by :func:`ftlab.checkpoint.save_trainable`, checked: a file whose tensors no
+    longer have the sha256 recorded in it is refused (one written before ftlab recorded it is
+    taken as it is)."""
+    remedy = "restore it or start afresh with --overwrite"
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(SHA256_KEY)
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' errors (bad header, truncated file) have no common base
+        raise damaged(path, e, remedy) from None
+    if recorded is not None and tensors_sha256(state) != recorded:
+        raise FtlabError(f"{path} is damaged (its tensors' sha256 differs from the one recorded when it was "
+                         f"written: a flipped bit or an edit); {remedy}")
+    return state
 
 
 def read_written_json(path: Path) -> Any:
@@ -174,11 +211,11 @@ class RunDir:
     def final_weights(self, prefer: Prefer, *, fallback: bool) -> dict[str, torch.Tensor]:
         """The trained tensors of :meth:`weights_file` (same ``prefer`` and ``fallback`` rule), or a
         one-line error naming what is missing."""
-        from safetensors.torch import load_file
-
         path = self.weights_file(prefer, fallback=fallback)
         if path is None:
             names = "best.safetensors or checkpoint/" if fallback else \
                 {"last": "checkpoint/", "best": "best.safetensors"}[prefer]
             raise FtlabError(f"{self.path} holds no trained weights ({names}); is it a finished run?")
-        return load_file(str(path))
+        if path == self.checkpoint_weights:  # the checkpoint's files are checked against its manifest
+            verify_manifest(self.checkpoint, "restore it, or rerun the training with --overwrite")
+        return read_trainable(path)
