@@ -169,8 +169,9 @@ def _check_output(cfg: TrainConfig, run: RunDir) -> bool:
         raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
     # A key the old config lacks (written before the field existed) had its default value.
     new = json.loads(json.dumps(to_dict(cfg)))
+    # Where the metrics are mirrored (report_to) may change between a run and its resume, too.
     check_settings(run.path, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))),
-                   ignore=("keep",))
+                   ignore=("keep", "report_to"))
     return old.get("keep") != new["keep"] and not run.finished()
 
 

