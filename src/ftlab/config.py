@@ -472,12 +472,32 @@ NOT_IN_RUN_NAME = ("output_dir", "report_to")
 
 def run_folder(cfg: TrainConfig) -> str:
     """The folder of a run whose config names none: ``runs/<task>-<mode>-<optimizer>-<hash>``,
-    the task's file stem (or built-in name) and the first 8 hex digits of the sha256 of every
-    other setting (``NOT_IN_RUN_NAME`` aside), so one config always names one folder."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_RUN_NAME}
+    the task's file stem (or built-in name) and the first 8 hex digits of the sha256 of the
+    settings that differ from their defaults (``NOT_IN_RUN_NAME`` aside). One config always
+    names one folder, also after an upgrade of ftlab that adds settings (at their defaults)."""
+    changed = _changed(to_dict(cfg), _default_settings())
+    settings = {k: v for k, v in changed.items() if k not in NOT_IN_RUN_NAME}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     task = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.data.task).stem).strip("-.") or "task"
     return f"runs/{task}-{cfg.mode}-{cfg.optimizer}-{digest}"
+
+
+@functools.cache
+def _default_settings() -> dict[str, Any]:
+    return to_dict(TrainConfig(output_dir="unused"))
+
+
+def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that differ from ``defaults``, section by section."""
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key, MISSING)
+        if isinstance(value, dict) and isinstance(default, dict):
+            if section := _changed(value, default):
+                out[key] = section
+        elif value != default:
+            out[key] = value
+    return out
 
 
 @dataclass

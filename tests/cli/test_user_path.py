@@ -4,6 +4,7 @@ without the plot extra, run folders named from the config, and what a missing mo
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import subprocess
 import sys
@@ -127,7 +128,9 @@ def test_the_run_folder_name_follows_the_settings_that_train():
     assert folder("data.task=data/my reviews.jsonl", "mode=lora", "optimizer=mezo", "lr=1e-4",
                   "report_to=[tensorboard]") == ours  # where the metrics are mirrored is not a setting of the run
     assert folder("output_dir=elsewhere") == "elsewhere"
-    assert TrainConfig().output_dir == folder() != folder("seed=1")
+    assert TrainConfig().output_dir == folder() == folder("lr=1e-5") != folder("seed=1")  # lr=1e-5: the default
+    # Named by the settings that differ from their defaults, so a setting added later does not rename it.
+    assert folder("lora.r=4") == "runs/sentiment-full-adamw-" + hashlib.sha256(b'{"lora": {"r": 4}}').hexdigest()[:8]
     packaged = SRC / "configs" / "sentiment-lora.yaml"
     assert load_config(TrainConfig, packaged).output_dir == "runs/sentiment-lora"  # a packaged config keeps its own
 
