@@ -158,6 +158,7 @@ def train_cmd(
         from ftlab.runs import overwrite_dir
         from ftlab.train import check_inputs
 
+        cfg.validate()  # report_to's packages too, before the old run is deleted
         data = check_inputs(cfg)  # the device, model and data files, before the old run is deleted
         overwrite_dir(cfg.output_dir, "train")  # only a folder ftlab marked, holding only its files
     results = train(cfg, data=data)
