@@ -86,6 +86,24 @@ class FakeWandb:
         self.finished += 1
 
 
+def test_report_to_may_change_on_resuming(tmp_path, tiny_model_factory, tiny_tokenizer):
+    """A run killed without reporters resumes with one (and keep changed too): TensorBoard gets
+    the steps from the resume on, and the test metrics."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cfg = tiny_run_cfg(out, steps=4, eval_every=2, checkpoint_every=2)
+    with pytest.raises(_Killed):
+        _run(cfg, tiny_model_factory, tiny_tokenizer, callback=_kill_at_3)
+    resumed = tiny_run_cfg(out, "report_to=[tensorboard]", "keep=best", steps=4, eval_every=2, checkpoint_every=2)
+    results = _run(resumed, tiny_model_factory, tiny_tokenizer)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 4]
+    assert [e.value for e in events.Scalars("test/accuracy")] == pytest.approx([results["test"]["accuracy"]])
+
+
 def test_wandb_gets_every_record_once_and_a_resume_continues_its_run(tmp_path, tiny_model_factory, tiny_tokenizer,
                                                                      monkeypatch):
     fake = FakeWandb()
