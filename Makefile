@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ftlab-installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint wheel-smoke clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Build the wheel, install it in a fresh venv outside the checkout with only the gguf extra and
+# the embedded model, and train one step on own JSONL data (scripts/wheel_smoke.sh).
+wheel-smoke:
+	bash scripts/wheel_smoke.sh
 
 clean:
 	rm -rf $(VENV) runs

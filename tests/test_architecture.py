@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ftlab"
 # Lowest first: a module may import from its own layer and the layers below, never above.
 LAYERS: list[set[str]] = [
     {"errors", "io", "bootstrap", "memory", "collate", "config", "configs", "__init__"},  # no ftlab imports but these
-    {"distributed", "rundir", "runs", "plots", "models", "tasks", "grads"},  # processes, folders, models, data
+    {"distributed", "rundir", "runs", "plots", "reporting", "models", "tasks",
+     "grads"},  # processes, folders, metrics' mirrors, models, data
     {"objectives", "evaluate"},  # what a forward computes
     {"zo", "local_sgd", "optim"},  # optimizers and their building blocks
     {"checkpoint"},  # the loop's resumable state

@@ -50,7 +50,7 @@ from ftlab.errors import FtlabError
     ("data.task.x=1", "override 'data.task.x=1': data.task is text, not a section with keys"),
     ("lr.x=1", "override 'lr.x=1': lr is a number, not a section with keys"),
     ("steps=true", "config.steps: True is not a valid int"),
-    ("output_dir=", "config.output_dir: must be a folder path"),
+    ("output_dir=' '", "config.output_dir: must be a folder path"),  # (output_dir= is null: named from the config)
 ])
 def test_bad_values_are_one_line_naming_the_field(override, message):
     with pytest.raises(FtlabError) as e:

@@ -159,15 +159,17 @@ def run_id(cfg: TrainConfig) -> str:
     return config_id(to_dict(cfg))
 
 
-# Settings that change neither the weights nor the steps: where the run is, and which weights
-# model/ keeps at the end (keep may change on resuming; see ftlab.train._check_output).
-_NOT_IDENTITY = ("output_dir", "keep")
+# Settings that change neither the weights nor the steps: where the run is, which weights model/
+# keeps at the end, and where the metrics are mirrored (keep and report_to may change on
+# resuming; see ftlab.train._check_output).
+_NOT_IDENTITY = ("output_dir", "keep", "report_to")
 
 
 def config_id(config: dict[str, Any]) -> str:
     """The id of a config as saved in a run's ``config.json`` (the JSON object, without
-    ``output_dir`` and ``keep``): a run's checkpoints and trajectory log are bound to the config they were
-    written under by it (the file as written, so fields added to ftlab later change nothing)."""
+    ``output_dir``, ``keep`` and ``report_to``): a run's checkpoints and trajectory log are bound
+    to the config they were written under by it (the file as written, so fields added to ftlab
+    later change nothing)."""
     identity = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 

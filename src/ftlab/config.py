@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import importlib.util
+import json
 import math
 import re
 import types
@@ -461,6 +464,40 @@ class LocalSGDSettings(Settings):
 
 
 _FIRST_ORDER = ("adamw", "sgd")  # the optimizers with a backward pass; the others are zeroth order
+Reporter = Literal["tensorboard", "wandb"]
+# Settings that change neither the training nor its results: not part of a run's folder name
+# (and a run may resume with other values of them).
+NOT_IN_RUN_NAME = ("output_dir", "report_to")
+
+
+def run_folder(cfg: TrainConfig) -> str:
+    """The folder of a run whose config names none: ``runs/<task>-<mode>-<optimizer>-<hash>``,
+    the task's file stem (or built-in name) and the first 8 hex digits of the sha256 of the
+    settings that differ from their defaults (``NOT_IN_RUN_NAME`` aside). One config always
+    names one folder, also after an upgrade of ftlab that adds settings (at their defaults)."""
+    changed = _changed(to_dict(cfg), _default_settings())
+    settings = {k: v for k, v in changed.items() if k not in NOT_IN_RUN_NAME}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    task = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.data.task).stem).strip("-.") or "task"
+    return f"runs/{task}-{cfg.mode}-{cfg.optimizer}-{digest}"
+
+
+@functools.cache
+def _default_settings() -> dict[str, Any]:
+    return to_dict(TrainConfig(output_dir="unused"))
+
+
+def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that differ from ``defaults``, section by section."""
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key, MISSING)
+        if isinstance(value, dict) and isinstance(default, dict):
+            if section := _changed(value, default):
+                out[key] = section
+        elif value != default:
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -527,7 +564,26 @@ class TrainConfig(Settings):
     order_seed: int | None = None
     init_seed: int | None = None
     zo_seed: int | None = None
-    output_dir: str = setting("runs/default", check=not_blank, need="a folder path")
+    # null: runs/<task>-<mode>-<optimizer>-<hash of the other settings> (see run_folder), so the
+    # same settings resume the same folder and other settings get another one.
+    output_dir: str | None = setting(None, check=not_blank, need="a folder path (or null: named from the config)")
+    # Mirror every logged metric to TensorBoard (<output_dir>/tensorboard/) and/or Weights &
+    # Biases (ftlab.reporting; the `report` extra). Empty: metrics.jsonl only.
+    report_to: list[Reporter] = setting(factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.output_dir is None:
+            self.output_dir = run_folder(self)
+
+    def validate(self, where: str | None = None) -> None:
+        """Check again, and that each reporter of ``report_to`` is installed (before a run writes anything)."""
+        super().validate(where)
+        for name in self.report_to:
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError("report_to", f"{name} is not installed: pip install 'ftlab[report]' (or "
+                                               f"pip install {name}), or remove it from report_to",
+                                  _where_of(self) if where is None else where)
 
     def seed_of(self, kind: str) -> int:
         """The seed of one source of randomness (``"order"``, ``"init"`` or ``"zo"``)."""

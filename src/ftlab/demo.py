@@ -26,6 +26,7 @@ from ftlab.evaluate import evaluate
 from ftlab.io import atomic_write_json
 from ftlab.memory import PeakMemory
 from ftlab.models import load_model
+from ftlab.plots import optional
 from ftlab.rundir import RunDir
 from ftlab.train import RunData, load_run_data, train
 
@@ -150,7 +151,8 @@ def _write_rows(out: Path, cfg: DemoConfig, rows: list[dict[str, Any]]) -> None:
     atomic_write_json(out / ROWS, {"config": to_dict(cfg), "rows": rows})
 
 
-def plot_demo(cfg: DemoConfig, rows: list[dict[str, Any]], png: str | Path | None = None) -> Path:
+@optional
+def plot_demo(cfg: DemoConfig, rows: list[dict[str, Any]], png: str | Path | None = None) -> Path | None:
     """Training loss of both runs against examples seen, test accuracy and peak memory per row."""
     from ftlab.plots import pyplot, save_figure
 

@@ -1,15 +1,45 @@
-"""Pictures of a training run (matplotlib, saved as PNG)."""
+"""Pictures of a training run (matplotlib, saved as PNG).
+
+matplotlib is optional (the ``plot`` extra): every function that draws a PNG is marked
+:func:`optional`, so without matplotlib it draws nothing and returns None, and the work around
+it (a run, a report) completes; the command line then says so in one line (:data:`SKIPPED`).
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Callable, TypeVar
 
+from ftlab.errors import FtlabError
 from ftlab.io import atomic_file
 from ftlab.rundir import RunDir
+
+SKIPPED = "plots skipped: install ftlab[plot]"
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def available() -> bool:
+    """Whether matplotlib (the ``plot`` extra) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def optional(draw: F) -> F:
+    """Decorator of a function that draws a PNG: without matplotlib it returns None, drawing nothing."""
+    @functools.wraps(draw)
+    def draw_if_available(*args, **kwargs):
+        return draw(*args, **kwargs) if available() else None
+    return draw_if_available  # type: ignore[return-value]
 
 
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend (files only: no display needed)."""
+    if not available():  # a drawing function not marked optional
+        raise FtlabError("this plot needs matplotlib: pip install 'ftlab[plot]'")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,10 +58,12 @@ def save_figure(fig, png: str | Path, dpi: int = 120) -> Path:
     return png
 
 
-def plot_run(run_dir: str | Path, png: str | Path | None = None) -> Path:
+@optional
+def plot_run(run_dir: str | Path, png: str | Path | None = None) -> Path | None:
     """Plot a run's training loss (with a moving average) and its dev metric against steps.
 
-    Reads ``<run_dir>/metrics.jsonl`` and writes ``png`` (default ``<run_dir>/training.png``).
+    Reads ``<run_dir>/metrics.jsonl`` and writes ``png`` (default ``<run_dir>/training.png``);
+    None without matplotlib.
     """
     plt = pyplot()
     run = RunDir(run_dir)

@@ -52,6 +52,7 @@ from ftlab.models.loading import short_reason
 from ftlab.objectives import Encoder
 from ftlab.optim import build_optimizer, is_zeroth_order, lr_factor
 from ftlab.parallel import Single, build_parallelism, micro_batches
+from ftlab.reporting import MetricsLog, reporters
 from ftlab.rundir import RunDir, read_written_json
 from ftlab.runs import check_settings, writes_run_dir
 from ftlab.tasks import Splits, TaskSpec, load_task, make_splits
@@ -169,8 +170,9 @@ def _check_output(cfg: TrainConfig, run: RunDir) -> bool:
         raise damaged(run.config, ValueError(f"expected a JSON object, got {type(old).__name__}"))
     # A key the old config lacks (written before the field existed) had its default value.
     new = json.loads(json.dumps(to_dict(cfg)))
+    # Where the metrics are mirrored (report_to) may change between a run and its resume, too.
     check_settings(run.path, "run", old, new, defaults=json.loads(json.dumps(to_dict(TrainConfig()))),
-                   ignore=("keep",))
+                   ignore=("keep", "report_to"))
     return old.get("keep") != new["keep"] and not run.finished()
 
 
@@ -225,7 +227,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
     state = checkpointer.resume(module, optimizer, scheduler)
     _bind_checkpoint(cfg, run, data, state)
     parallel.resume(state, optimizer.param_groups[0]["lr"])
-    log = _metrics_log(run, parallel.main, state)
+    log = _metrics_log(cfg, run, parallel.main, state)
     encoder = Encoder(tokenizer, data.spec, max_length=cfg.data.max_length)
     _give_full_batch(cfg, parallel, optimizer, tokenizer, encoder, data.splits.train)
     evaluate_dev = functools.partial(_evaluate_dev, cfg, parallel, module, tokenizer, data, optimizer, state, run, log)
@@ -256,7 +258,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, callback: StepCallback | N
         if callback:
             callback(step + 1, record)
     bar.close()
-    return _finish(cfg, parallel, run, module, tokenizer, data, optimizer, state, progress)
+    return log.end(_finish(cfg, parallel, run, module, tokenizer, data, optimizer, state, progress))
 
 
 def _check_data(data: RunData) -> RunData:
@@ -371,29 +373,27 @@ def _evaluate_dev(cfg: TrainConfig, parallel: Single, module: nn.Module, tokeniz
             parallel.save_trainable(module, run.best)
 
 
-def _metrics_log(run: RunDir, main: bool, state: TrainState) -> Callable[[dict[str, Any]], None]:
+def _metrics_log(cfg: TrainConfig, run: RunDir, main: bool, state: TrainState) -> MetricsLog:
     """What the loop logs through: rank 0 appends to ``metrics.jsonl`` (after dropping the lines a
     killed run wrote past its checkpoint at ``state.step``; at step 0, every line, the step-0 dev
     evaluation included, since the run redoes it), after checking that the lines kept are those the
-    checkpoint saw; the other ranks write nothing."""
+    checkpoint saw, and mirrors each record to the reporters of ``cfg.report_to`` (TensorBoard,
+    W&B: :mod:`ftlab.reporting`, which drop the same points); the other ranks log nothing."""
     if not main:
-        return _discard
+        return MetricsLog()
     step = state.step
     if step == 0 and run.metrics.exists() and run.metrics.stat().st_size:
         # No checkpoint (a kill before the first, or a deleted checkpoint/state.json): the run starts
         # again at step 0 and so does its log (its step-0 dev evaluation is redone, not logged twice).
         logger.warning("%s: no checkpoint to resume from (%s); training starts again at step 0 and "
                        "metrics.jsonl is started afresh", run.path, run.checkpoint_state)
-    run.truncate_metrics(step if step > 0 else -1)
+    kept = step if step > 0 else -1  # the last step whose records stay
+    run.truncate_metrics(kept)
     if state.metrics is not None and (not run.metrics.exists() or file_sha256(run.metrics) != state.metrics):
         raise FtlabError(f"{run.metrics} is damaged (its records up to step {step} are not those written "
                          f"before the checkpoint: a flipped bit, a cut or an edit); restore it, delete "
                          f"{run.checkpoint} to restart the run from step 0, or start afresh with --overwrite")
-    return run.append_metrics
-
-
-def _discard(record: dict[str, Any]) -> None:
-    """The metrics log of ranks other than 0."""
+    return MetricsLog(run.append_metrics, reporters(cfg.report_to, run.path, to_dict(cfg), kept))
 
 
 def build_trainer(cfg: TrainConfig, model: nn.Module, parallel: Single | None = None

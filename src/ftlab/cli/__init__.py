@@ -14,7 +14,7 @@ import typer
 
 # Sub-commands of the other parts of ftlab live in their own modules of this package, each
 # exposing a Typer app; they are registered at the end of this file, one line each.
-from ftlab.cli.common import config_path, resolved_config, table
+from ftlab.cli.common import config_path, note_skipped_plots, resolved_config, table
 from ftlab.cli.kernel import app as kernel_app
 from ftlab.cli.probe import app as probe_app
 from ftlab.cli.select import app as select_app
@@ -35,15 +35,6 @@ data_app = typer.Typer(help="Fetch and list the built-in tasks' data.", no_args_
 app.add_typer(data_app, name="data")
 
 OVERRIDES_HELP = "Config overrides as key=value (YAML values), e.g. lr=1e-4 mode=lora lora.r=16 data.task=trec"
-
-
-def _plot(run_dir: str) -> str:
-    """Plot a run's curves if matplotlib is installed (the `plot` extra)."""
-    try:
-        from ftlab.plots import plot_run
-    except ImportError:
-        return "(install ftlab[plot] for a PNG)"
-    return str(plot_run(run_dir))
 
 
 @data_app.command("prepare")
@@ -154,6 +145,7 @@ def train_cmd(
     same command resumes a killed run from its last checkpoint."""
     from ftlab.config import TrainConfig
     from ftlab.distributed import is_main, shutdown
+    from ftlab.plots import plot_run
     from ftlab.train import train
 
     shortcuts = [f"{k}={v}" for k, v in (("optimizer", optimizer), ("mode", mode)) if v is not None]
@@ -166,13 +158,16 @@ def train_cmd(
         from ftlab.runs import overwrite_dir
         from ftlab.train import check_inputs
 
+        cfg.validate()  # report_to's packages too, before the old run is deleted
         data = check_inputs(cfg)  # the device, model and data files, before the old run is deleted
         overwrite_dir(cfg.output_dir, "train")  # only a folder ftlab marked, holding only its files
     results = train(cfg, data=data)
     shutdown()
     if is_main():
         typer.echo(json.dumps(results, indent=2))
-        typer.echo(f"model and metrics in {cfg.output_dir}; curves in {_plot(cfg.output_dir)}")
+        png = plot_run(cfg.output_dir)  # None without matplotlib
+        typer.echo(f"model and metrics in {cfg.output_dir}" + (f"; curves in {png}" if png else ""))
+        note_skipped_plots()
 
 
 @app.command("replay")
@@ -225,10 +220,10 @@ def demo_cmd(
                       for r in rows], ("method", "test accuracy", "n test", "steps", "peak MiB", "seconds")))
     typer.echo("\npeak MiB: the most memory the method's work took beyond the loaded model (training rows: the "
                "training steps)")
-    try:
-        typer.echo(f"plot: {plot_demo(cfg, rows)}")
-    except ImportError:
-        typer.echo("(install ftlab[plot] for a PNG)")
+    png = plot_demo(cfg, rows)  # None without matplotlib
+    if png:
+        typer.echo(f"plot: {png}")
+    note_skipped_plots()
 
 
 class _LevelPrefix(logging.Formatter):

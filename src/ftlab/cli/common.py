@@ -79,6 +79,24 @@ def optimizer_cost(cfg: Any) -> str | None:
     return f"{probe.cost()} (on a 576 x 576 matrix)"
 
 
+def drawn(*pngs: str | Path) -> list[str | Path]:
+    """The PNGs a command drew, for its closing line: ``pngs``, or none without matplotlib."""
+    from ftlab.plots import available
+
+    return list(pngs) if available() else []
+
+
+def note_skipped_plots() -> None:
+    """Say, in one line on stderr, that a command drew no PNG because matplotlib (the plot
+    extra) is missing; silent when it is installed."""
+    import typer
+
+    from ftlab.plots import SKIPPED, available
+
+    if not available():
+        typer.echo(SKIPPED, err=True)
+
+
 class ProgressBars:
     """One tqdm bar per named stage, fed ``(name, done, total)`` by a library progress callback
     (``absolute``: ``done`` is the count so far, else the increment)."""

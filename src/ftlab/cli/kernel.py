@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ftlab.cli.common import resolved_config, table
+from ftlab.cli.common import note_skipped_plots, resolved_config, table
 
 app = typer.Typer(help="Empirical NTK of prompt-based fine-tuning: compute kernels, solve them, "
                        "and check whether fine-tuning is in the kernel regime.", no_args_is_help=True)
@@ -88,7 +88,10 @@ def solve_cmd(
     if heatmap:
         from ftlab.kernel.plots import kernel_heatmap
 
-        typer.echo(f"heat-map: {kernel_heatmap(kd, heatmap)}")
+        png = kernel_heatmap(kd, heatmap)  # None without matplotlib
+        if png:
+            typer.echo(f"heat-map: {png}")
+        note_skipped_plots()
 
 
 @app.command("compare")

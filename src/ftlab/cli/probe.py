@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ftlab.cli.common import ProgressBars, resolved_config, table
+from ftlab.cli.common import ProgressBars, drawn, note_skipped_plots, resolved_config, table
 
 app = typer.Typer(help="Linear probes on language-model features: f(s), the conditional mean Phi p_f(s), "
                        "p_f(s) on a word subset; zero-shot beside them, and how linear f(s) is in Phi p_f(s).",
@@ -48,4 +48,5 @@ def run_cmd(
     typer.echo(table(rows, ("k per class", "feature", "test accuracy", "std", "seeds")))
     if theory:
         typer.echo(f"R^2 of f(s) from Phi p_f(s), held out: {theory['r2_f_from_phi_p']:.3f}")
-    typer.echo(f"results in {cfg.output_dir}/results.json, results.md, probe.png")
+    typer.echo(", ".join([f"results in {cfg.output_dir}/results.json", "results.md", *drawn("probe.png")]))
+    note_skipped_plots()

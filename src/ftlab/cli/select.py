@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from ftlab.cli.common import config_path, table
+from ftlab.cli.common import config_path, drawn, note_skipped_plots, table
 
 DEFAULT_TARGETS = ("exams-qa", "lexicon", "sarcasm")  # ftlab.select.pool.DEFAULT_TARGET_FAMILIES (imported late)
 
@@ -50,8 +50,10 @@ def _report(cfg: Any, summary: dict) -> None:
         typer.echo(f"skipped {len(summary['skipped_no_target_tokens'])} examples without response tokens "
                    f"(listed in summary.json)", err=True)
     out = Path(cfg.output_dir)
+    files = [out / "selected.jsonl", out / "scores.csv", *drawn(out / "selection.png")]
     typer.echo(f"selected {summary['n_selected']} of {summary['n_scored']} scored examples ({cfg.method}): "
-               f"{out / 'selected.jsonl'}, {out / 'scores.csv'}, {out / 'selection.png'}")
+               f"{', '.join(map(str, files))}")
+    note_skipped_plots()
 
 
 def _names(text: str) -> list[str]:

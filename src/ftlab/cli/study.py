@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ftlab.cli.common import resolved_config, table
+from ftlab.cli.common import drawn, note_skipped_plots, resolved_config, table
 
 OVERRIDES_HELP = "Overrides as key=value (YAML values), e.g. kappa=8 train.lr=1e-3 train.steps=96"
 
@@ -86,7 +86,9 @@ def experiment_cmd(
         for where in ("start", "end"):
             if where in noise:
                 typer.echo(f"noise/signal at {where}: {noise_line(noise[where])}")
-    typer.echo(f"curves in {Path(exp.output_dir) / 'experiment.png'}")
+    for png in drawn(Path(exp.output_dir) / "experiment.png"):
+        typer.echo(f"curves in {png}")
+    note_skipped_plots()
 
 
 @scale_app.command("momentum")
@@ -113,8 +115,10 @@ def momentum_cmd(
         ratio = entry["ratio_dev_loss"]
         rows.append((name, "ratio", "", "-" if ratio is None else f"{ratio:.3f}", "", ""))
     typer.echo(table(rows, ("eta", "run", "lr", "dev-loss distance to momentum", "best dev", "test")))
-    typer.echo(f"ratio = distance(momentum, effective) / distance(momentum, plain): small means momentum "
-               f"trains like SGD at eta / (1 - beta). Curves in {Path(exp.output_dir) / 'momentum.png'}")
+    typer.echo("ratio = distance(momentum, effective) / distance(momentum, plain): small means momentum "
+               "trains like SGD at eta / (1 - beta)." +
+               "".join(f" Curves in {png}" for png in drawn(Path(exp.output_dir) / "momentum.png")))
+    note_skipped_plots()
 
 
 @scale_app.command("local-sgd")
@@ -144,8 +148,9 @@ def local_sgd_cmd(
                      "-" if dist is None else fmt_ci(dist, 4)))
     typer.echo(table(rows, ("run", "comm rounds", "vs sync", "final dev loss", "best dev", "test",
                             "dev-loss distance to sync")))
-    typer.echo(f"{result['world']} processes, {result['samples']} samples each run; curves in "
-               f"{Path(exp.output_dir) / 'local_sgd.png'}")
+    typer.echo(f"{result['world']} processes, {result['samples']} samples each run" +
+               "".join(f"; curves in {png}" for png in drawn(Path(exp.output_dir) / "local_sgd.png")))
+    note_skipped_plots()
 
 
 @seeds_app.command("run")
@@ -184,6 +189,7 @@ def seeds_report_cmd(
     report = build_report(studies, output, n_boot=n_boot, seed=seed, barrier_pairs=pairs, progress=True)
     typer.echo((output / "report.md").read_text())
     typer.echo(f"report in {output} ({len(report['studies'])} studies)")
+    note_skipped_plots()
 
 
 @seeds_app.command("topography")
@@ -207,3 +213,4 @@ def seeds_topography_cmd(
         out = output or study / "topography"
         typer.echo((out / "report.md").read_text())
         typer.echo(f"report in {out}")
+        note_skipped_plots()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ftlab.cli.common import ProgressBars, resolved_config, table
+from ftlab.cli.common import ProgressBars, drawn, note_skipped_plots, resolved_config, table
 
 app = typer.Typer(help="TinT (Panigrahi et al., 2023): a transformer that simulates and fine-tunes an inner "
                        "Llama-style model in one forward pass.", no_args_is_help=True)
@@ -95,7 +95,8 @@ def eval_cmd(
         typer.echo(f"\nTinT forward on {len(checks)} queries: max |logit diff| vs approx "
                    f"{max(r['max_abs_diff'] for r in checks):.2e}, same prediction "
                    f"{sum(r['same_prediction'] for r in checks)}/{len(checks)}")
-    typer.echo(f"\nwritten: {cfg.output_dir}/summary.json, report.md, tint_eval.png")
+    typer.echo(", ".join([f"\nwritten: {cfg.output_dir}/summary.json", "report.md", *drawn("tint_eval.png")]))
+    note_skipped_plots()
 
 
 def _iv(d: Optional[dict], digits: int = 3) -> str:

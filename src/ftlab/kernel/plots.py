@@ -8,10 +8,11 @@ from typing import Any, Sequence
 
 from ftlab.errors import FtlabError
 from ftlab.kernel.store import KernelData
-from ftlab.plots import pyplot, save_figure
+from ftlab.plots import optional, pyplot, save_figure
 
 
-def accuracy_scatter(records: Sequence[dict[str, Any]], png: str | Path, title: str = "") -> Path:
+@optional
+def accuracy_scatter(records: Sequence[dict[str, Any]], png: str | Path, title: str = "") -> Path | None:
     """Kernel accuracy (y) against fine-tuning accuracy (x), one point per record.
 
     Each record has ``kernel_accuracy``, ``finetuned_accuracy``, ``task`` and ``label`` (e.g.
@@ -43,7 +44,8 @@ def accuracy_scatter(records: Sequence[dict[str, Any]], png: str | Path, title: 
     return save_figure(fig, png)
 
 
-def kernel_heatmap(kernel: KernelData, png: str | Path, kind: str = "sgd") -> Path:
+@optional
+def kernel_heatmap(kernel: KernelData, png: str | Path, kind: str = "sgd") -> Path | None:
     """Heat-map of the trace kernel ``sum_o K_oo`` (rows: train then test, columns: train),
     examples grouped by label, with lines between the label groups."""
     from ftlab.kernel.solvers import trace_kernel

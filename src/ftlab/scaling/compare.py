@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ftlab.errors import FtlabError
+from ftlab.plots import optional
 from ftlab.rundir import RunDir
 from ftlab.scaling.experiment import curve_distance, run_curves
 
@@ -66,7 +67,9 @@ def run_summary(run_dir: str | Path, window: int) -> dict[str, Any]:
     return {"curves": run_curves(run_dir, window), "results": results, "last": last_train}
 
 
-def plot_rows(rows: dict[str, dict[str, dict[str, Any]]], png: str | Path, labels: dict[str, dict[str, str]]) -> Path:
+@optional
+def plot_rows(rows: dict[str, dict[str, dict[str, Any]]], png: str | Path,
+              labels: dict[str, dict[str, str]]) -> Path | None:
     """One row of panels (training loss, dev loss, dev metric against samples seen) per entry of
     ``rows``; in each, one line per run (``rows[row][name]``: mean curves), labelled by ``labels``."""
     from ftlab.plots import pyplot, save_figure

@@ -52,7 +52,7 @@ from ftlab.evaluate import model_device
 from ftlab.io import atomic_write_json
 from ftlab.models import load_model, trainable_parameters
 from ftlab.objectives import Encoder
-from ftlab.plots import pyplot, save_figure
+from ftlab.plots import optional, pyplot, save_figure
 from ftlab.rundir import RunDir
 from ftlab.runs import writes_run_dir
 from ftlab.scaling.rules import from_train_config, scale, to_train_config
@@ -225,7 +225,8 @@ def noise_check(exp: ScalingExperimentConfig, base: TrainConfig, data: RunData) 
     return out
 
 
-def plot_experiment(result: dict[str, Any], png: str | Path) -> Path:
+@optional
+def plot_experiment(result: dict[str, Any], png: str | Path) -> Path | None:
     """Training loss and dev metric of every run against samples seen, in one PNG."""
     plt = pyplot()
     has_dev_loss = all("dev_loss" in c for c in result["curves"].values())

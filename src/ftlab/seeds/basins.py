@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ftlab.errors import FtlabError
+from ftlab.plots import optional
 
 LINKAGES = ("average", "complete", "single")
 
@@ -183,6 +184,7 @@ def barrier_matrix_from_means(means: np.ndarray, alphas: np.ndarray, higher_is_b
     return out
 
 
+@optional
 def plot_heatmap(matrix: np.ndarray, clustering: Clustering, png, title: str, values: dict[str, float] | None = None):
     """The barrier matrix ordered by cluster (dendrogram order within), cluster boundaries drawn;
     ``values`` (e.g. OOD accuracy by run) are appended to the tick labels."""

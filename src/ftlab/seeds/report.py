@@ -19,7 +19,7 @@ import numpy as np
 
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
-from ftlab.plots import pyplot, save_figure
+from ftlab.plots import optional, pyplot, save_figure
 from ftlab.seeds import stats
 from ftlab.seeds.interpolation import ALPHAS, interpolation_curve
 from ftlab.seeds.runner import RunSpec, check_comparable, load_records, load_study
@@ -143,7 +143,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_report(report: dict[str, Any], png: str | Path) -> Path:
+@optional
+def plot_report(report: dict[str, Any], png: str | Path) -> Path | None:
     """Three panels: test score of every run by method and group, the expected max curves, and
     the accuracy along the interpolation paths."""
     plt = pyplot()

@@ -40,7 +40,7 @@ from ftlab.distributed import barrier
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
 from ftlab.models import load_model, prepare_model
-from ftlab.plots import pyplot, save_figure
+from ftlab.plots import optional, pyplot, save_figure
 from ftlab.runs import claim_and_lock
 from ftlab.seeds import basins, curvature, prediction, stats
 from ftlab.seeds.interpolation import run_weights, saved_train_config
@@ -441,7 +441,8 @@ def _surface(evaluator: PointEvaluator, points, names, matrix, base, cfg: Topogr
     return surface
 
 
-def _plot_surface(surface: dict[str, Any], png: Path) -> Path:
+@optional
+def _plot_surface(surface: dict[str, Any], png: Path) -> Path | None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     x, y, z = np.array(surface["x"]), np.array(surface["y"]), np.array(surface["loss"])
@@ -456,7 +457,8 @@ def _plot_surface(surface: dict[str, Any], png: Path) -> Path:
     return save_figure(fig, png)
 
 
-def _plot_prediction(report: dict[str, Any], png: Path) -> Path:
+@optional
+def _plot_prediction(report: dict[str, Any], png: Path) -> Path | None:
     """OOD accuracy against barrier to base and sharpness, coloured by basin (first OOD task)."""
     plt = pyplot()
     names, labels, feats = report["names"], report["clustering"]["labels"], report["features"]

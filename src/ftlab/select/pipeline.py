@@ -45,7 +45,7 @@ from ftlab.grads.projection import KINDS as PROJECTION_KINDS
 from ftlab.grads.projection import ProjectionSpec, Projector
 from ftlab.io import atomic_file, atomic_write_json
 from ftlab.models import load_model, parse_device, prepare_model, trainable_parameters
-from ftlab.plots import pyplot, save_figure
+from ftlab.plots import optional, pyplot, save_figure
 from ftlab.runs import writes_run_dir
 from ftlab.select.baselines import random_scores, representation_scores, representation_store
 from ftlab.select.data import InstructionExample, load_instructions
@@ -270,8 +270,9 @@ def write_outputs(cfg: SelectConfig, pool: Sequence[InstructionExample], ids: li
     return summary
 
 
+@optional
 def plot_selection(scores: np.ndarray, selected: Sequence[int], families: Sequence[str], png: str | Path,
-                   method: str) -> Path:
+                   method: str) -> Path | None:
     """PNG with the score histogram (selection threshold marked) and the selection's task families."""
     fig, (ax_hist, ax_bar) = pyplot().subplots(1, 2, figsize=(11, 4))
     ax_hist.hist(scores, bins=min(50, max(5, len(scores) // 10)), color="tab:blue", alpha=0.8)

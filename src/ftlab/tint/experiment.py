@@ -46,6 +46,7 @@ from ftlab.bootstrap import multi_bootstrap
 from ftlab.config import Settings, above, at_least, every, needs, non_empty, setting
 from ftlab.errors import FtlabError
 from ftlab.io import atomic_write_json, atomic_write_text
+from ftlab.plots import optional
 from ftlab.runs import check_settings, writes_run_dir
 from ftlab.tasks.base import Example, TaskSpec
 from ftlab.tint.construct import TintConfig, build_tint
@@ -345,6 +346,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@optional
 def plot_summary(summary: dict[str, Any], path: Path) -> None:
     """Accuracy minus ICL per method and task, with the intervals."""
     import matplotlib
