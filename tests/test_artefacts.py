@@ -213,3 +213,28 @@ def test_save_trained_without_a_tokenizer_saves_none(tmp_path, embedded):
     save_trained(module, None, tmp_path / "model")
     assert not (tmp_path / "model" / "tokenizer_config.json").exists()
     assert (tmp_path / "model" / "ftlab_base.json").is_file()
+
+
+def test_eval_of_a_trained_adapter_uses_the_base_it_records(tmp_path, embedded):
+    """`ftlab eval --trained DIR` without --model takes the base DIR's ftlab_base.json names
+    (recorded_base), so an adapter is evaluated on its own base, not on the default model."""
+    from typer.testing import CliRunner
+
+    from ftlab.cli import app
+    from ftlab.models import recorded_base
+
+    base = tmp_path / "my-base"
+    shutil.copytree(embedded, base)
+    model, tokenizer = load_model(str(base))
+    module = prepare_model(model, "lora", lora=None, seed=0)
+    save_trained(module, tokenizer, tmp_path / "model")
+    assert recorded_base(tmp_path / "model") == str(base)
+    shutil.rmtree(embedded)  # the default model is gone: only the recorded base can serve
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t {i}", "label": i % 2}) + "\n" for i in range(4)))
+    args = ["eval", "--task", str(data), "--template", "{text} was", "--options", " bad, good",
+            "--trained", str(tmp_path / "model"), "--n-test", "4", "--n-train", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    result = CliRunner().invoke(app, [*args, "--model", "smollm2-135m"])  # the user's choice wins
+    assert result.exit_code != 0

@@ -78,7 +78,8 @@ def data_list(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option("smollm2-135m", help="Embedded model name, local folder, or hub name."),
+    model: Optional[str] = typer.Option(None, help="Embedded model name, local folder, or hub name (default: "
+                                               "the base a --trained adapter records, else smollm2-135m)."),
     task: str = typer.Option("sentiment", help="Built-in task (see `ftlab data list`) or a .jsonl/.csv file."),
     template: Optional[str] = typer.Option(None, help="Prompt template with {field} placeholders (needed for files)."),
     options: Optional[str] = typer.Option(None, help="Comma-separated label words, e.g. ' terrible, great'."),
@@ -96,7 +97,7 @@ def eval_cmd(
     """Zero-shot or in-context accuracy (classification) or F1/EM (QA) of a model on a task."""
     from ftlab.evaluate import evaluate
     from ftlab.io import atomic_write_json
-    from ftlab.models import load_model, load_trained
+    from ftlab.models import DEFAULT_MODEL, load_model, load_trained, recorded_base
     from ftlab.tasks import load_task, make_splits
 
     if output is not None and (output.is_dir() or (output.parent.exists() and not output.parent.is_dir())):
@@ -110,8 +111,10 @@ def eval_cmd(
     if splits.note:
         typer.echo(f"note: {splits.note}", err=True)
     if trained is not None:
+        model = model or recorded_base(trained) or DEFAULT_MODEL
         lm, tokenizer = load_trained(model, trained)
     else:
+        model = model or DEFAULT_MODEL
         lm, tokenizer = load_model(model, dtype=dtype, device=device)
     start = time.perf_counter()
     result = evaluate(lm, tokenizer, spec, splits.test, demos=splits.train, k_shot=k_shot, seed=seed,

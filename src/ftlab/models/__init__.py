@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         load_trained,
         mode_of,
         prepare_model,
+        recorded_base,
         save_trained,
         trainable_parameters,
         trained_mode,
@@ -40,7 +41,7 @@ _LAZY = {
     "loading": ["DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "is_converted", "load_model",
                 "parse_device", "parse_dtype"],
     "lora": ["DEFAULT_TARGET_MODULES", "apply_lora"],
-    "modes": ["MODES", "Mode", "load_trained", "mode_of", "prepare_model", "save_trained",
+    "modes": ["MODES", "Mode", "load_trained", "mode_of", "prepare_model", "recorded_base", "save_trained",
               "trainable_parameters", "trained_mode"],
     "prefix": ["PrefixModel"],
 }

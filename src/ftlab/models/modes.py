@@ -152,6 +152,13 @@ def check_base(base_name_or_path: str, path: str | Path) -> None:
                          f"{base_name_or_path!r} has weights sha256 {got[:12]}...: pass the base it was trained on")
 
 
+def recorded_base(path: str | Path) -> str | None:
+    """The name of the base model an adapter or prefix folder records in ``ftlab_base.json``
+    (e.g. ``smollm2-135m``), or None (a full model, or a folder saved before ftlab recorded it)."""
+    name = _read_base_file(Path(path)).get("name")
+    return name if isinstance(name, str) and name else None
+
+
 def _read_base_file(path: Path) -> dict:
     file = path / BASE_FILE
     if not file.is_file():
