@@ -223,3 +223,24 @@ def test_ranks_join_through_init_from_env_and_share_gpus_over_gloo(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     runner.use_rank_gpu("cuda")  # one process: the device is left as it is
     assert current == [0]  # round-robin: local rank 2 of 2 GPUs takes GPU 0
+
+
+def test_a_study_written_with_the_old_default_output_dir_resumes(tmp_path):
+    """Before run folders were named from the config, a study's train section stored
+    output_dir "runs/default"; the study never uses it (each run has its own folder), so the same
+    study resumes, while a study whose train settings really differ is still refused."""
+    import dataclasses
+    import json
+
+    from ftlab.config import TrainConfig, to_dict
+    from ftlab.errors import FtlabError
+    from ftlab.seeds.runner import SeedStudyConfig, _prepare_study
+
+    study = SeedStudyConfig(train=TrainConfig(eval_every=0), output_dir=str(tmp_path))
+    stored = to_dict(study)
+    stored["train"]["output_dir"] = "runs/default"
+    (tmp_path / "study.json").write_text(json.dumps(stored))
+    assert _prepare_study(study, main=False) == tmp_path
+    other = dataclasses.replace(study, train=dataclasses.replace(study.train, lr=study.train.lr * 2))
+    with pytest.raises(FtlabError, match="train differ"):
+        _prepare_study(other, main=False)

@@ -169,14 +169,23 @@ def _prepare_study(study: SeedStudyConfig, main: bool) -> Path:
     if path.exists():
         old = _stored_study(path)
         check_comparable({str(path): old.train, "this study": study.train})
-        new = json.loads(json.dumps(to_dict(study)))
-        diff = [k for k in ("train", "kinds") if to_dict(old)[k] != new[k]]
+        new, stored = _identity(to_dict(study)), _identity(to_dict(old))
+        diff = [k for k in ("train", "kinds") if stored[k] != new[k]]
         if diff:
             raise FtlabError(f"{out} holds a seed study whose {' and '.join(diff)} differ; pass another "
                              "output_dir (or delete the folder to start afresh)")
     if main:
         atomic_write_json(path, to_dict(study))
     return out
+
+
+def _identity(study: dict) -> dict:
+    """A study config as JSON, without the train settings its runs do not use: each run gets its
+    own output_dir (a study written before run folders were named from the config has
+    "runs/default" there), and report_to only mirrors the metrics."""
+    study = json.loads(json.dumps(study))
+    study["train"] = {k: v for k, v in study["train"].items() if k not in ("output_dir", "report_to")}
+    return study
 
 
 def _stored_study(path: Path) -> SeedStudyConfig:
