@@ -139,3 +139,22 @@ def test_final_weights_refuses_damaged_weights_files(tmp_path):
         run.final_weights("best", fallback=False)
     with pytest.raises(FtlabError, match="trainable.safetensors is damaged"):
         run.final_weights("last", fallback=False)
+
+
+def test_a_finished_runs_metrics_are_checked_against_the_recorded_sha256(tmp_path):
+    """Plots and studies read a finished run's metrics.jsonl: checked against the sha256 its
+    model/ manifest recorded at the end, so an edited loss is an error, not a wrong curve."""
+    from ftlab.errors import FtlabError
+    from ftlab.io import file_sha256, write_manifest
+    from ftlab.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    run.metrics.write_text('{"step": 1, "split": "train", "loss": 0.5}\n')
+    run.model.mkdir()
+    write_manifest(run.model, metrics_sha256=file_sha256(run.metrics))
+    assert run.read_metrics("train")[0]["loss"] == 0.5  # not finished yet: not checked either way
+    run.results.write_text("{}")
+    assert run.read_metrics("train")[0]["loss"] == 0.5
+    run.metrics.write_text('{"step": 1, "split": "train", "loss": 0.4}\n')
+    with pytest.raises(FtlabError, match="metrics.jsonl is damaged"):
+        run.read_metrics()

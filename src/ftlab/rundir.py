@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ftlab.errors import FtlabError, damaged
-from ftlab.io import MANIFEST, atomic_write_text, json_sha256, verify_manifest
+from ftlab.io import MANIFEST, atomic_write_text, file_sha256, json_sha256, verify_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -145,6 +145,7 @@ class RunDir:
         if given); a line a kill cut in half (the last) is skipped."""
         if not self.metrics.is_file():
             raise FtlabError(f"{self.metrics} not found: is {self.path} a training run folder?")
+        self._check_finished_metrics()
         records = []
         for line in self.metrics.read_text(encoding="utf-8").splitlines():
             try:
@@ -152,6 +153,17 @@ class RunDir:
             except ValueError:
                 continue
         return records if split is None else [r for r in records if r.get("split") == split]
+
+    def _check_finished_metrics(self) -> None:
+        """A finished run's metrics.jsonl against the sha256 recorded in the model folder's manifest
+        when the run finished (before ftlab recorded it, or while a run is going: not checked)."""
+        manifest = self.model / MANIFEST
+        if not (self.results.is_file() and manifest.is_file()):
+            return
+        recorded = read_written_json(manifest).get("metrics_sha256")
+        if recorded is not None and file_sha256(self.metrics) != recorded:
+            raise FtlabError(f"{self.metrics} is damaged (its sha256 differs from the one recorded in {manifest} "
+                             f"when the run finished: a flipped bit, a cut or an edit); restore it from a copy")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Log ``record`` as one JSON line at the end of ``metrics.jsonl``."""

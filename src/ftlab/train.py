@@ -518,6 +518,8 @@ def _finish(cfg: TrainConfig, parallel: Single, run: RunDir, module: nn.Module, 
                "splits": {"train": len(sp.train), "dev": len(sp.dev), "test": len(sp.test), "note": sp.note}}
     saved = parallel.saved_module(module)  # FSDP: gathered into an unsharded copy (every rank takes part)
     if parallel.main:
-        save_trained(saved, tokenizer, run.model, record={"results_sha256": json_sha256(results)})
+        record = {"results_sha256": json_sha256(results),
+                  **({"metrics_sha256": file_sha256(run.metrics)} if run.metrics.is_file() else {})}
+        save_trained(saved, tokenizer, run.model, record=record)
         atomic_write_json(run.results, results)
     return results
