@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ftlab.config import TrainConfig, to_dict
+from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.distributed import barrier, copy_full_into, full_tensor, gather_to_main
 from ftlab.errors import FtlabError, damaged
 from ftlab.io import atomic_dir, atomic_path, file_sha256, recover_dir, verify_manifest, write_manifest
@@ -182,6 +182,18 @@ def saved_config_id(run: RunDir) -> str:
     return config_id(config)
 
 
+def saved_config_ids(run: RunDir) -> set[str]:
+    """The ids under which the run's ``config.json`` may have been recorded: that of the file as
+    written, and that of the same settings with every default filled in (a config.json written
+    by an ftlab before some setting existed, or without its default-valued keys, is the same run)."""
+    ids = {saved_config_id(run)}
+    try:
+        ids.add(config_id(to_dict(from_dict(TrainConfig, run.read_config(), str(run.config)))))
+    except FtlabError:
+        pass  # not a config this ftlab reads: only the file as written identifies it
+    return ids
+
+
 def check_log_config(run: RunDir, log: Any) -> None:
     """Refuse a trajectory log recorded under another config than the run's ``config.json`` (an
     edited weight_decay or LoRA alpha would replay to other weights). A log whose header has no
@@ -191,12 +203,12 @@ def check_log_config(run: RunDir, log: Any) -> None:
     recorded = log.header.get("run_id")
     if recorded is None:
         return
-    current = saved_config_id(run)
-    if recorded != current:
+    if recorded not in saved_config_ids(run):
+        current = saved_config_id(run)
         raise FtlabError(f"{run.config} is not the config {log.path} was recorded under (config id {current}, "
                          f"the log's {recorded}): it was edited or replaced; restore the run's config.json (a "
-                         f"replay or resume under another config would build other weights), or start afresh "
-                         f"with --overwrite")
+                         f"replay or resume under another config would build other weights), or start "
+                         f"afresh with --overwrite")
 
 
 def check_finite_weights(module: nn.Module, what: str) -> None:

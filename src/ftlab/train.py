@@ -41,6 +41,7 @@ from ftlab.checkpoint import (
     load_trainable,
     read_trainable,
     saved_config_id,
+    saved_config_ids,
 )
 from ftlab.config import TrainConfig, from_dict, to_dict
 from ftlab.distributed import barrier
@@ -273,7 +274,7 @@ def _bind_checkpoint(cfg: TrainConfig, run: RunDir, data: RunData, state: TrainS
     for the next checkpoint. A checkpoint written before ftlab recorded them is not checked."""
     config, hashes = saved_config_id(run), data_hashes(data)
     where = f"the checkpoint in {run.checkpoint} (step {state.step})"
-    if state.config is not None and state.config != config:
+    if state.config is not None and state.config not in saved_config_ids(run):
         raise FtlabError(f"{run.config} is not the config {where} was trained under (config id {config}, the "
                          f"checkpoint's {state.config}): it was edited; restore it, or start afresh with --overwrite")
     for part, value in hashes.items() if state.data is not None else ():
