@@ -66,21 +66,27 @@ def test_model_holds_the_final_weights_unless_keep_best(tmp_path, base, keep):
     assert test.metrics == results["test"]
 
 
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(cfg, base, last_step):
+    """Train ``cfg`` and kill it after step ``last_step`` (its callback raises)."""
+    def kill(step, record):
+        if step == last_step:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_flat_dev_data(), callback=kill)
+
+
 def test_a_resumed_run_keeps_the_same_weights(tmp_path, base):
     """A run killed after its last checkpoint (before results.json) finishes to the same model/."""
     straight = train(_cfg(tmp_path / "a", base), progress=False, model_and_tokenizer=load_model(str(base)),
                      data=_flat_dev_data())
 
-    class Killed(Exception):
-        pass
-
-    def kill(step, record):
-        if step == 4:
-            raise Killed
-
     cfg = _cfg(tmp_path / "b", base)
-    with pytest.raises(Killed):
-        train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_flat_dev_data(), callback=kill)
+    _kill_after(cfg, base, 4)
     resumed = train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_flat_dev_data())
     assert resumed == straight and resumed["model"] == "last"
     a, b = (load_file(str(tmp_path / r / "model" / "adapter_model.safetensors")) for r in ("a", "b"))
@@ -91,16 +97,8 @@ def test_a_resumed_run_keeps_the_same_weights(tmp_path, base):
 def test_keep_may_change_on_resuming_a_run_written_before_it_existed(tmp_path, base):
     """A killed run whose config.json has no keep (ftlab before it) resumes with keep=best; a
     finished one is not refused for another keep either (its results say what model/ holds)."""
-    class Killed(Exception):
-        pass
-
-    def kill(step, record):
-        if step == 3:
-            raise Killed
-
     cfg = _cfg(tmp_path / "run", base)
-    with pytest.raises(Killed):
-        train(cfg, progress=False, model_and_tokenizer=load_model(str(base)), data=_flat_dev_data(), callback=kill)
+    _kill_after(cfg, base, 3)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     del config["keep"]
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
