@@ -1,6 +1,6 @@
 """ftlab's LESS side by side with bergson, TRAK and Kronfluence (and representation / random floors).
 
-    python benchmarks/less_peers.py                  # CPU size: 64 pool examples, 16 targets, 256 tokens
+    python benchmarks/less_peers.py                  # CPU size: 32 pool examples, 8 targets, 256 tokens
     python benchmarks/less_peers.py --quick          # smoke size: 16 pool examples, 4 targets, 128 tokens
     python benchmarks/less_peers.py --train-epochs 2 # (C) also LoRA-train on each selection
 
@@ -56,13 +56,16 @@ GRADS_OF = {"ftlab": "LoRA, Adam-preconditioned (LESS)", "bergson": "LoRA (hooks
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--n", type=int, default=64, help="pool examples (drawn from the default evals pool)")
-    p.add_argument("--n-target", type=int, default=16, help="target examples (selection) of the target family")
+    p.add_argument("--n", type=int, default=32, help="pool examples (drawn from the default evals pool)")
+    p.add_argument("--n-target", type=int, default=8, help="target examples (selection) of the target family")
     p.add_argument("--n-eval", type=int, default=24, help="(C) held-out target examples (evaluation)")
     p.add_argument("--target-family", default="lexicon", help="one of the pool's held-out target families")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--dim", type=int, default=8192, help="projection dimension (ftlab, bergson, TRAK)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--trak-batch-size", type=int, default=2,
+                   help="TRAK's batch: its vmap keeps every weight's per-example gradient (12.7 GB peak at 8 x 128 "
+                        "tokens on SmolLM2-135M), so a smaller batch keeps it within a shared CPU machine")
     p.add_argument("--lora-layers", type=int, default=4, help="LoRA on q,v of the last N layers (0: all)")
     p.add_argument("--fraction", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -320,6 +323,9 @@ def run_trak(c: Child) -> dict:
         minus the LESS loss gradient); the out-to-loss term is 1 - its exp (the mean token
         probability's complement, TRAK's classification weighting)."""
 
+        def __init__(self):
+            super().__init__()
+
         @staticmethod
         def get_output(model, weights, buffers, ids, mask, pos, labels):
             row = ModelBatch(ids[None], row_attention_mask(config, mask, torch.float32), pos[None], labels[None],
@@ -342,14 +348,14 @@ def run_trak(c: Child) -> dict:
         projector = BasicProjector(grad_dim=grad_dim, proj_dim=a.dim, seed=a.seed,
                                    proj_type=ProjectionType.rademacher, device="cpu")
         traker = TRAKer(model=module, task=LMOutput(), train_set_size=len(c.pool), save_dir=str(store),
-                        load_from_save_dir=False, device="cpu", projector=projector, proj_dim=a.dim,
+                        device="cpu", projector=projector, proj_dim=a.dim,
                         use_half_precision=False, grad_wrt=names, logging_level=40)
         traker.load_checkpoint(module.state_dict(), model_id=0)
         rows = encoded(tok, c.pool, a.max_length)
-        for i in range(0, len(rows), a.batch_size):
-            b = collate(rows[i:i + a.batch_size], tok.pad_token_id)
+        for i in range(0, len(rows), a.trak_batch_size):
+            b = collate(rows[i:i + a.trak_batch_size], tok.pad_token_id)
             traker.featurize(batch=(b.input_ids, b.attention_mask, b.position_ids, b.labels),
-                             num_samples=len(rows[i:i + a.batch_size]))
+                             num_samples=len(rows[i:i + a.trak_batch_size]))
         g = torch.as_tensor(traker.saver.current_store["grads"]).float()
         # N < d makes X^T X singular: damp it by 0.1 x its mean diagonal (TRAK's lambda_reg, default 0)
         traker.score_computer.lambda_reg = 0.1 * float((g * g).sum(0).mean())
@@ -358,14 +364,14 @@ def run_trak(c: Child) -> dict:
     trows = encoded(tok, c.targets, a.max_length)
     traker.start_scoring_checkpoint(exp_name="targets", checkpoint=module.state_dict(), model_id=0,
                                     num_targets=len(trows))
-    for i in range(0, len(trows), a.batch_size):
-        b = collate(trows[i:i + a.batch_size], tok.pad_token_id)
+    for i in range(0, len(trows), a.trak_batch_size):
+        b = collate(trows[i:i + a.trak_batch_size], tok.pad_token_id)
         traker.score(batch=(b.input_ids, b.attention_mask, b.position_ids, b.labels),
-                     num_samples=len(trows[i:i + a.batch_size]))
+                     num_samples=len(trows[i:i + a.trak_batch_size]))
     scores = torch.as_tensor(traker.finalize_scores(exp_name="targets")).float()  # (train, targets)
     return {"seconds": feats.seconds, "loaded_rss": loaded, "peak_rss": peak, "scores": scores.mean(1).numpy(),
             "store_bytes": folder_bytes(store), "dim": a.dim,
-            "notes": "BasicProjector (CPU; its CUDA projector needs a GPU), float32, "
+            "notes": f"batch {a.trak_batch_size}; BasicProjector (CPU; its CUDA projector needs a GPU), float32, "
                      "lambda_reg = 0.1 x mean diag(X^T X); finalize_features (X^T X inverse) counted in the pass"}
 
 
