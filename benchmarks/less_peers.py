@@ -45,10 +45,12 @@ from _common import RESULTS, clock, machine, package_version, read_json, table, 
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
-METHODS = ("ftlab", "bergson", "trak", "kronfluence", "representation", "random")
-PEERS = {"ftlab": "ftlab", "bergson": "bergson", "trak": "traker", "kronfluence": "kronfluence"}
+METHODS = ("ftlab", "bergson", "bergson_adam", "trak", "kronfluence", "representation", "random")
+PEERS = {"ftlab": "ftlab", "bergson": "bergson", "bergson_adam": "bergson", "trak": "traker",
+         "kronfluence": "kronfluence"}
 # What each method takes the gradient of / what its features are (the table says it).
 GRADS_OF = {"ftlab": "LoRA, Adam-preconditioned (LESS)", "bergson": "LoRA (hooks; no optimizer normalizer)",
+            "bergson_adam": "LoRA (hooks), / sqrt(ftlab warm-up Adam v)",
             "trak": "LoRA (vmap over all weights, kept: LoRA)", "kronfluence": "LoRA modules, EK-FAC",
             "representation": "none (mean last hidden state)", "random": "none"}
 
@@ -237,18 +239,32 @@ def run_ftlab(c: Child) -> dict:
                      f"skipped {len(train.skipped)}"}
 
 
-def run_bergson(c: Child) -> dict:
+def run_bergson_adam(c: Child) -> dict:
+    return run_bergson(c, adam=True)
+
+
+def run_bergson(c: Child, adam: bool = False) -> dict:
     import numpy as np
-    import torch
     from bergson import GradientProcessor, IndexConfig, collect_gradients, load_gradients
     from bergson.config.config import PreprocessConfig
     from bergson.data import allocate_batches
+    from bergson.gradients import AdamNormalizer
     from bergson.utils.worker_utils import extract_peft_target_modules
     from datasets import Dataset
+
+    from ftlab.select.warmup import list_checkpoints, load_adam_state
 
     module, tok = c.warm_lora_model()
     targets = extract_peft_target_modules(module)
     a = c.args
+    normalizers = {}
+    if adam:  # bergson's own optimizer normalizer (g / sqrt(v)), fed the warm-up's AdamW second moments
+        state = load_adam_state(list_checkpoints(c.work / "ftlab" / "warmup")[-1].path)
+        normalizers = {n.removeprefix("base_model.").removesuffix(".weight"): AdamNormalizer(v.clone())
+                       for n, (_, v) in state.items()}
+        missing = sorted(set(targets) - set(normalizers))
+        if missing:
+            raise RuntimeError(f"no Adam moments for {missing[0]} ({len(missing)} modules)")
 
     def index(examples, name):
         rows = hf_rows(encoded(tok, examples, a.max_length))
@@ -258,7 +274,8 @@ def run_bergson(c: Child) -> dict:
                           projection_seed=a.seed, loss_reduction="mean", token_batch_size=a.batch_size * a.max_length,
                           max_batch_size=a.batch_size)
         cfg.partial_run_path.mkdir(parents=True, exist_ok=True)
-        processor = GradientProcessor({}, projection_dim=a.dim, projection_target="global", projection_seed=a.seed)
+        processor = GradientProcessor(normalizers, projection_dim=a.dim, projection_target="global",
+                                      projection_seed=a.seed)
         batches = allocate_batches(ds["length"][:], cfg.token_batch_size, max_batch_size=cfg.max_batch_size)
         collect_gradients(module, ds, processor, cfg, batches=batches, target_modules=targets,
                           preprocess_cfg=PreprocessConfig(unit_normalize=True))
@@ -273,11 +290,11 @@ def run_bergson(c: Child) -> dict:
     tgt, _ = index(c.targets, "target")
     pool, tgt = structured_to_plain(pool), structured_to_plain(tgt)
     scores = (unit(pool) @ unit(tgt).T).mean(1)
-    del torch
     return {"seconds": feats.seconds, "loaded_rss": loaded, "peak_rss": peak, "scores": scores,
             "store_bytes": folder_bytes(path), "dim": pool.shape[1],
-            "notes": "projection_target=global (one d-vector per example), unit-normalised, float32 store; "
-                     "scores: mean cosine to the targets"}
+            "notes": ("AdamNormalizer from the warm-up's exp_avg_sq; " if adam else "")
+            + "projection_target=global (one d-vector per example), unit-normalised, float32 store; "
+              "scores: mean cosine to the targets"}
 
 
 def structured_to_plain(x):
@@ -661,6 +678,7 @@ def main() -> None:
         names = list(selection)
         print(f"\nJaccard overlap of the top {args.fraction:.0%} ({len(next(iter(selection.values())))} examples)\n")
         print(table([[a, *[f"{overlap[a][b]:.2f}" for b in names]] for a in names], ["", *names], markdown=True))
+        print("\nselected examples' families: " + "; ".join(f"{m}: {', '.join(f)}" for m, f in composition.items()))
     if trained:
         print(f"\n(C) held-out {args.target_family} NLL after {args.train_epochs} LoRA epochs on each selection\n")
         print(table([[m, f"{t['mean_nll']:.4f}", f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]", t["n_eval"]]
