@@ -664,6 +664,12 @@ def main() -> None:
             losses = saved[key]
             lo, hi = bootstrap_ci(losses, args.bootstrap, args.seed)
             trained[m] = {"mean_nll": float(np.mean(losses)), "ci95": [lo, hi], "n_eval": len(losses)}
+        if "random" in trained:  # paired: the same eval examples, so the difference is far tighter
+            rand = np.asarray(saved[f"random:{args.train_epochs}"])
+            for m, t in trained.items():
+                diff = np.asarray(saved[f"{m}:{args.train_epochs}"]) - rand
+                t["minus_random"] = float(diff.mean())
+                t["minus_random_ci95"] = list(bootstrap_ci(diff, args.bootstrap, args.seed))
 
     result = {"args": vars(args), "data": data, "n_tokens": n_tokens, "machine_before": before, "machine": machine(),
               "note": "the machine is shared with other processes (loaded); compare ratios within this run",
@@ -681,8 +687,11 @@ def main() -> None:
         print("\nselected examples' families: " + "; ".join(f"{m}: {', '.join(f)}" for m, f in composition.items()))
     if trained:
         print(f"\n(C) held-out {args.target_family} NLL after {args.train_epochs} LoRA epochs on each selection\n")
-        print(table([[m, f"{t['mean_nll']:.4f}", f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]", t["n_eval"]]
-                     for m, t in trained.items()], ["trained on", "mean NLL", "bootstrap 95%", "eval examples"],
+        paired = lambda t: (f"{t['minus_random']:+.4f} [{t['minus_random_ci95'][0]:+.4f}, "  # noqa: E731
+                            f"{t['minus_random_ci95'][1]:+.4f}]" if "minus_random" in t else "-")
+        print(table([[m, f"{t['mean_nll']:.4f}", f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]", paired(t), t["n_eval"]]
+                     for m, t in trained.items()],
+                    ["trained on", "mean NLL", "bootstrap 95%", "minus random (paired bootstrap 95%)", "eval examples"],
                     markdown=True))
     print(f"wrote {write_json(Path(args.output).absolute(), result)}")
 
