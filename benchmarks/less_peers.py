@@ -4,10 +4,18 @@
     python benchmarks/less_peers.py --quick          # smoke size: 16 pool examples, 4 targets, 128 tokens
     python benchmarks/less_peers.py --train-epochs 2 # (C) also LoRA-train on each selection
 
-The peers live in their own venv (``--peers-python``, default /work/peers-venv/bin/python: a venv
-whose site-packages also see the project's venv through a .pth file, with ``bergson==2.5.1
---no-deps`` and its real dependencies, ``traker`` and ``kronfluence --no-deps`` installed into
-it), so the project's venv stays clean. Every method runs in a fresh subprocess of that
+The peers live in their own venv (``--peers-python``), so the project's venv stays clean; it
+sees the project's packages (torch, transformers, peft, datasets) through a .pth file. Built with::
+
+    python3.11 -m venv /work/peers-venv
+    echo /work/main/.venv/lib/python3.11/site-packages > /work/peers-venv/lib/python3.11/site-packages/main.pth
+    P=/work/peers-venv/bin/pip; echo "torch==2.13.0+cpu" > /tmp/c.txt
+    $P install --no-deps bergson==2.5.1 traker==0.3.2 kronfluence==1.0.1 einconv==0.1.0 torchopt==0.7.3
+    $P install -c /tmp/c.txt jaxtyping ml_dtypes natsort petname simple-parsing psutil optree einops opt_einsum
+
+(--no-deps: bergson declares torchvision, torchaudio and bitsandbytes and kronfluence torchvision,
+none of which these code paths import; with them pip pulls torch 2.14 and the CUDA wheels.)
+Every method runs in a fresh subprocess of that
 interpreter (so its peak RSS is its own) on the same model (``--model``, the embedded
 SmolLM2-135M), the same ``--n`` examples drawn from the default evals pool
 (``ftlab.select.pool.build_evals_pool``) and the same ``--n-target`` examples of a held-out
