@@ -197,3 +197,69 @@ def test_write_selection_files(tmp_path):
     assert json.loads((tmp_path / "s2.jsonl").read_text())["source"] == "s"
     with pytest.raises(FtlabError, match="one score, source and line per id"):
         write_selection(tmp_path / "x.jsonl", tmp_path / "x.csv", ids, scores[:3], [0])
+
+
+def _curvature_reference(train, targets, lr, groups, damping):
+    """Inverse-curvature LESS loop by loop in float64: each checkpoint's group query (the
+    lr-weighted mean of its unit targets) solved against F + damping * mean(diag F) * I, F the
+    mean outer product of the unit training rows (an all-zero row adds nothing), then the
+    max over groups of the sum over checkpoints of <unit train row, preconditioned query>."""
+    def unit(v):
+        v = v.astype(np.float64)
+        n = np.linalg.norm(v)
+        return v / n if n > 0 else v
+
+    names = list(dict.fromkeys(groups))
+    total = np.zeros((len(train[0]), len(names)))
+    for tr, tg, w in zip(train, targets, lr):
+        f = sum(np.outer(unit(r), unit(r)) for r in tr) / len(tr)
+        f = f + damping * np.trace(f) / f.shape[0] * np.eye(f.shape[0])
+        for k, g in enumerate(names):
+            q = w * np.mean([unit(tg[j]) for j, h in enumerate(groups) if h == g], axis=0)
+            q = np.linalg.inv(f) @ q
+            total[:, k] += [unit(r) @ q for r in tr]
+    return total.max(axis=1)
+
+
+def test_curvature_damped_scores_match_the_reference_and_tend_to_less(tmp_path):
+    """curvature_damping preconditions the queries by the inverse damped second moment of the
+    training features (TRAK-style): equal to a dense float64 reference (streamed in chunks of
+    6 rows over shards of 4-6), and as the damping grows the ranking tends to plain LESS's."""
+    train, targets = _data()
+    lr = [2e-5, 1e-5, 5e-6]
+    groups = ["arith", "logic", "arith", "qa", "logic", "arith", "arith"]
+    tr = [_store(tmp_path / f"tr{c}", x, checkpoint=f"e{c}", shard_rows=4 + c) for c, x in enumerate(train)]
+    tg = [_store(tmp_path / f"tg{c}", x, ids=[f"t{j}" for j in range(7)], checkpoint=f"e{c}", grad_type="sgd")
+          for c, x in enumerate(targets)]
+    got = less_scores(tr, tg, lr, groups, chunk_rows=6, curvature_damping=0.1)
+    np.testing.assert_allclose(got, _curvature_reference(train, targets, lr, groups, 0.1), rtol=1e-5, atol=1e-12)
+    plain = less_scores(tr, tg, lr, groups)
+    assert not np.array_equal(np.argsort(got), np.argsort(plain))  # the preconditioning changes the ranking
+    # lambda -> infinity: (F + lambda m I)^-1 ~ I / (lambda m): the plain scores, scaled.
+    far = less_scores(tr, tg, lr, groups, curvature_damping=1e8)
+    np.testing.assert_array_equal(np.argsort(-far, kind="stable"), np.argsort(-plain, kind="stable"))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(FtlabError, match="curvature_damping must be a finite number > 0"):
+            less_scores(tr, tg, lr, groups, curvature_damping=bad)
+
+
+def test_curvature_damping_is_a_select_setting(tmp_path):
+    """``ftlab select`` (pipeline and score) scores through less_from_stores with the config's damping."""
+    from ftlab.config import ConfigError
+    from ftlab.select.data import InstructionExample
+    from ftlab.select.pipeline import FeatureStores, SelectConfig, less_from_stores
+
+    assert SelectConfig().curvature_damping is None  # LESS as published by default
+    with pytest.raises(ConfigError, match="curvature_damping"):
+        SelectConfig(curvature_damping=0.0)
+    train, targets = _data(checkpoints=1)
+    tr = FeatureStores([_store(tmp_path / "tr", train[0])], [1e-5], [])
+    ids = [f"t.jsonl:{j + 1}" for j in range(7)]
+    tg = FeatureStores([_store(tmp_path / "tg", targets[0], ids=ids, grad_type="sgd")], [1e-5], [])
+    examples = [InstructionExample(id=i, messages=({"role": "user", "content": "q"},), response="a", task="t",
+                                   family="t")
+                for i in ids]
+    for damping in (None, 0.1):
+        _, got = less_from_stores(SelectConfig(curvature_damping=damping), tr, tg, examples, progress=False)
+        np.testing.assert_array_equal(got, less_scores(tr.stores, tg.stores, [1e-5], curvature_damping=damping))
+    assert not np.array_equal(less_from_stores(SelectConfig(), tr, tg, examples, progress=False)[1], got)

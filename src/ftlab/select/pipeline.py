@@ -32,6 +32,7 @@ from ftlab.config import (
     ConfigError,
     LoraSettings,
     Settings,
+    above,
     at_least,
     device_name,
     in_fraction,
@@ -94,6 +95,7 @@ class SelectConfig(Settings):
             hook path, which works with any attention. ``None`` keeps the model's default.
         projection_dim, projection_kind, projection_seed: the random projection (LESS: 8192).
         percentage / top_k: how much to select (exactly one of them set).
+        curvature_damping: null (LESS) or lambda > 0: TRAK-style inverse-curvature scoring.
     """
 
     pool: list[str] = field(default_factory=list)
@@ -114,6 +116,9 @@ class SelectConfig(Settings):
     max_length: int = setting(256, check=at_least(2))
     percentage: float | None = setting(0.05, check=in_fraction)
     top_k: int | None = setting(None, check=at_least(1), need=">= 1 (or null, with percentage set)")
+    # null: LESS as published; lambda > 0: queries preconditioned by the inverse damped second moment
+    # of the pool's features (TRAK-style; see ftlab.select.scoring), relative to its mean diagonal
+    curvature_damping: float | None = setting(None, check=above(0), need="> 0 (e.g. 0.1), or null")
     seed: int = 0
 
     def check_combinations(self) -> None:
@@ -235,7 +240,7 @@ def less_from_stores(cfg: SelectConfig, train: FeatureStores, target: FeatureSto
                      targets: Sequence[InstructionExample], progress: bool = True) -> tuple[list[str], np.ndarray]:
     """``(ids, scores)``: LESS scores of the pool rows of ``train`` against ``target``."""
     scores = less_scores(train.stores, target.stores, train.lr_weights, groups_of(target.stores[0], targets),
-                         progress=progress)
+                         progress=progress, curvature_damping=cfg.curvature_damping)
     return train.stores[0].ids, scores
 
 
