@@ -11,7 +11,8 @@ Protocol, per task:
 2. the kept lr runs for every seed (seed 0 reused). Every run of a task shares its splits (data seed 0)
    and batch order (the run's seed): methods differ only in how they step.
 3. forwards are counted as batch forwards: a zeroth-order step costs its optimizer's
-   ``forwards_per_step``; an AdamW step 3 (forward + backward, the backward about two forwards).
+   ``forwards_per_step`` (MeZO-SVRG's full-batch steps their full-batch forwards: ``forward_counter``);
+   an AdamW step 3 (forward + backward, the backward about two forwards).
 4. the target is plain MeZO's final dev accuracy (mean over seeds, at ``--steps``); each method's
    forwards-to-target is the first dev evaluation whose mean over seeds reaches it.
 
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from _common import RESULTS, machine, table, write_json
 
@@ -47,14 +49,19 @@ GRIDS: dict[str, tuple[str, list[str], list[float]]] = {
     "zo-guided": ("zo-guided", ["zo.eps=1e-2", "zo.pool_size=16"], MEZO_LRS),
     "lowrank-fzoo": ("lowrank-fzoo", ["zo.eps=1e-2", "zo.n_perturbations=8", "zo.rank=2", "zo.refresh_every=5",
                                       "zo.momentum=0.5"], [1e-3, 3e-4, 1e-4]),
+    # MeZO-SVRG: a full-batch estimate over 64 fixed examples every 5 steps (its forwards counted)
+    "mezo-svrg": ("mezo-svrg", ["zo.eps=1e-2", "zo.svrg_every=5", "zo.svrg_batch=64"], MEZO_LRS),
     "adamw": ("adamw", [], [1e-3, 3e-4]),
 }
 FIRST_ORDER_FORWARDS = 3  # forward + backward per step, in forward-equivalents
 COMMON = ["mode=lora", "lora.r=8", "lora.alpha=16", "data.max_length=128", "max_grad_norm=null"]
 
 
-def _zo_forwards(optimizer: str, overrides: list[str]) -> int:
-    """Batch forwards one step of ``optimizer`` runs (what the optimizer itself says)."""
+def forward_counter(optimizer: str, overrides: list[str], batch_size: int) -> Callable[[int], float]:
+    """``forwards(s)``: the batch forwards of a run's first ``s`` steps, as the optimizer itself
+    counts them (``forwards_per_step``). MeZO-SVRG's full-batch steps (the first, then every
+    ``svrg_every``-th) cost MeZO's forwards over ``svrg_batch`` examples each, i.e. that many
+    times ``svrg_batch / batch_size`` batch forwards, instead of an SVRG step's."""
     import torch
 
     from ftlab.config import TrainConfig, load_config
@@ -62,10 +69,27 @@ def _zo_forwards(optimizer: str, overrides: list[str]) -> int:
     from ftlab.zo import build_zo_optimizer
 
     if not is_zeroth_order(optimizer):
-        return FIRST_ORDER_FORWARDS
+        return lambda s: s * FIRST_ORDER_FORWARDS
     cfg = load_config(TrainConfig, None, [f"optimizer={optimizer}", *overrides])
     probe = build_zo_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(4, 4))], 1e-3, cfg.zo, 0)
-    return probe.forwards_per_step
+    per_step = probe.forwards_per_step
+    if not getattr(probe, "needs_full_batch", False):
+        return lambda s: s * per_step
+    full = super(type(probe), probe).forwards_per_step * probe.svrg_batch / batch_size  # MeZO's, on the full batch
+
+    def forwards(s: int) -> float:
+        n_full = -(-s // probe.svrg_every)  # steps 0, q, 2q, ... among the first s
+        return n_full * full + (s - n_full) * per_step
+
+    return forwards
+
+
+def steps_within(forwards: Callable[[int], float], budget: int) -> int:
+    """The most steps whose forwards fit in ``budget`` (at least 1)."""
+    steps = 1
+    while forwards(steps + 1) <= budget:
+        steps += 1
+    return steps
 
 
 def worker(spec_path: str) -> None:
@@ -90,8 +114,8 @@ def run(task: str, method: str, lr: float, seed: int, args: argparse.Namespace) 
     """The run's curve (dev accuracy and loss by step), its test result, seconds and peak memory."""
     optimizer, extra, _ = GRIDS[method]
     folder = Path(args.out) / task / method / f"lr{lr:g}" / f"seed{seed}"
-    per_step = _zo_forwards(optimizer, [*extra, f"lr={lr}"])
-    steps = max(1, args.forwards // per_step) if args.forwards else args.steps  # the same forward budget for all
+    forwards = forward_counter(optimizer, [*extra, f"lr={lr}"], args.batch_size)
+    steps = steps_within(forwards, args.forwards) if args.forwards else args.steps  # the same forward budget for all
     overrides = [*COMMON, f"batch_size={args.batch_size}", *extra, f"optimizer={optimizer}", f"lr={lr}",
                  f"seed={seed}", f"data.task={task}",
                  f"data.n_train={args.n_train}", f"data.n_dev={args.n_dev}", f"data.n_test={args.n_test}",
@@ -107,8 +131,8 @@ def run(task: str, method: str, lr: float, seed: int, args: argparse.Namespace) 
 
     harness = json.loads((folder / "harness.json").read_text())
     dev = RunDir(folder).read_metrics(split="dev")
-    return {"task": task, "method": method, "lr": lr, "seed": seed, "forwards_per_step": per_step,
-            "curve": [{"step": r["step"], "forwards": r["step"] * per_step, "accuracy": r.get("accuracy"),
+    return {"task": task, "method": method, "lr": lr, "seed": seed, "forwards_per_step": forwards(steps) / steps,
+            "curve": [{"step": r["step"], "forwards": forwards(r["step"]), "accuracy": r.get("accuracy"),
                        "loss": r.get("loss"), "seconds": harness["step_seconds"].get(str(r["step"]))} for r in dev],
             "test": (harness["results"].get("test") or {}).get("accuracy"), "peak_bytes": harness["peak_bytes"],
             "seconds": harness["seconds"]}
