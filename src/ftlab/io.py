@@ -83,12 +83,8 @@ _CHUNK = 1 << 20
 
 
 def file_sha256(path: str | Path) -> str:
-    """The sha256 (hex) of file ``path``, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+    """The sha256 (hex) of file ``path`` (:func:`file_digest`)."""
+    return str(file_digest(path, "sha256"))
 
 
 # The checksums of the stores ftlab writes (feature datastores, probe feature chunks): a CRC-32,
