@@ -174,24 +174,31 @@ def config_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def saved_config_id(run: RunDir) -> str:
-    """:func:`config_id` of the run's ``config.json`` (a one-line error if it is missing or damaged)."""
+def _saved_config(run: RunDir) -> dict[str, Any]:
+    """The run's ``config.json`` (a one-line error if it is missing or damaged)."""
     config = run.read_config()
     if not isinstance(config, dict):
         raise damaged(run.config, ValueError(f"expected a JSON object, got {type(config).__name__}"))
-    return config_id(config)
+    return config
 
 
-def saved_config_ids(run: RunDir) -> set[str]:
-    """The ids under which the run's ``config.json`` may have been recorded: that of the file as
-    written, and that of the same settings with every default filled in (a config.json written
-    by an ftlab before some setting existed, or without its default-valued keys, is the same run)."""
-    ids = {saved_config_id(run)}
+def saved_config_id(run: RunDir) -> str:
+    """:func:`config_id` of the run's ``config.json`` as written."""
+    return config_id(_saved_config(run))
+
+
+def saved_config_ids(run: RunDir) -> list[str]:
+    """The ids under which the run's ``config.json`` may have been recorded: first that of the file
+    as written (:func:`saved_config_id`), then that of the same settings with every default filled
+    in (a config.json written by an ftlab before some setting existed, or without its
+    default-valued keys, is the same run)."""
+    config = _saved_config(run)
+    ids = [config_id(config)]
     try:
-        ids.add(config_id(to_dict(from_dict(TrainConfig, run.read_config(), str(run.config)))))
+        filled = config_id(to_dict(from_dict(TrainConfig, config, str(run.config))))
     except FtlabError:
-        pass  # not a config this ftlab reads: only the file as written identifies it
-    return ids
+        return ids  # not a config this ftlab reads: only the file as written identifies it
+    return ids if filled == ids[0] else [*ids, filled]
 
 
 def check_log_config(run: RunDir, log: Any) -> None:
@@ -203,9 +210,9 @@ def check_log_config(run: RunDir, log: Any) -> None:
     recorded = log.header.get("run_id")
     if recorded is None:
         return
-    if recorded not in saved_config_ids(run):
-        current = saved_config_id(run)
-        raise FtlabError(f"{run.config} is not the config {log.path} was recorded under (config id {current}, "
+    ids = saved_config_ids(run)
+    if recorded not in ids:
+        raise FtlabError(f"{run.config} is not the config {log.path} was recorded under (config id {ids[0]}, "
                          f"the log's {recorded}): it was edited or replaced; restore the run's config.json (a "
                          f"replay or resume under another config would build other weights), or start "
                          f"afresh with --overwrite")

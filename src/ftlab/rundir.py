@@ -132,12 +132,11 @@ class RunDir:
         """The results, checked against their sha256, recorded in the model folder's manifest when the
         run finished (a run finished before ftlab recorded it is not checked)."""
         results = self.read_json(self.results)
-        manifest = self.model / MANIFEST
-        recorded = read_written_json(manifest).get("results_sha256") if manifest.is_file() else None
+        recorded = self._recorded_at_finish("results_sha256")
         if recorded is not None and json_sha256(results) != recorded:
-            raise FtlabError(f"{self.results} is damaged (its sha256 differs from the one recorded in {manifest} "
-                             f"when the run finished: a flipped bit or an edit); restore it, or delete it to "
-                             f"evaluate the run's last checkpoint again (rerun the training)")
+            raise FtlabError(f"{self.results} is damaged (its sha256 differs from the one recorded in "
+                             f"{self.model / MANIFEST} when the run finished: a flipped bit or an edit); restore "
+                             f"it, or delete it to evaluate the run's last checkpoint again (rerun the training)")
         return results
 
     def read_metrics(self, split: str | None = None) -> list[dict[str, Any]]:
@@ -157,13 +156,17 @@ class RunDir:
     def _check_finished_metrics(self) -> None:
         """A finished run's metrics.jsonl against the sha256 recorded in the model folder's manifest
         when the run finished (before ftlab recorded it, or while a run is going: not checked)."""
-        manifest = self.model / MANIFEST
-        if not (self.results.is_file() and manifest.is_file()):
-            return
-        recorded = read_written_json(manifest).get("metrics_sha256")
+        recorded = self._recorded_at_finish("metrics_sha256") if self.results.is_file() else None
         if recorded is not None and file_sha256(self.metrics) != recorded:
-            raise FtlabError(f"{self.metrics} is damaged (its sha256 differs from the one recorded in {manifest} "
-                             f"when the run finished: a flipped bit, a cut or an edit); restore it from a copy")
+            raise FtlabError(f"{self.metrics} is damaged (its sha256 differs from the one recorded in "
+                             f"{self.model / MANIFEST} when the run finished: a flipped bit, a cut or an edit); "
+                             f"restore it from a copy")
+
+    def _recorded_at_finish(self, key: str) -> Any:
+        """What the run recorded under ``key`` in ``model/``'s manifest when it finished (None: no
+        manifest, as before ftlab recorded one, or no such key)."""
+        manifest = self.model / MANIFEST
+        return read_written_json(manifest).get(key) if manifest.is_file() else None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Log ``record`` as one JSON line at the end of ``metrics.jsonl``."""

@@ -40,7 +40,6 @@ from ftlab.checkpoint import (
     flush,
     load_trainable,
     read_trainable,
-    saved_config_id,
     saved_config_ids,
 )
 from ftlab.config import TrainConfig, from_dict, to_dict
@@ -272,9 +271,10 @@ def _bind_checkpoint(cfg: TrainConfig, run: RunDir, data: RunData, state: TrainS
     """Refuse to continue a checkpoint under another ``config.json`` or on other data than its
     steps were trained on (edited between a kill and the resume), then record both in ``state``
     for the next checkpoint. A checkpoint written before ftlab recorded them is not checked."""
-    config, hashes = saved_config_id(run), data_hashes(data)
+    ids, hashes = saved_config_ids(run), data_hashes(data)
+    config = ids[0]  # the id of config.json as written: recorded for the next checkpoint
     where = f"the checkpoint in {run.checkpoint} (step {state.step})"
-    if state.config is not None and state.config not in saved_config_ids(run):
+    if state.config is not None and state.config not in ids:
         raise FtlabError(f"{run.config} is not the config {where} was trained under (config id {config}, the "
                          f"checkpoint's {state.config}): it was edited; restore it, or start afresh with --overwrite")
     for part, value in hashes.items() if state.data is not None else ():
